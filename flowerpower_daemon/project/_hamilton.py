@@ -1,0 +1,319 @@
+"""Every use of Hamilton's API lives here, so a Hamilton upgrade touches one file.
+
+Importing this module imports Hamilton (about 0.4 s, pulling in pandas), so
+the rest of the package imports it lazily, only when a pipeline is built.
+Hamilton's telemetry is switched off before the import.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from types import ModuleType, TracebackType
+from typing import Any
+
+os.environ.setdefault("HAMILTON_TELEMETRY_ENABLED", "false")
+
+from hamilton import async_driver, driver, htypes  # noqa: E402
+from hamilton import node as h_node  # noqa: E402
+from hamilton.execution import executors  # noqa: E402
+from hamilton.execution.graph_functions import node_is_required_by_anything  # noqa: E402
+
+from ..errors import DependencyMissingError, InputError  # noqa: E402
+from .config import AdapterConfig, CacheConfig, ExecutorConfig, WithAdapterConfig  # noqa: E402
+
+__all__ = [
+    "DagInfo",
+    "build_driver",
+    "describe_nodes",
+    "is_async_modules",
+    "is_input_validation_error",
+]
+
+_HAMILTON_FILES = (os.path.dirname(driver.__file__),)
+
+
+class _DropHelpBanner(logging.Filter):
+    """Drop Hamilton's per-failure banners and node dumps: the RunResult reports the error."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = str(record.msg)
+        return "Oh no an error" not in text and "encountered an error" not in text
+
+
+for _name in ("hamilton.driver", "hamilton.execution.graph_functions"):
+    _logger = logging.getLogger(_name)
+    if not any(isinstance(f, _DropHelpBanner) for f in _logger.filters):
+        _logger.addFilter(_DropHelpBanner())
+
+
+def _extra(name: str, extra: str, exc: ImportError) -> DependencyMissingError:
+    return DependencyMissingError(
+        f"{name} needs an optional dependency that is not installed ({exc.name or exc}); "
+        f"install it with: pip install 'flowerpower-daemon[{extra}]'"
+    )
+
+
+def is_async_modules(modules: Iterable[ModuleType]) -> bool:
+    """True when any function defined in ``modules`` is ``async def``."""
+    for module in modules:
+        for _, fn in inspect.getmembers(module, inspect.isfunction):
+            if fn.__module__ == module.__name__ and inspect.iscoroutinefunction(fn):
+                return True
+    return False
+
+
+def _has_parallelizable(modules: Iterable[ModuleType]) -> bool:
+    for module in modules:
+        for _, fn in inspect.getmembers(module, inspect.isfunction):
+            ret = inspect.signature(fn).return_annotation
+            if ret is not inspect.Signature.empty and not isinstance(ret, str):
+                try:
+                    if htypes.is_parallelizable_type(ret):
+                        return True
+                except TypeError:
+                    continue
+    return False
+
+
+def _adapters(
+    flags: WithAdapterConfig, settings: AdapterConfig, pipeline: str, is_async: bool
+) -> list[Any]:
+    out: list[Any] = []
+    if flags.progressbar and not is_async:
+        try:
+            from hamilton.plugins import h_tqdm
+        except ImportError as exc:
+            raise _extra("with_adapter.progressbar", "progressbar", exc) from None
+        out.append(h_tqdm.ProgressBar(desc=pipeline))
+    if flags.hamilton_tracker:
+        try:
+            from hamilton_sdk import adapters as sdk
+        except ImportError as exc:
+            raise _extra("with_adapter.hamilton_tracker", "tracker", exc) from None
+        t = settings.hamilton_tracker
+        cls = sdk.AsyncHamiltonTracker if is_async else sdk.HamiltonTracker
+        out.append(
+            cls(
+                project_id=t.project_id,
+                username=t.username,
+                dag_name=t.dag_name or pipeline,
+                tags=t.tags,
+                hamilton_api_url=t.api_url,
+                hamilton_ui_url=t.ui_url,
+                api_key=t.api_key,
+                verify=t.verify,
+            )
+        )
+    if flags.mlflow:
+        try:
+            from hamilton.plugins import h_mlflow
+        except ImportError as exc:
+            raise _extra("with_adapter.mlflow", "mlflow", exc) from None
+        m = settings.mlflow
+        out.append(
+            h_mlflow.MLFlowTracker(
+                tracking_uri=m.tracking_uri,
+                registry_uri=m.registry_uri,
+                artifact_location=m.artifact_location,
+                experiment_name=m.experiment_name or pipeline,
+                experiment_tags=m.experiment_tags,
+                run_id=m.run_id,
+                run_name=m.run_name,
+                run_tags=m.tags,
+            )
+        )
+    if flags.opentelemetry:
+        try:
+            from hamilton.plugins import h_opentelemetry
+        except ImportError as exc:
+            raise _extra("with_adapter.opentelemetry", "opentelemetry", exc) from None
+        out.append(
+            h_opentelemetry.OpenTelemetryTracer(
+                tracer_name=settings.opentelemetry.tracer_name or pipeline
+            )
+        )
+    return out
+
+
+def _apply_executor(
+    builder: driver.Builder,
+    executor: ExecutorConfig,
+    modules: Sequence[ModuleType],
+    settings: AdapterConfig,
+    future_flag: bool,
+) -> None:
+    kind = executor.type
+    workers = executor.max_workers or min(32, (os.cpu_count() or 1) + 4)
+    if kind == "threadpool" or (kind == "local" and future_flag):
+        if _has_parallelizable(modules):
+            builder.enable_dynamic_execution(allow_experimental_mode=True)
+            builder.with_remote_executor(executors.MultiThreadingExecutor(max_tasks=workers))
+        else:
+            from hamilton.plugins import h_threadpool
+
+            builder.with_adapters(h_threadpool.FutureAdapter(max_workers=workers))
+    elif kind == "processpool":
+        builder.enable_dynamic_execution(allow_experimental_mode=True)
+        builder.with_remote_executor(executors.MultiProcessingExecutor(max_tasks=workers))
+    elif kind == "ray":
+        try:
+            from hamilton.plugins import h_ray
+        except ImportError as exc:
+            raise _extra("executor 'ray'", "ray", exc) from None
+        builder.enable_dynamic_execution(allow_experimental_mode=True)
+        builder.with_remote_executor(
+            h_ray.RayTaskExecutor(
+                num_cpus=executor.num_cpus, ray_init_config=dict(settings.ray.ray_init_config)
+            )
+        )
+    elif kind == "dask":
+        try:
+            from dask.distributed import Client, LocalCluster
+            from hamilton.plugins import h_dask
+        except ImportError as exc:
+            raise _extra("executor 'dask'", "dask", exc) from None
+        cluster = LocalCluster(n_workers=executor.max_workers or 2, processes=False)
+        builder.enable_dynamic_execution(allow_experimental_mode=True)
+        builder.with_remote_executor(h_dask.DaskExecutor(client=Client(cluster)))
+
+
+def build_driver(
+    *,
+    pipeline: str,
+    modules: Sequence[ModuleType],
+    config: Mapping[str, Any],
+    executor: ExecutorConfig,
+    with_adapter: WithAdapterConfig,
+    adapter_settings: AdapterConfig,
+    cache: CacheConfig,
+    cache_dir: str,
+    is_async: bool,
+) -> Any:
+    """Build a Hamilton driver (sync, or async without its ``ainit``) for one pipeline setup."""
+    adapters = _adapters(with_adapter, adapter_settings, pipeline, is_async)
+    if is_async:
+        if executor.type != "local":
+            raise InputError(
+                f"pipeline {pipeline!r} has async functions; it runs on the async driver and "
+                f"cannot use executor {executor.type!r} (use 'local')"
+            )
+        ab = async_driver.Builder().with_modules(*modules).with_config(dict(config))
+        if adapters:
+            ab = ab.with_adapters(*adapters)
+        if cache.enabled:
+            raise InputError(f"pipeline {pipeline!r}: Hamilton's async driver does not support cache")
+        return ab.build_without_init()
+    builder = driver.Builder().with_modules(*modules).with_config(dict(config))
+    builder.allow_module_overrides()
+    _apply_executor(builder, executor, modules, adapter_settings, with_adapter.future)
+    if adapters:
+        builder.with_adapters(*adapters)
+    if cache.enabled:
+        builder.with_cache(
+            path=cache.path or cache_dir,
+            recompute=list(cache.recompute) or None,
+            ignore=list(cache.ignore) or None,
+            disable=list(cache.disable) or None,
+            default_behavior=cache.default_behavior,
+        )
+    return builder.build()
+
+
+async def init_async_driver(dr: Any) -> Any:
+    """Run the async driver's ``ainit`` (its adapters' async set-up)."""
+    return await dr.ainit()
+
+
+@dataclass(frozen=True, slots=True)
+class DagInfo:
+    """What the runner needs to know about a built DAG, computed once per driver."""
+
+    nodes: frozenset[str]
+    terminal: tuple[str, ...]
+    inputs: Mapping[str, Any]
+    config_keys: frozenset[str]
+
+    @classmethod
+    def of(cls, dr: Any) -> DagInfo:
+        graph = dr.graph
+        nodes = graph.nodes
+        terminal = tuple(
+            sorted(
+                name
+                for name, n in nodes.items()
+                if not n.user_defined and not n.depended_on_by and not name.startswith("__")
+            )
+        )
+        inputs = {name: n.type for name, n in nodes.items() if n.user_defined}
+        return cls(
+            nodes=frozenset(nodes),
+            terminal=terminal,
+            inputs=inputs,
+            config_keys=frozenset(graph.config),
+        )
+
+    def missing_inputs(
+        self, dr: Any, final_vars: Sequence[str], inputs: Mapping[str, Any]
+    ) -> dict[str, list[str]]:
+        """Required inputs absent from ``inputs``, each with the nodes that need it."""
+        graph = dr.graph
+        needed, user_nodes = graph.get_upstream_nodes(list(final_vars), dict(inputs))
+        missing: dict[str, list[str]] = {}
+        for un in user_nodes:
+            if un.name in inputs or un.name in self.config_keys:
+                continue
+            if node_is_required_by_anything(un, needed):
+                missing[un.name] = sorted(d.name for d in un.depended_on_by if d in needed)
+        return missing
+
+    def type_mismatches(self, inputs: Mapping[str, Any]) -> dict[str, str]:
+        """Inputs whose value does not fit the declared parameter type."""
+        bad: dict[str, str] = {}
+        for name, value in inputs.items():
+            expected = self.inputs.get(name)
+            if expected is None or value is None:
+                continue
+            if not htypes.check_input_type(expected, value):
+                bad[name] = f"expected {_type_name(expected)}, got {type(value).__name__}"
+        return bad
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp)
+
+
+def is_input_validation_error(exc: BaseException) -> bool:
+    """True when ``exc`` came from Hamilton's own input / graph validation, not from a node."""
+    tb: TracebackType | None = exc.__traceback__
+    last_ours = False
+    while tb is not None:
+        name = tb.tb_frame.f_code.co_name
+        if name in ("validate_inputs", "get_upstream_nodes", "_create_final_vars"):
+            last_ours = True
+        tb = tb.tb_next
+    return last_ours
+
+
+def describe_nodes(dr: Any) -> list[dict[str, Any]]:
+    """One row per DAG node: name, type, role, dependencies (for ``pipeline show``)."""
+    rows = []
+    for name, n in sorted(dr.graph.nodes.items()):
+        role = "input" if n.user_defined else (
+            "expand" if n.node_role == h_node.NodeType.EXPAND else (
+                "collect" if n.node_role == h_node.NodeType.COLLECT else "function"
+            )
+        )
+        rows.append(
+            {
+                "name": name,
+                "type": _type_name(n.type),
+                "role": role,
+                "depends_on": sorted(d.name for d in n.dependencies),
+                "doc": (n.documentation or "").strip().splitlines()[0] if n.documentation else "",
+            }
+        )
+    return rows

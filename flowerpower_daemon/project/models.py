@@ -1,0 +1,205 @@
+"""The run request and run result that flow from triggers to the runner to the sinks.
+
+Plain frozen dataclasses (no pydantic on the hot path): building one costs
+about a microsecond. Both serialise to JSON-ready dicts so that taskiq can
+carry a request to a worker on another machine and sinks can publish a result.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+__all__ = [
+    "AttemptInfo",
+    "ErrorInfo",
+    "RunRequest",
+    "RunResult",
+    "RunStatus",
+    "TriggerInfo",
+    "new_run_id",
+    "utcnow",
+]
+
+RunStatus = Literal["success", "failed", "cancelled", "timeout"]
+TriggerType = Literal["mqtt", "cron", "interval", "date", "file", "manual"]
+
+
+def new_run_id() -> str:
+    """A fresh, sortable-enough unique id for a run."""
+    return uuid.uuid4().hex
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class TriggerInfo:
+    """What caused a run: the trigger's name and type, plus transport details."""
+
+    name: str = "manual"
+    type: TriggerType = "manual"
+    topic: str | None = None
+    fields: Mapping[str, str] = field(default_factory=dict)
+    file_path: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "type": self.type}
+        if self.topic is not None:
+            out["topic"] = self.topic
+        if self.fields:
+            out["fields"] = dict(self.fields)
+        if self.file_path is not None:
+            out["file_path"] = self.file_path
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TriggerInfo:
+        return cls(
+            name=data.get("name", "manual"),
+            type=data.get("type", "manual"),
+            topic=data.get("topic"),
+            fields=dict(data.get("fields") or {}),
+            file_path=data.get("file_path"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class RunRequest:
+    """One requested run of a pipeline.
+
+    ``inputs`` are the request's own inputs (highest precedence, merged key by
+    key over ``run.inputs`` and ``params``). ``overrides`` holds ``run:`` keys
+    (``final_vars``, ``config``, ``cache``, ``executor``, ``max_retries``,
+    ``timeout`` ...) that replace the pipeline's YAML values for this run.
+    ``reply`` carries where the result should go (a sink's business).
+    """
+
+    pipeline: str
+    inputs: Mapping[str, Any] = field(default_factory=dict)
+    overrides: Mapping[str, Any] = field(default_factory=dict)
+    run_id: str = field(default_factory=new_run_id)
+    trigger: TriggerInfo = field(default_factory=TriggerInfo)
+    queued_at: datetime = field(default_factory=utcnow)
+    reply: Mapping[str, Any] = field(default_factory=dict)
+    dedup_key: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "pipeline": self.pipeline,
+            "inputs": dict(self.inputs),
+            "overrides": dict(self.overrides),
+            "run_id": self.run_id,
+            "trigger": self.trigger.to_dict(),
+            "queued_at": self.queued_at.isoformat(),
+            "reply": dict(self.reply),
+            "dedup_key": self.dedup_key,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RunRequest:
+        return cls(
+            pipeline=data["pipeline"],
+            inputs=dict(data.get("inputs") or {}),
+            overrides=dict(data.get("overrides") or {}),
+            run_id=data.get("run_id") or new_run_id(),
+            trigger=TriggerInfo.from_dict(data.get("trigger") or {}),
+            queued_at=datetime.fromisoformat(data["queued_at"]) if data.get("queued_at") else utcnow(),
+            reply=dict(data.get("reply") or {}),
+            dedup_key=data.get("dedup_key"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorInfo:
+    """Why a run failed: exception type, message and the DAG node that raised, if known."""
+
+    type: str
+    message: str
+    node: str | None = None
+    retryable: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"type": self.type, "message": self.message}
+        if self.node is not None:
+            out["node"] = self.node
+        return out
+
+    @classmethod
+    def from_exception(cls, exc: BaseException, node: str | None = None) -> ErrorInfo:
+        return cls(type=type(exc).__name__, message=str(exc), node=node)
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptInfo:
+    """One attempt of a run: when it ran and how it ended."""
+
+    number: int
+    started_at: datetime
+    finished_at: datetime
+    status: RunStatus
+    error: ErrorInfo | None = None
+
+    @property
+    def duration_ms(self) -> float:
+        return (self.finished_at - self.started_at).total_seconds() * 1000.0
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "number": self.number,
+            "status": self.status,
+            "started_at": self.started_at.isoformat(),
+            "finished_at": self.finished_at.isoformat(),
+            "duration_ms": round(self.duration_ms, 3),
+        }
+        if self.error is not None:
+            out["error"] = self.error.to_dict()
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class RunResult:
+    """The outcome of a run, as published on MQTT and kept in the job history."""
+
+    run_id: str
+    pipeline: str
+    status: RunStatus
+    outputs: Mapping[str, Any]
+    error: ErrorInfo | None
+    attempts: tuple[AttemptInfo, ...]
+    queued_at: datetime
+    started_at: datetime
+    finished_at: datetime
+    trigger: TriggerInfo = field(default_factory=TriggerInfo)
+    exception: BaseException | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "success"
+
+    @property
+    def duration_ms(self) -> float:
+        return (self.finished_at - self.started_at).total_seconds() * 1000.0
+
+    def to_dict(self, *, include_attempts: bool = False) -> dict[str, Any]:
+        """The JSON message of DESIGN.md (outputs still raw: encode with ``encoding``)."""
+        out: dict[str, Any] = {
+            "run_id": self.run_id,
+            "pipeline": self.pipeline,
+            "status": self.status,
+            "trigger": self.trigger.to_dict(),
+            "outputs": dict(self.outputs),
+            "error": self.error.to_dict() if self.error else None,
+            "attempts": len(self.attempts),
+            "queued_at": self.queued_at.isoformat(),
+            "started_at": self.started_at.isoformat(),
+            "finished_at": self.finished_at.isoformat(),
+            "duration_ms": round(self.duration_ms, 3),
+        }
+        if include_attempts:
+            out["attempt_log"] = [a.to_dict() for a in self.attempts]
+        return out

@@ -1,0 +1,223 @@
+"""Project files on any fsspec filesystem: discover, load, init, new, delete pipelines.
+
+A project lives at a local path or any fsspec URL (``memory://proj`` in
+tests, ``s3://bucket/proj`` in production). Every file access goes through
+:class:`ProjectFiles`, so nothing here assumes a local disk.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+import yaml
+
+from ..errors import ConfigError, ConfigProblem, PipelineExistsError, PipelineNotFoundError
+from .config import PipelineConfig, ProjectConfig, load_yaml_text, validate_model
+from .templates import (
+    PIPELINE_MODULE_TEMPLATE,
+    PIPELINE_YAML_TEMPLATE,
+    PROJECT_README_TEMPLATE,
+    PROJECT_YAML_TEMPLATE,
+)
+
+__all__ = ["ProjectFiles", "ProjectSpec", "init_project", "load_spec", "validate_pipeline_name"]
+
+_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+PROJECT_YML = "conf/project.yml"
+PIPELINES_CONF = "conf/pipelines"
+PIPELINES_DIR = "pipelines"
+HOOKS_DIR = "hooks"
+
+
+def validate_pipeline_name(name: str) -> str:
+    """Pipeline names are Python identifiers (they name a module)."""
+    if not _NAME_RE.match(name):
+        raise ConfigError(
+            [ConfigProblem("", "name", f"invalid pipeline name {name!r}: use letters, digits, _")]
+        )
+    return name
+
+
+class ProjectFiles:
+    """The files of one project, addressed relative to its root."""
+
+    def __init__(self, base_dir: str, storage_options: Mapping[str, Any] | None = None) -> None:
+        self.base_dir = base_dir
+        self.fs, root = fsspec.core.url_to_fs(base_dir, **dict(storage_options or {}))
+        self.root = root.rstrip("/") or "/"
+        self.is_local = "file" in _protocols(self.fs)
+
+    def path(self, rel: str) -> str:
+        return f"{self.root}/{rel}" if rel else self.root
+
+    def display(self, rel: str) -> str:
+        """A path for messages and tracebacks: absolute locally, a URL elsewhere."""
+        if self.is_local:
+            return self.path(rel)
+        return f"{_protocols(self.fs)[0]}://{self.path(rel).lstrip('/')}"
+
+    def exists(self, rel: str) -> bool:
+        return bool(self.fs.exists(self.path(rel)))
+
+    def read_text(self, rel: str) -> str:
+        with self.fs.open(self.path(rel), "r", encoding="utf-8") as fh:
+            return str(fh.read())
+
+    def write_text(self, rel: str, text: str) -> None:
+        parent = self.path(rel).rsplit("/", 1)[0]
+        self.fs.makedirs(parent, exist_ok=True)
+        with self.fs.open(self.path(rel), "w", encoding="utf-8") as fh:
+            fh.write(text)
+
+    def makedirs(self, rel: str) -> None:
+        self.fs.makedirs(self.path(rel), exist_ok=True)
+
+    def remove(self, rel: str) -> None:
+        self.fs.rm(self.path(rel))
+
+    def signature(self, rel: str) -> tuple[Any, ...]:
+        """Cheap change detector for a file: size and modification time."""
+        info = self.fs.info(self.path(rel))
+        stamp = info.get("mtime") or info.get("created") or info.get("LastModified")
+        return (info.get("size"), str(stamp))
+
+    def names(self, rel_dir: str, suffix: str) -> list[str]:
+        if not self.exists(rel_dir):
+            return []
+        out = []
+        for entry in self.fs.ls(self.path(rel_dir), detail=False):
+            base = str(entry).rstrip("/").rsplit("/", 1)[-1]
+            if base.endswith(suffix) and not base.startswith(("_", ".")):
+                out.append(base[: -len(suffix)])
+        return sorted(out)
+
+    def module_rel(self, name: str) -> str:
+        return f"{PIPELINES_DIR}/{name}.py"
+
+    def config_rel(self, name: str) -> str:
+        return f"{PIPELINES_CONF}/{name}.yml"
+
+    def pipeline_names(self) -> list[str]:
+        """Pipelines that have a module (a YAML file alone is reported by ``load_spec``)."""
+        return self.names(PIPELINES_DIR, ".py")
+
+
+def _protocols(fs: Any) -> tuple[str, ...]:
+    proto = fs.protocol
+    return (proto,) if isinstance(proto, str) else tuple(proto)
+
+
+@dataclass(frozen=True, slots=True)
+class ProjectSpec:
+    """A validated project: its config and every pipeline's config."""
+
+    files: ProjectFiles
+    project: ProjectConfig
+    pipelines: Mapping[str, PipelineConfig]
+
+    def pipeline(self, name: str) -> PipelineConfig:
+        try:
+            return self.pipelines[name]
+        except KeyError:
+            raise PipelineNotFoundError(name, self.pipelines) from None
+
+
+def load_spec(files: ProjectFiles) -> ProjectSpec:
+    """Read and validate ``project.yml`` and every pipeline YAML; report all problems at once."""
+    problems: list[ConfigProblem] = []
+    if not files.exists(PROJECT_YML) and not files.exists(PIPELINES_DIR):
+        raise ConfigError(
+            [
+                ConfigProblem(
+                    files.display(""),
+                    "",
+                    "not a FlowerPower project (no conf/project.yml, no pipelines/); "
+                    "create one with: flowerpower-daemon init",
+                )
+            ]
+        )
+    project = ProjectConfig()
+    if files.exists(PROJECT_YML):
+        data, found = load_yaml_text(files.read_text(PROJECT_YML), files.display(PROJECT_YML))
+        problems += found
+        model, found = validate_model(ProjectConfig, data, files.display(PROJECT_YML))
+        problems += found
+        project = model or project
+    pipelines: dict[str, PipelineConfig] = {}
+    modules = set(files.pipeline_names())
+    for name in sorted(modules | set(files.names(PIPELINES_CONF, ".yml"))):
+        rel = files.config_rel(name)
+        shown = files.display(rel)
+        if name not in modules:
+            problems.append(
+                ConfigProblem(shown, "", f"no module {files.module_rel(name)} for pipeline {name!r}")
+            )
+            continue
+        data = {}
+        if files.exists(rel):
+            data, found = load_yaml_text(files.read_text(rel), shown)
+            problems += found
+        adapter_raw = data.get("adapter") if isinstance(data.get("adapter"), Mapping) else {}
+        model, found = validate_model(PipelineConfig, {**data, "name": name}, shown)
+        problems += found
+        if model is not None:
+            merged = project.adapter.merged(model.adapter, adapter_raw or {})
+            pipelines[name] = model.model_copy(update={"adapter": merged})
+    if problems:
+        raise ConfigError(problems)
+    return ProjectSpec(files=files, project=project, pipelines=pipelines)
+
+
+def init_project(
+    name: str | None = None, base_dir: str = ".", storage_options: Mapping[str, Any] | None = None
+) -> ProjectFiles:
+    """Scaffold a project in ``base_dir/name`` (reusing an existing directory).
+
+    Never scatters files into ``base_dir`` itself. Existing files are kept.
+    """
+    if name is None:
+        name = os.path.basename(os.path.abspath(base_dir)) if "://" not in base_dir else "project"
+    target = base_dir.rstrip("/") + "/" + name
+    files = ProjectFiles(target, storage_options)
+    for rel in ("conf/pipelines", PIPELINES_DIR, HOOKS_DIR):
+        files.makedirs(rel)
+    defaults = {
+        PROJECT_YML: PROJECT_YAML_TEMPLATE.format(name=yaml.safe_dump(name).strip().removesuffix("...").strip()),
+        f"{PIPELINES_DIR}/__init__.py": "",
+        f"{HOOKS_DIR}/__init__.py": "",
+        "README.md": PROJECT_README_TEMPLATE.format(name=name),
+    }
+    for rel, text in defaults.items():
+        if not files.exists(rel):
+            files.write_text(rel, text)
+    return files
+
+
+def new_pipeline(files: ProjectFiles, name: str, *, overwrite: bool = False) -> None:
+    """Write ``pipelines/<name>.py`` (a working template) and its YAML."""
+    validate_pipeline_name(name)
+    module_rel, conf_rel = files.module_rel(name), files.config_rel(name)
+    if not overwrite and (files.exists(module_rel) or files.exists(conf_rel)):
+        raise PipelineExistsError(
+            f"pipeline {name!r} already exists ({files.display(module_rel)}); "
+            "pass overwrite=True / --overwrite to replace it"
+        )
+    files.write_text(module_rel, PIPELINE_MODULE_TEMPLATE.format(name=name))
+    files.write_text(conf_rel, PIPELINE_YAML_TEMPLATE.format(name=name))
+
+
+def delete_pipeline(files: ProjectFiles, name: str) -> list[str]:
+    """Remove a pipeline's module and YAML; returns the paths removed."""
+    removed = []
+    for rel in (files.module_rel(name), files.config_rel(name)):
+        if files.exists(rel):
+            files.remove(rel)
+            removed.append(files.display(rel))
+    if not removed:
+        raise PipelineNotFoundError(name, files.pipeline_names())
+    return removed

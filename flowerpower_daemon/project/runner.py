@@ -1,0 +1,531 @@
+"""Build Hamilton drivers once, execute runs with retries, timeouts and callbacks.
+
+One async entry point, :meth:`PipelineRunner.run`; :meth:`run_sync` is a
+thin wrapper for the CLI and the sync API that executes in the calling
+thread (no event loop, no thread hop) when the run needs neither a timeout
+nor the async driver, and otherwise drives :meth:`run` with ``anyio.run``.
+Both loops share :class:`_Attempts`, which owns every retry decision.
+
+Per pipeline the runner keeps the imported modules (re-imported when their
+files change, checked at most once per ``check_interval`` seconds) and one
+driver per effective (config, executor, adapters, cache): a second run pays
+for neither import nor graph building.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+import random
+import threading
+import time
+from collections.abc import Callable, Mapping
+from contextlib import suppress
+from dataclasses import dataclass, field
+from datetime import datetime
+from types import ModuleType, TracebackType
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import orjson
+import structlog
+from pydantic import ValidationError
+
+from ..errors import (
+    ConfigError,
+    FlowerPowerError,
+    InputError,
+    PipelineImportError,
+    RunTimeoutError,
+)
+from ..retry import Backoff, exception_matches
+from .config import RunConfig, format_validation_error
+from .models import AttemptInfo, ErrorInfo, RunRequest, RunResult, RunStatus, utcnow
+from .modules import import_callable, import_pipeline_module, module_name_for
+from .registry import ProjectSpec
+
+__all__ = ["PipelineRunner", "Prepared"]
+
+log = structlog.get_logger("flowerpower_daemon.runner")
+
+_MERGED_OVERRIDES = ("config", "with_adapter")
+
+
+@dataclass(slots=True)
+class _ModuleState:
+    modules: tuple[ModuleType, ...]
+    files: tuple[str, ...]
+    signature: tuple[Any, ...]
+    generation: int
+    checked_at: float
+    is_async: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """Everything a run of one pipeline with one set of overrides needs, built once."""
+
+    pipeline: str
+    run: RunConfig
+    driver: Any
+    dag: Any
+    is_async: bool
+    final_vars: tuple[str, ...]
+    base_inputs: Mapping[str, Any]
+    module_files: frozenset[str]
+    generation: int
+    backoff: Backoff
+    float_inputs: frozenset[str] = frozenset()
+    on_success: Callable[..., Any] | None = None
+    on_failure: Callable[..., Any] | None = None
+    ready: list[bool] = field(default_factory=lambda: [False])
+
+    def inputs_for(self, request: RunRequest) -> dict[str, Any]:
+        """params < run.inputs < request inputs, key by key; JSON ints accepted for floats."""
+        inputs = {**self.base_inputs, **request.inputs}
+        for name in self.float_inputs.intersection(request.inputs):
+            value = inputs[name]
+            if type(value) is int:
+                inputs[name] = float(value)
+        return inputs
+
+
+class PipelineRunner:
+    """Runs the pipelines of one project; safe to share between threads and tasks."""
+
+    def __init__(
+        self,
+        spec: ProjectSpec,
+        *,
+        cache_dir: str = ".hamilton_cache",
+        max_threads: int | None = None,
+        check_interval: float = 1.0,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._spec = spec
+        self._cache_dir = cache_dir
+        self._check_interval = check_interval
+        self._rng = rng or random.Random()
+        self._max_threads = max_threads
+        self._limiter: anyio.CapacityLimiter | None = None
+        self._lock = threading.RLock()
+        self._modules: dict[str, _ModuleState] = {}
+        self._drivers: dict[tuple[str, int, bytes], tuple[Any, Any]] = {}
+        self._prepared: dict[tuple[str, bytes], Prepared] = {}
+
+    @property
+    def spec(self) -> ProjectSpec:
+        return self._spec
+
+    def update_spec(self, spec: ProjectSpec) -> None:
+        """Swap in a re-validated project; drivers are rebuilt lazily on next use."""
+        with self._lock:
+            self._spec = spec
+            self._modules.clear()
+            self._drivers.clear()
+            self._prepared.clear()
+
+    # ---------------------------------------------------------------- preparation
+
+    def _overrides_key(self, overrides: Mapping[str, Any]) -> bytes:
+        if not overrides:
+            return b""
+        return orjson.dumps(overrides, option=orjson.OPT_SORT_KEYS, default=repr)
+
+    def cached(self, request: RunRequest) -> Prepared | None:
+        """The prepared run if it is built and its module was checked recently; no I/O."""
+        prepared = self._prepared.get((request.pipeline, self._overrides_key(request.overrides)))
+        if prepared is None or prepared.run.reload:
+            return None
+        state = self._modules.get(request.pipeline)
+        if state is None or state.generation != prepared.generation:
+            return None
+        if time.monotonic() - state.checked_at > self._check_interval:
+            return None
+        return prepared
+
+    def prepare(self, pipeline: str, overrides: Mapping[str, Any] | None = None) -> Prepared:
+        """Load the module and build the driver for ``pipeline`` (cached; does blocking I/O)."""
+        overrides = overrides or {}
+        key = (pipeline, self._overrides_key(overrides))
+        with self._lock:
+            cfg = self._spec.pipeline(pipeline)
+            run = self._effective_run(cfg.run, overrides)
+            state = self._module_state(pipeline, run)
+            prepared = self._prepared.get(key)
+            if prepared is not None and prepared.generation == state.generation:
+                return prepared
+            prepared = self._build(pipeline, run, state)
+            self._prepared[key] = prepared
+            return prepared
+
+    def _effective_run(self, base: RunConfig, overrides: Mapping[str, Any]) -> RunConfig:
+        if not overrides:
+            return base
+        data = base.model_dump()
+        for k, v in overrides.items():
+            if k in _MERGED_OVERRIDES and isinstance(v, Mapping):
+                data[k] = {**data.get(k, {}), **v}
+            elif v is not None:
+                data[k] = v
+        try:
+            return RunConfig.model_validate(data)
+        except ValidationError as exc:
+            raise ConfigError(format_validation_error(exc, RunConfig, "run overrides")) from None
+
+    def _module_state(self, pipeline: str, run: RunConfig) -> _ModuleState:
+        files = self._spec.files
+        local_extra = [m for m in run.additional_modules if files.exists(files.module_rel(m))]
+        rels = (files.module_rel(pipeline), *(files.module_rel(m) for m in local_extra))
+        state = self._modules.get(pipeline)
+        now = time.monotonic()
+        if state is not None and not run.reload:
+            if now - state.checked_at <= self._check_interval:
+                return state
+            signature = tuple(files.signature(r) for r in rels)
+            if signature == state.signature:
+                state.checked_at = now
+                return state
+        signature = tuple(files.signature(r) for r in rels)
+        modules = [
+            import_pipeline_module(files, rel, module_name_for(files, name))
+            for rel, name in zip(rels, (pipeline, *local_extra), strict=True)
+        ]
+        for name in run.additional_modules:
+            if name in local_extra:
+                continue
+            try:
+                modules.append(importlib.import_module(name))
+            except ImportError as exc:
+                raise PipelineImportError(
+                    f"pipeline {pipeline!r}: run.additional_modules: cannot import {name!r}: {exc}"
+                ) from None
+        from . import _hamilton
+
+        new = _ModuleState(
+            modules=tuple(modules),
+            files=tuple(files.display(r) for r in rels),
+            signature=signature,
+            generation=(state.generation + 1) if state else 1,
+            checked_at=now,
+            is_async=_hamilton.is_async_modules(modules),
+        )
+        self._modules[pipeline] = new
+        return new
+
+    def _build(self, pipeline: str, run: RunConfig, state: _ModuleState) -> Prepared:
+        from . import _hamilton
+
+        cfg = self._spec.pipeline(pipeline)
+        dkey = orjson.dumps(
+            [run.config, run.executor.model_dump(), run.with_adapter.model_dump(),
+             run.cache.model_dump()],
+            option=orjson.OPT_SORT_KEYS,
+            default=repr,
+        )
+        cached = self._drivers.get((pipeline, state.generation, dkey))
+        if cached is None:
+            try:
+                dr = _hamilton.build_driver(
+                    pipeline=pipeline,
+                    modules=state.modules,
+                    config=run.config,
+                    executor=run.executor,
+                    with_adapter=run.with_adapter,
+                    adapter_settings=cfg.adapter,
+                    cache=run.cache,
+                    cache_dir=f"{self._cache_dir}/{pipeline}",
+                    is_async=state.is_async,
+                )
+            except FlowerPowerError:
+                raise
+            except Exception as exc:
+                raise InputError(
+                    f"pipeline {pipeline!r}: the Hamilton graph does not build: "
+                    f"{type(exc).__name__}: {exc}"
+                ) from exc
+            cached = (dr, _hamilton.DagInfo.of(dr))
+            self._drivers[(pipeline, state.generation, dkey)] = cached
+        dr, dag = cached
+        final_vars = run.final_vars or dag.terminal
+        unknown = [v for v in final_vars if v not in dag.nodes]
+        if unknown:
+            hints = {
+                v: difflib.get_close_matches(v, sorted(dag.nodes), n=3, cutoff=0.5) for v in unknown
+            }
+            detail = "; ".join(
+                f"{v!r}" + (f" (did you mean {', '.join(map(repr, h))}?)" if h else "")
+                for v, h in hints.items()
+            )
+            raise InputError(f"pipeline {pipeline!r}: unknown final var(s) {detail}")
+        base_inputs = {k: v for k, v in cfg.params.items() if k in dag.inputs}
+        base_inputs.update(run.inputs)
+        float_inputs = frozenset(n for n, t in dag.inputs.items() if t is float)
+        for name in float_inputs.intersection(base_inputs):
+            if type(base_inputs[name]) is int:
+                base_inputs[name] = float(base_inputs[name])
+        if run.log_level:
+            import logging
+
+            for module in state.modules:
+                logging.getLogger(module.__name__).setLevel(run.log_level)
+        return Prepared(
+            pipeline=pipeline,
+            run=run,
+            driver=dr,
+            dag=dag,
+            is_async=state.is_async,
+            final_vars=tuple(final_vars),
+            base_inputs=base_inputs,
+            module_files=frozenset(state.files),
+            generation=state.generation,
+            float_inputs=float_inputs,
+            backoff=Backoff(run.retry_delay, run.retry_backoff, run.jitter_factor),
+            on_success=_callback(pipeline, "on_success", run.on_success),
+            on_failure=_callback(pipeline, "on_failure", run.on_failure),
+        )
+
+    # ---------------------------------------------------------------- execution
+
+    def _execute_sync(self, prepared: Prepared, inputs: dict[str, Any]) -> Mapping[str, Any]:
+        out = prepared.driver.execute(list(prepared.final_vars), inputs=inputs)
+        return _as_mapping(out)
+
+    async def run(self, request: RunRequest) -> RunResult:
+        """Execute ``request`` with retries and per-attempt timeout; never raises for run errors."""
+        try:
+            prepared = self.cached(request)
+            if prepared is None:
+                prepared = await anyio.to_thread.run_sync(
+                    self.prepare, request.pipeline, request.overrides
+                )
+            if prepared.is_async and not prepared.ready[0]:
+                from . import _hamilton
+
+                await _hamilton.init_async_driver(prepared.driver)
+                prepared.ready[0] = True
+        except FlowerPowerError as exc:
+            return _failed_before_start(request, exc)
+        attempts = _Attempts(request, prepared, self._rng)
+        inputs = prepared.inputs_for(request)
+        timeout = prepared.run.timeout
+        while True:
+            started = utcnow()
+            try:
+                with anyio.move_on_after(timeout) as scope:
+                    if prepared.is_async:
+                        out = _as_mapping(
+                            await prepared.driver.execute(list(prepared.final_vars), inputs=inputs)
+                        )
+                    else:
+                        out = await anyio.to_thread.run_sync(
+                            self._execute_sync,
+                            prepared,
+                            inputs,
+                            abandon_on_cancel=True,
+                            limiter=self._thread_limiter(),
+                        )
+                if scope.cancelled_caught:
+                    raise RunTimeoutError(
+                        f"pipeline {request.pipeline!r}: attempt {attempts.number} "
+                        f"exceeded its timeout of {timeout:g} s"
+                    )
+            except Exception as exc:
+                delay = attempts.failed(exc, started)
+                if delay is None:
+                    break
+                await anyio.sleep(delay)
+            else:
+                attempts.succeeded(out, started)
+                break
+        result = attempts.result()
+        await self._acallback(prepared, result)
+        return result
+
+    def run_sync(self, request: RunRequest) -> RunResult:
+        """Blocking run for the CLI and the sync API; same semantics as :meth:`run`."""
+        try:
+            prepared = self.cached(request) or self.prepare(request.pipeline, request.overrides)
+        except FlowerPowerError as exc:
+            return _failed_before_start(request, exc)
+        if prepared.is_async or prepared.run.timeout:
+            return anyio.run(self.run, request)
+        attempts = _Attempts(request, prepared, self._rng)
+        inputs = prepared.inputs_for(request)
+        while True:
+            started = utcnow()
+            try:
+                out = self._execute_sync(prepared, inputs)
+            except Exception as exc:
+                delay = attempts.failed(exc, started)
+                if delay is None:
+                    break
+                time.sleep(delay)
+            else:
+                attempts.succeeded(out, started)
+                break
+        result = attempts.result()
+        callback = prepared.on_success if result.ok else prepared.on_failure
+        if callback is not None:
+            _call_logged(callback, result)
+        return result
+
+    def _thread_limiter(self) -> anyio.CapacityLimiter | None:
+        if self._max_threads is None:
+            return None
+        if self._limiter is None:
+            self._limiter = anyio.CapacityLimiter(self._max_threads)
+        return self._limiter
+
+    async def _acallback(self, prepared: Prepared, result: RunResult) -> None:
+        callback = prepared.on_success if result.ok else prepared.on_failure
+        if callback is None:
+            return
+        if inspect.iscoroutinefunction(callback):
+            try:
+                await callback(result)
+            except Exception:
+                log.exception("callback_failed", pipeline=result.pipeline, run_id=result.run_id)
+        else:
+            await anyio.to_thread.run_sync(_call_logged, callback, result)
+
+
+class _Attempts:
+    """Records attempts and decides, from the retry policy, whether and when to retry."""
+
+    def __init__(self, request: RunRequest, prepared: Prepared, rng: random.Random) -> None:
+        self.request = request
+        self.prepared = prepared
+        self.rng = rng
+        self.log: list[AttemptInfo] = []
+        self.outputs: Mapping[str, Any] = {}
+        self.exception: BaseException | None = None
+
+    @property
+    def number(self) -> int:
+        return len(self.log) + 1
+
+    def succeeded(self, outputs: Mapping[str, Any], started: datetime) -> None:
+        self.outputs = outputs
+        self.log.append(AttemptInfo(self.number, started, utcnow(), "success"))
+
+    def failed(self, exc: Exception, started: datetime) -> float | None:
+        """Record a failed attempt; the delay before the next one, or None to give up."""
+        exc, error = self._classify(exc)
+        status: RunStatus = "timeout" if isinstance(exc, RunTimeoutError) else "failed"
+        number = self.number
+        self.log.append(AttemptInfo(number, started, utcnow(), status, error))
+        self.exception = exc
+        run = self.prepared.run
+        if not error.retryable or number > run.max_retries:
+            return None
+        if not exception_matches(exc, run.retry_exceptions):
+            return None
+        delay = self.prepared.backoff.delay(number, self.rng)
+        log.warning(
+            "attempt_failed",
+            pipeline=self.request.pipeline,
+            run_id=self.request.run_id,
+            attempt=number,
+            error=error.message,
+            retry_in_s=round(delay, 3),
+        )
+        return delay
+
+    def _classify(self, exc: Exception) -> tuple[Exception, ErrorInfo]:
+        from . import _hamilton
+
+        if isinstance(exc, FlowerPowerError):
+            retryable = not isinstance(exc, InputError | ConfigError | PipelineImportError)
+            return exc, ErrorInfo(type(exc).__name__, str(exc), None, retryable)
+        if _hamilton.is_input_validation_error(exc):
+            err = InputError(self._input_message(exc))
+            return err, ErrorInfo("InputError", str(err), None, retryable=False)
+        node = _failing_node(exc.__traceback__, self.prepared.module_files)
+        return exc, ErrorInfo(type(exc).__name__, str(exc), node, True)
+
+    def _input_message(self, exc: Exception) -> str:
+        p = self.prepared
+        inputs = p.inputs_for(self.request)
+        parts = []
+        with suppress(Exception):
+            for name, needed_by in p.dag.missing_inputs(p.driver, p.final_vars, inputs).items():
+                parts.append(f"missing required input {name!r} (needed by {', '.join(needed_by)})")
+            for name, why in p.dag.type_mismatches(inputs).items():
+                parts.append(f"input {name!r} has the wrong type: {why}")
+        detail = "; ".join(parts) or str(exc).replace("\n", " ")
+        return f"pipeline {p.pipeline!r}: {detail}"
+
+    def result(self) -> RunResult:
+        last = self.log[-1]
+        return RunResult(
+            run_id=self.request.run_id,
+            pipeline=self.request.pipeline,
+            status=last.status,
+            outputs=self.outputs,
+            error=last.error,
+            attempts=tuple(self.log),
+            queued_at=self.request.queued_at,
+            started_at=self.log[0].started_at,
+            finished_at=last.finished_at,
+            trigger=self.request.trigger,
+            exception=self.exception if last.status != "success" else None,
+        )
+
+
+def _failed_before_start(request: RunRequest, exc: FlowerPowerError) -> RunResult:
+    now = utcnow()
+    error = ErrorInfo(type(exc).__name__, str(exc), None, retryable=False)
+    return RunResult(
+        run_id=request.run_id,
+        pipeline=request.pipeline,
+        status="failed",
+        outputs={},
+        error=error,
+        attempts=(AttemptInfo(1, now, now, "failed", error),),
+        queued_at=request.queued_at,
+        started_at=now,
+        finished_at=now,
+        trigger=request.trigger,
+        exception=exc,
+    )
+
+
+def _as_mapping(out: Any) -> Mapping[str, Any]:
+    if isinstance(out, Mapping):
+        return out
+    to_dict = getattr(out, "to_dict", None)
+    if callable(to_dict):
+        return dict(to_dict())
+    return {"result": out}
+
+
+def _failing_node(tb: TracebackType | None, files: frozenset[str]) -> str | None:
+    node = None
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if code.co_filename in files and code.co_name != "<module>":
+            node = code.co_name
+        tb = tb.tb_next
+    return node
+
+
+def _callback(pipeline: str, key: str, path: str | None) -> Callable[..., Any] | None:
+    if not path:
+        return None
+    try:
+        fn = import_callable(path)
+    except ImportError as exc:
+        raise InputError(f"pipeline {pipeline!r}: run.{key}: cannot import {path!r}: {exc}") from None
+    if not callable(fn):
+        raise InputError(f"pipeline {pipeline!r}: run.{key}: {path!r} is not callable")
+    return fn  # type: ignore[no-any-return]
+
+
+def _call_logged(callback: Callable[..., Any], result: RunResult) -> None:
+    try:
+        callback(result)
+    except Exception:
+        log.exception("callback_failed", pipeline=result.pipeline, run_id=result.run_id)

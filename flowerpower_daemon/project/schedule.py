@@ -1,0 +1,165 @@
+"""Pure schedule math: parse cron / interval / date values and compute fire times.
+
+Nothing here sleeps or reads a clock: every function takes the reference time
+as an argument, so schedules are tested without a real clock. The daemon's
+timer source (``triggers/timers.py``) does the sleeping.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from datetime import datetime, timedelta, timezone, tzinfo
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from croniter import croniter
+
+__all__ = [
+    "CRON_FIELDS",
+    "cron_from_fields",
+    "next_cron_time",
+    "next_interval_time",
+    "parse_cron",
+    "parse_date",
+    "parse_interval",
+    "parse_timezone",
+]
+
+CRON_FIELDS = ("second", "minute", "hour", "day", "month", "day_of_week")
+_INTERVAL_UNITS = {"w": 604800.0, "d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+_INTERVAL_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|w|d|h|m|s)", re.IGNORECASE)
+_INTERVAL_KEYS = {"weeks", "days", "hours", "minutes", "seconds", "milliseconds"}
+
+
+def cron_from_fields(fields: Mapping[str, Any]) -> str:
+    """Turn FlowerPower's ``{minute: "0", hour: "3", day_of_week: "mon-fri"}`` into a cron string.
+
+    The result has six fields (seconds first, as croniter's ``second_at_beginning``).
+    Missing fields are ``*`` except ``second``, which defaults to ``0`` so a
+    dict without seconds fires once per minute at most, like a 5-field string.
+    """
+    unknown = sorted(set(fields) - set(CRON_FIELDS) - {"year", "week"})
+    if unknown:
+        raise ValueError(f"unknown cron field(s) {unknown}; valid fields: {list(CRON_FIELDS)}")
+    for unsupported in ("year", "week"):
+        value = fields.get(unsupported)
+        if value is not None and str(value) != "*":
+            raise ValueError(f"cron field {unsupported!r} is not supported (only '*')")
+    parts = [str(fields.get(name, "0" if name == "second" else "*")) for name in CRON_FIELDS]
+    return " ".join(parts)
+
+
+def parse_cron(value: str | Mapping[str, Any]) -> str:
+    """Validate a 5- or 6-field cron string (or a field dict) and return it normalised.
+
+    A 6-field string has seconds first. The returned string always has six
+    fields so that callers need only one croniter mode.
+    """
+    text = cron_from_fields(value) if isinstance(value, Mapping) else str(value).strip()
+    parts = text.split()
+    if len(parts) == 5:
+        parts.insert(0, "0")
+    elif len(parts) != 6:
+        raise ValueError(f"cron expression {text!r} must have 5 or 6 fields, not {len(parts)}")
+    normalised = " ".join(parts)
+    if not croniter.is_valid(normalised, second_at_beginning=True):
+        raise ValueError(f"invalid cron expression {text!r}")
+    return normalised
+
+
+def parse_interval(value: float | int | str | Mapping[str, Any] | timedelta) -> timedelta:
+    """Parse ``30``, ``"30s"``, ``"1h30m"``, ``"250ms"`` or ``{hours: 1, minutes: 30}``."""
+    if isinstance(value, timedelta):
+        result = value
+    elif isinstance(value, bool):
+        raise ValueError(f"invalid interval {value!r}")
+    elif isinstance(value, int | float):
+        result = timedelta(seconds=float(value))
+    elif isinstance(value, Mapping):
+        unknown = sorted(set(value) - _INTERVAL_KEYS)
+        if unknown:
+            raise ValueError(
+                f"unknown interval field(s) {unknown}; valid fields: {sorted(_INTERVAL_KEYS)}"
+            )
+        try:
+            result = timedelta(**{k: float(v) for k, v in value.items()})
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"invalid interval {dict(value)!r}: {exc}") from None
+    else:
+        text = str(value).strip()
+        try:
+            result = timedelta(seconds=float(text))
+        except ValueError:
+            pos = 0
+            total = 0.0
+            for match in _INTERVAL_RE.finditer(text.replace(" ", "")):
+                if match.start() != pos:
+                    break
+                total += float(match.group(1)) * _INTERVAL_UNITS[match.group(2).lower()]
+                pos = match.end()
+            if pos == 0 or pos != len(text.replace(" ", "")):
+                raise ValueError(
+                    f"invalid interval {text!r}; use seconds or a string like '30s', '1h30m'"
+                ) from None
+            result = timedelta(seconds=total)
+    if result <= timedelta(0):
+        raise ValueError(f"interval {value!r} must be positive")
+    return result
+
+
+def parse_timezone(name: str | None) -> tzinfo:
+    """Return the IANA zone ``name`` (UTC when ``None``)."""
+    if name is None or name.upper() == "UTC":
+        return timezone.utc
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"unknown timezone {name!r} (use an IANA name such as 'Europe/Berlin')") from None
+
+
+def parse_date(value: str | datetime, tz: tzinfo | None = None) -> datetime:
+    """Parse an ISO 8601 time; a naive value is taken in ``tz`` (UTC by default)."""
+    if isinstance(value, datetime):
+        result = value
+    else:
+        try:
+            result = datetime.fromisoformat(str(value).strip())
+        except ValueError:
+            raise ValueError(f"invalid ISO 8601 date {value!r}") from None
+    if result.tzinfo is None:
+        result = result.replace(tzinfo=tz or timezone.utc)
+    return result
+
+
+def next_cron_time(expr: str, after: datetime, tz: tzinfo | None = None) -> datetime:
+    """The first fire time of the 6-field ``expr`` strictly after ``after``.
+
+    Computed in wall-clock time of ``tz`` so that ``0 3 * * *`` means 03:00
+    local on every day, across DST changes: croniter resolves the skipped
+    hour (spring) and the repeated hour (autumn) to one fire each.
+    """
+    zone = tz or timezone.utc
+    local = after.astimezone(zone)
+    it = croniter(expr, local, second_at_beginning=True)
+    nxt: datetime = it.get_next(datetime)
+    # croniter may return a time equal to ``after`` around DST folds; insist on progress.
+    while nxt <= after:
+        nxt = it.get_next(datetime)
+    return nxt.astimezone(timezone.utc)
+
+
+def next_interval_time(
+    every: timedelta, after: datetime, start_at: datetime | None = None
+) -> datetime:
+    """The first tick of ``start_at + k * every`` strictly after ``after``.
+
+    Ticks are anchored at ``start_at`` (or ``after`` itself when there is no
+    anchor), so a late wake-up never shifts later ticks.
+    """
+    if start_at is None:
+        return after + every
+    if after < start_at:
+        return start_at
+    elapsed = (after - start_at) / every
+    return start_at + every * (int(elapsed) + 1)

@@ -1,0 +1,38 @@
+"""What every trigger source yields: a frozen :class:`TriggerEvent`.
+
+A source knows its transport and nothing about Hamilton. ``ack`` lets the
+MQTT source acknowledge a message only once its run request is durably
+enqueued or finished (at-least-once delivery); other sources leave it ``None``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal
+
+from ..project.models import utcnow
+
+__all__ = ["TriggerEvent", "TriggerKind"]
+
+TriggerKind = Literal["mqtt", "cron", "interval", "date", "file", "manual"]
+
+
+@dataclass(frozen=True, slots=True)
+class TriggerEvent:
+    """One firing of a trigger.
+
+    ``payload`` is the raw payload (MQTT bytes; ``None`` for timers),
+    ``inputs`` what the source already decoded into pipeline inputs (topic
+    fields, file path and event), ``meta`` transport details (topic, qos,
+    retain, MQTT v5 response topic and correlation data, scheduled time).
+    """
+
+    trigger: str
+    kind: TriggerKind
+    at: datetime = field(default_factory=utcnow)
+    payload: bytes | None = None
+    inputs: Mapping[str, Any] = field(default_factory=dict)
+    meta: Mapping[str, Any] = field(default_factory=dict)
+    ack: Callable[[], Awaitable[None]] | None = field(default=None, compare=False, repr=False)
