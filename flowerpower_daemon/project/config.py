@@ -13,7 +13,7 @@ import os
 import re
 from collections.abc import Iterator, Mapping
 from datetime import datetime, timedelta
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, get_args
 
 import yaml
 from pydantic import (
@@ -24,6 +24,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from ..errors import ConfigProblem
 from .schedule import parse_cron, parse_date, parse_interval, parse_timezone
@@ -45,6 +46,7 @@ __all__ = [
 ]
 
 _M = TypeVar("_M", bound=BaseModel)
+_NOFIELD = Field(default=None)
 
 ExecutorType = Literal["local", "threadpool", "processpool", "ray", "dask"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
@@ -52,6 +54,25 @@ LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+def _error_at(title: str, key: str, value: Any, message: str) -> ValidationError:
+    """A validation error located at ``key`` (raised by a model's before-validator)."""
+    kind = PydanticCustomError("value_error", "{message}", {"message": message})
+    return ValidationError.from_exception_data(
+        title, [InitErrorDetails(type=kind, loc=(key,), input=value)]
+    )
+
+
+def _nested_at(key: str, exc: ValidationError) -> ValidationError:
+    """``exc`` with every error's location moved under ``key``."""
+    details: list[InitErrorDetails] = []
+    for err in exc.errors(include_url=False):
+        detail = InitErrorDetails(type=err["type"], loc=(key, *err["loc"]), input=err["input"])
+        if "ctx" in err:
+            detail["ctx"] = err["ctx"]
+        details.append(detail)
+    return ValidationError.from_exception_data(exc.title, details)
 
 
 class ExecutorConfig(_Frozen):
@@ -164,7 +185,11 @@ class RunConfig(_Frozen):
         data = {k: v for k, v in value.items() if v is not None or k in ("timeout", "log_level")}
         retry = data.pop("retry", None)
         if retry is not None:
-            block = _RetryBlock.model_validate(retry)
+            try:
+                block = _RetryBlock.model_validate(retry)
+            except ValidationError as exc:
+                # Report ``run.retry.max_retry``, not ``run.max_retry``.
+                raise _nested_at("retry", exc) from None
             for key, val in block.model_dump(exclude_none=True).items():
                 data.setdefault(key, val)
         for key in ("final_vars", "retry_exceptions", "additional_modules"):
@@ -194,13 +219,26 @@ class ScheduleConfig(_Frozen):
         if not isinstance(value, Mapping):
             return value
         data = dict(value)
-        tz = parse_timezone(data.get("timezone"))
-        if data.get("cron") is not None:
-            data["cron"] = parse_cron(data["cron"])
-        if data.get("interval") is not None:
-            data["interval"] = parse_interval(data["interval"])
-        if data.get("date") is not None:
-            data["date"] = parse_date(data["date"], tz)
+        parsers: dict[str, Any] = {
+            "timezone": parse_timezone,
+            "cron": parse_cron,
+            "interval": parse_interval,
+            "date": parse_date,
+        }
+        for key, parse in parsers.items():
+            raw = data.get(key)
+            if raw is None and key != "timezone":
+                continue
+            args = (data["timezone"],) if key == "date" else ()
+            try:
+                parsed = parse(raw, *args)
+            except ValueError as exc:
+                # Name the key (``schedule.cron``), not just the section.
+                raise _error_at(cls.__name__, key, raw, str(exc)) from None
+            if key != "timezone":
+                data[key] = parsed
+            else:
+                tz = parsed
         given = [k for k in ("cron", "interval", "date") if data.get(k) is not None]
         if len(given) > 1:
             raise ValueError(f"give only one of cron, interval, date (got {', '.join(given)})")
@@ -367,17 +405,36 @@ def load_yaml_text(text: str, file: str) -> tuple[dict[str, Any], list[ConfigPro
     return expanded, problems
 
 
+def _candidates(annotation: Any) -> list[type[BaseModel]]:
+    """Model classes inside an annotation (through Optional, unions, lists, Annotated)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    out: list[type[BaseModel]] = []
+    for arg in get_args(annotation):
+        out += _candidates(arg)
+    return out
+
+
 def _model_at(model: type[BaseModel], loc: tuple[str | int, ...]) -> type[BaseModel] | None:
     """The model class that owns the key at ``loc`` (for nearest-key suggestions)."""
     current: type[BaseModel] = model
-    for part in loc[:-1]:
+    parts = list(loc[:-1])
+    while parts:
+        part = parts.pop(0)
         if not isinstance(part, str) or part not in current.model_fields:
             return None
-        annotation = current.model_fields[part].annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            current = annotation
-        else:
+        found = _candidates(current.model_fields[part].annotation)
+        if parts and isinstance(parts[0], int):
+            parts.pop(0)
+        if len(found) > 1 and parts and isinstance(parts[0], str):
+            tag = parts[0]
+            tagged = [c for c in found if tag in get_args(c.model_fields.get("type", _NOFIELD).annotation)]
+            if tagged:
+                parts.pop(0)
+                found = tagged
+        if len(found) != 1:
             return None
+        current = found[0]
     return current
 
 

@@ -14,3 +14,8 @@ def fahrenheit(celsius: float) -> float:
 def too_hot(celsius: float, threshold: float = 30.0) -> bool:
     """True when the reading is above the threshold."""
     return celsius > threshold
+
+
+def device_id(device: str = "unknown") -> str:
+    """The device that sent the reading (the `{device}` level of the MQTT topic)."""
+    return device

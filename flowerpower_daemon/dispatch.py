@@ -1,0 +1,283 @@
+"""Trigger events -> run requests, and the policies around them.
+
+Inputs are merged key by key, lowest to highest: the pipeline's ``params``
+and ``run.inputs`` (applied by the runner), the trigger's ``inputs``, what
+the source decoded (topic fields, file path), then the payload. Policies:
+global ``max_concurrent_runs``, per-trigger ``max_concurrent`` and
+``overlap`` (allow / skip / queue / replace), all enforced by waiting, never
+by an unbounded buffer. A bad payload becomes an error result on the error
+topic; the message is acked (redelivering it would fail the same way).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import structlog
+from anyio.abc import TaskGroup
+
+from .errors import FlowerPowerError
+from .project.models import (
+    AttemptInfo,
+    ErrorInfo,
+    RunRequest,
+    RunResult,
+    RunStatus,
+    TriggerInfo,
+    new_run_id,
+    utcnow,
+)
+from .results import ResultSink, reply_target
+from .settings import MqttTrigger, Settings
+from .triggers.base import TriggerEvent
+from .triggers.mqtt import PayloadError, TopicPattern, compile_topic, decode_payload
+
+__all__ = ["Dispatcher", "Stats", "TriggerState"]
+
+log = structlog.get_logger("flowerpower_daemon.dispatch")
+
+Kiq = Callable[[dict[str, Any]], Awaitable[Any]]
+
+
+@dataclass
+class Stats:
+    """Daemon-wide counters (shown by ``flowerpowerctl status``)."""
+
+    messages_in: int = 0
+    events: int = 0
+    runs_ok: int = 0
+    runs_failed: int = 0
+    bad_input: int = 0
+    skipped: int = 0
+    unmatched: int = 0
+    in_flight: int = 0
+
+
+@dataclass
+class TriggerState:
+    """One configured trigger and its run-time state."""
+
+    cfg: Any
+    pattern: TopicPattern | None = None
+    limiter: anyio.CapacityLimiter | None = None
+    running: dict[str, anyio.CancelScope] = field(default_factory=dict)
+    fired: int = 0
+    ok: int = 0
+    failed: int = 0
+    skipped: int = 0
+    paused: bool = False
+
+
+class Dispatcher:
+    """Turns events into requests, applies policies, enqueues through ``kiq``."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        triggers: list[Any],
+        *,
+        kiq: Kiq,
+        sink: ResultSink,
+        remote: bool,
+        stats: Stats | None = None,
+    ) -> None:
+        self.settings = settings
+        self.kiq = kiq
+        self.sink = sink
+        self.remote = remote
+        self.stats = stats or Stats()
+        self.triggers: dict[str, TriggerState] = {}
+        for cfg in triggers:
+            state = TriggerState(cfg)
+            if isinstance(cfg, MqttTrigger):
+                state.pattern = compile_topic(cfg.topic)
+            limit = 1 if cfg.overlap == "queue" else cfg.max_concurrent
+            if limit:
+                state.limiter = anyio.CapacityLimiter(limit)
+            self.triggers[cfg.name] = state
+        self._global = anyio.CapacityLimiter(settings.max_concurrent_runs)
+        # Bounds the handlers that wait for a slot: beyond it, sources wait (backpressure).
+        self._pending = anyio.Semaphore(settings.max_concurrent_runs * 4)
+
+    def mqtt_matches(self, topic: str) -> list[tuple[TriggerState, dict[str, str]]]:
+        out = []
+        for state in self.triggers.values():
+            if state.pattern is not None and state.cfg.enabled:
+                fields = state.pattern.match(topic)
+                if fields is not None:
+                    out.append((state, fields))
+        return out
+
+    def build_request(self, state: TriggerState, event: TriggerEvent) -> RunRequest:
+        """The run request for ``event`` (raises PayloadError for a bad payload)."""
+        cfg = state.cfg
+        inputs: dict[str, Any] = {**cfg.inputs, **event.inputs}
+        reply_to = None
+        if isinstance(cfg, MqttTrigger) and event.payload is not None:
+            decoded, reply_to = decode_payload(
+                event.payload,
+                cfg.payload,
+                cfg.payload_input,
+                max_bytes=self.settings.mqtt.max_payload_bytes,
+            )
+            inputs.update(decoded)
+        run_id = new_run_id()
+        topic = event.meta.get("topic")
+        fields = dict(event.meta.get("fields") or {})
+        reply = reply_target(
+            pipeline=cfg.pipeline,
+            trigger=cfg.name,
+            run_id=run_id,
+            fields=fields,
+            result_topic=cfg.result_topic or self.settings.mqtt.result_topic,
+            error_topic=cfg.error_topic or self.settings.mqtt.error_topic,
+            response_topic=event.meta.get("response_topic"),
+            correlation_data=event.meta.get("correlation_data"),
+            reply_to=reply_to,
+            publish=cfg.publish,
+        )
+        return RunRequest(
+            pipeline=cfg.pipeline,
+            inputs=inputs,
+            overrides=dict(cfg.run),
+            run_id=run_id,
+            trigger=TriggerInfo(
+                name=cfg.name,
+                type=event.kind,
+                topic=topic,
+                fields=fields,
+                file_path=event.inputs.get("file_path"),
+            ),
+            queued_at=event.at,
+            reply=reply,
+        )
+
+    async def submit(self, event: TriggerEvent, runs: TaskGroup) -> None:
+        """Accept one event; returns once a handler owns it (may wait: backpressure)."""
+        self.stats.events += 1
+        state = self.triggers.get(event.trigger)
+        if state is None or not state.cfg.enabled or state.paused:
+            await _ack(event)
+            return
+        state.fired += 1
+        try:
+            request = self.build_request(state, event)
+        except PayloadError as exc:
+            self.stats.bad_input += 1
+            log.warning("bad_payload", trigger=state.cfg.name, topic=event.meta.get("topic"),
+                        error=str(exc))
+            await self._emit_error(state, event, exc)
+            await _ack(event)
+            return
+        if state.cfg.overlap == "skip" and state.running:
+            state.skipped += 1
+            self.stats.skipped += 1
+            log.info("run_skipped_overlap", trigger=state.cfg.name, running=list(state.running))
+            await _ack(event)
+            return
+        await self._pending.acquire()
+        runs.start_soon(self._handle, state, event, request, name=f"run:{request.run_id}")
+
+    async def _handle(self, state: TriggerState, event: TriggerEvent, request: RunRequest) -> None:
+        try:
+            if self.remote:
+                await self.kiq(request.to_dict())
+                await _ack(event)
+                return
+            if state.cfg.overlap == "replace":
+                for scope in list(state.running.values()):
+                    scope.cancel()
+            async with _maybe(state.limiter), self._global:
+                self.stats.in_flight += 1
+                try:
+                    with anyio.CancelScope() as scope:
+                        state.running[request.run_id] = scope
+                        await self.kiq(request.to_dict())
+                    if scope.cancelled_caught:
+                        await self.sink.emit(request, _synthetic(request, "cancelled", ErrorInfo(
+                            "Cancelled", "replaced by a newer run (overlap: replace)", None, False)))
+                finally:
+                    state.running.pop(request.run_id, None)
+                    self.stats.in_flight -= 1
+            await _ack(event)
+        except Exception:
+            log.exception("dispatch_failed", trigger=state.cfg.name, run_id=request.run_id)
+        finally:
+            self._pending.release()
+
+    def record(self, request: RunRequest, result: RunResult) -> None:
+        """Count a finished run against its trigger and the daemon."""
+        state = self.triggers.get(request.trigger.name)
+        if result.ok:
+            self.stats.runs_ok += 1
+            if state:
+                state.ok += 1
+        else:
+            self.stats.runs_failed += 1
+            if state:
+                state.failed += 1
+
+    async def _emit_error(self, state: TriggerState, event: TriggerEvent, exc: FlowerPowerError) -> None:
+        cfg = state.cfg
+        run_id = new_run_id()
+        request = RunRequest(
+            pipeline=cfg.pipeline,
+            run_id=run_id,
+            trigger=TriggerInfo(name=cfg.name, type=event.kind, topic=event.meta.get("topic"),
+                                fields=dict(event.meta.get("fields") or {})),
+            queued_at=event.at,
+            reply=reply_target(
+                pipeline=cfg.pipeline, trigger=cfg.name, run_id=run_id,
+                fields=dict(event.meta.get("fields") or {}),
+                result_topic=cfg.result_topic or self.settings.mqtt.result_topic,
+                error_topic=cfg.error_topic or self.settings.mqtt.error_topic,
+                response_topic=event.meta.get("response_topic"),
+                correlation_data=event.meta.get("correlation_data"),
+                publish=cfg.publish,
+            ),
+        )
+        error = ErrorInfo(type(exc).__name__, str(exc), None, False)
+        self.stats.runs_failed += 1
+        state.failed += 1
+        await self.sink.emit(request, _synthetic(request, "failed", error))
+
+
+def _synthetic(request: RunRequest, status: RunStatus, error: ErrorInfo) -> RunResult:
+    now = utcnow()
+    return RunResult(
+        run_id=request.run_id,
+        pipeline=request.pipeline,
+        status=status,
+        outputs={},
+        error=error,
+        attempts=(AttemptInfo(1, now, now, status, error),),
+        queued_at=request.queued_at,
+        started_at=now,
+        finished_at=now,
+        trigger=request.trigger,
+    )
+
+
+async def _ack(event: TriggerEvent) -> None:
+    if event.ack is not None:
+        await event.ack()
+
+
+class _maybe:
+    """``async with`` a limiter when there is one."""
+
+    def __init__(self, limiter: anyio.CapacityLimiter | None) -> None:
+        self.limiter = limiter
+
+    async def __aenter__(self) -> None:
+        if self.limiter is not None:
+            await self.limiter.acquire()
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.limiter is not None:
+            self.limiter.release()
+
+

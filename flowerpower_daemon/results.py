@@ -1,0 +1,112 @@
+"""Where results go: the reply target of a run and the sinks that deliver it.
+
+The reply target is decided at dispatch and carried in ``RunRequest.reply``
+(so a worker on another machine publishes to the same place): the MQTT v5
+response topic with its correlation data when the request carried them,
+else the ``reply_to`` of a JSON payload, else the trigger's or the global
+``result_topic`` template. Failures also go to ``error_topic``.
+"""
+
+from __future__ import annotations
+
+import base64
+import string
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+import structlog
+
+from .encoding import encode_result
+from .mqtt import MqttLink, OutgoingMessage
+from .project.models import RunRequest, RunResult
+
+__all__ = ["MqttResultSink", "ResultSink", "render_topic", "reply_target"]
+
+log = structlog.get_logger("flowerpower_daemon.results")
+
+
+class ResultSink(Protocol):
+    async def emit(self, request: RunRequest, result: RunResult) -> None: ...
+
+
+class _Fields(dict[str, str]):
+    def __missing__(self, key: str) -> str:
+        return "{" + key + "}"
+
+
+def render_topic(template: str, fields: Mapping[str, Any]) -> str:
+    """Fill ``{pipeline}``, ``{trigger}``, ``{run_id}`` and topic fields; unknown names stay as is."""
+    # A field value must not add levels or wildcards to the topic it is put into.
+    safe = {k: str(v).replace("/", "_").replace("+", "_").replace("#", "_") for k, v in fields.items()}
+    return string.Formatter().vformat(template, (), _Fields(safe))
+
+
+def reply_target(
+    *,
+    pipeline: str,
+    trigger: str,
+    run_id: str,
+    fields: Mapping[str, str],
+    result_topic: str | None,
+    error_topic: str | None,
+    response_topic: str | None = None,
+    correlation_data: bytes | None = None,
+    reply_to: str | None = None,
+    publish: bool = True,
+) -> dict[str, Any]:
+    """The ``RunRequest.reply`` mapping for one run (JSON-safe)."""
+    values = {**fields, "pipeline": pipeline, "trigger": trigger, "run_id": run_id}
+    reply: dict[str, Any] = {"publish": publish}
+    if response_topic:
+        reply["topic"] = response_topic
+        if correlation_data is not None:
+            reply["correlation"] = base64.b64encode(correlation_data).decode()
+    elif reply_to:
+        reply["topic"] = reply_to
+    elif result_topic:
+        reply["topic"] = render_topic(result_topic, values)
+    if error_topic:
+        reply["error_topic"] = render_topic(error_topic, values)
+    return reply
+
+
+class MqttResultSink:
+    """Publishes each result as JSON (QoS 1 by default) to its reply target."""
+
+    def __init__(self, link: MqttLink, *, qos: int = 1, max_bytes: int | None = None) -> None:
+        self.link = link
+        self.qos = qos
+        self.max_bytes = max_bytes
+        self.results_out = 0
+
+    async def emit(self, request: RunRequest, result: RunResult) -> None:
+        reply = request.reply
+        if not reply.get("publish", True):
+            return
+        payload = encode_result(result, max_bytes=self.max_bytes)
+        correlation = reply.get("correlation")
+        corr = base64.b64decode(correlation) if isinstance(correlation, str) else None
+        topics: list[tuple[str, bytes | None]] = []
+        if reply.get("topic"):
+            topics.append((reply["topic"], corr))
+        if not result.ok and reply.get("error_topic") and reply.get("error_topic") != reply.get("topic"):
+            topics.append((reply["error_topic"], None))
+        for topic, correlation_data in topics:
+            await self.link.publish(
+                OutgoingMessage(topic, payload, qos=self.qos, correlation_data=correlation_data)
+            )
+            self.results_out += 1
+
+
+class FanOutSink:
+    """Sends a result to several sinks; one failing sink never stops the others."""
+
+    def __init__(self, sinks: Sequence[ResultSink]) -> None:
+        self.sinks = list(sinks)
+
+    async def emit(self, request: RunRequest, result: RunResult) -> None:
+        for sink in self.sinks:
+            try:
+                await sink.emit(request, result)
+            except Exception:
+                log.exception("sink_failed", sink=type(sink).__name__, run_id=result.run_id)

@@ -1,0 +1,339 @@
+"""Daemon settings: a YAML file, every value overridable by ``FLOWERPOWER_*`` env vars.
+
+``FLOWERPOWER_MQTT__URL=mqtt://broker:1883`` overrides ``mqtt.url``; secrets
+can come from files (``mqtt.password_file``). Validated once, up front, into
+frozen models; :func:`load_settings` reports every problem with its key path.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Mapping
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from .errors import ConfigError, ConfigProblem
+from .project.config import RunConfig, format_validation_error, load_yaml_text
+from .project.schedule import parse_cron, parse_date, parse_interval, parse_timezone
+
+__all__ = [
+    "CronTrigger",
+    "DateTrigger",
+    "FileTrigger",
+    "IntervalTrigger",
+    "MqttSettings",
+    "MqttTrigger",
+    "QueueSettings",
+    "Settings",
+    "TriggerSettings",
+    "load_settings",
+]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class TlsSettings(_Frozen):
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    insecure: bool = False
+
+
+class MqttSettings(_Frozen):
+    """The MQTT connection, shared by triggers, results and the status topic."""
+
+    url: str = "mqtt://127.0.0.1:1883"
+    embedded_bind: str = "127.0.0.1:1883"
+    client_id: str = "flowerpower-daemon"
+    username: str | None = None
+    password: str | None = None
+    password_file: str | None = None
+    protocol: Literal["5", "3.1.1"] = "5"
+    clean_start: bool = False
+    session_expiry: int = Field(default=86400, ge=0)
+    keepalive: int = Field(default=60, ge=5)
+    tls: TlsSettings | None = None
+    status_topic: str = "flowerpower/status"
+    result_topic: str = "flowerpower/results/{pipeline}"
+    error_topic: str = "flowerpower/errors/{pipeline}"
+    result_qos: Literal[0, 1, 2] = 1
+    max_payload_bytes: int = Field(default=256 * 1024, ge=1)
+    max_result_bytes: int = Field(default=256 * 1024, ge=1024)
+    reconnect_min: float = Field(default=0.5, gt=0)
+    reconnect_max: float = Field(default=30.0, gt=0)
+    outbox_size: int = Field(default=10_000, ge=1)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if value == "embedded":
+            return value
+        parts = urlsplit(value)
+        if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl") or not parts.hostname:
+            raise ValueError(
+                f"invalid MQTT url {value!r}: use mqtt://host:port, mqtts://host:port or 'embedded'"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _secret_file(self) -> MqttSettings:
+        if self.password_file and self.password is None:
+            try:
+                secret = Path(self.password_file).read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise ValueError(f"password_file {self.password_file!r}: {exc.strerror}") from None
+            object.__setattr__(self, "password", secret)
+        return self
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.url).hostname or "127.0.0.1"
+
+    @property
+    def port(self) -> int:
+        parts = urlsplit(self.url)
+        return parts.port or (8883 if parts.scheme in ("mqtts", "ssl") else 1883)
+
+    @property
+    def use_tls(self) -> bool:
+        return self.tls is not None or urlsplit(self.url).scheme in ("mqtts", "ssl")
+
+
+class QueueSettings(_Frozen):
+    """taskiq: ``memory`` (in this process) or a ``redis://`` URL (scale out with workers)."""
+
+    broker: str = "memory"
+    queue_name: str = "flowerpower"
+    consumer_group: str = "flowerpower-workers"
+    reclaim_after: float = Field(default=60.0, gt=0, description="seconds before an unacked run is reclaimed")
+    worker_concurrency: int = Field(default=4, ge=1)
+
+    @field_validator("broker")
+    @classmethod
+    def _broker(cls, value: str) -> str:
+        if value != "memory" and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"invalid queue.broker {value!r}: use 'memory' or redis://host:port/db")
+        return value
+
+    @property
+    def is_redis(self) -> bool:
+        return self.broker != "memory"
+
+
+_RUN_KEYS = set(RunConfig.model_fields) - {"inputs", "on_success", "on_failure"}
+
+
+class _TriggerBase(_Frozen):
+    name: str = ""
+    pipeline: str
+    inputs: dict[str, Any] = Field(default_factory=dict)
+    run: dict[str, Any] = Field(default_factory=dict, description="run: overrides")
+    enabled: bool = True
+    publish: bool = True
+    result_topic: str | None = None
+    error_topic: str | None = None
+    max_concurrent: int | None = Field(default=None, ge=1)
+    overlap: Literal["allow", "skip", "queue", "replace"] = "allow"
+
+    @field_validator("run")
+    @classmethod
+    def _run_keys(cls, value: dict[str, Any]) -> dict[str, Any]:
+        unknown = sorted(set(value) - _RUN_KEYS)
+        if unknown:
+            hints = []
+            for key in unknown:
+                close = difflib.get_close_matches(key, sorted(_RUN_KEYS), 1)
+                hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            raise ValueError(f"unknown run override(s) {', '.join(hints)}")
+        RunConfig.model_validate(value)
+        return value
+
+
+class MqttTrigger(_TriggerBase):
+    """Run a pipeline for each message on ``topic`` (``+``/``#`` and ``{field}`` wildcards)."""
+
+    type: Literal["mqtt"]
+    topic: str
+    qos: Literal[0, 1, 2] = 1
+    payload: Literal["json", "text", "bytes", "auto"] = "auto"
+    payload_input: str = "payload"
+    shared_group: str | None = None
+
+    @field_validator("topic")
+    @classmethod
+    def _topic(cls, value: str) -> str:
+        from .triggers.mqtt import compile_topic
+
+        compile_topic(value)
+        return value
+
+
+class CronTrigger(_TriggerBase):
+    type: Literal["cron"]
+    cron: str
+    timezone: str | None = None
+    jitter: float = Field(default=0.0, ge=0)
+    misfire_grace: float | None = Field(default=3600.0, ge=0)
+
+    @field_validator("cron", mode="before")
+    @classmethod
+    def _cron(cls, value: Any) -> str:
+        return parse_cron(value)
+
+    @field_validator("timezone")
+    @classmethod
+    def _tz(cls, value: str | None) -> str | None:
+        parse_timezone(value)
+        return value
+
+
+class IntervalTrigger(_TriggerBase):
+    type: Literal["interval"]
+    every: timedelta
+    start_at: datetime | None = None
+    jitter: float = Field(default=0.0, ge=0)
+
+    @field_validator("every", mode="before")
+    @classmethod
+    def _every(cls, value: Any) -> timedelta:
+        return parse_interval(value)
+
+    @field_validator("start_at", mode="before")
+    @classmethod
+    def _start(cls, value: Any) -> datetime | None:
+        return None if value is None else parse_date(value)
+
+
+class DateTrigger(_TriggerBase):
+    type: Literal["date"]
+    at: datetime
+    misfire_grace: float | None = Field(default=3600.0, ge=0)
+
+    @field_validator("at", mode="before")
+    @classmethod
+    def _at(cls, value: Any) -> datetime:
+        return parse_date(value)
+
+
+class FileTrigger(_TriggerBase):
+    type: Literal["file"]
+    path: str
+    patterns: tuple[str, ...] = ("*",)
+    recursive: bool = True
+    events: tuple[Literal["added", "modified", "deleted"], ...] = ("added",)
+    debounce: float = Field(default=0.2, ge=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _glob_alias(cls, value: Any) -> Any:
+        if isinstance(value, Mapping) and "glob" in value:
+            data = dict(value)
+            glob = data.pop("glob")
+            data.setdefault("patterns", [glob] if isinstance(glob, str) else glob)
+            return data
+        return value
+
+
+TriggerSettings = Annotated[
+    MqttTrigger | CronTrigger | IntervalTrigger | DateTrigger | FileTrigger,
+    Field(discriminator="type"),
+]
+
+
+class ControlSettings(_Frozen):
+    socket: str | None = None
+    group: str | None = None
+    allowed_uids: tuple[int, ...] = ()
+    allowed_gids: tuple[int, ...] = ()
+    max_line_bytes: int = Field(default=1024 * 1024, ge=1024)
+
+
+class Settings(BaseSettings):
+    """Everything the daemon reads at start-up (see ``config.example.yml``)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="FLOWERPOWER_",
+        env_nested_delimiter="__",
+        frozen=True,
+        extra="forbid",
+    )
+
+    project: str = "."
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+    state_dir: str = ".flowerpower"
+    log_level: str = "INFO"
+    log_format: Literal["auto", "json", "console"] = "auto"
+    mqtt: MqttSettings = Field(default_factory=MqttSettings)
+    queue: QueueSettings = Field(default_factory=QueueSettings)
+    control: ControlSettings = Field(default_factory=ControlSettings)
+    max_concurrent_runs: int = Field(default=8, ge=1)
+    shutdown_timeout: float = Field(default=30.0, ge=0)
+    schedule_all: bool = True
+    triggers: list[TriggerSettings] = Field(default_factory=list)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Environment wins over the YAML file (passed as init kwargs).
+        return env_settings, init_settings
+
+    @model_validator(mode="before")
+    @classmethod
+    def _names(cls, value: Any) -> Any:
+        if not isinstance(value, Mapping) or not isinstance(value.get("triggers"), list):
+            return value
+        triggers = []
+        seen: set[str] = set()
+        for i, trig in enumerate(value["triggers"]):
+            if isinstance(trig, Mapping):
+                name = trig.get("name") or f"{trig.get('type')}-{trig.get('pipeline')}-{i}"
+                if name in seen:
+                    raise ValueError(f"triggers[{i}]: duplicate trigger name {name!r}")
+                seen.add(name)
+                trig = {**trig, "name": name}
+            triggers.append(trig)
+        return {**value, "triggers": triggers}
+
+    @property
+    def state_path(self) -> Path:
+        return Path(os.environ.get("STATE_DIRECTORY") or self.state_dir)
+
+
+def load_settings(path: str | None) -> Settings:
+    """Load the YAML file (optional) and the environment; raise ConfigError listing every problem."""
+    shown = path or "<environment>"
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError([ConfigProblem(path, "", f"cannot read: {exc.strerror}")]) from None
+        data, problems = load_yaml_text(text, path)
+        if problems:
+            raise ConfigError(problems)
+        base = Path(path).resolve().parent
+        proj = data.get("project")
+        if isinstance(proj, str) and "://" not in proj and not os.path.isabs(proj):
+            data["project"] = str(base / proj)
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, Settings, shown)) from None
