@@ -1,4 +1,5 @@
-"""``flowerpower-daemon``: project commands (init, pipeline ...) and the daemon (run, check, worker).
+"""``flowerpower-daemon``: project commands (init, pipeline ...) and the daemon (run, check).
+
 
 Errors a user makes are printed as ``error: ...`` on stderr with exit code 2,
 never as a traceback; a failed pipeline run exits 1.
@@ -48,16 +49,20 @@ def _cache_arg(text: str) -> Any:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="flowerpower-daemon",
-        description="Run FlowerPower (Hamilton) pipelines, and the event daemon that triggers them.",
+        description="Run FlowerPower (Hamilton) pipelines and the daemon that triggers them.",
     )
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    p.add_argument("--log-level", default=None, help="log level (default WARNING; daemon: from config)")
+    p.add_argument(
+        "--log-level", default=None, help="log level (default WARNING; daemon: from config)"
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     base = argparse.ArgumentParser(add_help=False)
     base.add_argument("--base-dir", default=".", help="project directory or fsspec URL (default .)")
     base.add_argument(
-        "--storage-options", type=_json_arg("--storage-options", dict), default=None,
+        "--storage-options",
+        type=_json_arg("--storage-options", dict),
+        default=None,
         help="fsspec storage options as JSON",
     )
 
@@ -96,6 +101,14 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--pipeline-log-level", "--run-log-level", dest="run_log_level", default=None)
     run.add_argument("--format", choices=("table", "json"), default="table")
 
+    req = sub.add_parser(
+        "request", help="publish a JSON message to a topic and print the daemon's reply"
+    )
+    req.add_argument("topic")
+    req.add_argument("payload", type=_json_arg("payload", dict), nargs="?", default={})
+    req.add_argument("--url", default="mqtt://127.0.0.1:1883", help="broker URL")
+    req.add_argument("--timeout", type=float, default=30.0)
+
     for name, text in (
         ("run", "run the daemon in the foreground"),
         ("check", "validate the daemon config and the project; list every problem"),
@@ -119,6 +132,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _init(args)
         if args.command == "check":
             return _daemon_command(args)
+        if args.command == "request":
+            return _request(args)
         return _pipeline(args)
     except FlowerPowerError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -175,8 +190,10 @@ def _list(project: Any, fmt: str) -> int:
     rows = []
     for name, cfg in sorted(project.pipelines.items()):
         sched = cfg.schedule
-        when = sched.cron or (str(sched.interval) if sched.interval else None) or (
-            sched.date.isoformat() if sched.date else "-"
+        when = (
+            sched.cron
+            or (str(sched.interval) if sched.interval else None)
+            or (sched.date.isoformat() if sched.date else "-")
         )
         rows.append(
             {
@@ -265,6 +282,25 @@ def _print_show(info: dict[str, Any]) -> None:
     )
     print("nodes:")
     _table(info["nodes"], ("name", "role", "type", "depends_on", "doc"))
+
+
+def _request(args: argparse.Namespace) -> int:
+    import anyio
+
+    from .mqtt import request_reply
+
+    try:
+        reply = anyio.run(
+            lambda: request_reply(args.url, args.topic, args.payload, timeout=args.timeout)
+        )
+    except TimeoutError:
+        print(f"error: no reply within {args.timeout:g} s", file=sys.stderr)
+        return EXIT_RUN_FAILED
+    except Exception as exc:
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    sys.stdout.buffer.write(orjson.dumps(orjson.loads(reply), option=orjson.OPT_INDENT_2) + b"\n")
+    return EXIT_OK if orjson.loads(reply).get("status") == "success" else EXIT_RUN_FAILED
 
 
 def _daemon_command(args: argparse.Namespace) -> int:

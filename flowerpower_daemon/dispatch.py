@@ -91,16 +91,37 @@ class Dispatcher:
         self.stats = stats or Stats()
         self.triggers: dict[str, TriggerState] = {}
         for cfg in triggers:
-            state = TriggerState(cfg)
-            if isinstance(cfg, MqttTrigger):
-                state.pattern = compile_topic(cfg.topic)
-            limit = 1 if cfg.overlap == "queue" else cfg.max_concurrent
-            if limit:
-                state.limiter = anyio.CapacityLimiter(limit)
-            self.triggers[cfg.name] = state
+            self.add_trigger(cfg)
         self._global = anyio.CapacityLimiter(settings.max_concurrent_runs)
         # Bounds the handlers that wait for a slot: beyond it, sources wait (backpressure).
         self._pending = anyio.Semaphore(settings.max_concurrent_runs * 4)
+
+    def add_trigger(self, cfg: Any) -> TriggerState:
+        """Register (or replace) a trigger; its source is the caller's business."""
+        state = TriggerState(cfg)
+        if isinstance(cfg, MqttTrigger):
+            state.pattern = compile_topic(cfg.topic)
+        limit = 1 if cfg.overlap == "queue" else cfg.max_concurrent
+        if limit:
+            state.limiter = anyio.CapacityLimiter(limit)
+        self.triggers[cfg.name] = state
+        return state
+
+    def remove_trigger(self, name: str) -> TriggerState | None:
+        """Forget a trigger; its runs in flight go on and are still counted daemon-wide."""
+        return self.triggers.pop(name, None)
+
+    async def run_request(self, request: RunRequest) -> None:
+        """Run a request no trigger produced (a manual run): global limit, then ``kiq``."""
+        if self.remote:
+            await self.kiq(request.to_dict())
+            return
+        async with self._global:
+            self.stats.in_flight += 1
+            try:
+                await self.kiq(request.to_dict())
+            finally:
+                self.stats.in_flight -= 1
 
     def mqtt_matches(self, topic: str) -> list[tuple[TriggerState, dict[str, str]]]:
         out = []
@@ -167,8 +188,9 @@ class Dispatcher:
             request = self.build_request(state, event)
         except PayloadError as exc:
             self.stats.bad_input += 1
-            log.warning("bad_payload", trigger=state.cfg.name, topic=event.meta.get("topic"),
-                        error=str(exc))
+            log.warning(
+                "bad_payload", trigger=state.cfg.name, topic=event.meta.get("topic"), error=str(exc)
+            )
             await self._emit_error(state, event, exc)
             await _ack(event)
             return
@@ -197,8 +219,19 @@ class Dispatcher:
                         state.running[request.run_id] = scope
                         await self.kiq(request.to_dict())
                     if scope.cancelled_caught:
-                        await self.sink.emit(request, _synthetic(request, "cancelled", ErrorInfo(
-                            "Cancelled", "replaced by a newer run (overlap: replace)", None, False)))
+                        await self.sink.emit(
+                            request,
+                            _synthetic(
+                                request,
+                                "cancelled",
+                                ErrorInfo(
+                                    "Cancelled",
+                                    "replaced by a newer run (overlap: replace)",
+                                    None,
+                                    False,
+                                ),
+                            ),
+                        )
                 finally:
                     state.running.pop(request.run_id, None)
                     self.stats.in_flight -= 1
@@ -220,17 +253,25 @@ class Dispatcher:
             if state:
                 state.failed += 1
 
-    async def _emit_error(self, state: TriggerState, event: TriggerEvent, exc: FlowerPowerError) -> None:
+    async def _emit_error(
+        self, state: TriggerState, event: TriggerEvent, exc: FlowerPowerError
+    ) -> None:
         cfg = state.cfg
         run_id = new_run_id()
         request = RunRequest(
             pipeline=cfg.pipeline,
             run_id=run_id,
-            trigger=TriggerInfo(name=cfg.name, type=event.kind, topic=event.meta.get("topic"),
-                                fields=dict(event.meta.get("fields") or {})),
+            trigger=TriggerInfo(
+                name=cfg.name,
+                type=event.kind,
+                topic=event.meta.get("topic"),
+                fields=dict(event.meta.get("fields") or {}),
+            ),
             queued_at=event.at,
             reply=reply_target(
-                pipeline=cfg.pipeline, trigger=cfg.name, run_id=run_id,
+                pipeline=cfg.pipeline,
+                trigger=cfg.name,
+                run_id=run_id,
                 fields=dict(event.meta.get("fields") or {}),
                 result_topic=cfg.result_topic or self.settings.mqtt.result_topic,
                 error_topic=cfg.error_topic or self.settings.mqtt.error_topic,
@@ -279,5 +320,3 @@ class _maybe:
     async def __aexit__(self, *exc: object) -> None:
         if self.limiter is not None:
             self.limiter.release()
-
-

@@ -32,7 +32,9 @@ async def embedded_broker(settings: MqttSettings) -> AsyncIterator[MqttSettings]
         {
             "listeners": {"default": {"type": "tcp", "bind": bind}},
             "sys_interval": 0,
-            "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
+            "plugins": {
+                "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}
+            },
         }
     )
     await broker.start()

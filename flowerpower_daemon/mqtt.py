@@ -89,6 +89,9 @@ class MqttLink:
         self._generation = 0
         self._connected = anyio.Event()
         self._stopping = anyio.Event()
+        self._closed = anyio.Event()
+        self._online = False
+        self._drained = anyio.Event()
         self._outbox: collections.deque[OutgoingMessage] = collections.deque()
         self._send, self._receive = anyio.create_memory_object_stream[IncomingMessage](0)
         self.connects = 0
@@ -152,7 +155,7 @@ class MqttLink:
             **kwargs,
         )
         # Manual acks: a message is acknowledged only when its run is safe (see module doc).
-        client._client.manual_ack_set(True)  # noqa: SLF001
+        client._client.manual_ack_set(True)
         return client
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -177,7 +180,9 @@ class MqttLink:
                 failures += 1
                 delay = backoff.delay(failures)
                 log.warning(
-                    "mqtt_disconnected", error=str(exc), retry_in_s=round(delay, 2),
+                    "mqtt_disconnected",
+                    error=str(exc),
+                    retry_in_s=round(delay, 2),
                     broker=f"{self.settings.host}:{self.settings.port}",
                 )
             finally:
@@ -191,24 +196,48 @@ class MqttLink:
             if failures:
                 with anyio.move_on_after(delay):
                     await self._stopping.wait()
+        self._send.close()
+        self._closed.set()
+
+    async def wait_closed(self) -> None:
+        """Wait until :meth:`run` has said ``offline`` and disconnected (callers bound it)."""
+        await self._closed.wait()
 
     async def _on_connect(self, client: aiomqtt.Client) -> None:
         self._generation += 1
         self.connects += 1
         for topic, qos in self.subscriptions:
             await client.subscribe(topic, qos=qos)
-        if self.settings.status_topic and self._status_payload is not None:
-            await client.publish(
-                self.settings.status_topic, self._status_payload("online"), qos=1, retain=True
-            )
+        if self._online:
+            await self._publish_status(client)
         self._client = client
         self._connected.set()
-        log.info("mqtt_connected", broker=f"{self.settings.host}:{self.settings.port}",
-                 subscriptions=[t for t, _ in self.subscriptions])
+        log.info(
+            "mqtt_connected",
+            broker=f"{self.settings.host}:{self.settings.port}",
+            subscriptions=[t for t, _ in self.subscriptions],
+        )
         while self._outbox:
             msg = self._outbox[0]
             await self._publish_now(client, msg)
             self._outbox.popleft()
+        self._drained.set()
+
+    async def _publish_status(self, client: aiomqtt.Client) -> None:
+        if self.settings.status_topic and self._status_payload is not None:
+            await client.publish(
+                self.settings.status_topic, self._status_payload("online"), qos=1, retain=True
+            )
+
+    async def announce_online(self) -> None:
+        """Say ``online`` (retained) now and after every reconnect: the daemon is ready."""
+        self._online = True
+        client = self._client
+        if client is not None:
+            try:
+                await self._publish_status(client)
+            except aiomqtt.MqttError as exc:
+                log.warning("mqtt_status_publish_failed", error=str(exc))
 
     async def _pump(self, client: aiomqtt.Client) -> None:
         generation = self._generation
@@ -243,7 +272,7 @@ class MqttLink:
         async def ack() -> None:
             # A message from an earlier connection is redelivered by the broker; its old mid is void.
             if qos > 0 and generation == self._generation and self._client is client:
-                client._client.ack(mid, qos)  # noqa: SLF001
+                client._client.ack(mid, qos)
 
         return ack
 
@@ -280,16 +309,16 @@ class MqttLink:
 
     async def _say_offline(self, client: aiomqtt.Client) -> None:
         if self._stopping.is_set() and self.settings.status_topic and self._status_payload:
-            with anyio.move_on_after(2, shield=True):
+            with anyio.move_on_after(5, shield=True):
                 await client.publish(
                     self.settings.status_topic, self._status_payload("offline"), qos=1, retain=True
                 )
 
-    async def flush(self, timeout: float) -> None:
-        """Wait (bounded) until the outbox is empty, e.g. before shutting down."""
-        with anyio.move_on_after(timeout):
-            while self._outbox and not self._stopping.is_set():
-                await anyio.sleep(0.05)
+    async def flush(self) -> None:
+        """Wait until the outbox is empty, e.g. before shutting down (callers bound it)."""
+        while self._outbox and not self._stopping.is_set():
+            self._drained = anyio.Event()
+            await self._drained.wait()
 
     def stop(self) -> None:
         """Publish ``offline``, disconnect and make :meth:`run` return."""
@@ -297,15 +326,47 @@ class MqttLink:
         scope = getattr(self, "_stop_scope", None)
         if scope is not None:
             scope.cancel()
-        self._send.close()
 
 
-def status_payload_factory(version: str, pipelines: Sequence[str], client_id: str) -> Callable[[str], bytes]:
+def status_payload_factory(
+    version: str, pipelines: Sequence[str], client_id: str
+) -> Callable[[str], bytes]:
     """The retained status message: ``{"status": "online", "version": ..., "pipelines": [...]}``."""
 
     def make(state: str) -> bytes:
         return orjson.dumps(
-            {"status": state, "version": version, "pipelines": list(pipelines), "client_id": client_id}
+            {
+                "status": state,
+                "version": version,
+                "pipelines": list(pipelines),
+                "client_id": client_id,
+            }
         )
 
     return make
+
+
+async def request_reply(
+    url: str, topic: str, payload: dict[str, Any], *, timeout: float = 30.0, protocol: str = "3.1.1"
+) -> bytes:
+    """Publish ``payload`` with a fresh ``reply_to`` topic and return the first reply.
+
+    Works with MQTT 3.1.1 brokers (the embedded one) because the reply target
+    travels in the JSON payload, not in MQTT v5 properties.
+    """
+    import uuid
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    reply_to = f"flowerpower/replies/{uuid.uuid4().hex}"
+    version = aiomqtt.ProtocolVersion.V5 if protocol == "5" else aiomqtt.ProtocolVersion.V311
+    async with aiomqtt.Client(
+        parts.hostname or "127.0.0.1", parts.port or 1883, protocol=version, socket_options=_NODELAY
+    ) as client:
+        await client.subscribe(reply_to, qos=1)
+        await client.publish(topic, orjson.dumps({**payload, "reply_to": reply_to}), qos=1)
+        with anyio.fail_after(timeout):
+            async for message in client.messages:
+                data = message.payload
+                return data if isinstance(data, bytes) else str(data).encode()
+    raise TimeoutError(f"no reply on {reply_to}")

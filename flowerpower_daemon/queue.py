@@ -28,7 +28,7 @@ from .project.runner import PipelineRunner
 from .results import ResultSink
 from .settings import QueueSettings
 
-__all__ = ["RunExecutor", "TASK_NAME", "create_broker", "register_run_task"]
+__all__ = ["TASK_NAME", "RunExecutor", "create_broker", "register_run_task"]
 
 TASK_NAME = "flowerpower.run_pipeline"
 log = structlog.get_logger("flowerpower_daemon.queue")

@@ -37,7 +37,9 @@ class _Fields(dict[str, str]):
 def render_topic(template: str, fields: Mapping[str, Any]) -> str:
     """Fill ``{pipeline}``, ``{trigger}``, ``{run_id}`` and topic fields; unknown names stay as is."""
     # A field value must not add levels or wildcards to the topic it is put into.
-    safe = {k: str(v).replace("/", "_").replace("+", "_").replace("#", "_") for k, v in fields.items()}
+    safe = {
+        k: str(v).replace("/", "_").replace("+", "_").replace("#", "_") for k, v in fields.items()
+    }
     return string.Formatter().vformat(template, (), _Fields(safe))
 
 
@@ -89,7 +91,11 @@ class MqttResultSink:
         topics: list[tuple[str, bytes | None]] = []
         if reply.get("topic"):
             topics.append((reply["topic"], corr))
-        if not result.ok and reply.get("error_topic") and reply.get("error_topic") != reply.get("topic"):
+        if (
+            not result.ok
+            and reply.get("error_topic")
+            and reply.get("error_topic") != reply.get("topic")
+        ):
             topics.append((reply["error_topic"], None))
         for topic, correlation_data in topics:
             await self.link.publish(

@@ -117,14 +117,18 @@ class QueueSettings(_Frozen):
     broker: str = "memory"
     queue_name: str = "flowerpower"
     consumer_group: str = "flowerpower-workers"
-    reclaim_after: float = Field(default=60.0, gt=0, description="seconds before an unacked run is reclaimed")
+    reclaim_after: float = Field(
+        default=60.0, gt=0, description="seconds before an unacked run is reclaimed"
+    )
     worker_concurrency: int = Field(default=4, ge=1)
 
     @field_validator("broker")
     @classmethod
     def _broker(cls, value: str) -> str:
         if value != "memory" and not value.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError(f"invalid queue.broker {value!r}: use 'memory' or redis://host:port/db")
+            raise ValueError(
+                f"invalid queue.broker {value!r}: use 'memory' or redis://host:port/db"
+            )
         return value
 
     @property
@@ -333,6 +337,15 @@ def load_settings(path: str | None) -> Settings:
         proj = data.get("project")
         if isinstance(proj, str) and "://" not in proj and not os.path.isabs(proj):
             data["project"] = str(base / proj)
+        for trig in data.get("triggers") or []:
+            # File-trigger paths, like the project, are relative to the config file.
+            if (
+                isinstance(trig, dict)
+                and trig.get("type") == "file"
+                and isinstance(trig.get("path"), str)
+            ):
+                if not os.path.isabs(trig["path"]):
+                    trig["path"] = str(base / trig["path"])
     try:
         return Settings(**data)
     except ValidationError as exc:

@@ -181,7 +181,9 @@ class FlowerPowerProject:
         **run_options: Any,
     ) -> dict[str, Any]:
         """Async :meth:`run`: sync pipelines run in a worker thread, async ones on the loop."""
-        result = await self.aexecute(self.request(name, inputs, final_vars=final_vars, **run_options))
+        result = await self.aexecute(
+            self.request(name, inputs, final_vars=final_vars, **run_options)
+        )
         return _outputs_or_raise(result)
 
 

@@ -108,7 +108,9 @@ class RunRequest:
             overrides=dict(data.get("overrides") or {}),
             run_id=data.get("run_id") or new_run_id(),
             trigger=TriggerInfo.from_dict(data.get("trigger") or {}),
-            queued_at=datetime.fromisoformat(data["queued_at"]) if data.get("queued_at") else utcnow(),
+            queued_at=datetime.fromisoformat(data["queued_at"])
+            if data.get("queued_at")
+            else utcnow(),
             reply=dict(data.get("reply") or {}),
             dedup_key=data.get("dedup_key"),
         )

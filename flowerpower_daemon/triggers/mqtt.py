@@ -124,7 +124,9 @@ def decode_payload(
         try:
             return {input_name: payload.decode("utf-8")}, None
         except UnicodeDecodeError as exc:
-            raise PayloadError(f"payload is not valid UTF-8 text ({exc.reason} at byte {exc.start})") from None
+            raise PayloadError(
+                f"payload is not valid UTF-8 text ({exc.reason} at byte {exc.start})"
+            ) from None
     if not payload.strip() and mode == "auto":
         return {}, None
     try:

@@ -1,0 +1,265 @@
+"""The real daemon against a real Mosquitto: MQTT in, pipeline run, result out."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+from typing import Any
+
+import orjson
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from tests.daemon_harness import (
+    base_settings,
+    client,
+    collect,
+    collect_for,
+    daemon,
+    make_project,
+    unique,
+    wait_online,
+    write_config,
+)
+
+
+def _settings(
+    tmp_path: Path, port: int, triggers: list[dict[str, Any]], **extra: Any
+) -> dict[str, Any]:
+    settings = base_settings(make_project(tmp_path), tmp_path, port, **extra)
+    settings["triggers"] = triggers
+    return settings
+
+
+async def test_json_message_gives_result_with_outputs_and_topic_field(
+    tmp_path: Path, mosquitto: Any
+) -> None:
+    """A JSON reading on sensors/dev1/temperature yields a result with outputs and device dev1."""
+    prefix = unique("sensors")
+    s = _settings(
+        tmp_path,
+        mosquitto.port,
+        [
+            {
+                "name": "temp",
+                "type": "mqtt",
+                "pipeline": "temperature",
+                "topic": f"{prefix}/{{device}}/temperature",
+            }
+        ],
+    )
+    tag = s["mqtt"]["client_id"]
+    with daemon(write_config(tmp_path, s)) as proc:
+        async with client(mosquitto.port) as c:
+            await wait_online(c, f"{tag}/status", proc)
+            await c.subscribe(f"{tag}/results/#", qos=1)
+            await c.publish(f"{prefix}/dev1/temperature", b'{"temperature": 31.5}', qos=1)
+            [(topic, result, _)] = await collect(c, f"{tag}/results/#", 1, timeout=20)
+    assert topic == f"{tag}/results/temperature"
+    assert result["status"] == "success"
+    assert result["outputs"]["device_id"] == "dev1"
+    assert result["outputs"]["fahrenheit"] == 31.5 * 9 / 5 + 32
+    assert result["outputs"]["too_hot"] is True
+    assert result["trigger"] == {
+        "name": "temp",
+        "type": "mqtt",
+        "topic": f"{prefix}/dev1/temperature",
+        "fields": {"device": "dev1"},
+    }
+    assert result["attempts"] == 1
+
+
+async def test_v5_response_topic_gets_reply_with_same_correlation(
+    tmp_path: Path, mosquitto: Any
+) -> None:
+    """An MQTT v5 request with response topic and correlation data is answered there, same correlation."""
+    prefix = unique("req")
+    s = _settings(
+        tmp_path,
+        mosquitto.port,
+        [
+            {
+                "name": "temp",
+                "type": "mqtt",
+                "pipeline": "temperature",
+                "topic": f"{prefix}/{{device}}",
+            }
+        ],
+    )
+    tag = s["mqtt"]["client_id"]
+    reply_topic = unique("replies")
+    with daemon(write_config(tmp_path, s)) as proc:
+        async with client(mosquitto.port) as c:
+            await wait_online(c, f"{tag}/status", proc)
+            await c.subscribe(reply_topic, qos=1)
+            props = Properties(PacketTypes.PUBLISH)
+            props.ResponseTopic = reply_topic
+            props.CorrelationData = b"corr-42"
+            await c.publish(f"{prefix}/dev9", b'{"temperature": 10}', qos=1, properties=props)
+            [(topic, result, rprops)] = await collect(c, reply_topic, 1, timeout=20)
+    assert topic == reply_topic
+    assert result["outputs"]["device_id"] == "dev9"
+    assert rprops.CorrelationData == b"corr-42"
+
+
+async def test_reply_to_field_of_json_payload(tmp_path: Path, mosquitto: Any) -> None:
+    """A JSON payload's reply_to field names where its result goes (v3.1.1 clients have no response topic)."""
+    prefix = unique("rt")
+    s = _settings(
+        tmp_path,
+        mosquitto.port,
+        [
+            {
+                "name": "temp",
+                "type": "mqtt",
+                "pipeline": "temperature",
+                "topic": f"{prefix}/{{device}}",
+            }
+        ],
+    )
+    tag = s["mqtt"]["client_id"]
+    reply_topic = unique("mine")
+    with daemon(write_config(tmp_path, s)) as proc:
+        async with client(mosquitto.port, v5=False) as c:
+            await wait_online(c, f"{tag}/status", proc)
+            await c.subscribe(reply_topic, qos=1)
+            await c.publish(
+                f"{prefix}/d", orjson.dumps({"temperature": 5, "reply_to": reply_topic}), qos=1
+            )
+            [(_, result, _)] = await collect(c, reply_topic, 1, timeout=20)
+    assert result["outputs"]["celsius"] == 5.0
+
+
+async def test_bad_payload_and_failing_pipeline_give_errors_and_daemon_goes_on(
+    tmp_path: Path, mosquitto: Any
+) -> None:
+    """Garbage JSON and a failing pipeline each publish an error; the next good message still runs."""
+    prefix = unique("bad")
+    s = _settings(
+        tmp_path,
+        mosquitto.port,
+        [
+            {
+                "name": "temp",
+                "type": "mqtt",
+                "pipeline": "temperature",
+                "topic": f"{prefix}/t/{{device}}",
+                "payload": "json",
+            },
+            {"name": "boom", "type": "mqtt", "pipeline": "broken", "topic": f"{prefix}/b"},
+        ],
+    )
+    tag = s["mqtt"]["client_id"]
+    with daemon(write_config(tmp_path, s)) as proc:
+        async with client(mosquitto.port) as c:
+            await wait_online(c, f"{tag}/status", proc)
+            await c.subscribe(f"{tag}/errors/#", qos=1)
+            await c.subscribe(f"{tag}/results/#", qos=1)
+            await c.publish(f"{prefix}/t/x", b"{not json", qos=1)
+            await c.publish(f"{prefix}/b", b'{"x": 7}', qos=1)
+            await c.publish(f"{prefix}/t/y", b'{"temperature": 1}', qos=1)
+            got = await collect_for(c, f"{tag}/#", 6.0)
+        assert proc.proc.poll() is None, proc.log()
+    errors = [r for t, r in got if t.startswith(f"{tag}/errors/")]
+    results = [r for t, r in got if t.startswith(f"{tag}/results/")]
+    by_pipeline = {r["pipeline"]: r for r in errors}
+    assert by_pipeline["temperature"]["error"]["type"] == "PayloadError"
+    assert "not valid JSON" in by_pipeline["temperature"]["error"]["message"]
+    assert by_pipeline["broken"]["error"] == {
+        "type": "RuntimeError",
+        "message": "boom 7",
+        "node": "boom",
+    }
+    assert [r["outputs"]["device_id"] for r in results if r["status"] == "success"] == ["y"]
+
+
+async def test_sigterm_during_slow_run_publishes_result_and_exits_zero(
+    tmp_path: Path, mosquitto: Any
+) -> None:
+    """SIGTERM while a 2 s run is in flight: its result is still published and the exit code is 0."""
+    prefix = unique("slow")
+    s = _settings(
+        tmp_path,
+        mosquitto.port,
+        [
+            {
+                "name": "slow",
+                "type": "mqtt",
+                "pipeline": "slow",
+                "topic": prefix,
+                "inputs": {"seconds": 2.0},
+            }
+        ],
+    )
+    tag = s["mqtt"]["client_id"]
+    with daemon(write_config(tmp_path, s)) as proc:
+        async with client(mosquitto.port) as c:
+            await wait_online(c, f"{tag}/status", proc)
+            await c.subscribe(f"{tag}/results/#", qos=1)
+            await c.publish(prefix, b"{}", qos=1)
+            got = await collect_for(c, f"{tag}/results/#", 0.7)
+            assert got == []
+            proc.signal(signal.SIGTERM)
+            [(_, result, _)] = await collect(c, f"{tag}/results/#", 1, timeout=15)
+            assert result["status"] == "success"
+            assert result["outputs"] == {"waited": 2.0}
+            [(_, status, _)] = await collect(c, f"{tag}/status", 1, timeout=15)
+            assert status["status"] == "offline", status
+        assert proc.wait(15) == 0
+
+
+async def test_check_lists_every_problem(tmp_path: Path) -> None:
+    """`flowerpower-daemon check` on a broken config prints each problem with its key path, exit 2."""
+    import subprocess
+
+    from tests.daemon_harness import BIN
+
+    project = make_project(tmp_path)
+    config = tmp_path / "broken.yml"
+    config.write_text(
+        f"project: {project}\n"
+        "mqtt:\n  url: http://nowhere\n  clientid: x\n"
+        "max_concurrent_run: 3\n"
+        "triggers:\n"
+        "  - {type: mqtt, pipeline: temperature, topic: 'a/#/b'}\n"
+        "  - {type: cron, pipeline: stats, cron: '61 * * * *'}\n"
+        "  - {type: interval, pipeline: stats, every: 1h30x, run: {max_retry: 2}}\n"
+    )
+    proc = subprocess.run(
+        [str(BIN / "flowerpower-daemon"), "check", "-c", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    err = proc.stderr
+    assert "Traceback" not in err
+    for expected in (
+        "mqtt.url: invalid MQTT url 'http://nowhere'",
+        "mqtt.clientid: unknown key; did you mean 'client_id'?",
+        "max_concurrent_run: unknown key; did you mean 'max_concurrent_runs'?",
+        "'#' must be the last level",
+        "invalid cron expression '61 * * * *'",
+        "invalid interval '1h30x'",
+        "'max_retry' (did you mean 'max_retries'?)",
+    ):
+        assert expected in err, err
+
+    good = tmp_path / "semantic.yml"
+    good.write_text(
+        f"project: {project}\n"
+        "triggers:\n"
+        "  - {type: mqtt, pipeline: nope, topic: 'a/b'}\n"
+        "  - {type: mqtt, pipeline: temperature, topic: 'a/c', inputs: {temprature: 1}}\n"
+    )
+    proc = subprocess.run(
+        [str(BIN / "flowerpower-daemon"), "check", "-c", str(good)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert "triggers[0].pipeline: unknown pipeline 'nope'" in proc.stderr
+    assert (
+        "triggers[1].inputs: 'temprature' is not an input of pipeline 'temperature'" in proc.stderr
+    )
