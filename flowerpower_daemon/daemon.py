@@ -5,7 +5,13 @@ task per trigger (MQTT messages, timers, file watchers); sources hand
 events to the dispatcher, which runs them through taskiq. The first
 SIGTERM/SIGINT stops the sources, lets in-flight runs finish within
 ``shutdown_timeout`` and publish their results, then exits 0; a second
-signal cancels at once. SIGHUP re-reads the project.
+signal cancels at once. SIGHUP (or ``flowerpowerctl reload``) validates the
+new config and project and applies the difference, or keeps the old one.
+
+The control socket is claimed first (a second daemon on the same socket
+refuses before it touches MQTT), systemd hears ``READY=1`` once MQTT
+subscriptions are active and timers armed, and every run goes through the
+job tracker (history, events, ``run --wait``, ``cancel``).
 """
 
 from __future__ import annotations
@@ -14,20 +20,26 @@ import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
+from datetime import datetime
 from typing import Any
 
 import anyio
 import anyio.to_thread
 import structlog
-from anyio.abc import TaskGroup
+from anyio.abc import TaskGroup, TaskStatus
 
 from . import __version__
+from .control.events import EventBus
 from .dispatch import Dispatcher, Stats
 from .errors import ConfigError, ConfigProblem, FlowerPowerError
+from .history import SqliteHistory
+from .jobs import ActiveJob, JobTracker
 from .project.api import FlowerPowerProject
-from .project.models import RunRequest, RunResult
+from .project.models import RunRequest, RunResult, TriggerInfo, utcnow
+from .schedules import Schedule, ScheduleStore
 from .settings import (
     CronTrigger,
     DateTrigger,
@@ -37,6 +49,7 @@ from .settings import (
     Settings,
     load_settings,
 )
+from .systemd import Notifier
 from .triggers.base import TriggerEvent
 
 __all__ = ["Daemon", "check", "main"]
@@ -108,18 +121,44 @@ def check(settings: Settings) -> list[ConfigProblem]:
 class Daemon:
     """Wires sources, dispatch, queue and sinks inside one task group."""
 
-    def __init__(self, settings: Settings, project: FlowerPowerProject | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        project: FlowerPowerProject | None = None,
+        *,
+        config_path: str | None = None,
+    ) -> None:
         self.settings = settings
+        self.config_path = config_path
         self.project = project or FlowerPowerProject.load(
             settings.project, storage_options=settings.storage_options
         )
-        self.triggers = [t for t in settings.triggers if t.enabled] + schedule_triggers(
-            settings, self.project
+        self.schedules = ScheduleStore.load(settings.state_path)
+        self.triggers = _merge(
+            configured_triggers(settings, self.project), self.schedules.triggers()
         )
         self.stats = Stats()
         self._stopping = anyio.Event()
         self.dispatcher: Dispatcher | None = None
         self.link: Any = None
+        self.sink: Any = None
+        self.started_at: datetime = utcnow()
+        self.started_monotonic = time.monotonic()
+        self.events = EventBus()
+        self.history = SqliteHistory(settings.state_path / "history.sqlite3")
+        self.jobs = JobTracker(self.history, self.events, remote=settings.queue.is_redis)
+        self.notifier = Notifier()
+        self.control: Any = None
+        self.timer_specs: dict[str, Any] = {}
+        self._source_scopes: dict[str, anyio.CancelScope] = {}
+        self._sources: TaskGroup | None = None
+        self._runs: TaskGroup | None = None
+        self._executor: Any = None
+        self._reload_lock = anyio.Lock()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
 
     def request_stop(self) -> None:
         """Begin a graceful shutdown (as SIGTERM)."""
@@ -127,12 +166,21 @@ class Daemon:
 
     async def serve(self, *, ready: Callable[[], None] | None = None) -> None:
         """Run until :meth:`request_stop` or a signal; returns after a graceful shutdown."""
+        from .control.commands import Commands
+        from .control.server import ControlServer, socket_path
         from .mqtt import MqttLink, status_payload_factory
         from .queue import RunExecutor, create_broker, register_run_task
         from .results import MqttResultSink
 
         s = self.settings
         async with AsyncExitStack() as stack:
+            # First: a second daemon on the same socket refuses before it touches MQTT.
+            self.control = ControlServer(
+                s.control, socket_path(s.control, s.state_path), Commands(self).handle
+            )
+            stack.enter_context(self.control.claim())
+            stack.callback(self.notifier.close)
+            await stack.enter_async_context(self.history)
             mqtt_settings = s.mqtt
             if s.mqtt.url == "embedded":
                 from .embedded import embedded_broker
@@ -152,8 +200,10 @@ class Daemon:
             )
             self.link = link
             sink = MqttResultSink(link, qos=s.mqtt.result_qos, max_bytes=s.mqtt.max_result_bytes)
+            self.sink = self.jobs.sink = sink
             broker = create_broker(s.queue)
             executor = RunExecutor(self.project.runner, sink, on_result=self._on_result)
+            self._executor = executor
             task = register_run_task(broker, executor)
             await broker.startup()
             stack.push_async_callback(_shielded, broker.shutdown)
@@ -161,23 +211,27 @@ class Daemon:
                 await anyio.to_thread.run_sync(self._warm_up)
 
             async def kiq(data: dict[str, Any]) -> Any:
-                return await task.kiq(data)
+                async with self.jobs.track(data):
+                    return await task.kiq(data)
 
             self.dispatcher = Dispatcher(
                 s, self.triggers, kiq=kiq, sink=sink, remote=s.queue.is_redis, stats=self.stats
             )
             async with anyio.create_task_group() as root:
                 root.start_soon(self._signals, root, name="signals")
+                await root.start(self.control.serve, name="control")
+                await root.start(self.history.run, name="history")
+                root.start_soon(self.notifier.watchdog, self.status_line, name="watchdog")
                 await root.start(link.run, name="mqtt-link")
                 async with anyio.create_task_group() as runs:
                     async with anyio.create_task_group() as sources:
-                        if mqtt_triggers:
-                            sources.start_soon(self._mqtt_source, runs, name="source:mqtt")
+                        self._sources, self._runs = sources, runs
+                        for name in self.schedules.paused & set(self.dispatcher.triggers):
+                            self.dispatcher.triggers[name].paused = True
+                        # Always consumed: reload and `schedule add` may add MQTT triggers later.
+                        sources.start_soon(self._mqtt_source, runs, name="source:mqtt")
                         for trig in self.triggers:
-                            if isinstance(trig, CronTrigger | IntervalTrigger | DateTrigger):
-                                sources.start_soon(self._timer_source, trig, runs, name=f"source:{trig.name}")
-                            elif isinstance(trig, FileTrigger):
-                                sources.start_soon(self._file_source, trig, runs, name=f"source:{trig.name}")
+                            await self._start_source(trig)
                         log.info(
                             "daemon_ready",
                             version=__version__,
@@ -186,14 +240,21 @@ class Daemon:
                             queue=s.queue.broker,
                             mqtt=f"{mqtt_settings.host}:{mqtt_settings.port}",
                         )
+                        self.notifier.ready(self.status_line())
                         if ready is not None:
                             ready()
                         await self._stopping.wait()
                         log.info("daemon_stopping", in_flight=self.stats.in_flight)
+                        self.notifier.stopping(self.status_line())
+                        self.events.publish("stopping", in_flight=self.stats.in_flight)
                         sources.cancel_scope.cancel()
+                        self.jobs.drop_scheduled()
                     runs.cancel_scope.deadline = anyio.current_time() + s.shutdown_timeout
-                await link.flush(timeout=min(5.0, s.shutdown_timeout))
+                with anyio.move_on_after(min(5.0, s.shutdown_timeout)):
+                    await link.flush()
                 link.stop()
+                with anyio.move_on_after(10):
+                    await link.wait_closed()
                 root.cancel_scope.cancel()
         log.info("daemon_stopped", runs_ok=self.stats.runs_ok, runs_failed=self.stats.runs_failed)
 
@@ -208,12 +269,13 @@ class Daemon:
     async def _on_result(self, request: RunRequest, result: RunResult) -> None:
         if self.dispatcher is not None:
             self.dispatcher.record(request, result)
+        await self.jobs.finished(request, result)
 
     async def _signals(self, root: TaskGroup) -> None:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for signum in signals:
                 if signum == signal.SIGHUP:
-                    self._reload()
+                    root.start_soon(self._reload_logged, name="reload")
                     continue
                 if self._stopping.is_set():
                     log.warning("second_signal_cancelling_now")
@@ -222,13 +284,218 @@ class Daemon:
                 log.info("signal_received", signal=signal.Signals(signum).name)
                 self._stopping.set()
 
-    def _reload(self) -> None:
+    async def _reload_logged(self) -> None:
+        """SIGHUP: reload, logging the outcome (the ctl command gets it as its answer)."""
         try:
-            self.project.reload()
-        except FlowerPowerError as exc:
-            log.error("reload_failed_keeping_old_config", error=str(exc))
-        else:
-            log.info("reloaded", pipelines=sorted(self.project.pipelines))
+            await self.reload()
+        except ConfigError as exc:
+            log.error("reload_failed_keeping_old_config", problems=[str(p) for p in exc.problems])
+        except Exception:
+            log.exception("reload_crashed_keeping_old_config")
+
+    async def reload(self) -> dict[str, Any]:
+        """Validate the new config and project, then apply the difference; else raise ConfigError.
+
+        In-flight runs keep the runner they started with; triggers that did
+        not change keep their state (counters, pause, running runs).
+        """
+        from . import reload as reloading
+
+        async with self._reload_lock:
+            self.notifier.reloading()
+            self.events.publish("reloading")
+            try:
+                try:
+                    new = await anyio.to_thread.run_sync(
+                        lambda: reloading.prepare(
+                            self.config_path,
+                            list(self.schedules.schedules.values()),
+                            make_triggers=configured_triggers,
+                        )
+                    )
+                    await anyio.to_thread.run_sync(_warm_up, new.project, new.triggers)
+                except ConfigError as exc:
+                    self.events.publish("reload_failed", problems=[str(p) for p in exc.problems])
+                    raise
+                report = await self._apply(new)
+            finally:
+                self.notifier.ready(self.status_line())
+        log.info("reloaded", **report)
+        self.events.publish("reloaded", **report)
+        return report
+
+    async def _apply(self, new: Any) -> dict[str, Any]:
+        from . import reload as reloading
+
+        assert self.dispatcher is not None
+        current = {name: state.cfg for name, state in self.dispatcher.triggers.items()}
+        delta = reloading.diff(current, new.triggers)
+        restart = reloading.restart_required(self.settings, new.settings)
+        old_pipelines = set(self.project.pipelines)
+        self.settings = new.settings
+        self.dispatcher.settings = new.settings
+        self.project = new.project
+        if self._executor is not None:
+            self._executor.runner = new.project.runner
+        self.triggers = new.triggers
+        by_name = {t.name: t for t in new.triggers}
+        for name in [*delta.removed, *delta.changed]:
+            await self.remove_trigger(name)
+        for name in [*delta.added, *delta.changed]:
+            await self.add_trigger(by_name[name])
+        return {
+            "added": delta.added,
+            "removed": delta.removed,
+            "changed": delta.changed,
+            "pipelines_added": sorted(set(new.project.pipelines) - old_pipelines),
+            "pipelines_removed": sorted(old_pipelines - set(new.project.pipelines)),
+            "restart_required": restart,
+        }
+
+    # ---------------------------------------------------------- run time changes
+
+    def trigger_origin(self, name: str) -> str:
+        """Where a trigger comes from: ``config``, ``project`` (pipeline schedule), ``dynamic``."""
+        if name in self.schedules.schedules:
+            return "dynamic"
+        return "project" if name.startswith("schedule:") else "config"
+
+    def manual_request(
+        self, pipeline: str, inputs: dict[str, Any], overrides: dict[str, Any]
+    ) -> RunRequest:
+        """A run request for ``flowerpowerctl run``, replying on the configured result topic."""
+        from .results import reply_target
+
+        request = RunRequest(pipeline=pipeline, inputs=inputs, overrides=overrides,
+                             trigger=TriggerInfo(name="manual", type="manual"))
+        reply = reply_target(
+            pipeline=pipeline, trigger="manual", run_id=request.run_id, fields={},
+            result_topic=self.settings.mqtt.result_topic,
+            error_topic=self.settings.mqtt.error_topic,
+        )
+        return RunRequest(pipeline=pipeline, inputs=inputs, overrides=overrides,
+                          run_id=request.run_id, trigger=request.trigger,
+                          queued_at=request.queued_at, reply=reply)
+
+    def submit_run(self, request: RunRequest, *, run_at: datetime | None = None) -> ActiveJob:
+        """Start a manual run (now or at ``run_at``) in the run task group; returns at once."""
+        from .control.protocol import ProtocolError
+
+        if self._runs is None or self.dispatcher is None or self.stopping:
+            raise ProtocolError("unavailable", "the daemon is starting or stopping")
+        return self.jobs.submit(request, self.dispatcher.run_request, self._runs, run_at=run_at)
+
+    async def add_trigger(self, cfg: Any) -> None:
+        """Register a trigger and start its source (MQTT: subscribe to its topic)."""
+        assert self.dispatcher is not None
+        state = self.dispatcher.add_trigger(cfg)
+        state.paused = cfg.name in self.schedules.paused
+        await self._start_source(cfg)
+        if isinstance(cfg, MqttTrigger):
+            await self._update_subscriptions()
+        self.events.publish(
+            "trigger_added", name=cfg.name, pipeline=cfg.pipeline, trigger_type=cfg.type
+        )
+
+    async def remove_trigger(self, name: str) -> None:
+        """Stop a trigger's source and forget it; its runs in flight go on."""
+        assert self.dispatcher is not None
+        scope = self._source_scopes.pop(name, None)
+        if scope is not None:
+            scope.cancel()
+        self.timer_specs.pop(name, None)
+        state = self.dispatcher.remove_trigger(name)
+        if state is not None and isinstance(state.cfg, MqttTrigger):
+            await self._update_subscriptions()
+        self.events.publish("trigger_removed", name=name)
+
+    async def add_schedule(self, schedule: Schedule, trigger: Any) -> None:
+        """Persist a dynamic schedule, then arm it (replacing one with the same id)."""
+        if schedule.id in self.schedules.schedules:
+            await self.remove_trigger(schedule.id)
+        self.schedules.schedules[schedule.id] = schedule
+        await self.schedules.save()
+        self.triggers = [t for t in self.triggers if t.name != schedule.id] + [trigger]
+        await self.add_trigger(trigger)
+
+    async def remove_schedule(self, schedule_id: str) -> None:
+        """Disarm and forget a dynamic schedule (also its pause flag)."""
+        self.schedules.schedules.pop(schedule_id, None)
+        self.schedules.paused.discard(schedule_id)
+        await self.schedules.save()
+        self.triggers = [t for t in self.triggers if t.name != schedule_id]
+        await self.remove_trigger(schedule_id)
+
+    async def set_paused(self, names: list[str], paused: bool) -> list[str]:
+        """Pause or resume triggers by name; the state is persisted."""
+        assert self.dispatcher is not None
+        for name in names:
+            state = self.dispatcher.triggers.get(name)
+            if state is not None:
+                state.paused = paused
+        self.schedules.set_paused(names, paused)
+        await self.schedules.save()
+        self.events.publish("paused" if paused else "resumed", names=names)
+        return names
+
+    async def _update_subscriptions(self) -> None:
+        assert self.dispatcher is not None
+        wanted = list(dict.fromkeys(
+            (_subscription(s.cfg), s.cfg.qos)
+            for s in self.dispatcher.triggers.values() if isinstance(s.cfg, MqttTrigger)
+        ))
+        update = getattr(self.link, "set_subscriptions", None)
+        if update is not None:
+            await update(wanted)
+
+    async def _start_source(self, trig: Any) -> None:
+        if self._sources is None or self._runs is None:
+            return
+        if isinstance(trig, CronTrigger | IntervalTrigger | DateTrigger | FileTrigger):
+            await self._sources.start(self._source, trig, self._runs, name=f"source:{trig.name}")
+
+    async def _source(
+        self,
+        trig: Any,
+        runs: TaskGroup,
+        *,
+        task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """One timer or file source in its own cancel scope; a failing one is logged, not fatal."""
+        started = False
+
+        def ready() -> None:
+            nonlocal started
+            if not started:
+                started = True
+                task_status.started()
+
+        with anyio.CancelScope() as scope:
+            self._source_scopes[trig.name] = scope
+            try:
+                if isinstance(trig, FileTrigger):
+                    await self._file_source(trig, runs, task_status=_Started(ready))
+                else:
+                    await self._timer_source(trig, runs, task_status=_Started(ready))
+            except Exception:
+                log.exception("trigger_source_failed", trigger=trig.name)
+            finally:
+                ready()
+                if self._source_scopes.get(trig.name) is scope:
+                    del self._source_scopes[trig.name]
+        if (not scope.cancel_called and isinstance(trig, DateTrigger)
+                and trig.name in self.schedules.schedules and not self.stopping):
+            # A one-shot dynamic schedule has fired: it is done.
+            with anyio.CancelScope(shield=True):
+                await self.remove_schedule(trig.name)
+
+    def status_line(self) -> str:
+        """One line for systemd's STATUS=."""
+        st = self.stats
+        mqtt = "up" if self.link is not None and self.link.connected else "down"
+        n = len(self.dispatcher.triggers) if self.dispatcher else len(self.triggers)
+        return (f"{n} triggers, {st.runs_ok} ok, {st.runs_failed} failed, "
+                f"{st.in_flight} running, mqtt {mqtt}")
 
     async def _mqtt_source(self, runs: TaskGroup) -> None:
         assert self.dispatcher is not None
@@ -259,7 +526,13 @@ class Daemon:
                 )
                 await dispatcher.submit(event, runs)
 
-    async def _timer_source(self, trig: Any, runs: TaskGroup) -> None:
+    async def _timer_source(
+        self,
+        trig: Any,
+        runs: TaskGroup,
+        *,
+        task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
         from .triggers.timers import TimerSpec, timer_events
 
         assert self.dispatcher is not None
@@ -267,17 +540,26 @@ class Daemon:
             spec = TimerSpec(trig.name, "cron", cron=trig.cron, timezone=trig.timezone,
                              jitter=trig.jitter, misfire_grace=trig.misfire_grace)
         elif isinstance(trig, IntervalTrigger):
-            spec = TimerSpec(trig.name, "interval", every=trig.every, start_at=trig.start_at,
-                             jitter=trig.jitter)
+            # Anchored now (as timer_events would), so `triggers` can show the next fire.
+            spec = TimerSpec(trig.name, "interval", every=trig.every,
+                             start_at=trig.start_at or utcnow(), jitter=trig.jitter)
         else:
             spec = TimerSpec(trig.name, "date", date=trig.at, misfire_grace=trig.misfire_grace)
+        self.timer_specs[trig.name] = spec
+        task_status.started()
         async for event in timer_events(spec):
             await self.dispatcher.submit(event, runs)
 
-    async def _file_source(self, trig: FileTrigger, runs: TaskGroup) -> None:
+    async def _file_source(
+        self, trig: FileTrigger, runs: TaskGroup, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
         from .triggers.files import file_events
 
         assert self.dispatcher is not None
+        if not await anyio.Path(trig.path).is_dir():
+            log.error("file_trigger_disabled_missing_directory", trigger=trig.name, path=trig.path)
+            task_status.started()
+            return
         async for event in file_events(
             trig.name,
             trig.path,
@@ -285,8 +567,42 @@ class Daemon:
             recursive=trig.recursive,
             events=trig.events,
             debounce_ms=int(trig.debounce * 1000),
+            ready=task_status.started,
         ):
             await self.dispatcher.submit(event, runs)
+
+
+def configured_triggers(settings: Settings, project: FlowerPowerProject) -> list[Any]:
+    """The enabled triggers of the config file plus every pipeline's ``schedule:``."""
+    return [t for t in settings.triggers if t.enabled] + schedule_triggers(settings, project)
+
+
+def _merge(configured: list[Any], dynamic: list[Any]) -> list[Any]:
+    """Configured triggers plus dynamic schedules; a dynamic one never shadows a configured name."""
+    names = {t.name for t in configured}
+    for trig in dynamic:
+        if trig.name in names:
+            log.error("dynamic_schedule_shadowed", schedule=trig.name)
+    return configured + [t for t in dynamic if t.name not in names]
+
+
+def _warm_up(project: FlowerPowerProject, triggers: list[Any]) -> None:
+    """Import modules and build drivers for the triggered pipelines (worker thread)."""
+    for trig in triggers:
+        try:
+            project.runner.prepare(trig.pipeline, trig.run)
+        except FlowerPowerError as exc:
+            log.error("pipeline_not_ready", trigger=trig.name, pipeline=trig.pipeline, error=str(exc))
+
+
+class _Started:
+    """A TaskStatus that calls ``ready`` (the source's own start signal)."""
+
+    def __init__(self, ready: Callable[[], None]) -> None:
+        self._ready = ready
+
+    def started(self, value: None = None) -> None:
+        self._ready()
 
 
 def _subscription(trig: MqttTrigger) -> str:
@@ -341,7 +657,8 @@ async def run_worker(settings: Settings) -> None:
                 with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                     async for _ in signals:
                         log.info("worker_stopping")
-                        await link.flush(5)
+                        with anyio.move_on_after(5):
+                            await link.flush()
                         link.stop()
                         tg.cancel_scope.cancel()
                         return
@@ -381,7 +698,7 @@ def main(command: str, config: str | None, log_level: str | None) -> int:
         if command == "worker":
             anyio.run(run_worker, settings)
         else:
-            anyio.run(Daemon(settings).serve)
+            anyio.run(Daemon(settings, config_path=config).serve)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1,0 +1,361 @@
+"""``flowerpowerctl``: steer a running daemon over its control socket.
+
+``flowerpowerctl [--socket PATH] [--json] COMMAND ...``; human-readable tables
+by default, the daemon's JSON answer with ``--json`` (one object; ``events``
+prints one JSON object per line).
+
+Socket: ``--socket``, else ``$FLOWERPOWER_CONTROL__SOCKET``, else
+``$RUNTIME_DIRECTORY/control.sock``, else
+``/run/flowerpower-daemon/control.sock`` when it exists, else
+``./.flowerpower/control.sock``.
+
+Exit codes, for scripts:
+
+== =====================================================================
+0  done
+1  the daemon answered with an error (unknown job, bad cron, reload refused ...)
+2  bad command line
+3  no daemon: the socket is missing, refuses or is not ours to use
+4  ``run --wait``: the run finished, but not successfully (failed, timeout, cancelled)
+== =====================================================================
+
+This module imports only the standard library, anyio and orjson (rich when a
+table is printed): no Hamilton, taskiq, pydantic-settings or pandas, so an
+answer takes tens of milliseconds, not the daemon's start-up second.
+:class:`ControlClient` is the async client behind it, usable from any
+anyio/asyncio program.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import re
+import sys
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Any
+
+import anyio
+import orjson
+from anyio.abc import SocketStream
+from anyio.streams.buffered import BufferedByteReceiveStream
+
+from .protocol import dump_line
+
+__all__ = [
+    "EXIT_ERROR",
+    "EXIT_OK",
+    "EXIT_RUN_FAILED",
+    "EXIT_UNREACHABLE",
+    "EXIT_USAGE",
+    "CommandError",
+    "ControlClient",
+    "UnreachableError",
+    "default_socket",
+    "main",
+]
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_RUN_FAILED = 0, 1, 2, 3, 4
+
+MAX_ANSWER_BYTES = 256 * 1024 * 1024
+
+
+class CommandError(Exception):
+    """The daemon answered with an error."""
+
+    def __init__(self, code: str, message: str, details: Any = None) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.details = details
+
+
+class UnreachableError(Exception):
+    """No daemon answers on the socket (missing, refused, forbidden, closed early)."""
+
+
+def default_socket(env: Mapping[str, str] | None = None) -> str:
+    """Where the daemon's socket is, when ``--socket`` is not given (see the module doc)."""
+    env = os.environ if env is None else env
+    if env.get("FLOWERPOWER_CONTROL__SOCKET"):
+        return env["FLOWERPOWER_CONTROL__SOCKET"]
+    if env.get("RUNTIME_DIRECTORY"):
+        return os.path.join(env["RUNTIME_DIRECTORY"].split(":")[0], "control.sock")
+    system = "/run/flowerpower-daemon/control.sock"
+    if os.path.exists(system):
+        return system
+    return os.path.join(".flowerpower", "control.sock")
+
+
+class ControlClient:
+    """One connection: ``async with ControlClient(path) as c: await c.call("status")``."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._ids = itertools.count(1)
+        self._stream: SocketStream | None = None
+        self._reader: BufferedByteReceiveStream | None = None
+
+    async def __aenter__(self) -> ControlClient:
+        try:
+            self._stream = await anyio.connect_unix(self.path)
+        except OSError as exc:
+            raise UnreachableError(
+                f"cannot connect to {self.path}: {exc.strerror or exc}"
+            ) from None
+        self._reader = BufferedByteReceiveStream(self._stream)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._stream is not None:
+            await self._stream.aclose()
+            self._stream = None
+
+    async def _send(self, cmd: str, args: Mapping[str, Any] | None) -> int:
+        assert self._stream is not None
+        request_id = next(self._ids)
+        message = {"id": request_id, "cmd": cmd, "args": dict(args or {})}
+        try:
+            await self._stream.send(dump_line(message))
+        except (anyio.BrokenResourceError, OSError) as exc:
+            raise UnreachableError(f"the daemon closed the connection: {exc}") from None
+        return request_id
+
+    async def _receive(self) -> dict[str, Any]:
+        assert self._reader is not None
+        try:
+            line = await self._reader.receive_until(b"\n", MAX_ANSWER_BYTES)
+        except (anyio.IncompleteRead, anyio.EndOfStream, anyio.BrokenResourceError, OSError):
+            raise UnreachableError("the daemon closed the connection without an answer") from None
+        message = orjson.loads(line)
+        if not isinstance(message, dict):
+            raise UnreachableError(f"not a protocol answer: {line[:200]!r}")
+        return message
+
+    async def _answer(self, request_id: int) -> Any:
+        message = await self._receive()
+        if message.get("ok") is False:
+            error = message.get("error") or {}
+            raise CommandError(
+                error.get("code", "?"), error.get("message", ""), error.get("details")
+            )
+        if message.get("id") != request_id:
+            raise UnreachableError(
+                f"answer to request {message.get('id')!r}, expected {request_id}"
+            )
+        return message.get("result")
+
+    async def call(self, cmd: str, args: Mapping[str, Any] | None = None) -> Any:
+        """Send one request and return its result (raises :class:`CommandError`)."""
+        return await self._answer(await self._send(cmd, args))
+
+    async def stream(self, cmd: str, args: Mapping[str, Any] | None = None) -> AsyncIterator[Any]:
+        """Send a streaming request and yield each event until the daemon closes."""
+        request_id = await self._send(cmd, args)
+        await self._answer(request_id)
+        while True:
+            try:
+                message = await self._receive()
+            except UnreachableError:
+                return
+            if "event" in message:
+                yield message["event"]
+
+
+# ---------------------------------------------------------------- the command
+
+
+def _err(text: str) -> None:
+    sys.stderr.write(text + "\n")
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?", re.IGNORECASE)
+_UNITS = {"ms": 0.001, "s": 1.0, "": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(text: str) -> float:
+    """``"90"``, ``"90s"``, ``"5m"``, ``"1h30m"``, ``"250ms"`` -> seconds."""
+    total, pos = 0.0, 0
+    compact = text.replace(" ", "")
+    for match in _DURATION.finditer(compact):
+        if match.start() != pos:
+            break
+        total += float(match.group(1)) * _UNITS[(match.group(2) or "").lower()]
+        pos = match.end()
+    if pos == 0 or pos != len(compact):
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r}; use e.g. 90s, 5m, 1h30m")
+    return total
+
+
+def _json_arg(kind: type) -> Any:
+    def parse(text: str) -> Any:
+        try:
+            value = orjson.loads(text)
+        except orjson.JSONDecodeError as exc:
+            raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from None
+        if not isinstance(value, kind):
+            raise argparse.ArgumentTypeError(f"expected a JSON {kind.__name__}")
+        return value
+
+    return parse
+
+
+def _parser() -> argparse.ArgumentParser:
+    from .. import __version__
+
+    p = argparse.ArgumentParser(
+        prog="flowerpowerctl",
+        description="Steer a running flowerpower-daemon over its control socket.",
+        epilog="exit codes: 0 ok, 1 error answer, 2 usage, 3 daemon unreachable, "
+        "4 run --wait finished unsuccessfully",
+    )
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    p.add_argument("--socket", "-s", default=None, help="control socket path")
+    p.add_argument("--json", action="store_true", help="print the daemon's JSON answer")
+    p.add_argument(
+        "--timeout",
+        type=parse_duration,
+        default=None,
+        help="give up after this long (default 30s; none for run --wait and events)",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("status", help="version, uptime, MQTT and queue state, counters, active runs")
+    sub.add_parser("ping", help="check that the daemon answers")
+    sub.add_parser("pipelines", help="the project's pipelines and their triggers")
+    sub.add_parser("triggers", help="every trigger with next fire time, paused state, counters")
+
+    run = sub.add_parser("run", help="run a pipeline now or later; prints the job id")
+    run.add_argument("pipeline")
+    run.add_argument("--inputs", type=_json_arg(dict), default=None, help="inputs as a JSON object")
+    run.add_argument("--final-vars", type=_json_arg(list), default=None, help="JSON array")
+    run.add_argument("--config", type=_json_arg(dict), default=None, help="Hamilton config, JSON")
+    when = run.add_mutually_exclusive_group()
+    when.add_argument("--run-in", type=parse_duration, default=None, help="delay, e.g. 5m")
+    when.add_argument("--run-at", default=None, help="ISO 8601 time (naive = UTC)")
+    run.add_argument("--wait", action="store_true", help="wait and print the result")
+
+    jobs = sub.add_parser("jobs", help="active runs and the job history, newest first")
+    jobs.add_argument("--pipeline", default=None)
+    jobs.add_argument(
+        "--state",
+        default=None,
+        choices=("scheduled", "queued", "running", "success", "failed", "cancelled", "timeout"),
+    )
+    jobs.add_argument("--limit", type=int, default=20)
+    job = sub.add_parser("job", help="one job with its full result")
+    job.add_argument("id")
+    cancel = sub.add_parser("cancel", help="cancel a scheduled, queued or running job")
+    cancel.add_argument("id")
+
+    sub.add_parser("schedules", help="cron, interval and date schedules (config and dynamic)")
+    sched = sub.add_parser("schedule", help="add or remove a dynamic schedule")
+    ssub = sched.add_subparsers(dest="schedule_command", required=True, metavar="ACTION")
+    add = ssub.add_parser("add", help="add a schedule (kept across restarts)")
+    add.add_argument("pipeline")
+    kind = add.add_mutually_exclusive_group(required=True)
+    kind.add_argument("--cron", help="cron expression, e.g. '*/5 * * * *'")
+    kind.add_argument("--interval", help="interval, e.g. 30s, 5m, 1h")
+    kind.add_argument("--date", help="one-shot ISO 8601 time")
+    add.add_argument("--id", default=None, help="schedule id (default: PIPELINE-<random>)")
+    add.add_argument("--overwrite", action="store_true", help="replace a schedule with this id")
+    add.add_argument("--inputs", type=_json_arg(dict), default=None)
+    add.add_argument("--timezone", default=None, help="IANA zone for cron and naive dates")
+    rm = ssub.add_parser("rm", help="remove a dynamic schedule")
+    rm.add_argument("id")
+
+    for name, text in (
+        ("pause", "pause a trigger or schedule"),
+        ("resume", "resume a trigger or schedule"),
+    ):
+        cmd = sub.add_parser(name, help=text)
+        target = cmd.add_mutually_exclusive_group(required=True)
+        target.add_argument("id", nargs="?", default=None)
+        target.add_argument("--all", action="store_true")
+
+    sub.add_parser("reload", help="re-read config and project; apply or keep the old (as SIGHUP)")
+    sub.add_parser("events", help="stream run and trigger events until Ctrl-C")
+    sub.add_parser("stop", help="graceful shutdown (as SIGTERM)")
+    return p
+
+
+def _request(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+    """The protocol command and arguments for parsed command-line ``args``."""
+    cmd = args.command
+    if cmd == "run":
+        out: dict[str, Any] = {"pipeline": args.pipeline, "wait": args.wait}
+        for key in ("inputs", "final_vars", "config", "run_in", "run_at"):
+            if getattr(args, key) is not None:
+                out[key] = getattr(args, key)
+        return "run", out
+    if cmd == "jobs":
+        return "jobs", {
+            k: getattr(args, k)
+            for k in ("pipeline", "state", "limit")
+            if getattr(args, k) is not None
+        }
+    if cmd in ("job", "cancel"):
+        return cmd, {"id": args.id}
+    if cmd == "schedule":
+        if args.schedule_command == "rm":
+            return "schedule_rm", {"id": args.id}
+        out = {"pipeline": args.pipeline, "overwrite": args.overwrite}
+        for key in ("cron", "interval", "date", "id", "inputs", "timezone"):
+            if getattr(args, key) is not None:
+                out[key] = getattr(args, key)
+        return "schedule_add", out
+    if cmd in ("pause", "resume"):
+        return cmd, {"all": True} if args.all else {"id": args.id}
+    return cmd, {}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``flowerpowerctl`` console script."""
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return EXIT_OK if exc.code in (0, None) else EXIT_USAGE
+    cmd, cmd_args = _request(args)
+    path = args.socket or default_socket()
+    long = cmd == "events" or (cmd == "run" and args.wait)
+    timeout = args.timeout if args.timeout is not None else (None if long else 30.0)
+    try:
+        return anyio.run(_main, path, cmd, cmd_args, args.json, timeout)
+    except KeyboardInterrupt:
+        return EXIT_OK if cmd == "events" else 130
+
+
+async def _main(
+    path: str, cmd: str, args: dict[str, Any], as_json: bool, limit_s: float | None
+) -> int:
+    from . import render
+
+    try:
+        with anyio.fail_after(limit_s):
+            async with ControlClient(path) as client:
+                if cmd == "events":
+                    async for event in client.stream("events"):
+                        render.event(event, as_json)
+                    return EXIT_OK
+                result = await client.call(cmd, args)
+    except UnreachableError as exc:
+        _err(f"flowerpowerctl: {exc} (is the daemon running? --socket PATH)")
+        return EXIT_UNREACHABLE
+    except CommandError as exc:
+        if as_json:
+            render.dump(
+                {
+                    "ok": False,
+                    "error": {"code": exc.code, "message": exc.message, "details": exc.details},
+                }
+            )
+        _err(f"error: {exc.code}: {exc.message}")
+        if isinstance(exc.details, list):
+            for problem in exc.details:
+                _err(f"  - {render.problem(problem)}")
+        return EXIT_ERROR
+    except TimeoutError:
+        _err(f"flowerpowerctl: no answer within {limit_s:g} s")
+        return EXIT_UNREACHABLE
+    return render.result(cmd, args, result, as_json)

@@ -1,0 +1,276 @@
+"""How ``flowerpowerctl`` prints answers: rich tables for people, JSON for scripts.
+
+rich is imported only when a table is printed, so ``--json`` stays cheap.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import orjson
+
+__all__ = ["dump", "event", "problem", "result"]
+
+_RUN_OK, _RUN_FAILED = 0, 4
+
+
+def _out(text: str) -> None:
+    sys.stdout.write(text + "\n")
+
+
+def _err(text: str) -> None:
+    sys.stderr.write(text + "\n")
+
+
+def dump(value: Any) -> None:
+    sys.stdout.buffer.write(orjson.dumps(value, option=orjson.OPT_INDENT_2) + b"\n")
+    sys.stdout.flush()
+
+
+def problem(item: Any) -> str:
+    if isinstance(item, Mapping):
+        where = ": ".join(str(item[k]) for k in ("file", "key") if item.get(k))
+        return f"{where}: {item.get('message', '')}" if where else str(item.get("message", item))
+    return str(item)
+
+
+def event(item: Mapping[str, Any], as_json: bool) -> None:
+    """One line per event."""
+    if as_json:
+        sys.stdout.buffer.write(orjson.dumps(item) + b"\n")
+    else:
+        fields = " ".join(
+            f"{k}={_cell(v)}"
+            for k, v in item.items()
+            if k not in ("type", "time") and v is not None
+        )
+        sys.stdout.write(f"{item.get('time', '')}  {item.get('type', '?'):<14} {fields}\n")
+    sys.stdout.flush()
+
+
+def result(cmd: str, args: Mapping[str, Any], value: Any, as_json: bool) -> int:
+    """Print one command's result; the exit code follows a waited run's status."""
+    code = _RUN_OK
+    if cmd == "run" and isinstance(value, Mapping) and "result" in value:
+        code = _RUN_OK if value.get("state") == "success" else _RUN_FAILED
+    if as_json:
+        dump(value)
+        return code
+    printer = _PRINTERS.get(cmd, _generic)
+    printer(value)
+    return code
+
+
+# ----------------------------------------------------------------- printers
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    width = None if sys.stdout.isatty() else max(160, shutil.get_terminal_size().columns)
+    return Console(highlight=False, width=width, soft_wrap=False)
+
+
+def _table(
+    rows: Sequence[Mapping[str, Any]], columns: Sequence[tuple[str, str]], title: str | None = None
+) -> None:
+    from rich.table import Table
+
+    table = Table(title=title, box=None, header_style="bold", pad_edge=False)
+    for _key, header in columns:
+        table.add_column(header, overflow="fold")
+    for row in rows:
+        table.add_row(*(_cell(row.get(key)) for key, _ in columns))
+    if not rows:
+        _out("(none)")
+        return
+    _console().print(table)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, Mapping) and "name" in value and "type" in value:
+        return f"{value['name']} ({value['type']})"
+    if isinstance(value, Mapping) and "message" in value:
+        return f"{value.get('type', 'error')}: {value['message']}"
+    if isinstance(value, Mapping | list):
+        return orjson.dumps(value).decode()
+    return str(value)
+
+
+def _status(v: Mapping[str, Any]) -> None:
+    mqtt, queue, counters = v["mqtt"], v["queue"], v["counters"]
+    lines = [
+        f"flowerpower-daemon {v['version']}  pid {v['pid']}  {v['state']}, "
+        f"up {_duration(v['uptime_s'])}",
+        f"config     {v.get('config') or '-'}",
+        f"project    {v['project']}",
+        f"mqtt       {mqtt['broker']}  {'connected' if mqtt['connected'] else 'DISCONNECTED'}"
+        f"  (connects {mqtt['connects']}, outbox {mqtt['outbox']}, published {mqtt['published']})",
+        f"queue      {queue['backend']}  {queue['broker']}",
+        f"pipelines  {v['pipelines']}   triggers {v['triggers']}   paused "
+        f"{', '.join(v['paused']) or '-'}",
+        "counters   " + "  ".join(f"{k} {n}" for k, n in counters.items()),
+        f"in flight  {v['in_flight']}",
+    ]
+    _out("\n".join(lines))
+    if v["active"]:
+        _jobs(v["active"])
+
+
+def _duration(seconds: float) -> str:
+    s = int(seconds)
+    d, s = divmod(s, 86400)
+    h, s = divmod(s, 3600)
+    m, s = divmod(s, 60)
+    return (f"{d}d " if d else "") + f"{h:02d}:{m:02d}:{s:02d}"
+
+
+def _pipelines(v: Sequence[Mapping[str, Any]]) -> None:
+    _table(
+        v,
+        [
+            ("name", "PIPELINE"),
+            ("schedule", "SCHEDULE"),
+            ("triggers", "TRIGGERS"),
+            ("executor", "EXECUTOR"),
+            ("final_vars", "FINAL VARS"),
+        ],
+    )
+
+
+def _triggers(v: Sequence[Mapping[str, Any]]) -> None:
+    _table(
+        v,
+        [
+            ("name", "TRIGGER"),
+            ("type", "TYPE"),
+            ("pipeline", "PIPELINE"),
+            ("spec", "WHEN"),
+            ("origin", "FROM"),
+            ("paused", "PAUSED"),
+            ("next_fire", "NEXT FIRE"),
+            ("fired", "FIRED"),
+            ("ok", "OK"),
+            ("failed", "FAILED"),
+            ("running", "RUNNING"),
+        ],
+    )
+
+
+def _schedules(v: Sequence[Mapping[str, Any]]) -> None:
+    _table(
+        v,
+        [
+            ("name", "ID"),
+            ("pipeline", "PIPELINE"),
+            ("type", "KIND"),
+            ("spec", "WHEN"),
+            ("origin", "FROM"),
+            ("paused", "PAUSED"),
+            ("next_fire", "NEXT FIRE"),
+            ("inputs", "INPUTS"),
+        ],
+    )
+
+
+def _jobs(v: Sequence[Mapping[str, Any]]) -> None:
+    rows = [{**r, "when": r.get("finished_at") or r.get("run_at") or r.get("queued_at")} for r in v]
+    _table(
+        rows,
+        [
+            ("run_id", "JOB"),
+            ("pipeline", "PIPELINE"),
+            ("trigger", "TRIGGER"),
+            ("state", "STATE"),
+            ("when", "TIME"),
+            ("duration_ms", "MS"),
+            ("attempts", "TRIES"),
+            ("error", "ERROR"),
+        ],
+    )
+
+
+def _job(v: Mapping[str, Any]) -> None:
+    for key in (
+        "run_id",
+        "pipeline",
+        "trigger",
+        "state",
+        "queued_at",
+        "run_at",
+        "started_at",
+        "finished_at",
+        "duration_ms",
+        "attempts",
+        "error",
+    ):
+        if key in v:
+            _out(f"{key:<12} {_cell(v[key])}")
+    res = v.get("result")
+    if isinstance(res, Mapping) and res.get("outputs"):
+        _outputs(res["outputs"])
+
+
+def _outputs(outputs: Mapping[str, Any]) -> None:
+    _table(
+        [{"output": k, "value": _cell(val)} for k, val in outputs.items()],
+        [("output", "OUTPUT"), ("value", "VALUE")],
+    )
+
+
+def _run(v: Mapping[str, Any]) -> None:
+    res = v.get("result")
+    if not isinstance(res, Mapping):
+        when = f" at {v['run_at']}" if v.get("run_at") else ""
+        _out(f"{v['run_id']}  {v['state']}{when}")
+        return
+    _out(
+        f"{res.get('pipeline')}: {res.get('status')} in {res.get('duration_ms')} ms "
+        f"({res.get('attempts')} attempt(s)), run {v['run_id']}"
+    )
+    if res.get("outputs"):
+        _outputs(res["outputs"])
+    if res.get("error"):
+        _err(f"error: {_cell(res['error'])}")
+
+
+def _generic(v: Any) -> None:
+    if (
+        isinstance(v, Mapping)
+        and len(v) <= 4
+        and all(not isinstance(x, Mapping | list) for x in v.values())
+    ):
+        _out("  ".join(f"{k}: {_cell(x)}" for k, x in v.items()))
+    else:
+        dump(v)
+
+
+def _reload(v: Mapping[str, Any]) -> None:
+    _out(
+        "reloaded: "
+        + "  ".join(
+            f"{k} {', '.join(v.get(k) or []) or '-'}" for k in ("added", "removed", "changed")
+        )
+    )
+    if v.get("restart_required"):
+        _out(f"restart needed for: {', '.join(v['restart_required'])}")
+
+
+_PRINTERS: dict[str, Any] = {
+    "status": _status,
+    "pipelines": _pipelines,
+    "triggers": _triggers,
+    "schedules": _schedules,
+    "jobs": _jobs,
+    "job": _job,
+    "run": _run,
+    "reload": _reload,
+    "schedule_add": lambda v: _schedules([v]),
+}

@@ -1,0 +1,282 @@
+"""Job history: every finished run, kept in SQLite in the state directory.
+
+One row per run: id, pipeline, trigger, state, timings, attempts, error and
+the result message (the JSON published on MQTT, capped at
+``max_result_bytes`` with the documented ``truncated`` markers). The table is
+bounded by count (``max_jobs``) and age (``max_age``), pruned as rows arrive.
+
+The event loop never touches the disk: :meth:`SqliteHistory.record` queues a
+row (waiting only when ``max_pending`` rows are queued: backpressure), and
+the :meth:`SqliteHistory.run` task writes queued rows in batches, one
+transaction per batch, in a worker thread. Queries run in the same
+one-at-a-time thread lane and first write whatever is queued, so a run is
+visible as soon as its result is recorded. Runs still queued or running are
+not here; the daemon's job tracker knows them.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Sequence
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import orjson
+import structlog
+from anyio.abc import TaskStatus
+
+from .encoding import encode_result
+from .project.models import RunResult
+
+__all__ = ["FINISHED_STATES", "SqliteHistory"]
+
+log = structlog.get_logger("flowerpower_daemon.history")
+
+FINISHED_STATES = ("success", "failed", "cancelled", "timeout")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    run_id        TEXT PRIMARY KEY,
+    pipeline      TEXT NOT NULL,
+    trigger_name  TEXT NOT NULL,
+    trigger_type  TEXT NOT NULL,
+    state         TEXT NOT NULL,
+    queued_at     TEXT NOT NULL,
+    started_at    TEXT NOT NULL,
+    finished_at   TEXT NOT NULL,
+    finished_ts   REAL NOT NULL,
+    duration_ms   REAL NOT NULL,
+    attempts      INTEGER NOT NULL,
+    error_type    TEXT,
+    error_message TEXT,
+    result        BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS jobs_by_time ON jobs (finished_ts);
+CREATE INDEX IF NOT EXISTS jobs_by_pipeline ON jobs (pipeline, finished_ts);
+"""
+
+_COLUMNS = (
+    "run_id, pipeline, trigger_name, trigger_type, state, queued_at, started_at, "
+    "finished_at, finished_ts, duration_ms, attempts, error_type, error_message"
+)
+
+Row = tuple[Any, ...]
+
+
+class SqliteHistory:
+    """The job history of one daemon, in ``<state_dir>/history.sqlite3``."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        max_jobs: int = 10_000,
+        max_age: timedelta = timedelta(days=7),
+        max_result_bytes: int = 64 * 1024,
+        max_pending: int = 10_000,
+        prune_every: int = 500,
+    ) -> None:
+        self.path = path
+        self.max_jobs = max_jobs
+        self.max_age = max_age
+        self.max_result_bytes = max_result_bytes
+        self.max_pending = max_pending
+        self.prune_every = prune_every
+        self.recorded = 0
+        self._pending: list[Row] = []
+        self._wake = anyio.Event()
+        self._drained = anyio.Event()
+        self._lane = anyio.CapacityLimiter(1)
+        self._db: sqlite3.Connection | None = None
+        self._since_prune = 0
+
+    # ------------------------------------------------------------- lifecycle
+
+    async def __aenter__(self) -> SqliteHistory:
+        await anyio.to_thread.run_sync(self._open, limiter=self._lane)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        with anyio.move_on_after(10, shield=True):
+            await anyio.to_thread.run_sync(self._close, limiter=self._lane)
+
+    def _open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.execute("PRAGMA busy_timeout=5000")
+        db.executescript(_SCHEMA)
+        self._db = db
+        self._prune()
+
+    def _close(self) -> None:
+        if self._db is None:
+            return
+        self._write_pending()
+        self._db.close()
+        self._db = None
+
+    # --------------------------------------------------------------- writing
+
+    async def record(self, result: RunResult) -> None:
+        """Queue one finished run (waits only while ``max_pending`` rows are queued)."""
+        while len(self._pending) >= self.max_pending:
+            await self._drained.wait()
+        self._pending.append(self._row(result))
+        self._wake.set()
+
+    def _row(self, result: RunResult) -> Row:
+        error = result.error
+        return (
+            result.run_id,
+            result.pipeline,
+            result.trigger.name,
+            result.trigger.type,
+            result.status,
+            result.queued_at.isoformat(),
+            result.started_at.isoformat(),
+            result.finished_at.isoformat(),
+            result.finished_at.timestamp(),
+            round(result.duration_ms, 3),
+            len(result.attempts),
+            error.type if error else None,
+            error.message if error else None,
+            encode_result(result, max_bytes=self.max_result_bytes),
+        )
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """The writer task: writes queued rows in batches until cancelled."""
+        task_status.started()
+        while True:
+            await self._wake.wait()
+            self._wake = anyio.Event()
+            await anyio.to_thread.run_sync(self._write_pending, limiter=self._lane)
+
+    def _write_pending(self) -> None:
+        """Write every queued row in one transaction (worker thread, inside the lane)."""
+        batch = self._pending[:]
+        if not batch or self._db is None:
+            return
+        try:
+            with self._db:
+                self._db.execute("BEGIN")
+                self._db.executemany(
+                    f"INSERT OR REPLACE INTO jobs ({_COLUMNS}, result) "
+                    "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    batch,
+                )
+        except sqlite3.Error as exc:
+            # Rows stay queued for the next batch; a full disk must not kill the daemon.
+            log.error("history_write_failed", error=str(exc), rows=len(batch), path=str(self.path))
+            if len(self._pending) >= self.max_pending:
+                del self._pending[: len(batch)]
+                log.error("history_rows_dropped", rows=len(batch))
+            return
+        # The loop only appends to the list, so the first len(batch) rows are ours.
+        del self._pending[: len(batch)]
+        self.recorded += len(batch)
+        self._since_prune += len(batch)
+        if self._since_prune >= self.prune_every:
+            self._prune()
+        drained, self._drained = self._drained, anyio.Event()
+        anyio.from_thread.run_sync(drained.set)
+
+    def _prune(self) -> None:
+        assert self._db is not None
+        self._since_prune = 0
+        cutoff = time.time() - self.max_age.total_seconds()
+        with self._db:
+            self._db.execute("DELETE FROM jobs WHERE finished_ts < ?", (cutoff,))
+            self._db.execute(
+                "DELETE FROM jobs WHERE run_id IN (SELECT run_id FROM jobs "
+                "ORDER BY finished_ts DESC LIMIT -1 OFFSET ?)",
+                (self.max_jobs,),
+            )
+
+    # --------------------------------------------------------------- reading
+
+    async def recent(
+        self, *, pipeline: str | None = None, states: Sequence[str] = (), limit: int = 20
+    ) -> list[dict[str, Any]]:
+        """Newest first: summaries of finished runs (no result body)."""
+        return await anyio.to_thread.run_sync(
+            self._list, pipeline, tuple(states), limit, limiter=self._lane
+        )
+
+    def _list(
+        self, pipeline: str | None, states: tuple[str, ...], limit: int
+    ) -> list[dict[str, Any]]:
+        self._write_pending()
+        assert self._db is not None
+        where, params = [], []
+        if pipeline is not None:
+            where.append("pipeline = ?")
+            params.append(pipeline)
+        if states:
+            where.append(f"state IN ({','.join('?' * len(states))})")
+            params.extend(states)
+        sql = f"SELECT {_COLUMNS} FROM jobs"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY finished_ts DESC LIMIT ?"
+        rows = self._db.execute(sql, (*params, limit)).fetchall()
+        return [_summary(row) for row in rows]
+
+    async def get(self, run_id: str) -> dict[str, Any] | None:
+        """One run with its full result message, or None."""
+        return await anyio.to_thread.run_sync(self._get, run_id, limiter=self._lane)
+
+    def _get(self, run_id: str) -> dict[str, Any] | None:
+        self._write_pending()
+        assert self._db is not None
+        row = self._db.execute(
+            f"SELECT {_COLUMNS}, result FROM jobs WHERE run_id = ?", (run_id,)
+        ).fetchone()
+        if row is None:
+            return None
+        out = _summary(row[:-1])
+        out["result"] = orjson.loads(row[-1])
+        return out
+
+    async def count(self) -> int:
+        return await anyio.to_thread.run_sync(self._count, limiter=self._lane)
+
+    def _count(self) -> int:
+        self._write_pending()
+        assert self._db is not None
+        return int(self._db.execute("SELECT COUNT(*) FROM jobs").fetchone()[0])
+
+
+def _summary(row: Row) -> dict[str, Any]:
+    (
+        run_id,
+        pipeline,
+        trigger_name,
+        trigger_type,
+        state,
+        queued_at,
+        started_at,
+        finished_at,
+        _ts,
+        duration_ms,
+        attempts,
+        error_type,
+        error_message,
+    ) = row
+    return {
+        "run_id": run_id,
+        "pipeline": pipeline,
+        "trigger": {"name": trigger_name, "type": trigger_type},
+        "state": state,
+        "queued_at": queued_at,
+        "started_at": started_at,
+        "finished_at": finished_at,
+        "duration_ms": duration_ms,
+        "attempts": attempts,
+        "error": {"type": error_type, "message": error_message} if error_type else None,
+    }

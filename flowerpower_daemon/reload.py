@@ -1,0 +1,108 @@
+"""Reload, the pure part: validate a new config and project, and diff the triggers.
+
+``flowerpowerctl reload`` and SIGHUP run :func:`prepare` in a worker thread
+(it reads files, imports pipeline modules and builds drivers), then the
+daemon applies :func:`diff` on the event loop. Nothing is applied unless
+everything validates: a problem anywhere raises :class:`ConfigError` with
+every problem found, and the running config stays.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import ConfigError, ConfigProblem, FlowerPowerError
+from .project.api import FlowerPowerProject
+from .schedules import Schedule
+from .settings import Settings, load_settings
+
+__all__ = ["RESTART_KEYS", "Prepared", "TriggerDiff", "diff", "prepare", "restart_required"]
+
+#: Settings a running daemon cannot change; a reload reports them, a restart applies them.
+RESTART_KEYS = ("mqtt", "queue", "control", "state_dir", "max_concurrent_runs")
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """A validated new config and project, not applied yet."""
+
+    settings: Settings
+    project: FlowerPowerProject
+    triggers: list[Any]
+
+
+@dataclass(frozen=True, slots=True)
+class TriggerDiff:
+    added: list[str]
+    removed: list[str]
+    changed: list[str]
+
+
+def prepare(
+    config_path: str | None,
+    dynamic: Iterable[Schedule],
+    *,
+    make_triggers: Any,
+) -> Prepared:
+    """Load and check config + project (blocking); raise ConfigError listing every problem.
+
+    ``make_triggers(settings, project)`` returns the configured triggers
+    (the daemon's rule: enabled config triggers plus pipeline schedules).
+    """
+    from .daemon import check
+
+    settings = load_settings(config_path)  # ConfigError on a bad file
+    problems = check(settings)
+    if problems:
+        raise ConfigError(problems)
+    try:
+        project = FlowerPowerProject.load(
+            settings.project, storage_options=settings.storage_options
+        )
+    except ConfigError:
+        raise
+    except FlowerPowerError as exc:
+        raise ConfigError([ConfigProblem(config_path or "config", "project", str(exc))]) from None
+    triggers = list(make_triggers(settings, project))
+    names = {t.name for t in triggers}
+    for schedule in dynamic:
+        where = "schedules.json"
+        if schedule.pipeline not in project.pipelines:
+            problems.append(
+                ConfigProblem(
+                    where,
+                    schedule.id,
+                    f"dynamic schedule runs pipeline {schedule.pipeline!r}, which the new project "
+                    "lacks (remove the schedule first)",
+                )
+            )
+        elif schedule.id in names:
+            problems.append(
+                ConfigProblem(
+                    where,
+                    schedule.id,
+                    "the new config defines a trigger with this dynamic schedule's id",
+                )
+            )
+        else:
+            triggers.append(schedule.to_trigger())
+    if problems:
+        raise ConfigError(problems)
+    return Prepared(settings, project, triggers)
+
+
+def diff(current: Mapping[str, Any], new: Iterable[Any]) -> TriggerDiff:
+    """Trigger names added, removed, and changed (same name, different settings)."""
+    wanted = {t.name: t for t in new}
+    return TriggerDiff(
+        added=sorted(set(wanted) - set(current)),
+        removed=sorted(set(current) - set(wanted)),
+        changed=sorted(n for n in set(current) & set(wanted) if current[n] != wanted[n]),
+    )
+
+
+def restart_required(old: Settings, new: Settings) -> list[str]:
+    """The :data:`RESTART_KEYS` whose value differs."""
+    return [key for key in RESTART_KEYS if getattr(old, key) != getattr(new, key)]

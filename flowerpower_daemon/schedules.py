@@ -1,0 +1,206 @@
+"""Dynamic schedules and pause state, persisted in the state directory.
+
+``flowerpowerctl schedule add`` creates a cron, interval or one-shot date
+schedule at run time; ``pause``/``resume`` switch any trigger off and on.
+Both survive a restart: they live in ``<state_dir>/schedules.json``::
+
+    {"version": 1,
+     "schedules": [{"id": "...", "pipeline": "...", "kind": "cron", "spec": "*/5 * * * *",
+                    "timezone": null, "inputs": {}, "created_at": "..."}],
+     "paused": ["trigger-or-schedule-id", ...]}
+
+Writes are atomic (temporary file, fsync, rename, fsync of the directory)
+and run in a worker thread, so the event loop never waits for the disk. A
+file that cannot be read is moved aside (``schedules.json.corrupt-<time>``)
+and the daemon starts without dynamic schedules rather than not at all.
+A one-shot date schedule is removed once it has fired.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import anyio
+import anyio.to_thread
+import orjson
+import structlog
+from pydantic import ValidationError
+
+from .project.models import utcnow
+from .settings import CronTrigger, DateTrigger, IntervalTrigger
+
+__all__ = ["Schedule", "ScheduleKind", "ScheduleStore"]
+
+log = structlog.get_logger("flowerpower_daemon.schedules")
+
+ScheduleKind = Literal["cron", "interval", "date"]
+TimerTrigger = CronTrigger | IntervalTrigger | DateTrigger
+
+_VERSION = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Schedule:
+    """One dynamic schedule: run ``pipeline`` with ``inputs`` on ``spec`` of ``kind``."""
+
+    id: str
+    pipeline: str
+    kind: ScheduleKind
+    spec: str
+    timezone: str | None = None
+    inputs: Mapping[str, Any] = field(default_factory=dict)
+    created_at: str = ""
+
+    def to_trigger(self) -> TimerTrigger:
+        """The validated timer trigger; ``ValueError`` naming the bad value otherwise."""
+        base: dict[str, Any] = {
+            "name": self.id,
+            "pipeline": self.pipeline,
+            "inputs": dict(self.inputs),
+        }
+        try:
+            if self.kind == "cron":
+                return CronTrigger(type="cron", cron=self.spec, timezone=self.timezone, **base)
+            if self.kind == "interval":
+                return IntervalTrigger.model_validate(
+                    {"type": "interval", "every": self.spec, **base}
+                )
+            from .project.schedule import parse_date, parse_timezone
+
+            at = parse_date(self.spec, parse_timezone(self.timezone))
+            return DateTrigger(type="date", at=at, **base)
+        except ValidationError as exc:
+            messages = "; ".join(str(e.get("msg", e)) for e in exc.errors())
+            raise ValueError(f"schedule {self.id!r}: {messages}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "pipeline": self.pipeline,
+            "kind": self.kind,
+            "spec": self.spec,
+            "timezone": self.timezone,
+            "inputs": dict(self.inputs),
+            "created_at": self.created_at,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Schedule:
+        kind = data["kind"]
+        if kind not in ("cron", "interval", "date"):
+            raise ValueError(f"unknown schedule kind {kind!r}")
+        return cls(
+            id=str(data["id"]),
+            pipeline=str(data["pipeline"]),
+            kind=kind,
+            spec=str(data["spec"]),
+            timezone=data.get("timezone"),
+            inputs=dict(data.get("inputs") or {}),
+            created_at=str(data.get("created_at") or ""),
+        )
+
+    @classmethod
+    def new(
+        cls,
+        id: str,
+        pipeline: str,
+        kind: ScheduleKind,
+        spec: str,
+        *,
+        timezone: str | None = None,
+        inputs: Mapping[str, Any] | None = None,
+    ) -> Schedule:
+        return cls(id, pipeline, kind, spec, timezone, dict(inputs or {}), utcnow().isoformat())
+
+
+class ScheduleStore:
+    """The dynamic schedules and paused trigger names of one daemon, and their file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.schedules: dict[str, Schedule] = {}
+        self.paused: set[str] = set()
+        self._lock = anyio.Lock()
+
+    @classmethod
+    def load(cls, state_dir: Path) -> ScheduleStore:
+        """Read ``state_dir/schedules.json`` (blocking: call at start-up or in a thread)."""
+        store = cls(state_dir / "schedules.json")
+        try:
+            data = orjson.loads(store.path.read_bytes())
+            if not isinstance(data, dict) or data.get("version") != _VERSION:
+                raise ValueError(f"unsupported format (version {data.get('version')!r})")
+            schedules = [Schedule.from_dict(s) for s in data.get("schedules") or []]
+            paused = {str(p) for p in data.get("paused") or []}
+        except FileNotFoundError:
+            return store
+        except (OSError, ValueError, KeyError, TypeError, orjson.JSONDecodeError) as exc:
+            aside = store.path.with_name(f"{store.path.name}.corrupt-{int(time.time())}")
+            with contextlib.suppress(OSError):
+                store.path.rename(aside)
+            log.error(
+                "schedules_file_unreadable",
+                path=str(store.path),
+                moved_to=str(aside),
+                error=str(exc),
+            )
+            return store
+        store.schedules = {s.id: s for s in schedules}
+        store.paused = paused
+        return store
+
+    def triggers(self) -> list[TimerTrigger]:
+        """Every schedule as a trigger; invalid ones are logged and left out (not deleted)."""
+        out: list[TimerTrigger] = []
+        for schedule in self.schedules.values():
+            try:
+                out.append(schedule.to_trigger())
+            except ValueError as exc:
+                log.error("schedule_invalid_skipped", schedule=schedule.id, error=str(exc))
+        return out
+
+    async def save(self) -> None:
+        """Write the current state atomically, off the event loop."""
+        async with self._lock:
+            data = orjson.dumps(
+                {
+                    "version": _VERSION,
+                    "schedules": [s.to_dict() for s in self.schedules.values()],
+                    "paused": sorted(self.paused),
+                },
+                option=orjson.OPT_INDENT_2,
+            )
+            await anyio.to_thread.run_sync(_write_atomic, self.path, data)
+
+    def set_paused(self, names: Iterable[str], paused: bool) -> None:
+        if paused:
+            self.paused.update(names)
+        else:
+            self.paused.difference_update(names)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
