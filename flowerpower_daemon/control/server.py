@@ -11,8 +11,9 @@ Who: the socket file is created ``0600`` (owner only), or ``0660`` owned by
 (the mode is set on the socket before ``bind`` and the file is bound under a
 temporary name, then renamed into place). Each peer is then checked with
 ``SO_PEERCRED``: root and the daemon's own uid are always allowed, plus
-``control.allowed_uids``, plus peers whose primary gid is in
-``control.allowed_gids`` (by default the gid of ``control.group``).
+``control.allowed_uids``, plus peers with a primary or supplementary group
+(``SO_PEERGROUPS``) in ``control.allowed_gids`` (by default the gid of
+``control.group``).
 
 One daemon per socket: ``<socket>.lock`` is held with ``flock`` for the
 daemon's lifetime. A second daemon finds it held and refuses to start
@@ -86,6 +87,7 @@ class PeerCredentials:
     pid: int
     uid: int
     gid: int
+    groups: tuple[int, ...] = ()
 
 
 Handler = Callable[[Request, "Connection"], Awaitable[None]]
@@ -181,7 +183,10 @@ class ControlServer:
                     tmp.unlink()
                 sock.bind(os.fspath(tmp))
                 if self._gid is not None:
-                    os.chown(tmp, -1, self._gid)
+                    # Usually already ours (the service's own group): no chown needed,
+                    # which systemd's SystemCallFilter=~@privileged would refuse.
+                    if os.stat(tmp).st_gid != self._gid:
+                        os.chown(tmp, -1, self._gid)
                     os.chmod(tmp, 0o660)
                 else:
                     os.chmod(tmp, 0o600)
@@ -360,14 +365,28 @@ class ControlServer:
             await self.handler(request, conn)
 
     def _allowed(self, peer: PeerCredentials) -> bool:
-        return peer.uid in self._allowed_uids or peer.gid in self._allowed_gids
+        if peer.uid in self._allowed_uids or peer.gid in self._allowed_gids:
+            return True
+        return not self._allowed_gids.isdisjoint(peer.groups)
+
+
+_SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux >= 4.13
 
 
 def _peer_credentials(stream: SocketStream) -> PeerCredentials:
     raw: socket.socket = stream.extra(SocketAttribute.raw_socket)
     data = raw.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     pid, uid, gid = struct.unpack("3i", data)
-    return PeerCredentials(pid, uid, gid)
+    return PeerCredentials(pid, uid, gid, _peer_groups(raw))
+
+
+def _peer_groups(raw: socket.socket) -> tuple[int, ...]:
+    """The peer's supplementary groups (``SO_PEERGROUPS``); empty where unsupported."""
+    try:
+        data = raw.getsockopt(socket.SOL_SOCKET, _SO_PEERGROUPS, 4 * 256)
+    except OSError:
+        return ()
+    return struct.unpack(f"{len(data) // 4}I", data[: len(data) // 4 * 4])
 
 
 def _group_id(group: str | None) -> int | None:

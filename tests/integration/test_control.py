@@ -1,0 +1,514 @@
+"""``flowerpowerctl`` against a real daemon: every command, as a subprocess, over the real socket.
+
+One daemon (real Mosquitto, a copy of examples/sensors plus test pipelines)
+serves the module; tests that restart or break a daemon start their own.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import select
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+import yaml
+from control_harness import CTL, NO_SYSTEMD, ctl, ok, request, socket_of, wait_ready
+from daemon_harness import (
+    DaemonProcess,
+    base_settings,
+    client,
+    collect,
+    daemon,
+    make_project,
+    write_config,
+)
+from services import MosquittoService
+
+
+@dataclass
+class Live:
+    sock: Path
+    proc: DaemonProcess
+    config: Path
+    settings: dict[str, Any]
+    port: int
+
+
+def _settings(project: Path, tmp: Path, port: int) -> dict[str, Any]:
+    settings = base_settings(project, tmp, port)
+    settings["triggers"] = [
+        {
+            "name": "temp",
+            "type": "mqtt",
+            "topic": f"{settings['mqtt']['client_id']}/+/t",
+            "pipeline": "temperature",
+        },
+        {"name": "tick", "type": "interval", "every": "1h", "pipeline": "stats"},
+    ]
+    return settings
+
+
+@pytest.fixture(scope="module")
+def live(
+    mosquitto_session: MosquittoService, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Live]:
+    """A running daemon with a control socket, shared by this module's read-mostly tests."""
+    tmp = tmp_path_factory.mktemp("ctl")
+    settings = _settings(make_project(tmp), tmp, mosquitto_session.port)
+    config = write_config(tmp, settings)
+    with daemon(config, env=NO_SYSTEMD) as proc:
+        sock = socket_of(tmp / "state")
+        wait_ready(sock, proc)
+        yield Live(sock, proc, config, settings, mosquitto_session.port)
+        assert proc.proc.poll() is None, proc.log()[-3000:]
+
+
+def _wait_state(sock: Path, run_id: str, states: tuple[str, ...], timeout: float = 60) -> Any:
+    """Poll `job ID` (bounded) until the job is in one of ``states``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        job = ok(sock, "job", run_id)
+        if job["state"] in states:
+            return job
+        assert time.monotonic() < deadline, f"job {run_id} still {job['state']}"
+        time.sleep(0.05)
+
+
+# ------------------------------------------------------------------- info
+
+
+def test_status_reports_version_mqtt_queue_counters(live: Live) -> None:
+    """`status` gives version, uptime, MQTT connection, queue backend and counters."""
+    status = ok(live.sock, "status")
+    assert status["version"] == "0.1.0"
+    assert status["state"] == "running"
+    assert status["uptime_s"] > 0
+    assert status["mqtt"]["connected"] is True
+    assert status["mqtt"]["broker"] == f"127.0.0.1:{live.port}"
+    assert status["queue"]["backend"] == "memory"
+    assert {"runs_ok", "runs_failed", "messages_in", "results_out"} <= set(status["counters"])
+    assert status["in_flight"] == 0
+
+
+def test_status_human_output(live: Live) -> None:
+    """Without --json, `status` prints a readable summary."""
+    res = ctl(live.sock, "status", as_json=False)
+    assert res.rc == 0, res.err
+    assert "flowerpower-daemon 0.1.0" in res.out
+    assert "connected" in res.out and "memory" in res.out
+
+
+def test_pipelines_lists_the_project(live: Live) -> None:
+    """`pipelines` lists every pipeline with the triggers that run it."""
+    pipelines = {p["name"]: p for p in ok(live.sock, "pipelines")}
+    assert {"stats", "temperature", "slow", "broken"} <= set(pipelines)
+    assert pipelines["stats"]["triggers"] == ["tick"]
+    assert "mean" in pipelines["stats"]["final_vars"]
+    table = ctl(live.sock, "pipelines", as_json=False)
+    assert table.rc == 0 and "temperature" in table.out
+
+
+def test_triggers_show_next_fire_paused_and_counters(live: Live) -> None:
+    """`triggers` shows each trigger's type, next fire time, pause state and counters."""
+    triggers = {t["name"]: t for t in ok(live.sock, "triggers")}
+    assert triggers["temp"]["type"] == "mqtt" and triggers["temp"]["next_fire"] is None
+    tick = triggers["tick"]
+    assert tick["type"] == "interval" and tick["origin"] == "config"
+    assert tick["next_fire"] is not None and tick["paused"] is False
+    assert {"fired", "ok", "failed", "running"} <= set(tick)
+
+
+# ------------------------------------------------------------------- runs
+
+
+def test_run_wait_returns_the_pipeline_outputs(live: Live) -> None:
+    """`run --wait` answers when the run is done, with its outputs."""
+    res = ctl(live.sock, "run", "stats", "--inputs", '{"readings": [1, 2, 3]}', "--wait")
+    assert res.rc == 0, res.err
+    assert res.out["state"] == "success"
+    outputs = res.out["result"]["outputs"]
+    assert outputs["mean"] == 2.0 and outputs["count"] == 3 and outputs["alert"] is False
+    assert res.out["result"]["trigger"] == {"name": "manual", "type": "manual"}
+    human = ctl(
+        live.sock,
+        "run",
+        "temperature",
+        "--inputs",
+        '{"temperature": 40}',
+        "--final-vars",
+        '["fahrenheit"]',
+        "--wait",
+        as_json=False,
+    )
+    assert human.rc == 0, human.err
+    assert "success" in human.out and "104.0" in human.out
+
+
+async def test_manual_run_result_is_published_on_mqtt(live: Live) -> None:
+    """A `run` from the control socket publishes its result like any other run."""
+    topic = live.settings["mqtt"]["result_topic"].format(pipeline="stats")
+    async with client(live.port) as c:
+        await c.subscribe(topic, qos=1)
+        res = await anyio.to_thread.run_sync(
+            lambda: ctl(live.sock, "run", "stats", "--inputs", '{"readings": [4]}')
+        )
+        assert res.rc == 0, res.err
+        [(_, message, _)] = await collect(c, topic, 1, timeout=30)
+    assert message["run_id"] == res.out["run_id"]
+    assert message["outputs"]["mean"] == 4.0
+
+
+def test_run_wait_failed_run_exits_4(live: Live) -> None:
+    """A waited run that fails prints its error and exits with code 4."""
+    res = ctl(live.sock, "run", "broken", "--wait")
+    assert res.rc == 4, res.err
+    assert res.out["state"] == "failed"
+    assert res.out["result"]["error"]["type"] == "RuntimeError"
+
+
+def test_run_returns_job_id_then_job_shows_the_result(live: Live) -> None:
+    """`run` prints the job id at once; `job ID` later shows the full result."""
+    started = ok(live.sock, "run", "stats", "--inputs", '{"readings": [10, 20]}')
+    assert started["state"] == "queued" and len(started["run_id"]) == 32
+    job = _wait_state(live.sock, started["run_id"], ("success", "failed"))
+    assert job["state"] == "success"
+    assert job["result"]["outputs"]["mean"] == 15.0
+    assert job["trigger"] == {"name": "manual", "type": "manual"}
+    missing = ctl(live.sock, "job", "nope")
+    assert missing.rc == 1 and "not_found" in missing.err
+
+
+def test_jobs_filters_by_pipeline_state_and_limit(live: Live) -> None:
+    """`jobs` lists newest first and filters by pipeline, state and count."""
+    for _ in range(3):
+        ok(live.sock, "run", "stats", "--wait")
+    assert ctl(live.sock, "run", "broken", "--wait").rc == 4
+    rows = ok(live.sock, "jobs", "--pipeline", "stats", "--state", "success", "--limit", "2")
+    assert len(rows) == 2
+    assert all(r["pipeline"] == "stats" and r["state"] == "success" for r in rows)
+    assert rows[0]["finished_at"] >= rows[1]["finished_at"]
+    failed = ok(live.sock, "jobs", "--state", "failed")
+    assert failed and all(r["state"] == "failed" for r in failed)
+    table = ctl(live.sock, "jobs", "--limit", "3", as_json=False)
+    assert table.rc == 0 and "success" in table.out
+
+
+def test_run_in_then_cancel_while_scheduled(live: Live) -> None:
+    """`run --run-in` schedules a job; `cancel` drops it and it is recorded as cancelled."""
+    job = ok(live.sock, "run", "stats", "--run-in", "10m")
+    assert job["state"] == "scheduled" and job["run_at"]
+    scheduled = ok(live.sock, "jobs", "--state", "scheduled")
+    assert job["run_id"] in [r["run_id"] for r in scheduled]
+    assert ok(live.sock, "cancel", job["run_id"])["state"] == "cancelled"
+    again = ctl(live.sock, "cancel", job["run_id"])
+    assert again.rc == 1 and "already finished" in again.err
+    assert ok(live.sock, "job", job["run_id"])["state"] == "cancelled"
+
+
+def test_cancel_a_running_run(live: Live) -> None:
+    """`cancel` stops a running pipeline; the run ends as cancelled."""
+    job = ok(live.sock, "run", "slow", "--inputs", '{"seconds": 60}')
+    _wait_state(live.sock, job["run_id"], ("running",))
+    t0 = time.monotonic()
+    assert ok(live.sock, "cancel", job["run_id"])["state"] == "cancelled"
+    assert time.monotonic() - t0 < 10
+    assert ok(live.sock, "job", job["run_id"])["error"]["type"] == "Cancelled"
+
+
+def test_run_unknown_pipeline_and_bad_json_fail_cleanly(live: Live) -> None:
+    """Errors come back as exit codes: 1 for the daemon's no, 2 for a bad command line."""
+    res = ctl(live.sock, "run", "nope")
+    assert res.rc == 1 and "not_found" in res.err and "stats" in res.err
+    assert ctl(live.sock, "run", "stats", "--inputs", "{not json").rc == 2
+    assert ctl(live.sock, "run").rc == 2
+    assert ctl(live.sock, "run", "stats", "--run-in", "5m", "--run-at", "2030-01-01").rc == 2
+
+
+# -------------------------------------------------------------- schedules
+
+
+def test_schedule_add_list_pause_resume_remove(live: Live) -> None:
+    """Dynamic schedules: add, list, refuse duplicates, overwrite, pause, resume, remove."""
+    sock = live.sock
+    added = ok(
+        sock,
+        "schedule",
+        "add",
+        "stats",
+        "--interval",
+        "1h",
+        "--id",
+        "hourly",
+        "--inputs",
+        '{"readings": [7]}',
+    )
+    assert added["name"] == "hourly" and added["origin"] == "dynamic" and added["next_fire"]
+    rows = {r["name"]: r for r in ok(sock, "schedules")}
+    assert rows["hourly"]["inputs"] == {"readings": [7]} and "tick" in rows
+    dup = ctl(sock, "schedule", "add", "stats", "--cron", "0 * * * *", "--id", "hourly")
+    assert dup.rc == 1 and "conflict" in dup.err
+    over = ok(
+        sock, "schedule", "add", "stats", "--cron", "0 3 * * *", "--id", "hourly", "--overwrite"
+    )
+    assert over["type"] == "cron"
+    assert ok(sock, "pause", "hourly") == {"paused": ["hourly"]}
+    triggers = {t["name"]: t for t in ok(sock, "triggers")}
+    assert triggers["hourly"]["paused"] is True and triggers["hourly"]["next_fire"] is None
+    assert ok(sock, "resume", "hourly") == {"resumed": ["hourly"]}
+    assert set(ok(sock, "pause", "--all")["paused"]) >= {"temp", "tick", "hourly"}
+    assert all(t["paused"] for t in ok(sock, "triggers"))
+    ok(sock, "resume", "--all")
+    assert not any(t["paused"] for t in ok(sock, "triggers"))
+    assert ok(sock, "schedule", "rm", "hourly") == {"removed": "hourly"}
+    assert "hourly" not in {r["name"] for r in ok(sock, "schedules")}
+    assert ctl(sock, "schedule", "rm", "hourly").rc == 1
+    config_owned = ctl(sock, "schedule", "rm", "tick")
+    assert config_owned.rc == 1 and "config" in config_owned.err
+    assert ctl(sock, "pause", "nope").rc == 1
+
+
+def test_schedule_add_rejects_bad_values(live: Live) -> None:
+    """A bad cron, an unknown pipeline or an unknown input is refused with a reason."""
+    bad_cron = ctl(live.sock, "schedule", "add", "stats", "--cron", "not a cron")
+    assert bad_cron.rc == 1 and "invalid" in bad_cron.err
+    unknown = ctl(live.sock, "schedule", "add", "nope", "--interval", "1h")
+    assert unknown.rc == 1 and "not_found" in unknown.err
+    bad_input = ctl(
+        live.sock, "schedule", "add", "stats", "--interval", "1h", "--inputs", '{"nonsense": 1}'
+    )
+    assert bad_input.rc == 1 and "nonsense" in bad_input.err
+    assert ctl(live.sock, "schedule", "add", "stats").rc == 2  # no --cron/--interval/--date
+
+
+async def test_interval_schedule_fires_and_date_schedule_runs_once(live: Live) -> None:
+    """A dynamic interval schedule fires; a one-shot date schedule runs once, then is gone."""
+    topic = live.settings["mqtt"]["result_topic"].format(pipeline="stats")
+    soon = (datetime.now(UTC) + timedelta(seconds=2)).isoformat()
+    means: list[float] = []
+    async with client(live.port) as c:
+        await c.subscribe(topic, qos=1)
+        await anyio.to_thread.run_sync(
+            lambda: ok(
+                live.sock,
+                "schedule",
+                "add",
+                "stats",
+                "--interval",
+                "1s",
+                "--id",
+                "fast",
+                "--inputs",
+                '{"readings": [100]}',
+            )
+        )
+        await anyio.to_thread.run_sync(
+            lambda: ok(
+                live.sock,
+                "schedule",
+                "add",
+                "stats",
+                "--date",
+                soon,
+                "--id",
+                "once",
+                "--inputs",
+                '{"readings": [200]}',
+            )
+        )
+        try:
+            with anyio.fail_after(60):
+                while not (100.0 in means and 200.0 in means):
+                    [(_, message, _)] = await collect(c, topic, 1, timeout=60)
+                    means.append(message["outputs"]["mean"])
+        finally:
+            await anyio.to_thread.run_sync(lambda: ok(live.sock, "schedule", "rm", "fast"))
+    assert means.count(200.0) == 1
+    with anyio.fail_after(30):
+        while "once" in {r["name"] for r in ok(live.sock, "schedules")}:  # noqa: ASYNC110
+            await anyio.sleep(0.1)
+
+
+# --------------------------------------------------------------- reload etc
+
+
+def test_reload_applies_changes_and_refuses_a_broken_config(live: Live) -> None:
+    """`reload` applies a changed config; a broken one is refused and the old one keeps running."""
+    original = live.config.read_text()
+    try:
+        changed = yaml.safe_load(original)
+        changed["triggers"][1]["every"] = "30m"
+        changed["triggers"].append(
+            {"name": "extra", "type": "cron", "cron": "0 4 * * *", "pipeline": "stats"}
+        )
+        live.config.write_text(yaml.safe_dump(changed))
+        report = ok(live.sock, "reload")
+        assert report["added"] == ["extra"] and report["changed"] == ["tick"]
+        assert report["removed"] == [] and report["restart_required"] == []
+        triggers = {t["name"]: t for t in ok(live.sock, "triggers")}
+        assert "extra" in triggers and "0:30:00" in triggers["tick"]["spec"]
+
+        broken = dict(
+            changed,
+            triggers=[
+                {"name": "bad", "type": "cron", "cron": "nope", "pipeline": "stats"},
+                {"name": "ghost", "type": "interval", "every": "1h", "pipeline": "missing"},
+            ],
+        )
+        live.config.write_text(yaml.safe_dump(broken))
+        res = ctl(live.sock, "reload")
+        assert res.rc == 1 and "reload_failed" in res.err
+        assert "cron" in res.err
+        assert {t["name"] for t in ok(live.sock, "triggers")} >= {"temp", "tick", "extra"}
+        assert ok(live.sock, "run", "stats", "--wait")["state"] == "success"
+    finally:
+        live.config.write_text(original)
+        ok(live.sock, "reload")
+    assert {t["name"] for t in ok(live.sock, "triggers")} == {"temp", "tick"}
+
+
+def test_events_streams_run_events_until_interrupted(live: Live) -> None:
+    """`events` prints one JSON line per event as runs happen; Ctrl-C ends it with exit 0."""
+    cmd = [str(CTL), "--socket", str(live.sock), "--json", "events"]
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+        assert proc.stdout is not None
+        try:
+            seen: list[dict[str, Any]] = []
+            deadline = time.monotonic() + 60
+            while not any(e["type"] == "run_finished" for e in seen):
+                assert time.monotonic() < deadline, seen
+                ok(live.sock, "run", "stats", "--wait")
+                # Read what has arrived, without blocking on a quiet stream.
+                while select.select([proc.stdout], [], [], 0.5)[0]:
+                    line = proc.stdout.readline()
+                    if not line:
+                        break
+                    seen.append(json.loads(line))
+            finished = next(e for e in seen if e["type"] == "run_finished")
+            assert finished["pipeline"] == "stats" and finished["status"] == "success"
+            assert {e["type"] for e in seen} >= {"run_started", "run_finished"}
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(30) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+
+
+# ------------------------------------------------------------- the client
+
+
+def test_usage_and_unreachable_exit_codes(tmp_path: Path) -> None:
+    """Bad command lines exit 2; a socket nobody serves exits 3."""
+    assert ctl(tmp_path / "none.sock", "status").rc == 3
+    assert ctl(tmp_path / "none.sock", "frobnicate").rc == 2
+    assert subprocess.run([str(CTL), "--help"], capture_output=True, timeout=60).returncode == 0
+
+
+def test_ctl_imports_no_heavy_libraries(live: Live) -> None:
+    """The console script, tables included, imports no Hamilton, taskiq, pydantic, pandas."""
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", str(CTL), "--socket", str(live.sock), "triggers"],
+        capture_output=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    modules = {
+        line.split("|")[-1].strip().split(".")[0]
+        for line in proc.stderr.decode().splitlines()
+        if line.startswith("import time:")
+    }
+    assert "rich" in modules  # the table really was rendered
+    assert not modules & {
+        "hamilton",
+        "taskiq",
+        "pydantic_settings",
+        "pandas",
+        "numpy",
+        "pydantic",
+        "structlog",
+        "aiomqtt",
+    }
+
+
+def _child_cpu(cmd: list[str], runs: int) -> tuple[float, float]:
+    """Median wall time and mean CPU time (user + sys) of running ``cmd``."""
+    walls = []
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        subprocess.run(cmd, capture_output=True, timeout=60, check=True)
+        walls.append(time.perf_counter() - t0)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return statistics.median(walls), cpu / runs
+
+
+def test_ctl_answers_fast(live: Live, capsys: pytest.CaptureFixture[str]) -> None:
+    """A socket round trip takes milliseconds; ctl costs little more than a bare interpreter."""
+    samples = []
+    for _ in range(20):
+        t0 = time.perf_counter()
+        assert request(live.sock, "status")["ok"]
+        samples.append(time.perf_counter() - t0)
+    bare_wall, bare_cpu = _child_cpu([sys.executable, "-c", "pass"], 5)
+    wall, cpu = _child_cpu([str(CTL), "--socket", str(live.sock), "--json", "status"], 5)
+    with capsys.disabled():
+        print(
+            f"\n[ctl] socket round trip p50 {statistics.median(samples) * 1000:.2f} ms; "
+            f"flowerpowerctl --json status: wall p50 {wall * 1000:.0f} ms, cpu {cpu * 1000:.0f} ms"
+            f" (bare python: wall {bare_wall * 1000:.0f} ms, cpu {bare_cpu * 1000:.0f} ms)"
+        )
+    assert statistics.median(samples) < 0.05
+    # Absolute numbers swing with the machine's load; the ctl's own share must stay small.
+    assert cpu - bare_cpu < 0.2
+
+
+# ------------------------------------------------- a daemon of one's own
+
+
+def test_schedule_and_pause_survive_a_restart(
+    mosquitto_session: MosquittoService, tmp_path: Path
+) -> None:
+    """Dynamic schedules and pause state live in the state dir and come back after a restart."""
+    settings = _settings(make_project(tmp_path), tmp_path, mosquitto_session.port)
+    config = write_config(tmp_path, settings)
+    sock = socket_of(tmp_path / "state")
+    with daemon(config, env=NO_SYSTEMD) as proc:
+        wait_ready(sock, proc)
+        ok(
+            sock,
+            "schedule",
+            "add",
+            "stats",
+            "--cron",
+            "*/5 * * * *",
+            "--id",
+            "keep",
+            "--inputs",
+            '{"readings": [1]}',
+        )
+        ok(sock, "pause", "keep")
+        ok(sock, "pause", "tick")
+        job = ok(sock, "run", "stats", "--wait")
+        assert ok(sock, "stop") == {"stopping": True, "pid": proc.proc.pid}
+        assert proc.wait(60) == 0
+    assert not sock.exists()
+    with daemon(config, env=NO_SYSTEMD) as proc:
+        wait_ready(sock, proc)
+        rows = {r["name"]: r for r in ok(sock, "schedules")}
+        assert rows["keep"]["origin"] == "dynamic" and rows["keep"]["spec"] == "0 */5 * * * *"
+        assert rows["keep"]["paused"] is True and rows["tick"]["paused"] is True
+        assert rows["keep"]["inputs"] == {"readings": [1]}
+        assert ok(sock, "job", job["run_id"])["state"] == "success"  # history survived too
+        proc.signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
