@@ -1,6 +1,5 @@
 """``flowerpower-daemon``: project commands (init, pipeline ...) and the daemon (run, check).
 
-
 Errors a user makes are printed as ``error: ...`` on stderr with exit code 2,
 never as a traceback; a failed pipeline run exits 1.
 """

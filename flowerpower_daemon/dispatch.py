@@ -11,15 +11,19 @@ topic; the message is acked (redelivering it would fail the same way).
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import dataclasses
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
+import anyio.to_thread
+import orjson
 import structlog
 from anyio.abc import TaskGroup
 
 from .errors import FlowerPowerError
+from .project.hooks import ConfigHook
 from .project.models import (
     AttemptInfo,
     ErrorInfo,
@@ -83,8 +87,10 @@ class Dispatcher:
         sink: ResultSink,
         remote: bool,
         stats: Stats | None = None,
+        config_hooks: Mapping[str, ConfigHook] | None = None,
     ) -> None:
         self.settings = settings
+        self.config_hooks = dict(config_hooks or {})
         self.kiq = kiq
         self.sink = sink
         self.remote = remote
@@ -194,6 +200,16 @@ class Dispatcher:
             await self._emit_error(state, event, exc)
             await _ack(event)
             return
+        hook = self.config_hooks.get(state.cfg.pipeline) if state.pattern is not None else None
+        if hook is not None:
+            try:
+                request = await self._apply_config_hook(hook, request, event)
+            except Exception as exc:
+                self.stats.bad_input += 1
+                log.warning("config_hook_failed", trigger=state.cfg.name, error=str(exc))
+                await self._emit_error(state, event, PayloadError(f"mqtt_build_config hook: {exc}"))
+                await _ack(event)
+                return
         if state.cfg.overlap == "skip" and state.running:
             state.skipped += 1
             self.stats.skipped += 1
@@ -202,6 +218,18 @@ class Dispatcher:
             return
         await self._pending.acquire()
         runs.start_soon(self._handle, state, event, request, name=f"run:{request.run_id}")
+
+    async def _apply_config_hook(
+        self, hook: ConfigHook, request: RunRequest, event: TriggerEvent
+    ) -> RunRequest:
+        """Merge the hook's dict into this request's Hamilton config (this message only)."""
+        payload = request.inputs if event.payload is None else _payload_value(request, event)
+        extra = await anyio.to_thread.run_sync(hook, payload, event.meta.get("topic") or "")
+        if not isinstance(extra, Mapping):
+            raise TypeError(f"must return a dict, not {type(extra).__name__}")
+        overrides = dict(request.overrides)
+        overrides["config"] = {**dict(overrides.get("config") or {}), **extra}
+        return dataclasses.replace(request, overrides=overrides)
 
     async def _handle(self, state: TriggerState, event: TriggerEvent, request: RunRequest) -> None:
         try:
@@ -284,6 +312,14 @@ class Dispatcher:
         self.stats.runs_failed += 1
         state.failed += 1
         await self.sink.emit(request, _synthetic(request, "failed", error))
+
+
+def _payload_value(request: RunRequest, event: TriggerEvent) -> Any:
+    """What the hook sees as ``payload``: the decoded JSON (or text) of the message."""
+    try:
+        return orjson.loads(event.payload or b"")
+    except orjson.JSONDecodeError:
+        return request.inputs.get("payload", event.payload)
 
 
 def _synthetic(request: RunRequest, status: RunStatus, error: ErrorInfo) -> RunResult:

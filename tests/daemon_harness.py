@@ -40,6 +40,24 @@ EXTRA_PIPELINES = {
         "def seen(file_path: str, file_event: str) -> str:\n"
         '    """The path and event that triggered the run."""\n    return f"{file_event}:{file_path}"\n'
     ),
+    "modal": (
+        '"""Hamilton config picks the implementation (set per message by the hook)."""\n'
+        "from hamilton.function_modifiers import config\n\n\n"
+        '@config.when(mode="loud")\n'
+        "def greeting__loud(name: str) -> str:\n"
+        '    """Shout."""\n    return name.upper()\n\n\n'
+        '@config.when_not(mode="loud")\n'
+        "def greeting__quiet(name: str) -> str:\n"
+        '    """Whisper."""\n    return name.lower()\n'
+    ),
+}
+
+HOOKS = {
+    "modal": (
+        "def mqtt_build_config(payload, topic):\n"
+        '    """Per-message Hamilton config from the payload."""\n'
+        '    return {"mode": payload["mode"]} if "mode" in payload else {}\n'
+    ),
 }
 
 
@@ -49,6 +67,9 @@ def make_project(tmp: Path) -> Path:
     shutil.copytree(EXAMPLE, project)
     for name, source in EXTRA_PIPELINES.items():
         (project / "pipelines" / f"{name}.py").write_text(source)
+    for name, source in HOOKS.items():
+        (project / "hooks" / name).mkdir(parents=True, exist_ok=True)
+        (project / "hooks" / name / "hook.py").write_text(source)
     return project
 
 

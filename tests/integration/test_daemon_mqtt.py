@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -21,6 +22,9 @@ from tests.daemon_harness import (
     wait_online,
     write_config,
 )
+
+# Each test starts real daemons (subprocesses); generous for a loaded machine.
+pytestmark = pytest.mark.timeout(300)
 
 
 def _settings(
@@ -208,7 +212,38 @@ async def test_sigterm_during_slow_run_publishes_result_and_exits_zero(
         assert proc.wait(15) == 0
 
 
-async def test_check_lists_every_problem(tmp_path: Path) -> None:
+async def test_mqtt_build_config_hook_applies_to_its_message_only(
+    tmp_path: Path, mosquitto: Any
+) -> None:
+    """The hooks/<pipeline>/hook.py config of one message does not leak into the next."""
+    prefix = unique("hook")
+    s = _settings(
+        tmp_path,
+        mosquitto.port,
+        [
+            {
+                "name": "modal",
+                "type": "mqtt",
+                "pipeline": "modal",
+                "topic": prefix,
+                "overlap": "queue",
+            }
+        ],
+    )
+    tag = s["mqtt"]["client_id"]
+    with daemon(write_config(tmp_path, s)) as proc:
+        async with client(mosquitto.port) as c:
+            await wait_online(c, f"{tag}/status", proc)
+            await c.subscribe(f"{tag}/results/#", qos=1)
+            await c.publish(prefix, b'{"name": "Ab", "mode": "loud"}', qos=1)
+            [(_, first, _)] = await collect(c, f"{tag}/results/#", 1, timeout=20)
+            await c.publish(prefix, b'{"name": "Ab"}', qos=1)
+            [(_, second, _)] = await collect(c, f"{tag}/results/#", 1, timeout=20)
+    assert first["outputs"] == {"greeting": "AB"}
+    assert second["outputs"] == {"greeting": "ab"}
+
+
+def test_check_lists_every_problem(tmp_path: Path) -> None:
     """`flowerpower-daemon check` on a broken config prints each problem with its key path, exit 2."""
     import subprocess
 

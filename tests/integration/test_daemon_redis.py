@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -19,6 +20,9 @@ from tests.daemon_harness import (
     wait_online,
     write_config,
 )
+
+# Each test starts real daemons (subprocesses); generous for a loaded machine.
+pytestmark = pytest.mark.timeout(300)
 
 
 async def test_mqtt_timer_and_reply_flows_through_redis_worker(
@@ -46,7 +50,7 @@ async def test_mqtt_timer_and_reply_flows_through_redis_worker(
             await c.subscribe(f"{tag}/results/#", qos=1)
             await c.subscribe(reply_topic, qos=1)
             await c.publish(f"{prefix}/dev1", b'{"temperature": 12}', qos=1)
-            [(topic, result, _)] = await collect(c, f"{tag}/results/temperature", 1, timeout=60)
+            [(_, result, _)] = await collect(c, f"{tag}/results/temperature", 1, timeout=60)
             props = Properties(PacketTypes.PUBLISH)
             props.ResponseTopic = reply_topic
             props.CorrelationData = b"c-1"

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import pytest
 
 from tests.daemon_harness import (
     base_settings,
@@ -18,6 +19,9 @@ from tests.daemon_harness import (
     wait_online,
     write_config,
 )
+
+# Each test starts real daemons (subprocesses); generous for a loaded machine.
+pytestmark = pytest.mark.timeout(300)
 
 
 async def test_cron_interval_and_date_fire_on_time(tmp_path: Path, mosquitto: Any) -> None:
