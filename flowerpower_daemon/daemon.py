@@ -214,8 +214,15 @@ class Daemon:
                 async with self.jobs.track(data):
                     return await task.kiq(data)
 
+            hooks = await anyio.to_thread.run_sync(self._config_hooks)
             self.dispatcher = Dispatcher(
-                s, self.triggers, kiq=kiq, sink=sink, remote=s.queue.is_redis, stats=self.stats
+                s,
+                self.triggers,
+                kiq=kiq,
+                sink=sink,
+                remote=s.queue.is_redis,
+                stats=self.stats,
+                config_hooks=hooks,
             )
             async with anyio.create_task_group() as root:
                 root.start_soon(self._signals, root, name="signals")
@@ -257,6 +264,22 @@ class Daemon:
                     await link.wait_closed()
                 root.cancel_scope.cancel()
         log.info("daemon_stopped", runs_ok=self.stats.runs_ok, runs_failed=self.stats.runs_failed)
+
+    def _config_hooks(self) -> dict[str, Any]:
+        """Each MQTT-triggered pipeline's ``mqtt_build_config`` hook (blocking import)."""
+        from .project.hooks import load_mqtt_build_config
+
+        hooks: dict[str, Any] = {}
+        for trig in self.triggers:
+            if isinstance(trig, MqttTrigger) and trig.pipeline not in hooks:
+                try:
+                    hook = load_mqtt_build_config(self.project.files, trig.pipeline)
+                except FlowerPowerError as exc:
+                    log.error("hook_not_loaded", pipeline=trig.pipeline, error=str(exc))
+                    continue
+                if hook is not None:
+                    hooks[trig.pipeline] = hook
+        return hooks
 
     def _warm_up(self) -> None:
         """Import modules and build drivers for every triggered pipeline before taking events."""
