@@ -7,9 +7,10 @@ timer source (``triggers/timers.py``) does the sleeping.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
-from datetime import datetime, timedelta, timezone, tzinfo
+from datetime import UTC, datetime, timedelta, tzinfo
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -24,12 +25,14 @@ __all__ = [
     "parse_date",
     "parse_interval",
     "parse_timezone",
+    "resolve_wall_time",
 ]
 
 CRON_FIELDS = ("second", "minute", "hour", "day", "month", "day_of_week")
 _INTERVAL_UNITS = {"w": 604800.0, "d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
 _INTERVAL_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|w|d|h|m|s)", re.IGNORECASE)
 _INTERVAL_KEYS = {"weeks", "days", "hours", "minutes", "seconds", "milliseconds"}
+_MAX_CRON_CANDIDATES = 1000
 
 
 def cron_from_fields(fields: Mapping[str, Any]) -> str:
@@ -111,11 +114,13 @@ def parse_interval(value: float | int | str | Mapping[str, Any] | timedelta) -> 
 def parse_timezone(name: str | None) -> tzinfo:
     """Return the IANA zone ``name`` (UTC when ``None``)."""
     if name is None or name.upper() == "UTC":
-        return timezone.utc
+        return UTC
     try:
         return ZoneInfo(name)
     except (ZoneInfoNotFoundError, ValueError):
-        raise ValueError(f"unknown timezone {name!r} (use an IANA name such as 'Europe/Berlin')") from None
+        raise ValueError(
+            f"unknown timezone {name!r} (use an IANA name such as 'Europe/Berlin')"
+        ) from None
 
 
 def parse_date(value: str | datetime, tz: tzinfo | None = None) -> datetime:
@@ -128,25 +133,76 @@ def parse_date(value: str | datetime, tz: tzinfo | None = None) -> datetime:
         except ValueError:
             raise ValueError(f"invalid ISO 8601 date {value!r}") from None
     if result.tzinfo is None:
-        result = result.replace(tzinfo=tz or timezone.utc)
+        result = result.replace(tzinfo=tz or UTC)
     return result
 
 
 def next_cron_time(expr: str, after: datetime, tz: tzinfo | None = None) -> datetime:
-    """The first fire time of the 6-field ``expr`` strictly after ``after``.
+    """The first fire time (UTC) of the 6-field ``expr`` strictly after the aware ``after``.
 
-    Computed in wall-clock time of ``tz`` so that ``0 3 * * *`` means 03:00
-    local on every day, across DST changes: croniter resolves the skipped
-    hour (spring) and the repeated hour (autumn) to one fire each.
+    ``expr`` matches wall-clock time in ``tz`` (UTC by default), so ``0 30 2 * * *``
+    means 02:30 local on every day. Across DST changes each matching wall-clock
+    time fires exactly once:
+
+    - a time skipped by the spring gap fires at the first instant after the gap
+      (Europe/Berlin, 2026-03-29: ``30 2 * * *`` fires at 03:00 CEST); several
+      skipped times collapse into that one fire;
+    - a time repeated by the autumn fold fires at its first occurrence only
+      (2026-10-25: 02:30 CEST, not again at 02:30 CET). An hourly job thus runs
+      at 02:00 CEST and next at 03:00 CET, two real hours later.
+
+    Raises ``croniter.CroniterBadDateError`` (a ``ValueError``) when ``expr``
+    never matches, such as the 30th of February.
     """
-    zone = tz or timezone.utc
+    zone = tz or UTC
     local = after.astimezone(zone)
-    it = croniter(expr, local, second_at_beginning=True)
-    nxt: datetime = it.get_next(datetime)
-    # croniter may return a time equal to ``after`` around DST folds; insist on progress.
-    while nxt <= after:
-        nxt = it.get_next(datetime)
-    return nxt.astimezone(timezone.utc)
+    start = local.replace(tzinfo=None, fold=0)
+    if local.fold == 1:
+        first_pass = local.replace(fold=0)
+        shift = (first_pass.utcoffset() or timedelta(0)) - (local.utcoffset() or timedelta(0))
+        if shift > timedelta(0):
+            # ``after`` is in the repeated hour's second pass: every wall time up to
+            # the end of the fold already fired during the first pass.
+            change = _offset_change(zone, first_pass.astimezone(UTC), after)
+            fold_end = change.astimezone(zone).replace(tzinfo=None, fold=0) + shift
+            start = max(start, fold_end - timedelta(seconds=1))
+    # croniter sees the wall clock as UTC, which has no DST: pure wall-clock matching.
+    walls = croniter(expr, start.replace(tzinfo=UTC), second_at_beginning=True)
+    for _ in range(_MAX_CRON_CANDIDATES):
+        wall: datetime = walls.get_next(datetime)
+        instant = resolve_wall_time(wall.replace(tzinfo=None), zone)
+        if instant > after:
+            return instant
+    raise RuntimeError(f"no fire time of {expr!r} after {after.isoformat()} (DST resolution)")
+
+
+def resolve_wall_time(wall: datetime, tz: tzinfo) -> datetime:
+    """The UTC instant at which the naive local ``wall`` time happens in ``tz``.
+
+    An ambiguous time (autumn fold) resolves to its first occurrence; a time
+    that does not exist (spring gap) to the instant the gap ends.
+    """
+    first = wall.replace(tzinfo=tz, fold=0).astimezone(UTC)
+    second = wall.replace(tzinfo=tz, fold=1).astimezone(UTC)
+    if first <= second:
+        return first
+    return _offset_change(tz, second, first)
+
+
+def _offset_change(tz: tzinfo, lo: datetime, hi: datetime) -> datetime:
+    """The first whole second in ``(lo, hi]`` whose UTC offset in ``tz`` differs from ``lo``'s.
+
+    Zones change offset on whole seconds; ``hi`` must already have the new offset.
+    """
+    before = lo.astimezone(tz).utcoffset()
+    low, high = math.floor(lo.timestamp()), math.ceil(hi.timestamp())
+    while high - low > 1:
+        mid = (low + high) // 2
+        if datetime.fromtimestamp(mid, tz).utcoffset() == before:
+            low = mid
+        else:
+            high = mid
+    return datetime.fromtimestamp(high, UTC)
 
 
 def next_interval_time(
@@ -161,5 +217,4 @@ def next_interval_time(
         return after + every
     if after < start_at:
         return start_at
-    elapsed = (after - start_at) / every
-    return start_at + every * (int(elapsed) + 1)
+    return start_at + every * ((after - start_at) // every + 1)
