@@ -276,6 +276,21 @@ class MqttLink:
 
         return ack
 
+    async def set_subscriptions(self, subscriptions: Sequence[tuple[str, int]]) -> None:
+        """Replace the subscriptions (reload): (un)subscribe now if connected; kept for reconnects."""
+        old = dict(self.subscriptions)
+        new = dict(subscriptions)
+        self.subscriptions = list(new.items())
+        client = self._client
+        if client is None:
+            return  # the next connect subscribes to the new list
+        gone = [topic for topic in old if topic not in new]
+        if gone:
+            await client.unsubscribe(gone)
+        for topic, qos in new.items():
+            if old.get(topic) != qos:
+                await client.subscribe(topic, qos=qos)
+
     async def messages(self) -> AsyncIterator[IncomingMessage]:
         """Received messages, one at a time: not taking the next one is backpressure."""
         async for message in self._receive:
