@@ -289,9 +289,11 @@ def _request(args: argparse.Namespace) -> int:
     from .mqtt import request_reply
 
     try:
-        reply = anyio.run(
-            lambda: request_reply(args.url, args.topic, args.payload, timeout=args.timeout)
-        )
+        async def ask() -> bytes:
+            with anyio.fail_after(args.timeout):
+                return await request_reply(args.url, args.topic, args.payload)
+
+        reply = anyio.run(ask)
     except TimeoutError:
         print(f"error: no reply within {args.timeout:g} s", file=sys.stderr)
         return EXIT_RUN_FAILED

@@ -66,13 +66,23 @@ def schedule_triggers(settings: Settings, project: FlowerPowerProject) -> list[A
         sched = cfg.schedule
         if not sched.enabled or sched.kind is None:
             continue
-        base = {"name": f"schedule:{name}", "pipeline": name}
+        trigger = f"schedule:{name}"
         if sched.cron:
-            out.append(CronTrigger(type="cron", cron=sched.cron, timezone=sched.timezone, **base))
+            out.append(
+                CronTrigger(
+                    type="cron",
+                    cron=sched.cron,
+                    timezone=sched.timezone,
+                    name=trigger,
+                    pipeline=name,
+                )
+            )
         elif sched.interval:
-            out.append(IntervalTrigger(type="interval", every=sched.interval, **base))
+            out.append(
+                IntervalTrigger(type="interval", every=sched.interval, name=trigger, pipeline=name)
+            )
         elif sched.date:
-            out.append(DateTrigger(type="date", at=sched.date, **base))
+            out.append(DateTrigger(type="date", at=sched.date, name=trigger, pipeline=name))
     return out
 
 
@@ -80,7 +90,9 @@ def check(settings: Settings) -> list[ConfigProblem]:
     """Validate the project and every trigger against its pipeline; return all problems."""
     shown = "config"
     try:
-        project = FlowerPowerProject.load(settings.project, storage_options=settings.storage_options)
+        project = FlowerPowerProject.load(
+            settings.project, storage_options=settings.storage_options
+        )
     except ConfigError as exc:
         return exc.problems
     except FlowerPowerError as exc:
@@ -91,7 +103,11 @@ def check(settings: Settings) -> list[ConfigProblem]:
         if trig.pipeline not in project.pipelines:
             known = ", ".join(sorted(project.pipelines)) or "none"
             problems.append(
-                ConfigProblem(shown, f"{key}.pipeline", f"unknown pipeline {trig.pipeline!r} (pipelines: {known})")
+                ConfigProblem(
+                    shown,
+                    f"{key}.pipeline",
+                    f"unknown pipeline {trig.pipeline!r} (pipelines: {known})",
+                )
             )
             continue
         try:
@@ -104,7 +120,9 @@ def check(settings: Settings) -> list[ConfigProblem]:
         names = dict.fromkeys(trig.inputs, f"{key}.inputs")
         if isinstance(trig, FileTrigger):
             if not os.path.isdir(trig.path):
-                problems.append(ConfigProblem(shown, f"{key}.path", f"directory {trig.path!r} does not exist"))
+                problems.append(
+                    ConfigProblem(shown, f"{key}.path", f"directory {trig.path!r} does not exist")
+                )
         for name, where in names.items():
             if name not in known_inputs:
                 problems.append(
@@ -187,9 +205,7 @@ class Daemon:
 
                 mqtt_settings = await stack.enter_async_context(embedded_broker(s.mqtt))
             mqtt_triggers = [t for t in self.triggers if isinstance(t, MqttTrigger)]
-            subscriptions = [
-                (_subscription(t), t.qos) for t in mqtt_triggers
-            ]
+            subscriptions = [(_subscription(t), t.qos) for t in mqtt_triggers]
             link = MqttLink(
                 mqtt_settings,
                 subscriptions=list(dict.fromkeys(subscriptions)),
@@ -287,7 +303,9 @@ class Daemon:
             try:
                 self.project.runner.prepare(trig.pipeline, trig.run)
             except FlowerPowerError as exc:
-                log.error("pipeline_not_ready", trigger=trig.name, pipeline=trig.pipeline, error=str(exc))
+                log.error(
+                    "pipeline_not_ready", trigger=trig.name, pipeline=trig.pipeline, error=str(exc)
+                )
 
     async def _on_result(self, request: RunRequest, result: RunResult) -> None:
         if self.dispatcher is not None:
@@ -389,16 +407,29 @@ class Daemon:
         """A run request for ``flowerpowerctl run``, replying on the configured result topic."""
         from .results import reply_target
 
-        request = RunRequest(pipeline=pipeline, inputs=inputs, overrides=overrides,
-                             trigger=TriggerInfo(name="manual", type="manual"))
+        request = RunRequest(
+            pipeline=pipeline,
+            inputs=inputs,
+            overrides=overrides,
+            trigger=TriggerInfo(name="manual", type="manual"),
+        )
         reply = reply_target(
-            pipeline=pipeline, trigger="manual", run_id=request.run_id, fields={},
+            pipeline=pipeline,
+            trigger="manual",
+            run_id=request.run_id,
+            fields={},
             result_topic=self.settings.mqtt.result_topic,
             error_topic=self.settings.mqtt.error_topic,
         )
-        return RunRequest(pipeline=pipeline, inputs=inputs, overrides=overrides,
-                          run_id=request.run_id, trigger=request.trigger,
-                          queued_at=request.queued_at, reply=reply)
+        return RunRequest(
+            pipeline=pipeline,
+            inputs=inputs,
+            overrides=overrides,
+            run_id=request.run_id,
+            trigger=request.trigger,
+            queued_at=request.queued_at,
+            reply=reply,
+        )
 
     def submit_run(self, request: RunRequest, *, run_at: datetime | None = None) -> ActiveJob:
         """Start a manual run (now or at ``run_at``) in the run task group; returns at once."""
@@ -463,10 +494,13 @@ class Daemon:
 
     async def _update_subscriptions(self) -> None:
         assert self.dispatcher is not None
-        wanted = list(dict.fromkeys(
-            (_subscription(s.cfg), s.cfg.qos)
-            for s in self.dispatcher.triggers.values() if isinstance(s.cfg, MqttTrigger)
-        ))
+        wanted = list(
+            dict.fromkeys(
+                (_subscription(s.cfg), s.cfg.qos)
+                for s in self.dispatcher.triggers.values()
+                if isinstance(s.cfg, MqttTrigger)
+            )
+        )
         update = getattr(self.link, "set_subscriptions", None)
         if update is not None:
             await update(wanted)
@@ -506,8 +540,12 @@ class Daemon:
                 ready()
                 if self._source_scopes.get(trig.name) is scope:
                     del self._source_scopes[trig.name]
-        if (not scope.cancel_called and isinstance(trig, DateTrigger)
-                and trig.name in self.schedules.schedules and not self.stopping):
+        if (
+            not scope.cancel_called
+            and isinstance(trig, DateTrigger)
+            and trig.name in self.schedules.schedules
+            and not self.stopping
+        ):
             # A one-shot dynamic schedule has fired: it is done.
             with anyio.CancelScope(shield=True):
                 await self.remove_schedule(trig.name)
@@ -517,8 +555,10 @@ class Daemon:
         st = self.stats
         mqtt = "up" if self.link is not None and self.link.connected else "down"
         n = len(self.dispatcher.triggers) if self.dispatcher else len(self.triggers)
-        return (f"{n} triggers, {st.runs_ok} ok, {st.runs_failed} failed, "
-                f"{st.in_flight} running, mqtt {mqtt}")
+        return (
+            f"{n} triggers, {st.runs_ok} ok, {st.runs_failed} failed, "
+            f"{st.in_flight} running, mqtt {mqtt}"
+        )
 
     async def _mqtt_source(self, runs: TaskGroup) -> None:
         assert self.dispatcher is not None
@@ -560,12 +600,23 @@ class Daemon:
 
         assert self.dispatcher is not None
         if isinstance(trig, CronTrigger):
-            spec = TimerSpec(trig.name, "cron", cron=trig.cron, timezone=trig.timezone,
-                             jitter=trig.jitter, misfire_grace=trig.misfire_grace)
+            spec = TimerSpec(
+                trig.name,
+                "cron",
+                cron=trig.cron,
+                timezone=trig.timezone,
+                jitter=trig.jitter,
+                misfire_grace=trig.misfire_grace,
+            )
         elif isinstance(trig, IntervalTrigger):
             # Anchored now (as timer_events would), so `triggers` can show the next fire.
-            spec = TimerSpec(trig.name, "interval", every=trig.every,
-                             start_at=trig.start_at or utcnow(), jitter=trig.jitter)
+            spec = TimerSpec(
+                trig.name,
+                "interval",
+                every=trig.every,
+                start_at=trig.start_at or utcnow(),
+                jitter=trig.jitter,
+            )
         else:
             spec = TimerSpec(trig.name, "date", date=trig.at, misfire_grace=trig.misfire_grace)
         self.timer_specs[trig.name] = spec
@@ -574,7 +625,11 @@ class Daemon:
             await self.dispatcher.submit(event, runs)
 
     async def _file_source(
-        self, trig: FileTrigger, runs: TaskGroup, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+        self,
+        trig: FileTrigger,
+        runs: TaskGroup,
+        *,
+        task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
         from .triggers.files import file_events
 
@@ -615,7 +670,9 @@ def _warm_up(project: FlowerPowerProject, triggers: list[Any]) -> None:
         try:
             project.runner.prepare(trig.pipeline, trig.run)
         except FlowerPowerError as exc:
-            log.error("pipeline_not_ready", trigger=trig.name, pipeline=trig.pipeline, error=str(exc))
+            log.error(
+                "pipeline_not_ready", trigger=trig.name, pipeline=trig.pipeline, error=str(exc)
+            )
 
 
 class _Started:
@@ -662,12 +719,21 @@ async def run_worker(settings: Settings) -> None:
     from .results import MqttResultSink
 
     if not settings.queue.is_redis:
-        raise ConfigError([ConfigProblem("config", "queue.broker",
-                                         "a worker needs queue.broker: redis://...; 'memory' runs in the daemon")])
+        raise ConfigError(
+            [
+                ConfigProblem(
+                    "config",
+                    "queue.broker",
+                    "a worker needs queue.broker: redis://...; 'memory' runs in the daemon",
+                )
+            ]
+        )
     project = FlowerPowerProject.load(settings.project, storage_options=settings.storage_options)
     client_id = f"{settings.mqtt.client_id}-worker-{socket.gethostname()}-{os.getpid()}"
     link = MqttLink(settings.mqtt, client_id=client_id)
-    sink = MqttResultSink(link, qos=settings.mqtt.result_qos, max_bytes=settings.mqtt.max_result_bytes)
+    sink = MqttResultSink(
+        link, qos=settings.mqtt.result_qos, max_bytes=settings.mqtt.max_result_bytes
+    )
     broker = create_broker(settings.queue, worker=True)
     broker.is_worker_process = True
     register_run_task(broker, RunExecutor(project.runner, sink))
@@ -687,7 +753,9 @@ async def run_worker(settings: Settings) -> None:
                         return
 
             tg.start_soon(stop_on_signal, name="signals")
-            log.info("worker_ready", queue=settings.queue.broker, pipelines=sorted(project.pipelines))
+            log.info(
+                "worker_ready", queue=settings.queue.broker, pipelines=sorted(project.pipelines)
+            )
             await run_receiver_task(
                 broker,
                 max_async_tasks=settings.queue.worker_concurrency,

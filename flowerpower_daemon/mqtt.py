@@ -120,7 +120,7 @@ class MqttLink:
         props = None
         kwargs: dict[str, Any] = {}
         if self._v5():
-            props = Properties(PacketTypes.CONNECT)
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             props.SessionExpiryInterval = 0 if s.clean_start else s.session_expiry
             props.ReceiveMaximum = self.receive_maximum
             kwargs["clean_start"] = s.clean_start
@@ -270,14 +270,14 @@ class MqttLink:
         self, client: aiomqtt.Client, generation: int, mid: int, qos: int
     ) -> Callable[[], Awaitable[None]]:
         async def ack() -> None:
-            # A message from an earlier connection is redelivered by the broker; its old mid is void.
+            # A message of an earlier connection is redelivered by the broker; its mid is void.
             if qos > 0 and generation == self._generation and self._client is client:
                 client._client.ack(mid, qos)
 
         return ack
 
     async def set_subscriptions(self, subscriptions: Sequence[tuple[str, int]]) -> None:
-        """Replace the subscriptions (reload): (un)subscribe now if connected; kept for reconnects."""
+        """Replace the subscriptions (reload): apply now if connected, keep for reconnects."""
         old = dict(self.subscriptions)
         new = dict(subscriptions)
         self.subscriptions = list(new.items())
@@ -315,7 +315,7 @@ class MqttLink:
     async def _publish_now(self, client: aiomqtt.Client, msg: OutgoingMessage) -> None:
         props = None
         if msg.correlation_data is not None and self._v5():
-            props = Properties(PacketTypes.PUBLISH)
+            props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
             props.CorrelationData = msg.correlation_data
         await client.publish(
             msg.topic, msg.payload, qos=msg.qos, retain=msg.retain, properties=props, timeout=10
@@ -362,9 +362,9 @@ def status_payload_factory(
 
 
 async def request_reply(
-    url: str, topic: str, payload: dict[str, Any], *, timeout: float = 30.0, protocol: str = "3.1.1"
+    url: str, topic: str, payload: dict[str, Any], *, protocol: str = "3.1.1"
 ) -> bytes:
-    """Publish ``payload`` with a fresh ``reply_to`` topic and return the first reply.
+    """Publish ``payload`` with a fresh ``reply_to`` topic and return the first reply (bound it).
 
     Works with MQTT 3.1.1 brokers (the embedded one) because the reply target
     travels in the JSON payload, not in MQTT v5 properties.
@@ -380,8 +380,7 @@ async def request_reply(
     ) as client:
         await client.subscribe(reply_to, qos=1)
         await client.publish(topic, orjson.dumps({**payload, "reply_to": reply_to}), qos=1)
-        with anyio.fail_after(timeout):
-            async for message in client.messages:
-                data = message.payload
-                return data if isinstance(data, bytes) else str(data).encode()
+        async for message in client.messages:
+            data = message.payload
+            return data if isinstance(data, bytes) else str(data).encode()
     raise TimeoutError(f"no reply on {reply_to}")

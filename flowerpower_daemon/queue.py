@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 import structlog
 from taskiq import AsyncBroker, AsyncTaskiqDecoratedTask, InMemoryBroker
@@ -95,4 +95,5 @@ def register_run_task(
     async def run_pipeline(request: dict[str, Any]) -> dict[str, Any]:
         return await executor(request)
 
-    return broker.register_task(run_pipeline, task_name=TASK_NAME)
+    task = broker.register_task(run_pipeline, task_name=TASK_NAME)
+    return cast("AsyncTaskiqDecoratedTask[[dict[str, Any]], dict[str, Any]]", task)

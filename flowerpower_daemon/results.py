@@ -35,7 +35,7 @@ class _Fields(dict[str, str]):
 
 
 def render_topic(template: str, fields: Mapping[str, Any]) -> str:
-    """Fill ``{pipeline}``, ``{trigger}``, ``{run_id}`` and topic fields; unknown names stay as is."""
+    """Fill ``{pipeline}``, ``{trigger}``, ``{run_id}`` and topic fields; unknown names stay."""
     # A field value must not add levels or wildcards to the topic it is put into.
     safe = {
         k: str(v).replace("/", "_").replace("+", "_").replace("#", "_") for k, v in fields.items()

@@ -322,7 +322,7 @@ class Settings(BaseSettings):
 
 
 def load_settings(path: str | None) -> Settings:
-    """Load the YAML file (optional) and the environment; raise ConfigError listing every problem."""
+    """Load the YAML file (optional) and the environment; ConfigError lists every problem."""
     shown = path or "<environment>"
     data: dict[str, Any] = {}
     if path is not None:
