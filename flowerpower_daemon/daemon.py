@@ -255,6 +255,8 @@ class Daemon:
                         sources.start_soon(self._mqtt_source, runs, name="source:mqtt")
                         for trig in self.triggers:
                             await self._start_source(trig)
+                        # The retained status says `online` only now: subscribed, timers armed.
+                        await link.announce_online()
                         log.info(
                             "daemon_ready",
                             version=__version__,
