@@ -377,6 +377,35 @@ def test_reload_applies_changes_and_refuses_a_broken_config(live: Live) -> None:
     assert {t["name"] for t in ok(live.sock, "triggers")} == {"temp", "tick"}
 
 
+async def test_reload_subscribes_to_new_mqtt_topics(live: Live) -> None:
+    """A trigger added by `reload` on a new MQTT topic receives messages at once."""
+    original = live.config.read_text()
+    tag = live.settings["mqtt"]["client_id"]
+    changed = yaml.safe_load(original)
+    changed["triggers"].append(
+        {
+            "name": "late",
+            "type": "mqtt",
+            "topic": f"{tag}/late/{{device}}",
+            "pipeline": "temperature",
+        }
+    )
+    results = live.settings["mqtt"]["result_topic"].format(pipeline="temperature")
+    try:
+        live.config.write_text(yaml.safe_dump(changed))
+        report = await anyio.to_thread.run_sync(lambda: ok(live.sock, "reload"))
+        assert report["added"] == ["late"]
+        async with client(live.port) as c:
+            await c.subscribe(results, qos=1)
+            await c.publish(f"{tag}/late/dev7", b'{"temperature": 12.5}', qos=1)
+            [(_, message, _)] = await collect(c, results, 1, timeout=30)
+        assert message["trigger"]["name"] == "late"
+        assert message["outputs"]["device_id"] == "dev7"
+    finally:
+        live.config.write_text(original)
+        await anyio.to_thread.run_sync(lambda: ok(live.sock, "reload"))
+
+
 def test_events_streams_run_events_until_interrupted(live: Live) -> None:
     """`events` prints one JSON line per event as runs happen; Ctrl-C ends it with exit 0."""
     cmd = [str(CTL), "--socket", str(live.sock), "--json", "events"]
@@ -454,23 +483,26 @@ def _child_cpu(cmd: list[str], runs: int) -> tuple[float, float]:
 
 
 def test_ctl_answers_fast(live: Live, capsys: pytest.CaptureFixture[str]) -> None:
-    """A socket round trip takes milliseconds; ctl costs little more than a bare interpreter."""
+    """A socket round trip takes milliseconds; ctl costs little more than importing anyio."""
     samples = []
     for _ in range(20):
         t0 = time.perf_counter()
         assert request(live.sock, "status")["ok"]
         samples.append(time.perf_counter() - t0)
-    bare_wall, bare_cpu = _child_cpu([sys.executable, "-c", "pass"], 5)
+    # The floor: an interpreter that imports what any anyio CLI needs.
+    floor = "import argparse, asyncio, anyio, orjson"
+    bare_wall, bare_cpu = _child_cpu([sys.executable, "-c", floor], 5)
     wall, cpu = _child_cpu([str(CTL), "--socket", str(live.sock), "--json", "status"], 5)
     with capsys.disabled():
         print(
             f"\n[ctl] socket round trip p50 {statistics.median(samples) * 1000:.2f} ms; "
             f"flowerpowerctl --json status: wall p50 {wall * 1000:.0f} ms, cpu {cpu * 1000:.0f} ms"
-            f" (bare python: wall {bare_wall * 1000:.0f} ms, cpu {bare_cpu * 1000:.0f} ms)"
+            f" (python importing anyio + orjson: wall {bare_wall * 1000:.0f} ms,"
+            f" cpu {bare_cpu * 1000:.0f} ms)"
         )
     assert statistics.median(samples) < 0.05
-    # Absolute numbers swing with the machine's load; the ctl's own share must stay small.
-    assert cpu - bare_cpu < 0.2
+    # Absolute numbers swing with the machine's load and page cache; ctl's own share is small.
+    assert cpu - bare_cpu < 0.15
 
 
 # ------------------------------------------------- a daemon of one's own
