@@ -173,10 +173,16 @@ class Daemon:
         self._runs: TaskGroup | None = None
         self._executor: Any = None
         self._reload_lock = anyio.Lock()
+        self._ready = False
 
     @property
     def stopping(self) -> bool:
         return self._stopping.is_set()
+
+    @property
+    def ready(self) -> bool:
+        """True once MQTT subscriptions are active and every source is armed."""
+        return self._ready
 
     def request_stop(self) -> None:
         """Begin a graceful shutdown (as SIGTERM)."""
@@ -265,6 +271,7 @@ class Daemon:
                             queue=s.queue.broker,
                             mqtt=f"{mqtt_settings.host}:{mqtt_settings.port}",
                         )
+                        self._ready = True
                         self.notifier.ready(self.status_line())
                         if ready is not None:
                             ready()

@@ -52,6 +52,8 @@ MAX_LIMIT = 1000
 
 Handler = Callable[[Mapping[str, Any], Connection, Any], Awaitable[Any]]
 _STREAMED = object()
+#: Commands that make sense before the daemon is ready.
+_ALWAYS = frozenset({"ping", "status", "stop", "events"})
 
 
 class Commands:
@@ -82,6 +84,8 @@ class Commands:
         """Answer one request; never raises for anything the client did."""
         handler = self._handlers[request.cmd]
         try:
+            if not self.daemon.ready and request.cmd not in _ALWAYS:
+                raise ProtocolError("unavailable", "the daemon is still starting; try again")
             if request.cmd == "events" or (request.cmd == "run" and request.args.get("wait")):
                 result = await _until_closed(conn, handler(request.args, conn, request.id))
                 if result is None:
@@ -120,7 +124,7 @@ class Commands:
         return {
             "version": __version__,
             "pid": os.getpid(),
-            "state": "stopping" if d.stopping else ("running" if d.dispatcher else "starting"),
+            "state": "stopping" if d.stopping else ("running" if d.ready else "starting"),
             "started_at": d.started_at.isoformat(),
             "uptime_s": round(time.monotonic() - d.started_monotonic, 3),
             "config": d.config_path,
