@@ -35,7 +35,7 @@ from . import __version__
 from .control.events import EventBus
 from .dispatch import Dispatcher, Stats
 from .errors import ConfigError, ConfigProblem, FlowerPowerError
-from .history import SqliteHistory
+from .history import history_for
 from .jobs import ActiveJob, JobTracker
 from .project.api import FlowerPowerProject
 from .project.models import RunRequest, RunResult, TriggerInfo, utcnow
@@ -163,7 +163,7 @@ class Daemon:
         self.started_at: datetime = utcnow()
         self.started_monotonic = time.monotonic()
         self.events = EventBus()
-        self.history = SqliteHistory(settings.state_path / "history.sqlite3")
+        self.history = history_for(settings)
         self.jobs = JobTracker(self.history, self.events, remote=settings.queue.is_redis)
         self.notifier = Notifier()
         self.control: Any = None
@@ -745,10 +745,15 @@ async def run_worker(settings: Settings) -> None:
     )
     broker = create_broker(settings.queue, worker=True)
     broker.is_worker_process = True
-    register_run_task(broker, RunExecutor(project.runner, sink))
+    history = history_for(settings)  # Redis: the daemon's `flowerpowerctl jobs` sees these runs
+
+    async def record(request: RunRequest, result: RunResult) -> None:
+        await history.record(result)
+
+    register_run_task(broker, RunExecutor(project.runner, sink, on_result=record))
     await broker.startup()
     try:
-        async with anyio.create_task_group() as tg:
+        async with history, anyio.create_task_group() as tg:
             await tg.start(link.run, name="mqtt-link")
 
             async def stop_on_signal() -> None:

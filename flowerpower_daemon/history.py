@@ -12,6 +12,10 @@ transaction per batch, in a worker thread. Queries run in the same
 one-at-a-time thread lane and first write whatever is queued, so a run is
 visible as soon as its result is recorded. Runs still queued or running are
 not here; the daemon's job tracker knows them.
+
+With ``queue.broker`` on Redis the history is :class:`RedisHistory` instead,
+so the runs that ``flowerpower-daemon worker`` processes execute on other
+machines are visible to ``flowerpowerctl`` too.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import time
 from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 import anyio.to_thread
@@ -32,8 +36,9 @@ from anyio.abc import TaskStatus
 
 from .encoding import encode_result
 from .project.models import RunResult
+from .settings import Settings
 
-__all__ = ["FINISHED_STATES", "SqliteHistory"]
+__all__ = ["FINISHED_STATES", "JobHistory", "RedisHistory", "SqliteHistory", "history_for"]
 
 log = structlog.get_logger("flowerpower_daemon.history")
 
@@ -133,24 +138,12 @@ class SqliteHistory:
         self._pending.append(self._row(result))
         self._wake.set()
 
+    @property
+    def location(self) -> str:
+        return str(self.path)
+
     def _row(self, result: RunResult) -> Row:
-        error = result.error
-        return (
-            result.run_id,
-            result.pipeline,
-            result.trigger.name,
-            result.trigger.type,
-            result.status,
-            result.queued_at.isoformat(),
-            result.started_at.isoformat(),
-            result.finished_at.isoformat(),
-            result.finished_at.timestamp(),
-            round(result.duration_ms, 3),
-            len(result.attempts),
-            error.type if error else None,
-            error.message if error else None,
-            encode_result(result, max_bytes=self.max_result_bytes),
-        )
+        return (*_fields(result), encode_result(result, max_bytes=self.max_result_bytes))
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """The writer task: writes queued rows in batches until cancelled."""
@@ -255,6 +248,26 @@ class SqliteHistory:
         return int(self._db.execute("SELECT COUNT(*) FROM jobs").fetchone()[0])
 
 
+def _fields(result: RunResult) -> Row:
+    """The columns of one run, in ``_COLUMNS`` order."""
+    error = result.error
+    return (
+        result.run_id,
+        result.pipeline,
+        result.trigger.name,
+        result.trigger.type,
+        result.status,
+        result.queued_at.isoformat(),
+        result.started_at.isoformat(),
+        result.finished_at.isoformat(),
+        result.finished_at.timestamp(),
+        round(result.duration_ms, 3),
+        len(result.attempts),
+        error.type if error else None,
+        error.message if error else None,
+    )
+
+
 def _summary(row: Row) -> dict[str, Any]:
     (
         run_id,
@@ -283,3 +296,138 @@ def _summary(row: Row) -> dict[str, Any]:
         "attempts": attempts,
         "error": {"type": error_type, "message": error_message} if error_type else None,
     }
+
+
+# ------------------------------------------------------------------- Redis
+
+
+class JobHistory(Protocol):
+    """What the daemon and the control socket need from a history store."""
+
+    recorded: int
+
+    @property
+    def location(self) -> str: ...
+
+    async def record(self, result: RunResult) -> None: ...
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None: ...
+
+    async def recent(
+        self, *, pipeline: str | None = None, states: Sequence[str] = (), limit: int = 20
+    ) -> list[dict[str, Any]]: ...
+
+    async def get(self, run_id: str) -> dict[str, Any] | None: ...
+
+    async def count(self) -> int: ...
+
+    async def __aenter__(self) -> Any: ...
+
+    async def __aexit__(self, *exc: object) -> None: ...
+
+
+class RedisHistory:
+    """The job history in Redis, shared by the daemon and every worker (``queue.broker`` Redis).
+
+    Each run is a JSON string at ``<prefix>:job:<run_id>`` that expires after
+    ``max_age``; the sorted set ``<prefix>:jobs`` (score: finish time) orders
+    them and is trimmed to ``max_jobs`` on every write. Writes go straight to
+    Redis (one pipelined round trip per run, no thread).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "flowerpower:history",
+        max_jobs: int = 10_000,
+        max_age: timedelta = timedelta(days=7),
+        max_result_bytes: int = 64 * 1024,
+    ) -> None:
+        self.url = url
+        self.prefix = prefix
+        self.max_jobs = max_jobs
+        self.max_age = max_age
+        self.max_result_bytes = max_result_bytes
+        self.recorded = 0
+        self._redis: Any = None
+
+    @property
+    def location(self) -> str:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(self.url)
+        return f"{parts.scheme}://{parts.hostname}:{parts.port or 6379}{parts.path} ({self.prefix})"
+
+    async def __aenter__(self) -> RedisHistory:
+        import redis.asyncio as aioredis
+
+        self._redis = aioredis.Redis.from_url(self.url)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._redis is not None:
+            with anyio.move_on_after(5, shield=True):
+                await self._redis.aclose()
+            self._redis = None
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Nothing to write in the background (writes are direct); kept for symmetry."""
+        task_status.started()
+
+    async def record(self, result: RunResult) -> None:
+        """Store one finished run; a Redis error is logged, never raised (the run is done)."""
+        row = _summary(_fields(result))
+        row["result"] = orjson.Fragment(encode_result(result, max_bytes=self.max_result_bytes))
+        ttl = max(1, int(self.max_age.total_seconds()))
+        now = time.time()
+        try:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.set(f"{self.prefix}:job:{result.run_id}", orjson.dumps(row), ex=ttl)
+                pipe.zadd(f"{self.prefix}:jobs", {result.run_id: result.finished_at.timestamp()})
+                pipe.zremrangebyscore(f"{self.prefix}:jobs", "-inf", now - ttl)
+                pipe.zremrangebyrank(f"{self.prefix}:jobs", 0, -self.max_jobs - 1)
+                await pipe.execute()
+        except Exception as exc:  # redis.RedisError, OSError ...
+            log.error("history_write_failed", error=str(exc), run_id=result.run_id)
+            return
+        self.recorded += 1
+
+    async def recent(
+        self, *, pipeline: str | None = None, states: Sequence[str] = (), limit: int = 20
+    ) -> list[dict[str, Any]]:
+        """Newest first, filtered; scans the index page by page until ``limit`` rows match."""
+        out: list[dict[str, Any]] = []
+        start, page = 0, max(100, limit)
+        while len(out) < limit:
+            ids = await self._redis.zrevrange(f"{self.prefix}:jobs", start, start + page - 1)
+            if not ids:
+                break
+            start += len(ids)
+            blobs = await self._redis.mget([f"{self.prefix}:job:{i.decode()}" for i in ids])
+            for blob in blobs:
+                if blob is None:
+                    continue  # expired
+                row = orjson.loads(blob)
+                row.pop("result", None)
+                if (pipeline is None or row["pipeline"] == pipeline) and (
+                    not states or row["state"] in states
+                ):
+                    out.append(row)
+                    if len(out) == limit:
+                        break
+        return out
+
+    async def get(self, run_id: str) -> dict[str, Any] | None:
+        blob = await self._redis.get(f"{self.prefix}:job:{run_id}")
+        return None if blob is None else orjson.loads(blob)
+
+    async def count(self) -> int:
+        return int(await self._redis.zcard(f"{self.prefix}:jobs"))
+
+
+def history_for(settings: Settings) -> JobHistory:
+    """SQLite in the state dir, or Redis next to the queue when ``queue.broker`` is Redis."""
+    if settings.queue.is_redis:
+        return RedisHistory(settings.queue.broker, prefix=f"{settings.queue.queue_name}:history")
+    return SqliteHistory(settings.state_path / "history.sqlite3")

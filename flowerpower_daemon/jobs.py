@@ -28,7 +28,7 @@ import structlog
 from anyio.abc import TaskGroup
 
 from .control.events import EventBus
-from .history import SqliteHistory
+from .history import JobHistory
 from .project.models import AttemptInfo, ErrorInfo, RunRequest, RunResult, utcnow
 from .results import ResultSink
 
@@ -76,7 +76,7 @@ class JobTracker:
 
     def __init__(
         self,
-        history: SqliteHistory | None,
+        history: JobHistory | None,
         events: EventBus,
         *,
         sink: ResultSink | None = None,

@@ -161,7 +161,7 @@ class Commands:
             "paused": sorted(d.schedules.paused),
             "history": {
                 "recorded": history.recorded if history else 0,
-                "path": str(history.path) if history else None,
+                "location": history.location if history else None,
             },
             "control": {
                 "clients": d.control.clients if d.control else 0,
