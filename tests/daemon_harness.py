@@ -35,6 +35,12 @@ EXTRA_PIPELINES = {
         "def boom(x: int = 1) -> int:\n"
         '    """Raise."""\n    raise RuntimeError(f"boom {x}")\n'
     ),
+    "tagged": (
+        '"""Sleeps, then returns the message id it was given: for delivery tests."""\n'
+        "import time\n\n\n"
+        "def msg(msg_id: int, seconds: float = 0.2) -> int:\n"
+        '    """Sleep for `seconds`, return `msg_id`."""\n    time.sleep(seconds)\n    return msg_id\n'
+    ),
     "touched": (
         '"""Runs on file events."""\n\n\n'
         "def seen(file_path: str, file_event: str) -> str:\n"
