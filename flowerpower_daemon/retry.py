@@ -7,6 +7,7 @@ retryable. The loops that sleep live with their callers.
 from __future__ import annotations
 
 import random
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -37,8 +38,10 @@ def exception_matches(exc: BaseException, names: Sequence[str]) -> bool:
 
     A name matches a class along the exception's MRO by its plain name
     (``ValueError``, ``TransientDatabaseError``) or its dotted path
-    (``requests.exceptions.ConnectionError``); nothing is imported. An empty
-    list matches every ``Exception``.
+    (``requests.exceptions.ConnectionError``). A dotted name may also be a
+    public alias such as ``json.JSONDecodeError`` (defined in
+    ``json.decoder``), resolved only in modules already imported: nothing is
+    imported. An empty list matches every ``Exception``.
     """
     if not names:
         return isinstance(exc, Exception)
@@ -46,4 +49,11 @@ def exception_matches(exc: BaseException, names: Sequence[str]) -> bool:
     for cls in type(exc).__mro__:
         if cls.__name__ in wanted or f"{cls.__module__}.{cls.__qualname__}" in wanted:
             return True
-    return False
+    return any(_is_alias_of(name, exc) for name in wanted if "." in name)
+
+
+def _is_alias_of(dotted: str, exc: BaseException) -> bool:
+    module_name, _, attr = dotted.rpartition(".")
+    module = sys.modules.get(module_name)
+    target = getattr(module, attr, None) if module is not None else None
+    return isinstance(target, type) and isinstance(exc, target)

@@ -7,9 +7,11 @@ Hamilton's telemetry is switched off before the import.
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import logging
 import os
+import typing
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import ModuleType, TracebackType
@@ -17,18 +19,20 @@ from typing import Any
 
 os.environ.setdefault("HAMILTON_TELEMETRY_ENABLED", "false")
 
-from hamilton import async_driver, driver, htypes  # noqa: E402
-from hamilton import node as h_node  # noqa: E402
-from hamilton.execution import executors  # noqa: E402
-from hamilton.execution.graph_functions import node_is_required_by_anything  # noqa: E402
+from hamilton import async_driver, driver, htypes
+from hamilton import node as h_node
+from hamilton.execution import executors
+from hamilton.execution.graph_functions import node_is_required_by_anything
 
-from ..errors import DependencyMissingError, InputError  # noqa: E402
-from .config import AdapterConfig, CacheConfig, ExecutorConfig, WithAdapterConfig  # noqa: E402
+from ..errors import DependencyMissingError, InputError
+from .config import AdapterConfig, CacheConfig, ExecutorConfig, WithAdapterConfig
 
 __all__ = [
     "DagInfo",
     "build_driver",
     "describe_nodes",
+    "execute_async",
+    "init_async_driver",
     "is_async_modules",
     "is_input_validation_error",
 ]
@@ -44,7 +48,7 @@ class _DropHelpBanner(logging.Filter):
         return "Oh no an error" not in text and "encountered an error" not in text
 
 
-for _name in ("hamilton.driver", "hamilton.execution.graph_functions"):
+for _name in ("hamilton.driver", "hamilton.async_driver", "hamilton.execution.graph_functions"):
     _logger = logging.getLogger(_name)
     if not any(isinstance(f, _DropHelpBanner) for f in _logger.filters):
         _logger.addFilter(_DropHelpBanner())
@@ -66,10 +70,18 @@ def is_async_modules(modules: Iterable[ModuleType]) -> bool:
     return False
 
 
+def _return_type(fn: Any) -> Any:
+    """``fn``'s return annotation, resolved when it is a string (PEP 563 modules)."""
+    try:
+        return typing.get_type_hints(fn).get("return", inspect.Signature.empty)
+    except Exception:
+        return inspect.signature(fn).return_annotation
+
+
 def _has_parallelizable(modules: Iterable[ModuleType]) -> bool:
     for module in modules:
         for _, fn in inspect.getmembers(module, inspect.isfunction):
-            ret = inspect.signature(fn).return_annotation
+            ret = _return_type(fn)
             if ret is not inspect.Signature.empty and not isinstance(ret, str):
                 try:
                     if htypes.is_parallelizable_type(ret):
@@ -91,7 +103,7 @@ def _adapters(
         out.append(h_tqdm.ProgressBar(desc=pipeline))
     if flags.hamilton_tracker:
         try:
-            from hamilton_sdk import adapters as sdk
+            sdk = importlib.import_module("hamilton_sdk.adapters")
         except ImportError as exc:
             raise _extra("with_adapter.hamilton_tracker", "tracker", exc) from None
         t = settings.hamilton_tracker
@@ -172,13 +184,13 @@ def _apply_executor(
         )
     elif kind == "dask":
         try:
-            from dask.distributed import Client, LocalCluster
+            distributed = importlib.import_module("dask.distributed")
             from hamilton.plugins import h_dask
         except ImportError as exc:
             raise _extra("executor 'dask'", "dask", exc) from None
-        cluster = LocalCluster(n_workers=executor.max_workers or 2, processes=False)
+        cluster = distributed.LocalCluster(n_workers=executor.max_workers or 2, processes=False)
         builder.enable_dynamic_execution(allow_experimental_mode=True)
-        builder.with_remote_executor(h_dask.DaskExecutor(client=Client(cluster)))
+        builder.with_remote_executor(h_dask.DaskExecutor(client=distributed.Client(cluster)))
 
 
 def build_driver(
@@ -205,7 +217,9 @@ def build_driver(
         if adapters:
             ab = ab.with_adapters(*adapters)
         if cache.enabled:
-            raise InputError(f"pipeline {pipeline!r}: Hamilton's async driver does not support cache")
+            raise InputError(
+                f"pipeline {pipeline!r}: Hamilton's async driver does not support cache"
+            )
         return ab.build_without_init()
     builder = driver.Builder().with_modules(*modules).with_config(dict(config))
     builder.allow_module_overrides()
@@ -226,6 +240,18 @@ def build_driver(
 async def init_async_driver(dr: Any) -> Any:
     """Run the async driver's ``ainit`` (its adapters' async set-up)."""
     return await dr.ainit()
+
+
+async def execute_async(dr: Any, final_vars: list[str], inputs: dict[str, Any]) -> Any:
+    """Execute on the async driver, validating inputs first as the sync driver does.
+
+    Hamilton's async driver skips ``validate_inputs``: a missing input would
+    surface as a ``NotImplementedError`` from deep inside the graph (and be
+    retried), a wrongly typed one would reach the node.
+    """
+    nodes, user_nodes = dr.graph.get_upstream_nodes(final_vars, inputs)
+    driver.Driver.validate_inputs(dr.graph, dr.adapter, user_nodes, inputs, nodes)
+    return await dr.execute(final_vars, inputs=inputs)
 
 
 @dataclass(frozen=True, slots=True)

@@ -37,9 +37,13 @@ _OVERRIDE_KEYS = (
 )
 
 
+_OVERRIDE_KEY_SET = frozenset(_OVERRIDE_KEYS)
+_MANUAL = TriggerInfo()
+
+
 def build_overrides(**values: Any) -> dict[str, Any]:
     """Keep the ``run:`` overrides that were actually given (``None`` means 'from YAML')."""
-    unknown = set(values) - set(_OVERRIDE_KEYS)
+    unknown = values.keys() - _OVERRIDE_KEY_SET
     if unknown:
         raise TypeError(f"unknown run option(s): {', '.join(sorted(unknown))}")
     return {k: v for k, v in values.items() if v is not None}
@@ -149,7 +153,7 @@ class FlowerPowerProject:
             pipeline=name,
             inputs=dict(inputs or {}),
             overrides=build_overrides(**run_options),
-            trigger=trigger or TriggerInfo(),
+            trigger=trigger or _MANUAL,
         )
 
     def execute(self, request: RunRequest) -> RunResult:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime, timedelta
 from typing import Any, Literal, TypeVar, get_args
 
@@ -219,26 +219,24 @@ class ScheduleConfig(_Frozen):
         if not isinstance(value, Mapping):
             return value
         data = dict(value)
-        parsers: dict[str, Any] = {
-            "timezone": parse_timezone,
+        # Errors name the key (``schedule.cron``), not just the section.
+        zone = data.get("timezone")
+        try:
+            tz = parse_timezone(None if zone is None else str(zone))
+        except ValueError as exc:
+            raise _error_at(cls.__name__, "timezone", zone, str(exc)) from None
+        parsers: dict[str, Callable[[Any], Any]] = {
             "cron": parse_cron,
             "interval": parse_interval,
-            "date": parse_date,
+            "date": lambda raw: parse_date(raw, tz),
         }
         for key, parse in parsers.items():
-            raw = data.get(key)
-            if raw is None and key != "timezone":
+            if data.get(key) is None:
                 continue
-            args = (data["timezone"],) if key == "date" else ()
             try:
-                parsed = parse(raw, *args)
+                data[key] = parse(data[key])
             except ValueError as exc:
-                # Name the key (``schedule.cron``), not just the section.
-                raise _error_at(cls.__name__, key, raw, str(exc)) from None
-            if key != "timezone":
-                data[key] = parsed
-            else:
-                tz = parsed
+                raise _error_at(cls.__name__, key, data[key], str(exc)) from None
         given = [k for k in ("cron", "interval", "date") if data.get(k) is not None]
         if len(given) > 1:
             raise ValueError(f"give only one of cron, interval, date (got {', '.join(given)})")
@@ -364,7 +362,8 @@ def expand_env(
             if default is not None:
                 return default
             problems.append(
-                f"{_dotted(path)}: environment variable {name} is not set (use ${{{name}:-default}})"
+                f"{_dotted(path)}: environment variable {name} is not set "
+                f"(use ${{{name}:-default}})"
             )
             return match.group(0)
 
@@ -453,7 +452,9 @@ def format_validation_error(
         loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
         key = _dotted(loc)
         if err["type"] == "extra_forbidden":
-            owner = _model_at(model, loc)
+            # ``run.retry`` is a block of RunConfig's retry keys, not a field of its own.
+            in_retry = loc[-2:-1] == ("retry",) and _model_at(model, loc[:-1]) is RunConfig
+            owner = _RetryBlock if in_retry else _model_at(model, loc)
             valid = _valid_keys(owner) if owner else []
             close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.6)
             hint = f"; did you mean {close[0]!r}?" if close else ""

@@ -20,7 +20,7 @@ from typing import Any
 from ..errors import PipelineImportError
 from .registry import ProjectFiles
 
-__all__ = ["import_pipeline_module", "import_callable", "module_name_for"]
+__all__ = ["import_callable", "import_pipeline_module", "module_name_for"]
 
 
 def module_name_for(files: ProjectFiles, name: str) -> str:
@@ -50,7 +50,9 @@ def import_pipeline_module(files: ProjectFiles, rel: str, module_name: str) -> t
     except FileNotFoundError:
         raise PipelineImportError(f"{shown}: module file not found") from None
     try:
-        code = compile(source, shown, "exec")
+        # dont_inherit: this file's ``from __future__ import annotations`` must not leak
+        # into the pipeline module (its annotations would all become strings).
+        code = compile(source, shown, "exec", dont_inherit=True)
     except SyntaxError as exc:
         raise PipelineImportError(
             f"{shown}:{exc.lineno}: syntax error: {exc.msg}"
@@ -60,7 +62,8 @@ def import_pipeline_module(files: ProjectFiles, rel: str, module_name: str) -> t
     module.__file__ = shown
     _ensure_parents(module_name)
     if files.is_local and files.root not in sys.path:
-        # Lets pipeline modules import their siblings (``from pipelines import util``), as in FlowerPower.
+        # Lets pipeline modules import their siblings (``from pipelines import util``),
+        # as in FlowerPower.
         sys.path.insert(0, files.root)
     previous = sys.modules.get(module_name)
     sys.modules[module_name] = module
@@ -71,10 +74,8 @@ def import_pipeline_module(files: ProjectFiles, rel: str, module_name: str) -> t
             sys.modules[module_name] = previous
         else:
             sys.modules.pop(module_name, None)
-        line = next(
-            (f.lineno for f in reversed(traceback.extract_tb(exc.__traceback__)) if f.filename == shown),
-            None,
-        )
+        frames = reversed(traceback.extract_tb(exc.__traceback__))
+        line = next((f.lineno for f in frames if f.filename == shown), None)
         raise PipelineImportError(
             f"{shown}:{line}: importing the module raised {type(exc).__name__}: {exc}"
         ) from exc

@@ -145,18 +145,17 @@ def load_spec(files: ProjectFiles) -> ProjectSpec:
     if files.exists(PROJECT_YML):
         data, found = load_yaml_text(files.read_text(PROJECT_YML), files.display(PROJECT_YML))
         problems += found
-        model, found = validate_model(ProjectConfig, data, files.display(PROJECT_YML))
+        project_model, found = validate_model(ProjectConfig, data, files.display(PROJECT_YML))
         problems += found
-        project = model or project
+        project = project_model or project
     pipelines: dict[str, PipelineConfig] = {}
     modules = set(files.pipeline_names())
     for name in sorted(modules | set(files.names(PIPELINES_CONF, ".yml"))):
         rel = files.config_rel(name)
         shown = files.display(rel)
         if name not in modules:
-            problems.append(
-                ConfigProblem(shown, "", f"no module {files.module_rel(name)} for pipeline {name!r}")
-            )
+            missing = f"no module {files.module_rel(name)} for pipeline {name!r}"
+            problems.append(ConfigProblem(shown, "", missing))
             continue
         data = {}
         if files.exists(rel):
@@ -187,7 +186,9 @@ def init_project(
     for rel in ("conf/pipelines", PIPELINES_DIR, HOOKS_DIR):
         files.makedirs(rel)
     defaults = {
-        PROJECT_YML: PROJECT_YAML_TEMPLATE.format(name=yaml.safe_dump(name).strip().removesuffix("...").strip()),
+        PROJECT_YML: PROJECT_YAML_TEMPLATE.format(
+            name=yaml.safe_dump(name).strip().removesuffix("...").strip()
+        ),
         f"{PIPELINES_DIR}/__init__.py": "",
         f"{HOOKS_DIR}/__init__.py": "",
         "README.md": PROJECT_README_TEMPLATE.format(name=name),

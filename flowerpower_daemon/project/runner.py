@@ -20,7 +20,7 @@ import inspect
 import random
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from contextlib import suppress
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -184,11 +184,17 @@ class PipelineRunner:
         if state is not None and not run.reload:
             if now - state.checked_at <= self._check_interval:
                 return state
+        try:
             signature = tuple(files.signature(r) for r in rels)
-            if signature == state.signature:
-                state.checked_at = now
-                return state
-        signature = tuple(files.signature(r) for r in rels)
+        except FileNotFoundError:
+            # Deleted since the project was loaded: a failed run, not an exception escaping run().
+            missing = [files.display(r) for r in rels if not files.exists(r)]
+            raise PipelineImportError(
+                f"pipeline {pipeline!r}: module file not found: {', '.join(missing)}"
+            ) from None
+        if state is not None and not run.reload and signature == state.signature:
+            state.checked_at = now
+            return state
         modules = [
             import_pipeline_module(files, rel, module_name_for(files, name))
             for rel, name in zip(rels, (pipeline, *local_extra), strict=True)
@@ -204,6 +210,11 @@ class PipelineRunner:
                 ) from None
         from . import _hamilton
 
+        if state is not None:
+            # Drivers of the previous generation are never used again: drop them, or a
+            # pipeline with ``reload: true`` (or edited often) would keep every one it built.
+            for stale in [k for k in self._drivers if k[0] == pipeline]:
+                del self._drivers[stale]
         new = _ModuleState(
             modules=tuple(modules),
             files=tuple(files.display(r) for r in rels),
@@ -316,8 +327,12 @@ class PipelineRunner:
             try:
                 with anyio.move_on_after(timeout) as scope:
                     if prepared.is_async:
+                        from . import _hamilton
+
                         out = _as_mapping(
-                            await prepared.driver.execute(list(prepared.final_vars), inputs=inputs)
+                            await _hamilton.execute_async(
+                                prepared.driver, list(prepared.final_vars), inputs
+                            )
                         )
                     else:
                         out = await anyio.to_thread.run_sync(
@@ -394,6 +409,8 @@ class PipelineRunner:
 
 class _Attempts:
     """Records attempts and decides, from the retry policy, whether and when to retry."""
+
+    __slots__ = ("exception", "log", "outputs", "prepared", "request", "rng")
 
     def __init__(self, request: RunRequest, prepared: Prepared, rng: random.Random) -> None:
         self.request = request
@@ -494,7 +511,7 @@ def _failed_before_start(request: RunRequest, exc: FlowerPowerError) -> RunResul
 
 
 def _as_mapping(out: Any) -> Mapping[str, Any]:
-    if isinstance(out, Mapping):
+    if type(out) is dict or isinstance(out, Mapping):
         return out
     to_dict = getattr(out, "to_dict", None)
     if callable(to_dict):
@@ -518,14 +535,23 @@ def _callback(pipeline: str, key: str, path: str | None) -> Callable[..., Any] |
     try:
         fn = import_callable(path)
     except ImportError as exc:
-        raise InputError(f"pipeline {pipeline!r}: run.{key}: cannot import {path!r}: {exc}") from None
+        raise InputError(
+            f"pipeline {pipeline!r}: run.{key}: cannot import {path!r}: {exc}"
+        ) from None
     if not callable(fn):
         raise InputError(f"pipeline {pipeline!r}: run.{key}: {path!r} is not callable")
     return fn  # type: ignore[no-any-return]
 
 
 def _call_logged(callback: Callable[..., Any], result: RunResult) -> None:
+    """Call a callback from sync code; an ``async def`` one is run to completion here."""
     try:
-        callback(result)
+        out = callback(result)
+        if inspect.isawaitable(out):
+            anyio.run(_awaited, out)
     except Exception:
         log.exception("callback_failed", pipeline=result.pipeline, run_id=result.run_id)
+
+
+async def _awaited(awaitable: Awaitable[Any]) -> None:
+    await awaitable
