@@ -46,7 +46,6 @@ __all__ = [
 ]
 
 _M = TypeVar("_M", bound=BaseModel)
-_NOFIELD = Field(default=None)
 
 ExecutorType = Literal["local", "threadpool", "processpool", "ray", "dask"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
@@ -414,6 +413,11 @@ def _candidates(annotation: Any) -> list[type[BaseModel]]:
     return out
 
 
+def _annotation(model: type[BaseModel], name: str) -> Any:
+    info = model.model_fields.get(name)
+    return info.annotation if info is not None else None
+
+
 def _model_at(model: type[BaseModel], loc: tuple[str | int, ...]) -> type[BaseModel] | None:
     """The model class that owns the key at ``loc`` (for nearest-key suggestions)."""
     current: type[BaseModel] = model
@@ -427,7 +431,7 @@ def _model_at(model: type[BaseModel], loc: tuple[str | int, ...]) -> type[BaseMo
             parts.pop(0)
         if len(found) > 1 and parts and isinstance(parts[0], str):
             tag = parts[0]
-            tagged = [c for c in found if tag in get_args(c.model_fields.get("type", _NOFIELD).annotation)]
+            tagged = [c for c in found if tag in get_args(_annotation(c, "type"))]
             if tagged:
                 parts.pop(0)
                 found = tagged

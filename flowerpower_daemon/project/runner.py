@@ -83,12 +83,21 @@ class Prepared:
     ready: list[bool] = field(default_factory=lambda: [False])
 
     def inputs_for(self, request: RunRequest) -> dict[str, Any]:
-        """params < run.inputs < request inputs, key by key; JSON ints accepted for floats."""
+        """params < run.inputs < request inputs, key by key; JSON ints accepted for floats.
+
+        A request input named like a Hamilton config key (a payload field the
+        config hook also read, say) is dropped: Hamilton rejects the clash and
+        the config decides.
+        """
         inputs = {**self.base_inputs, **request.inputs}
         for name in self.float_inputs.intersection(request.inputs):
             value = inputs[name]
             if type(value) is int:
                 inputs[name] = float(value)
+        config_keys = self.dag.config_keys
+        if config_keys:
+            for name in config_keys.intersection(inputs):
+                del inputs[name]
         return inputs
 
 
