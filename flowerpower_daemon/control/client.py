@@ -324,6 +324,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return anyio.run(_main, path, cmd, cmd_args, args.json, timeout)
     except KeyboardInterrupt:
         return EXIT_OK if cmd == "events" else 130
+    except BrokenPipeError:
+        # The reader went away (`| head`): not an error; keep Python from complaining at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
 
 
 async def _main(

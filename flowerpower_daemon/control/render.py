@@ -5,7 +5,6 @@ rich is imported only when a table is printed, so ``--json`` stays cheap.
 
 from __future__ import annotations
 
-import shutil
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -68,6 +67,8 @@ def result(cmd: str, args: Mapping[str, Any], value: Any, as_json: bool) -> int:
 
 
 def _console() -> Any:
+    import shutil
+
     from rich.console import Console
 
     width = None if sys.stdout.isatty() else max(160, shutil.get_terminal_size().columns)
