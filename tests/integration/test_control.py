@@ -377,6 +377,24 @@ def test_reload_applies_changes_and_refuses_a_broken_config(live: Live) -> None:
     assert {t["name"] for t in ok(live.sock, "triggers")} == {"temp", "tick"}
 
 
+def test_reload_picks_up_new_and_changed_pipeline_code(live: Live) -> None:
+    """`reload` finds a new pipeline module and runs the new code after it changes."""
+    module = Path(live.settings["project"]) / "pipelines" / "ver.py"
+    try:
+        module.write_text('def version() -> int:\n    """v1"""\n    return 1\n')
+        assert "ver" in ok(live.sock, "reload")["pipelines_added"]
+        first = ok(live.sock, "run", "ver", "--wait")
+        assert first["result"]["outputs"] == {"version": 1}
+        module.write_text('def version() -> int:\n    """v2"""\n    return 2\n')
+        ok(live.sock, "reload")
+        second = ok(live.sock, "run", "ver", "--wait")
+        assert second["result"]["outputs"] == {"version": 2}
+    finally:
+        module.unlink(missing_ok=True)
+        ok(live.sock, "reload")
+    assert "ver" not in {p["name"] for p in ok(live.sock, "pipelines")}
+
+
 async def test_reload_subscribes_to_new_mqtt_topics(live: Live) -> None:
     """A trigger added by `reload` on a new MQTT topic receives messages at once."""
     original = live.config.read_text()
