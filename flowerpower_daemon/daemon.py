@@ -224,7 +224,19 @@ class Daemon:
             sink = MqttResultSink(link, qos=s.mqtt.result_qos, max_bytes=s.mqtt.max_result_bytes)
             self.sink = self.jobs.sink = sink
             broker = create_broker(s.queue)
-            executor = RunExecutor(self.project.runner, sink, on_result=self._on_result)
+            dedup = None
+            if any(t.dedup_key for t in self.triggers):
+                if s.queue.is_redis:
+                    log.warning("dedup_key_ignored_on_redis_queue", reason="keys are kept locally")
+                else:
+                    from .dedup import DedupStore
+
+                    dedup = await stack.enter_async_context(
+                        DedupStore(s.state_path / "dedup.sqlite3")
+                    )
+            executor = RunExecutor(
+                self.project.runner, sink, on_result=self._on_result, dedup=dedup
+            )
             self._executor = executor
             task = register_run_task(broker, executor)
             await broker.startup()
@@ -245,6 +257,7 @@ class Daemon:
                 remote=s.queue.is_redis,
                 stats=self.stats,
                 config_hooks=hooks,
+                dedup=dedup,
             )
             async with anyio.create_task_group() as root:
                 root.start_soon(self._signals, root, name="signals")
@@ -593,6 +606,7 @@ class Daemon:
                         "qos": msg.qos,
                         "response_topic": msg.response_topic,
                         "correlation_data": msg.correlation_data,
+                        "user_properties": msg.user_properties,
                     },
                     ack=ack,
                 )

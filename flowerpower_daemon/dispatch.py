@@ -22,6 +22,7 @@ import orjson
 import structlog
 from anyio.abc import TaskGroup
 
+from .dedup import DedupStore, render_key
 from .errors import FlowerPowerError
 from .project.hooks import ConfigHook
 from .project.models import (
@@ -34,7 +35,7 @@ from .project.models import (
     new_run_id,
     utcnow,
 )
-from .results import ResultSink, reply_target
+from .results import MqttResultSink, ResultSink, reply_target, republish
 from .settings import MqttTrigger, Settings
 from .triggers.base import TriggerEvent
 from .triggers.mqtt import PayloadError, TopicPattern, compile_topic, decode_payload
@@ -57,6 +58,7 @@ class Stats:
     bad_input: int = 0
     skipped: int = 0
     unmatched: int = 0
+    duplicates: int = 0
     in_flight: int = 0
 
 
@@ -88,9 +90,11 @@ class Dispatcher:
         remote: bool,
         stats: Stats | None = None,
         config_hooks: Mapping[str, ConfigHook] | None = None,
+        dedup: DedupStore | None = None,
     ) -> None:
         self.settings = settings
         self.config_hooks = dict(config_hooks or {})
+        self.dedup = dedup
         self.kiq = kiq
         self.sink = sink
         self.remote = remote
@@ -210,6 +214,25 @@ class Dispatcher:
                 await self._emit_error(state, event, PayloadError(f"mqtt_build_config hook: {exc}"))
                 await _ack(event)
                 return
+        if state.cfg.dedup_key and self.dedup is not None:
+            try:
+                key = render_key(state.cfg.dedup_key, _key_values(request, event))
+            except KeyError as exc:
+                self.stats.bad_input += 1
+                await self._emit_error(state, event, PayloadError(str(exc.args[0])))
+                await _ack(event)
+                return
+            key = f"{state.cfg.name}:{key}"
+            claim, earlier = await self.dedup.claim(key, request.run_id, state.cfg.dedup_ttl)
+            if claim != "new":
+                self.stats.duplicates += 1
+                log.info("duplicate_not_run", trigger=state.cfg.name, dedup_key=key, state=claim)
+                if earlier is not None and isinstance(self.sink, MqttResultSink):
+                    ok = orjson.loads(earlier).get("status") == "success"
+                    await republish(self.sink, request.reply, earlier, ok)
+                await _ack(event)
+                return
+            request = dataclasses.replace(request, dedup_key=key)
         if state.cfg.overlap == "skip" and state.running:
             state.skipped += 1
             self.stats.skipped += 1
@@ -320,6 +343,17 @@ def _payload_value(request: RunRequest, event: TriggerEvent) -> Any:
         return orjson.loads(event.payload or b"")
     except orjson.JSONDecodeError:
         return request.inputs.get("payload", event.payload)
+
+
+def _key_values(request: RunRequest, event: TriggerEvent) -> dict[str, Any]:
+    """What a dedup_key template can name: payload.*, topic fields, props.*, topic."""
+    return {
+        **dict(event.meta.get("fields") or {}),
+        "payload": _payload_value(request, event),
+        "props": dict(event.meta.get("user_properties") or ()),
+        "topic": event.meta.get("topic") or "",
+        "trigger": request.trigger.name,
+    }
 
 
 def _synthetic(request: RunRequest, status: RunStatus, error: ErrorInfo) -> RunResult:

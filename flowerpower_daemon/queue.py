@@ -23,6 +23,8 @@ from typing import Any, cast
 import structlog
 from taskiq import AsyncBroker, AsyncTaskiqDecoratedTask, InMemoryBroker
 
+from .dedup import DedupStore
+from .encoding import encode_result
 from .project.models import RunRequest, RunResult
 from .project.runner import PipelineRunner
 from .results import ResultSink
@@ -61,10 +63,12 @@ class RunExecutor:
         runner: PipelineRunner,
         sink: ResultSink,
         on_result: Callable[[RunRequest, RunResult], Awaitable[None]] | None = None,
+        dedup: DedupStore | None = None,
     ) -> None:
         self.runner = runner
         self.sink = sink
         self.on_result = on_result
+        self.dedup = dedup
 
     async def __call__(self, request_data: dict[str, Any]) -> dict[str, Any]:
         request = RunRequest.from_dict(request_data)
@@ -73,6 +77,9 @@ class RunExecutor:
             run_id=request.run_id, pipeline=request.pipeline, trigger=request.trigger.name
         ):
             result = await self.runner.run(request)
+            if self.dedup is not None and request.dedup_key is not None:
+                # Stored before publishing: a crash after publishing re-publishes, never reruns.
+                await self.dedup.complete(request.dedup_key, encode_result(result))
             await self.sink.emit(request, result)
             if self.on_result is not None:
                 await self.on_result(request, result)

@@ -104,6 +104,22 @@ class MqttResultSink:
             self.results_out += 1
 
 
+async def republish(
+    sink: MqttResultSink, reply: Mapping[str, Any], payload: bytes, ok: bool
+) -> None:
+    """Send an already encoded (earlier) result to a new request's reply target."""
+    correlation = reply.get("correlation")
+    corr = base64.b64decode(correlation) if isinstance(correlation, str) else None
+    if not reply.get("publish", True):
+        return
+    if reply.get("topic"):
+        await sink.link.publish(
+            OutgoingMessage(reply["topic"], payload, qos=sink.qos, correlation_data=corr)
+        )
+    if not ok and reply.get("error_topic") and reply.get("error_topic") != reply.get("topic"):
+        await sink.link.publish(OutgoingMessage(reply["error_topic"], payload, qos=sink.qos))
+
+
 class FanOutSink:
     """Sends a result to several sinks; one failing sink never stops the others."""
 

@@ -150,6 +150,8 @@ class _TriggerBase(_Frozen):
     error_topic: str | None = None
     max_concurrent: int | None = Field(default=None, ge=1)
     overlap: Literal["allow", "skip", "queue", "replace"] = "allow"
+    dedup_key: str | None = None
+    dedup_ttl: float = Field(default=3600.0, gt=0)
 
     @field_validator("run")
     @classmethod

@@ -27,16 +27,28 @@ from tests.daemon_harness import (
 pytestmark = pytest.mark.timeout(300)
 
 
-def _settings(tmp_path: Path, port: int, topic: str, **extra: Any) -> dict[str, Any]:
+def _settings(
+    tmp_path: Path, port: int, topic: str, dedup: bool = False, **extra: Any
+) -> dict[str, Any]:
     s = base_settings(make_project(tmp_path), tmp_path, port, **extra)
-    s["triggers"] = [
-        {"name": "tagged", "type": "mqtt", "pipeline": "tagged", "topic": topic, "qos": 1}
-    ]
+    trigger: dict[str, Any] = {"name": "tagged", "type": "mqtt", "pipeline": "tagged", "topic": topic}
+    if dedup:
+        trigger["dedup_key"] = "{payload.msg_id}"
+    s["triggers"] = [trigger]
     return s
 
 
-async def _ids(c: aiomqtt.Client, topic_filter: str, want: set[int], timeout: float) -> Counter[int]:
-    """Success results per msg id until every id in ``want`` was seen (bounded)."""
+async def _ids(
+    c: aiomqtt.Client,
+    topic_filter: str,
+    want: set[int],
+    timeout: float,
+    runs: dict[int, set[str]] | None = None,
+) -> Counter[int]:
+    """Success results per msg id until every id in ``want`` was seen (bounded).
+
+    ``runs`` collects the distinct run ids seen per msg id.
+    """
     seen: Counter[int] = Counter()
     with anyio.move_on_after(timeout):
         async for msg in c.messages:
@@ -44,15 +56,17 @@ async def _ids(c: aiomqtt.Client, topic_filter: str, want: set[int], timeout: fl
                 result = orjson.loads(msg.payload)  # type: ignore[arg-type]
                 if result["status"] == "success":
                     seen[result["outputs"]["msg"]] += 1
+                    if runs is not None:
+                        runs.setdefault(result["outputs"]["msg"], set()).add(result["run_id"])
                 if want <= set(seen):
                     break
     return seen
 
 
 async def test_sigkill_mid_stream_then_restart_loses_no_message(tmp_path: Path, mosquitto: Any) -> None:
-    """40 QoS 1 messages to a slow pipeline; SIGKILL the daemon mid-way; after restart every id has a result."""
+    """40 QoS 1 messages; SIGKILL mid-way; after restart every id has exactly one run (dedup_key)."""
     topic = unique("work")
-    s = _settings(tmp_path, mosquitto.port, topic, max_concurrent_runs=4)
+    s = _settings(tmp_path, mosquitto.port, topic, dedup=True, max_concurrent_runs=4)
     tag = s["mqtt"]["client_id"]
     config = write_config(tmp_path, s)
     n = 40
@@ -65,16 +79,44 @@ async def test_sigkill_mid_stream_then_restart_loses_no_message(tmp_path: Path, 
             await wait_online(c, f"{tag}/status", first)
             for i in range(n):
                 await c.publish(topic, orjson.dumps({"msg_id": i, "seconds": 0.2}), qos=1)
-            before = await _ids(c, f"{tag}/results/#", set(range(8)), timeout=60)
+            runs: dict[int, set[str]] = {}
+            before = await _ids(c, f"{tag}/results/#", set(range(8)), timeout=60, runs=runs)
             first.signal(signal.SIGKILL)
             first.wait(10)
         assert 8 <= len(before) < n, before
         with daemon(config) as second:
-            after = await _ids(c, f"{tag}/results/#", set(range(n)) - set(before), timeout=120)
+            after = await _ids(
+                c, f"{tag}/results/#", set(range(n)) - set(before), timeout=120, runs=runs
+            )
             assert second.proc.poll() is None
     total = before + after
     missing = set(range(n)) - set(total)
     assert not missing, f"lost: {sorted(missing)}"
+    ran_twice = {i: r for i, r in runs.items() if len(r) > 1}
+    assert not ran_twice, f"ran more than once: {ran_twice}"
+
+
+async def test_duplicate_message_is_not_run_again_and_gets_the_earlier_result(
+    tmp_path: Path, mosquitto: Any
+) -> None:
+    """The same dedup key twice: one run; the second message gets the first run's result again."""
+    topic = unique("dup")
+    s = _settings(tmp_path, mosquitto.port, topic, dedup=True)
+    tag = s["mqtt"]["client_id"]
+    with daemon(write_config(tmp_path, s)) as proc:
+        async with client(mosquitto.port) as c:
+            await wait_online(c, f"{tag}/status", proc)
+            await c.subscribe(f"{tag}/results/#", qos=1)
+            body = orjson.dumps({"msg_id": 5, "seconds": 0.05})
+            await c.publish(topic, body, qos=1)
+            [(_, first, _)] = await collect(c, f"{tag}/results/#", 1, timeout=20)
+            await c.publish(topic, body, qos=1)
+            await c.publish(topic, orjson.dumps({"msg_id": 6, "seconds": 0.05}), qos=1)
+            got = await collect(c, f"{tag}/results/#", 2, timeout=20)
+    again = [r for _, r, _ in got if r["outputs"]["msg"] == 5]
+    fresh = [r for _, r, _ in got if r["outputs"]["msg"] == 6]
+    assert [r["run_id"] for r in again] == [first["run_id"]]
+    assert len(fresh) == 1 and fresh[0]["run_id"] != first["run_id"]
 
 
 async def test_sigterm_with_ten_runs_in_flight_publishes_all_ten(tmp_path: Path, mosquitto: Any) -> None:
