@@ -134,7 +134,16 @@ def test_triggers_show_next_fire_paused_and_counters(live: Live) -> None:
 
 def test_run_wait_returns_the_pipeline_outputs(live: Live) -> None:
     """`run --wait` answers when the run is done, with its outputs."""
-    res = ctl(live.sock, "run", "stats", "--inputs", '{"readings": [1, 2, 3]}', "--wait")
+    res = ctl(
+        live.sock,
+        "run",
+        "stats",
+        "--inputs",
+        '{"readings": [1, 2, 3]}',
+        "--config",
+        '{"unused": true}',
+        "--wait",
+    )
     assert res.rc == 0, res.err
     assert res.out["state"] == "success"
     outputs = res.out["result"]["outputs"]
@@ -214,6 +223,9 @@ def test_run_in_then_cancel_while_scheduled(live: Live) -> None:
     again = ctl(live.sock, "cancel", job["run_id"])
     assert again.rc == 1 and "already finished" in again.err
     assert ok(live.sock, "job", job["run_id"])["state"] == "cancelled"
+    at = ok(live.sock, "run", "stats", "--run-at", "2099-01-01T00:00:00")
+    assert at["state"] == "scheduled" and at["run_at"].startswith("2099-01-01T00:00:00+00:00")
+    assert ok(live.sock, "cancel", at["run_id"])["state"] == "cancelled"
 
 
 def test_cancel_a_running_run(live: Live) -> None:
