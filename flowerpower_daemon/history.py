@@ -428,6 +428,18 @@ class RedisHistory:
 
 def history_for(settings: Settings) -> JobHistory:
     """SQLite in the state dir, or Redis next to the queue when ``queue.broker`` is Redis."""
+    h = settings.history
     if settings.queue.is_redis:
-        return RedisHistory(settings.queue.broker, prefix=f"{settings.queue.queue_name}:history")
-    return SqliteHistory(settings.state_path / "history.sqlite3")
+        return RedisHistory(
+            settings.queue.broker,
+            prefix=f"{settings.queue.queue_name}:history",
+            max_jobs=h.max_jobs,
+            max_age=h.max_age,
+            max_result_bytes=h.max_result_bytes,
+        )
+    return SqliteHistory(
+        settings.state_path / "history.sqlite3",
+        max_jobs=h.max_jobs,
+        max_age=h.max_age,
+        max_result_bytes=h.max_result_bytes,
+    )

@@ -266,6 +266,19 @@ class ControlSettings(_Frozen):
     max_line_bytes: int = Field(default=1024 * 1024, ge=1024)
 
 
+class HistorySettings(_Frozen):
+    """The job history: SQLite in the state dir, or Redis when the queue is on Redis."""
+
+    max_jobs: int = Field(default=10_000, ge=1)
+    max_age: timedelta = Field(default=timedelta(days=7))
+    max_result_bytes: int = Field(default=64 * 1024, ge=1024)
+
+    @field_validator("max_age", mode="before")
+    @classmethod
+    def _age(cls, value: Any) -> timedelta:
+        return parse_interval(value)
+
+
 class Settings(BaseSettings):
     """Everything the daemon reads at start-up (see ``config.example.yml``)."""
 
@@ -284,6 +297,7 @@ class Settings(BaseSettings):
     mqtt: MqttSettings = Field(default_factory=MqttSettings)
     queue: QueueSettings = Field(default_factory=QueueSettings)
     control: ControlSettings = Field(default_factory=ControlSettings)
+    history: HistorySettings = Field(default_factory=HistorySettings)
     max_concurrent_runs: int = Field(default=8, ge=1)
     shutdown_timeout: float = Field(default=30.0, ge=0)
     schedule_all: bool = True

@@ -219,3 +219,16 @@ def test_ctl_default_socket() -> None:
     assert default_socket({"RUNTIME_DIRECTORY": "/run/fp"}) == "/run/fp/control.sock"
     if not os.path.exists("/run/flowerpower-daemon/control.sock"):
         assert default_socket({}) == os.path.join(".flowerpower", "control.sock")
+
+
+def test_history_bounds_come_from_settings(tmp_path: Path) -> None:
+    """history.max_jobs / max_age / max_result_bytes reach the store; Redis queue -> Redis history."""
+    from flowerpower_daemon.history import RedisHistory, SqliteHistory, history_for
+    from flowerpower_daemon.settings import Settings
+
+    local = history_for(Settings(state_dir=str(tmp_path), history={"max_jobs": 5, "max_age": "2h"}))
+    assert isinstance(local, SqliteHistory)
+    assert (local.max_jobs, local.max_age) == (5, timedelta(hours=2))
+    assert local.path == tmp_path / "history.sqlite3"
+    shared = history_for(Settings(queue={"broker": "redis://h:6379/0", "queue_name": "q"}))
+    assert isinstance(shared, RedisHistory) and shared.prefix == "q:history"
