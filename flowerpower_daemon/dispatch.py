@@ -26,14 +26,11 @@ from .dedup import DedupStore, render_key
 from .errors import FlowerPowerError
 from .project.hooks import ConfigHook
 from .project.models import (
-    AttemptInfo,
     ErrorInfo,
     RunRequest,
     RunResult,
-    RunStatus,
     TriggerInfo,
     new_run_id,
-    utcnow,
 )
 from .results import MqttResultSink, ResultSink, reply_target, republish
 from .settings import MqttTrigger, Settings
@@ -272,7 +269,7 @@ class Dispatcher:
                     if scope.cancelled_caught:
                         await self.sink.emit(
                             request,
-                            _synthetic(
+                            RunResult.not_run(
                                 request,
                                 "cancelled",
                                 ErrorInfo(
@@ -334,7 +331,7 @@ class Dispatcher:
         error = ErrorInfo(type(exc).__name__, str(exc), None, False)
         self.stats.runs_failed += 1
         state.failed += 1
-        await self.sink.emit(request, _synthetic(request, "failed", error))
+        await self.sink.emit(request, RunResult.not_run(request, "failed", error))
 
 
 def _payload_value(request: RunRequest, event: TriggerEvent) -> Any:
@@ -354,22 +351,6 @@ def _key_values(request: RunRequest, event: TriggerEvent) -> dict[str, Any]:
         "topic": event.meta.get("topic") or "",
         "trigger": request.trigger.name,
     }
-
-
-def _synthetic(request: RunRequest, status: RunStatus, error: ErrorInfo) -> RunResult:
-    now = utcnow()
-    return RunResult(
-        run_id=request.run_id,
-        pipeline=request.pipeline,
-        status=status,
-        outputs={},
-        error=error,
-        attempts=(AttemptInfo(1, now, now, status, error),),
-        queued_at=request.queued_at,
-        started_at=now,
-        finished_at=now,
-        trigger=request.trigger,
-    )
 
 
 async def _ack(event: TriggerEvent) -> None:

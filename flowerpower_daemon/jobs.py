@@ -29,7 +29,7 @@ from anyio.abc import TaskGroup
 
 from .control.events import EventBus
 from .history import JobHistory
-from .project.models import AttemptInfo, ErrorInfo, RunRequest, RunResult, utcnow
+from .project.models import ErrorInfo, RunRequest, RunResult, utcnow
 from .results import ResultSink
 
 __all__ = ["ActiveJob", "JobTracker"]
@@ -222,21 +222,8 @@ class JobTracker:
 
 
 def _cancelled(request: RunRequest, started: datetime | None, reason: str) -> RunResult:
-    now = utcnow()
     error = ErrorInfo("Cancelled", reason, None, False)
-    begin = started or now
-    return RunResult(
-        run_id=request.run_id,
-        pipeline=request.pipeline,
-        status="cancelled",
-        outputs={},
-        error=error,
-        attempts=(AttemptInfo(1, begin, now, "cancelled", error),),
-        queued_at=request.queued_at,
-        started_at=begin,
-        finished_at=now,
-        trigger=request.trigger,
-    )
+    return RunResult.not_run(request, "cancelled", error, started=started)
 
 
 async def _sleep_until(when: datetime) -> None:

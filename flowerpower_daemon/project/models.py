@@ -186,6 +186,33 @@ class RunResult:
     def ok(self) -> bool:
         return self.status == "success"
 
+    @classmethod
+    def not_run(
+        cls,
+        request: RunRequest,
+        status: RunStatus,
+        error: ErrorInfo,
+        *,
+        started: datetime | None = None,
+        exception: BaseException | None = None,
+    ) -> RunResult:
+        """The result of a request that did not (or not fully) run: bad input, cancelled."""
+        now = utcnow()
+        begin = started or now
+        return cls(
+            run_id=request.run_id,
+            pipeline=request.pipeline,
+            status=status,
+            outputs={},
+            error=error,
+            attempts=(AttemptInfo(1, begin, now, status, error),),
+            queued_at=request.queued_at,
+            started_at=begin,
+            finished_at=now,
+            trigger=request.trigger,
+            exception=exception,
+        )
+
     @property
     def duration_ms(self) -> float:
         return (self.finished_at - self.started_at).total_seconds() * 1000.0

@@ -502,21 +502,8 @@ class _Attempts:
 
 
 def _failed_before_start(request: RunRequest, exc: FlowerPowerError) -> RunResult:
-    now = utcnow()
     error = ErrorInfo(type(exc).__name__, str(exc), None, retryable=False)
-    return RunResult(
-        run_id=request.run_id,
-        pipeline=request.pipeline,
-        status="failed",
-        outputs={},
-        error=error,
-        attempts=(AttemptInfo(1, now, now, "failed", error),),
-        queued_at=request.queued_at,
-        started_at=now,
-        finished_at=now,
-        trigger=request.trigger,
-        exception=exc,
-    )
+    return RunResult.not_run(request, "failed", error, exception=exc)
 
 
 def _as_mapping(out: Any) -> Mapping[str, Any]:
