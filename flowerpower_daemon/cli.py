@@ -14,6 +14,7 @@ from typing import Any
 import orjson
 
 from . import __version__
+from .argtypes import json_arg
 from .errors import FlowerPowerError
 
 __all__ = ["main"]
@@ -25,18 +26,7 @@ class UsageError(FlowerPowerError, ValueError):
     """A command-line argument is malformed."""
 
 
-def _json_arg(name: str, expected: type | tuple[type, ...]) -> Any:
-    def parse(text: str) -> Any:
-        try:
-            value = orjson.loads(text)
-        except orjson.JSONDecodeError as exc:
-            raise argparse.ArgumentTypeError(f"{name}: not valid JSON ({exc})") from None
-        if not isinstance(value, expected):
-            kind = expected.__name__ if isinstance(expected, type) else "JSON value"
-            raise argparse.ArgumentTypeError(f"{name}: expected a JSON {kind}")
-        return value
-
-    return parse
+_json_arg = json_arg
 
 
 def _cache_arg(text: str) -> Any:
@@ -289,6 +279,7 @@ def _request(args: argparse.Namespace) -> int:
     from .mqtt import request_reply
 
     try:
+
         async def ask() -> bytes:
             with anyio.fail_after(args.timeout):
                 return await request_reply(args.url, args.topic, args.payload)

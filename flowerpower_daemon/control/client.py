@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
-import re
 import sys
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
@@ -41,6 +40,7 @@ import orjson
 from anyio.abc import SocketStream
 from anyio.streams.buffered import BufferedByteReceiveStream
 
+from ..argtypes import json_arg, parse_seconds
 from .protocol import dump_line
 
 __all__ = [
@@ -170,35 +170,16 @@ def _err(text: str) -> None:
     sys.stderr.write(text + "\n")
 
 
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?", re.IGNORECASE)
-_UNITS = {"ms": 0.001, "s": 1.0, "": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-
-
 def parse_duration(text: str) -> float:
-    """``"90"``, ``"90s"``, ``"5m"``, ``"1h30m"``, ``"250ms"`` -> seconds."""
-    total, pos = 0.0, 0
-    compact = text.replace(" ", "")
-    for match in _DURATION.finditer(compact):
-        if match.start() != pos:
-            break
-        total += float(match.group(1)) * _UNITS[(match.group(2) or "").lower()]
-        pos = match.end()
-    if pos == 0 or pos != len(compact):
-        raise argparse.ArgumentTypeError(f"invalid duration {text!r}; use e.g. 90s, 5m, 1h30m")
-    return total
+    """``"90s"``, ``"5m"``, ``"1h30m"`` -> seconds, as an argparse ``type=``."""
+    try:
+        return parse_seconds(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _json_arg(kind: type) -> Any:
-    def parse(text: str) -> Any:
-        try:
-            value = orjson.loads(text)
-        except orjson.JSONDecodeError as exc:
-            raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from None
-        if not isinstance(value, kind):
-            raise argparse.ArgumentTypeError(f"expected a JSON {kind.__name__}")
-        return value
-
-    return parse
+    return json_arg("value", kind)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -8,13 +8,14 @@ timer source (``triggers/timers.py``) does the sleeping.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta, tzinfo
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from croniter import croniter
+
+from ..argtypes import parse_seconds
 
 __all__ = [
     "CRON_FIELDS",
@@ -29,8 +30,6 @@ __all__ = [
 ]
 
 CRON_FIELDS = ("second", "minute", "hour", "day", "month", "day_of_week")
-_INTERVAL_UNITS = {"w": 604800.0, "d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
-_INTERVAL_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|w|d|h|m|s)", re.IGNORECASE)
 _INTERVAL_KEYS = {"weeks", "days", "hours", "minutes", "seconds", "milliseconds"}
 _MAX_CRON_CANDIDATES = 1000
 
@@ -92,20 +91,11 @@ def parse_interval(value: float | int | str | Mapping[str, Any] | timedelta) -> 
     else:
         text = str(value).strip()
         try:
-            result = timedelta(seconds=float(text))
+            result = timedelta(seconds=parse_seconds(text))
         except ValueError:
-            pos = 0
-            total = 0.0
-            for match in _INTERVAL_RE.finditer(text.replace(" ", "")):
-                if match.start() != pos:
-                    break
-                total += float(match.group(1)) * _INTERVAL_UNITS[match.group(2).lower()]
-                pos = match.end()
-            if pos == 0 or pos != len(text.replace(" ", "")):
-                raise ValueError(
-                    f"invalid interval {text!r}; use seconds or a string like '30s', '1h30m'"
-                ) from None
-            result = timedelta(seconds=total)
+            raise ValueError(
+                f"invalid interval {text!r}; use seconds or a string like '30s', '1h30m'"
+            ) from None
     if result <= timedelta(0):
         raise ValueError(f"interval {value!r} must be positive")
     return result
