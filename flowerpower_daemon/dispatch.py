@@ -286,6 +286,12 @@ class Dispatcher:
             await _ack(event)
         except Exception:
             log.exception("dispatch_failed", trigger=state.cfg.name, run_id=request.run_id)
+            if not self.remote:
+                # The run itself ended (badly); an unacked message would hold a broker
+                # in-flight slot until the next reconnect. With Redis the request may not be
+                # in the stream: no ack, so the broker redelivers it.
+                with anyio.CancelScope(shield=True):
+                    await _ack(event)
         finally:
             self._pending.release()
 
