@@ -267,6 +267,7 @@ class Dispatcher:
                         state.running[request.run_id] = scope
                         await self.kiq(request.to_dict())
                     if scope.cancelled_caught:
+                        await self._forget_key(request)
                         await self.sink.emit(
                             request,
                             RunResult.not_run(
@@ -291,9 +292,15 @@ class Dispatcher:
                 # in-flight slot until the next reconnect. With Redis the request may not be
                 # in the stream: no ack, so the broker redelivers it.
                 with anyio.CancelScope(shield=True):
+                    await self._forget_key(request)
                     await _ack(event)
         finally:
             self._pending.release()
+
+    async def _forget_key(self, request: RunRequest) -> None:
+        """A run that never finished must not keep its dedup key: a redelivery runs again."""
+        if request.dedup_key is not None and self.dedup is not None:
+            await self.dedup.forget(request.dedup_key)
 
     def record(self, request: RunRequest, result: RunResult) -> None:
         """Count a finished run against its trigger and the daemon."""
