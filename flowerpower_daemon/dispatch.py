@@ -32,7 +32,7 @@ from .project.models import (
     TriggerInfo,
     new_run_id,
 )
-from .results import MqttResultSink, ResultSink, reply_target, republish
+from .results import MqttResultSink, ResultSink, reply_target
 from .settings import MqttTrigger, Settings
 from .triggers.base import TriggerEvent
 from .triggers.mqtt import PayloadError, TopicPattern, compile_topic, decode_payload
@@ -155,18 +155,7 @@ class Dispatcher:
         run_id = new_run_id()
         topic = event.meta.get("topic")
         fields = dict(event.meta.get("fields") or {})
-        reply = reply_target(
-            pipeline=cfg.pipeline,
-            trigger=cfg.name,
-            run_id=run_id,
-            fields=fields,
-            result_topic=cfg.result_topic or self.settings.mqtt.result_topic,
-            error_topic=cfg.error_topic or self.settings.mqtt.error_topic,
-            response_topic=event.meta.get("response_topic"),
-            correlation_data=event.meta.get("correlation_data"),
-            reply_to=reply_to,
-            publish=cfg.publish,
-        )
+        reply = self._reply(cfg, event, run_id, reply_to)
         return RunRequest(
             pipeline=cfg.pipeline,
             inputs=inputs,
@@ -181,6 +170,23 @@ class Dispatcher:
             ),
             queued_at=event.at,
             reply=reply,
+        )
+
+    def _reply(
+        self, cfg: Any, event: TriggerEvent, run_id: str, reply_to: str | None = None
+    ) -> dict[str, Any]:
+        """Where this event's result goes (see ``results.reply_target``)."""
+        return reply_target(
+            pipeline=cfg.pipeline,
+            trigger=cfg.name,
+            run_id=run_id,
+            fields=dict(event.meta.get("fields") or {}),
+            result_topic=cfg.result_topic or self.settings.mqtt.result_topic,
+            error_topic=cfg.error_topic or self.settings.mqtt.error_topic,
+            response_topic=event.meta.get("response_topic"),
+            correlation_data=event.meta.get("correlation_data"),
+            reply_to=reply_to,
+            publish=cfg.publish,
         )
 
     async def submit(self, event: TriggerEvent, runs: TaskGroup) -> None:
@@ -226,7 +232,7 @@ class Dispatcher:
                 log.info("duplicate_not_run", trigger=state.cfg.name, dedup_key=key, state=claim)
                 if earlier is not None and isinstance(self.sink, MqttResultSink):
                     ok = orjson.loads(earlier).get("status") == "success"
-                    await republish(self.sink, request.reply, earlier, ok)
+                    await self.sink.publish_encoded(request.reply, earlier, ok=ok)
                 await _ack(event)
                 return
             request = dataclasses.replace(request, dedup_key=key)
@@ -329,17 +335,7 @@ class Dispatcher:
                 fields=dict(event.meta.get("fields") or {}),
             ),
             queued_at=event.at,
-            reply=reply_target(
-                pipeline=cfg.pipeline,
-                trigger=cfg.name,
-                run_id=run_id,
-                fields=dict(event.meta.get("fields") or {}),
-                result_topic=cfg.result_topic or self.settings.mqtt.result_topic,
-                error_topic=cfg.error_topic or self.settings.mqtt.error_topic,
-                response_topic=event.meta.get("response_topic"),
-                correlation_data=event.meta.get("correlation_data"),
-                publish=cfg.publish,
-            ),
+            reply=self._reply(cfg, event, run_id),
         )
         error = ErrorInfo(type(exc).__name__, str(exc), None, False)
         self.stats.runs_failed += 1

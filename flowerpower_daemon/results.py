@@ -82,42 +82,29 @@ class MqttResultSink:
         self.results_out = 0
 
     async def emit(self, request: RunRequest, result: RunResult) -> None:
-        reply = request.reply
+        if request.reply.get("publish", True):
+            payload = encode_result(result, max_bytes=self.max_bytes)
+            await self.publish_encoded(request.reply, payload, ok=result.ok)
+
+    async def publish_encoded(self, reply: Mapping[str, Any], payload: bytes, *, ok: bool) -> None:
+        """Send an encoded result to ``reply``'s topic, and to its error topic on failure.
+
+        Also used to re-publish an earlier result to a duplicate's reply target.
+        """
         if not reply.get("publish", True):
             return
-        payload = encode_result(result, max_bytes=self.max_bytes)
         correlation = reply.get("correlation")
         corr = base64.b64decode(correlation) if isinstance(correlation, str) else None
         topics: list[tuple[str, bytes | None]] = []
         if reply.get("topic"):
             topics.append((reply["topic"], corr))
-        if (
-            not result.ok
-            and reply.get("error_topic")
-            and reply.get("error_topic") != reply.get("topic")
-        ):
+        if not ok and reply.get("error_topic") and reply.get("error_topic") != reply.get("topic"):
             topics.append((reply["error_topic"], None))
         for topic, correlation_data in topics:
             await self.link.publish(
                 OutgoingMessage(topic, payload, qos=self.qos, correlation_data=correlation_data)
             )
             self.results_out += 1
-
-
-async def republish(
-    sink: MqttResultSink, reply: Mapping[str, Any], payload: bytes, ok: bool
-) -> None:
-    """Send an already encoded (earlier) result to a new request's reply target."""
-    correlation = reply.get("correlation")
-    corr = base64.b64decode(correlation) if isinstance(correlation, str) else None
-    if not reply.get("publish", True):
-        return
-    if reply.get("topic"):
-        await sink.link.publish(
-            OutgoingMessage(reply["topic"], payload, qos=sink.qos, correlation_data=corr)
-        )
-    if not ok and reply.get("error_topic") and reply.get("error_topic") != reply.get("topic"):
-        await sink.link.publish(OutgoingMessage(reply["error_topic"], payload, qos=sink.qos))
 
 
 class FanOutSink:
