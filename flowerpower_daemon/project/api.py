@@ -7,7 +7,7 @@ from typing import Any
 
 from ..errors import FlowerPowerError
 from .config import PipelineConfig, ProjectConfig
-from .models import RunRequest, RunResult, TriggerInfo
+from .models import RunRequest, RunResult, TriggerInfo, new_run_id, utcnow
 from .registry import (
     ProjectFiles,
     ProjectSpec,
@@ -43,6 +43,8 @@ _MANUAL = TriggerInfo()
 
 def build_overrides(**values: Any) -> dict[str, Any]:
     """Keep the ``run:`` overrides that were actually given (``None`` means 'from YAML')."""
+    if not values:
+        return {}
     unknown = values.keys() - _OVERRIDE_KEY_SET
     if unknown:
         raise TypeError(f"unknown run option(s): {', '.join(sorted(unknown))}")
@@ -150,10 +152,12 @@ class FlowerPowerProject:
         """A :class:`RunRequest` for ``name`` with the given inputs and ``run:`` overrides."""
         self._spec.pipeline(name)
         return RunRequest(
-            pipeline=name,
-            inputs=dict(inputs or {}),
-            overrides=build_overrides(**run_options),
-            trigger=trigger or _MANUAL,
+            name,
+            dict(inputs) if inputs else {},
+            build_overrides(**run_options) if run_options else {},
+            new_run_id(),
+            trigger or _MANUAL,
+            utcnow(),
         )
 
     def execute(self, request: RunRequest) -> RunResult:
@@ -173,7 +177,9 @@ class FlowerPowerProject:
         **run_options: Any,
     ) -> dict[str, Any]:
         """Run ``name`` and return its outputs; raises the run's error when it fails."""
-        result = self.execute(self.request(name, inputs, final_vars=final_vars, **run_options))
+        if final_vars is not None:
+            run_options["final_vars"] = final_vars
+        result = self.execute(self.request(name, inputs, **run_options))
         return _outputs_or_raise(result)
 
     async def arun(

@@ -145,7 +145,9 @@ class PipelineRunner:
 
     def cached(self, request: RunRequest) -> Prepared | None:
         """The prepared run if it is built and its module was checked recently; no I/O."""
-        prepared = self._prepared.get((request.pipeline, self._overrides_key(request.overrides)))
+        overrides = request.overrides
+        key = self._overrides_key(overrides) if overrides else b""
+        prepared = self._prepared.get((request.pipeline, key))
         if prepared is None or prepared.run.reload:
             return None
         state = self._modules.get(request.pipeline)
@@ -378,10 +380,13 @@ class PipelineRunner:
             return anyio.run(self.run, request)
         attempts = _Attempts(request, prepared, self._rng)
         inputs = prepared.inputs_for(request)
+        execute = prepared.driver.execute
         while True:
             started = utcnow()
             try:
-                out = self._execute_sync(prepared, inputs)
+                out = execute(list(prepared.final_vars), inputs=inputs)
+                if type(out) is not dict:
+                    out = _as_mapping(out)
             except Exception as exc:
                 delay = attempts.failed(exc, started)
                 if delay is None:
@@ -435,7 +440,7 @@ class _Attempts:
 
     def succeeded(self, outputs: Mapping[str, Any], started: datetime) -> None:
         self.outputs = outputs
-        self.log.append(AttemptInfo(self.number, started, utcnow(), "success"))
+        self.log.append(AttemptInfo(len(self.log) + 1, started, utcnow(), "success"))
 
     def failed(self, exc: Exception, started: datetime) -> float | None:
         """Record a failed attempt; the delay before the next one, or None to give up."""
@@ -485,19 +490,22 @@ class _Attempts:
         return f"pipeline {p.pipeline!r}: {detail}"
 
     def result(self) -> RunResult:
-        last = self.log[-1]
+        log, request = self.log, self.request
+        last = log[-1]
+        status = last.status
+        # Positional: this runs once per run, and keywords cost a measurable share of it.
         return RunResult(
-            run_id=self.request.run_id,
-            pipeline=self.request.pipeline,
-            status=last.status,
-            outputs=self.outputs,
-            error=last.error,
-            attempts=tuple(self.log),
-            queued_at=self.request.queued_at,
-            started_at=self.log[0].started_at,
-            finished_at=last.finished_at,
-            trigger=self.request.trigger,
-            exception=self.exception if last.status != "success" else None,
+            request.run_id,
+            request.pipeline,
+            status,
+            self.outputs,
+            last.error,
+            tuple(log),
+            request.queued_at,
+            log[0].started_at,
+            last.finished_at,
+            request.trigger,
+            self.exception if status != "success" else None,
         )
 
 
