@@ -193,6 +193,7 @@ class Daemon:
         from .control.commands import Commands
         from .control.server import ControlServer, socket_path
         from .mqtt import MqttLink, status_payload_factory
+        from .outbox import Outbox
         from .queue import RunExecutor, create_broker, register_run_task
         from .results import MqttResultSink
 
@@ -212,6 +213,10 @@ class Daemon:
                 mqtt_settings = await stack.enter_async_context(embedded_broker(s.mqtt))
             mqtt_triggers = [t for t in self.triggers if isinstance(t, MqttTrigger)]
             subscriptions = [(_subscription(t), t.qos) for t in mqtt_triggers]
+            # Results waiting for the broker survive a restart (on disk, in the state dir).
+            outbox = await stack.enter_async_context(
+                Outbox(s.state_path / "outbox.sqlite3", max_size=s.mqtt.outbox_size)
+            )
             link = MqttLink(
                 mqtt_settings,
                 subscriptions=list(dict.fromkeys(subscriptions)),
@@ -219,6 +224,7 @@ class Daemon:
                 status_payload=status_payload_factory(
                     __version__, sorted(self.project.pipelines), mqtt_settings.client_id
                 ),
+                outbox=outbox,
             )
             self.link = link
             sink = MqttResultSink(link, qos=s.mqtt.result_qos, max_bytes=s.mqtt.max_result_bytes)

@@ -10,13 +10,14 @@ The only module that uses aiomqtt / paho, so an upgrade touches one file.
   redelivery, never loss; unacked messages hold the broker's in-flight
   window (MQTT v5 Receive Maximum), which is our backpressure.
 - Reconnects with capped, jittered backoff; results published while the
-  broker is unreachable wait in a bounded outbox and go out oldest first.
+  broker is unreachable wait in a bounded outbox (:mod:`.outbox`, on disk in
+  the state directory when the daemon passes one) and go out after the next
+  connect, oldest first. A connected publish never touches the disk.
 - A retained status topic says ``online``; the last will says ``offline``.
 """
 
 from __future__ import annotations
 
-import collections
 import socket
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -31,12 +32,15 @@ from anyio.abc import TaskStatus
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from .outbox import Outbox, OutgoingMessage
 from .retry import Backoff
 from .settings import MqttSettings
 
 __all__ = ["IncomingMessage", "MqttLink", "OutgoingMessage"]
 
 log = structlog.get_logger("flowerpower_daemon.mqtt")
+
+_DRAIN_BATCH = 200  # outbox messages read per query while draining
 
 _NODELAY = ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),)
 
@@ -55,15 +59,6 @@ class IncomingMessage:
     ack: Callable[[], Awaitable[None]] = field(default=lambda: _noop(), compare=False, repr=False)
 
 
-@dataclass(frozen=True, slots=True)
-class OutgoingMessage:
-    topic: str
-    payload: bytes
-    qos: int = 1
-    retain: bool = False
-    correlation_data: bytes | None = None
-
-
 async def _noop() -> None:
     return None
 
@@ -79,6 +74,7 @@ class MqttLink:
         receive_maximum: int = 16,
         status_payload: Callable[[str], bytes] | None = None,
         client_id: str | None = None,
+        outbox: Outbox | None = None,
     ) -> None:
         self.settings = settings
         self.subscriptions = list(subscriptions)
@@ -92,10 +88,12 @@ class MqttLink:
         self._closed = anyio.Event()
         self._online = False
         self._drained = anyio.Event()
-        self._outbox: collections.deque[OutgoingMessage] = collections.deque()
+        # Without one from the caller: in memory, same bound (nothing survives a restart).
+        self._outbox = outbox if outbox is not None else Outbox(None, max_size=settings.outbox_size)
+        self._owns_outbox = outbox is None
+        self._drain_lock = anyio.Lock()
         self._send, self._receive = anyio.create_memory_object_stream[IncomingMessage](0)
         self.connects = 0
-        self.dropped_outbox = 0
         self.published = 0
 
     @property
@@ -105,6 +103,11 @@ class MqttLink:
     @property
     def outbox_size(self) -> int:
         return len(self._outbox)
+
+    @property
+    def dropped_outbox(self) -> int:
+        """Results dropped because the outbox was full (oldest first) or not writable."""
+        return self._outbox.dropped + self._outbox.failed
 
     async def wait_connected(self) -> None:
         await self._connected.wait()
@@ -174,6 +177,8 @@ class MqttLink:
                         task_status.started()
                     with anyio.CancelScope() as scope:
                         self._stop_scope = scope
+                        if self._stopping.is_set():  # stop() came during the connect
+                            scope.cancel()
                         await self._pump(client)
                     await self._say_offline(client)
             except aiomqtt.MqttError as exc:
@@ -197,6 +202,8 @@ class MqttLink:
                 with anyio.move_on_after(delay):
                     await self._stopping.wait()
         self._send.close()
+        if self._owns_outbox:
+            await self._outbox.aclose()
         self._closed.set()
 
     async def wait_closed(self) -> None:
@@ -217,11 +224,30 @@ class MqttLink:
             broker=f"{self.settings.host}:{self.settings.port}",
             subscriptions=[t for t, _ in self.subscriptions],
         )
-        while self._outbox:
-            msg = self._outbox[0]
-            await self._publish_now(client, msg)
-            self._outbox.popleft()
-        self._drained.set()
+        await self._drain(client)
+
+    async def _drain(self, client: aiomqtt.Client) -> None:
+        """Send what waits in the outbox, oldest first; a failure leaves the rest for later."""
+        async with self._drain_lock:
+            sent_total = 0
+            last = 0
+            while True:
+                batch = await self._outbox.peek(_DRAIN_BATCH, after=last)
+                if not batch:
+                    break
+                sent: list[int] = []
+                try:
+                    for row_id, msg in batch:
+                        await self._publish_now(client, msg)
+                        sent.append(row_id)
+                        last = row_id
+                finally:
+                    with anyio.CancelScope(shield=True):
+                        await self._outbox.remove(sent)
+                    sent_total += len(sent)
+            if sent_total:
+                log.info("mqtt_outbox_sent", sent=sent_total, waiting=len(self._outbox))
+            self._drained.set()
 
     async def _publish_status(self, client: aiomqtt.Client) -> None:
         if self.settings.status_topic and self._status_payload is not None:
@@ -305,18 +331,29 @@ class MqttLink:
                 return True
             except aiomqtt.MqttError as exc:
                 log.warning("mqtt_publish_failed", topic=msg.topic, error=str(exc))
-        if len(self._outbox) >= self.settings.outbox_size:
-            self._outbox.popleft()
-            self.dropped_outbox += 1
-            log.error("mqtt_outbox_full_dropped_oldest", size=self.settings.outbox_size)
-        self._outbox.append(msg)
+        # Queued only once written (a thread hop; the connected path above never gets here).
+        await self._outbox.put(msg)
+        now = self._client
+        if now is not None and now is not client:
+            # Connected meanwhile, maybe after the connect's drain looked: send it now.
+            try:
+                await self._drain(now)
+            except aiomqtt.MqttError as exc:
+                log.warning("mqtt_outbox_send_failed", error=str(exc))
         return False
 
     async def _publish_now(self, client: aiomqtt.Client, msg: OutgoingMessage) -> None:
         props = None
-        if msg.correlation_data is not None and self._v5():
+        if self._v5() and (
+            msg.correlation_data is not None or msg.response_topic or msg.user_properties
+        ):
             props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-            props.CorrelationData = msg.correlation_data
+            if msg.correlation_data is not None:
+                props.CorrelationData = msg.correlation_data
+            if msg.response_topic:
+                props.ResponseTopic = msg.response_topic
+            if msg.user_properties:
+                props.UserProperty = list(msg.user_properties)
         await client.publish(
             msg.topic, msg.payload, qos=msg.qos, retain=msg.retain, properties=props, timeout=10
         )

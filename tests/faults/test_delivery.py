@@ -64,12 +64,12 @@ async def _ids(
 
 
 async def test_sigkill_mid_stream_then_restart_loses_no_message(tmp_path: Path, mosquitto: Any) -> None:
-    """40 QoS 1 messages; SIGKILL mid-way; after restart every id has exactly one run (dedup_key)."""
+    """200 QoS 1 messages; SIGKILL mid-way; after restart every id has exactly one run (dedup_key)."""
     topic = unique("work")
     s = _settings(tmp_path, mosquitto.port, topic, dedup=True, max_concurrent_runs=4)
     tag = s["mqtt"]["client_id"]
     config = write_config(tmp_path, s)
-    n = 40
+    n = 200
     async with aiomqtt.Client(
         "127.0.0.1", mosquitto.port, identifier=unique("watcher"), clean_session=False,
         socket_options=NODELAY,
