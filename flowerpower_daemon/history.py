@@ -7,8 +7,8 @@ bounded by count (``max_jobs``) and age (``max_age``), pruned as rows arrive.
 
 The event loop never touches the disk: :meth:`SqliteHistory.record` queues a
 row (waiting only when ``max_pending`` rows are queued: backpressure), and
-the :meth:`SqliteHistory.run` task writes queued rows in batches, one
-transaction per batch, in a worker thread. Queries run in the same
+the :meth:`SqliteHistory.run` task writes queued rows in batches gathered
+for up to ``linger`` seconds, one transaction per batch, in a worker thread. Queries run in the same
 one-at-a-time thread lane and first write whatever is queued, so a run is
 visible as soon as its result is recorded. Runs still queued or running are
 not here; the daemon's job tracker knows them.
@@ -85,6 +85,8 @@ class SqliteHistory:
         max_result_bytes: int = 64 * 1024,
         max_pending: int = 10_000,
         prune_every: int = 500,
+        linger: float = 0.1,
+        batch_rows: int = 500,
     ) -> None:
         self.path = path
         self.max_jobs = max_jobs
@@ -92,6 +94,8 @@ class SqliteHistory:
         self.max_result_bytes = max_result_bytes
         self.max_pending = max_pending
         self.prune_every = prune_every
+        self.linger = linger
+        self.batch_rows = batch_rows
         self.recorded = 0
         self._pending: list[Row] = []
         self._wake = anyio.Event()
@@ -150,6 +154,10 @@ class SqliteHistory:
         task_status.started()
         while True:
             await self._wake.wait()
+            if len(self._pending) < self.batch_rows:
+                # Gather a batch: one thread hop and one transaction per ``linger`` under
+                # load instead of per run. Reads flush first, so nobody sees the delay.
+                await anyio.sleep(self.linger)
             self._wake = anyio.Event()
             await anyio.to_thread.run_sync(self._write_pending, limiter=self._lane)
 

@@ -336,28 +336,17 @@ class PipelineRunner:
         while True:
             started = utcnow()
             try:
-                with anyio.move_on_after(timeout) as scope:
-                    if prepared.is_async:
-                        from . import _hamilton
-
-                        out = _as_mapping(
-                            await _hamilton.execute_async(
-                                prepared.driver, list(prepared.final_vars), inputs
-                            )
+                if timeout is None:
+                    # No cancel scope when there is nothing to time out: one less per run.
+                    out = await self._attempt(prepared, inputs)
+                else:
+                    with anyio.move_on_after(timeout) as scope:
+                        out = await self._attempt(prepared, inputs)
+                    if scope.cancelled_caught:
+                        raise RunTimeoutError(
+                            f"pipeline {request.pipeline!r}: attempt {attempts.number} "
+                            f"exceeded its timeout of {timeout:g} s"
                         )
-                    else:
-                        out = await anyio.to_thread.run_sync(
-                            self._execute_sync,
-                            prepared,
-                            inputs,
-                            abandon_on_cancel=True,
-                            limiter=self._thread_limiter(),
-                        )
-                if scope.cancelled_caught:
-                    raise RunTimeoutError(
-                        f"pipeline {request.pipeline!r}: attempt {attempts.number} "
-                        f"exceeded its timeout of {timeout:g} s"
-                    )
             except Exception as exc:
                 delay = attempts.failed(exc, started)
                 if delay is None:
@@ -369,6 +358,22 @@ class PipelineRunner:
         result = attempts.result()
         await self._acallback(prepared, result)
         return result
+
+    async def _attempt(self, prepared: Prepared, inputs: dict[str, Any]) -> Mapping[str, Any]:
+        """One execution: async pipelines on the loop, sync ones in a worker thread."""
+        if prepared.is_async:
+            from . import _hamilton
+
+            return _as_mapping(
+                await _hamilton.execute_async(prepared.driver, list(prepared.final_vars), inputs)
+            )
+        return await anyio.to_thread.run_sync(
+            self._execute_sync,
+            prepared,
+            inputs,
+            abandon_on_cancel=True,
+            limiter=self._thread_limiter(),
+        )
 
     def run_sync(self, request: RunRequest) -> RunResult:
         """Blocking run for the CLI and the sync API; same semantics as :meth:`run`."""
