@@ -23,7 +23,8 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
-from datetime import datetime
+from dataclasses import replace
+from datetime import UTC, datetime
 from typing import Any
 
 import anyio
@@ -168,6 +169,7 @@ class Daemon:
         self.notifier = Notifier()
         self.control: Any = None
         self.timer_specs: dict[str, Any] = {}
+        self.timer_state: Any = None
         self._source_scopes: dict[str, anyio.CancelScope] = {}
         self._sources: TaskGroup | None = None
         self._runs: TaskGroup | None = None
@@ -240,6 +242,9 @@ class Daemon:
                     dedup = await stack.enter_async_context(
                         DedupStore(s.state_path / "dedup.sqlite3")
                     )
+            from .timerstate import timer_state_for
+
+            self.timer_state = await stack.enter_async_context(timer_state_for(s))
             executor = RunExecutor(
                 self.project.runner, sink, on_result=self._on_result, dedup=dedup
             )
@@ -625,33 +630,48 @@ class Daemon:
         *,
         task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
+        from .timerstate import lock_ttl
         from .triggers.timers import TimerSpec, timer_events
 
         assert self.dispatcher is not None
+        state = self.timer_state
+        last = None
+        if state is not None:
+            if isinstance(trig, IntervalTrigger) and trig.start_at is None:
+                # A grid that survives restarts and is shared by daemons on one Redis.
+                last = await state.anchor(trig.name, utcnow())
+            else:
+                last = await state.last_fire(trig.name)
         if isinstance(trig, CronTrigger):
-            spec = TimerSpec(
-                trig.name,
-                "cron",
-                cron=trig.cron,
-                timezone=trig.timezone,
-                jitter=trig.jitter,
-                misfire_grace=trig.misfire_grace,
-            )
+            spec = TimerSpec(trig.name, "cron", cron=trig.cron, timezone=trig.timezone)
         elif isinstance(trig, IntervalTrigger):
-            # Anchored now (as timer_events would), so `triggers` can show the next fire.
+            # Anchored at the last fire or now (as timer_events would), so `triggers` can
+            # show the next fire.
             spec = TimerSpec(
-                trig.name,
-                "interval",
-                every=trig.every,
-                start_at=trig.start_at or utcnow(),
-                jitter=trig.jitter,
+                trig.name, "interval", every=trig.every, start_at=trig.start_at or last or utcnow()
             )
         else:
-            spec = TimerSpec(trig.name, "date", date=trig.at, misfire_grace=trig.misfire_grace)
+            spec = TimerSpec(trig.name, "date", date=trig.at)
+        spec = replace(
+            spec,
+            jitter=getattr(trig, "jitter", 0.0),
+            misfire_grace=trig.misfire_grace,
+            catch_up=trig.catch_up,
+            max_catch_up=trig.max_catch_up,
+        )
         self.timer_specs[trig.name] = spec
         task_status.started()
-        async for event in timer_events(spec):
+        ttl = lock_ttl(spec.misfire_grace)
+        async for event in timer_events(spec, last_fire=last):
+            scheduled = datetime.fromtimestamp(event.meta["scheduled_ts"], UTC)
+            # Several daemons on one Redis: only the one that takes the tick's lock fires it.
+            if state is not None and not await state.claim(trig.name, scheduled, ttl):
+                log.debug("timer_tick_taken", trigger=trig.name, scheduled=scheduled.isoformat())
+                continue
             await self.dispatcher.submit(event, runs)
+            if state is not None:
+                with anyio.CancelScope(shield=True):  # a run that was submitted is recorded
+                    await state.record(trig.name, scheduled)
 
     async def _file_source(
         self,

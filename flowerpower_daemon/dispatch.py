@@ -167,6 +167,8 @@ class Dispatcher:
                 topic=topic,
                 fields=fields,
                 file_path=event.inputs.get("file_path"),
+                scheduled=event.meta.get("scheduled"),
+                catch_up=bool(event.meta.get("catch_up")),
             ),
             queued_at=event.at,
             reply=reply,

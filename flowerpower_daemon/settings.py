@@ -186,7 +186,20 @@ class MqttTrigger(_TriggerBase):
         return value
 
 
-class CronTrigger(_TriggerBase):
+class _TimerBase(_TriggerBase):
+    """What cron, interval and date triggers share: lateness and catch-up after downtime.
+
+    ``catch_up`` says what happens at start-up to fire times missed since the
+    last fire kept in the state store: ``none`` skips them, ``latest`` runs the
+    most recent once, ``all`` runs each (the newest ``max_catch_up``, oldest
+    first); fire times older than ``misfire_grace`` seconds are never run.
+    """
+
+    catch_up: Literal["none", "latest", "all"] = "latest"
+    max_catch_up: int = Field(default=100, ge=1, le=10_000)
+
+
+class CronTrigger(_TimerBase):
     type: Literal["cron"]
     cron: str
     timezone: str | None = None
@@ -205,11 +218,12 @@ class CronTrigger(_TriggerBase):
         return value
 
 
-class IntervalTrigger(_TriggerBase):
+class IntervalTrigger(_TimerBase):
     type: Literal["interval"]
     every: timedelta
     start_at: datetime | None = None
     jitter: float = Field(default=0.0, ge=0)
+    misfire_grace: float | None = Field(default=None, ge=0)
 
     @field_validator("every", mode="before")
     @classmethod
@@ -222,7 +236,7 @@ class IntervalTrigger(_TriggerBase):
         return None if value is None else parse_date(value)
 
 
-class DateTrigger(_TriggerBase):
+class DateTrigger(_TimerBase):
     type: Literal["date"]
     at: datetime
     misfire_grace: float | None = Field(default=3600.0, ge=0)

@@ -49,13 +49,20 @@ utcnow: Callable[[], datetime] = functools.partial(datetime.now, UTC)
 
 @dataclass(slots=True)
 class TriggerInfo:
-    """What caused a run: the trigger's name and type, plus transport details."""
+    """What caused a run: the trigger's name and type, plus transport details.
+
+    Timer runs carry ``scheduled``, the fire time they are for (ISO 8601, without
+    jitter), and ``catch_up`` when they make up for a fire missed while the daemon
+    was down.
+    """
 
     name: str = "manual"
     type: TriggerType = "manual"
     topic: str | None = None
     fields: Mapping[str, str] = field(default_factory=dict)
     file_path: str | None = None
+    scheduled: str | None = None
+    catch_up: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name, "type": self.type}
@@ -65,6 +72,10 @@ class TriggerInfo:
             out["fields"] = dict(self.fields)
         if self.file_path is not None:
             out["file_path"] = self.file_path
+        if self.scheduled is not None:
+            out["scheduled"] = self.scheduled
+        if self.catch_up:
+            out["catch_up"] = True
         return out
 
     @classmethod
@@ -75,6 +86,8 @@ class TriggerInfo:
             topic=data.get("topic"),
             fields=dict(data.get("fields") or {}),
             file_path=data.get("file_path"),
+            scheduled=data.get("scheduled"),
+            catch_up=bool(data.get("catch_up", False)),
         )
 
 

@@ -13,11 +13,16 @@ matching wall-clock time fires once across DST changes: a time skipped by the
 spring gap fires at the first instant after the gap (Europe/Berlin 2026-03-29,
 ``30 2 * * *`` at 03:00 CEST), a time repeated by the autumn fold only at its
 first occurrence (2026-10-25, 02:30 CEST and not 02:30 CET).
+
+After downtime, :func:`catch_up_fires` (pure, too) picks which of the fire
+times missed since the last recorded fire are run at start-up, by the
+timer's ``catch_up`` policy, ``misfire_grace`` and ``max_catch_up``.
 """
 
 from __future__ import annotations
 
 import random
+from collections import deque
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
@@ -39,12 +44,15 @@ from ..project.schedule import (
 )
 from .base import TriggerEvent
 
-__all__ = ["TimerKind", "TimerSpec", "next_fire", "timer_events"]
+__all__ = ["CatchUp", "TimerKind", "TimerSpec", "catch_up_fires", "next_fire", "timer_events"]
 
 TimerKind = Literal["cron", "interval", "date"]
+CatchUp = Literal["none", "latest", "all"]
 
 # Longest single sleep, in seconds: a suspend or a wall-clock step is noticed within it.
 _MAX_SLEEP = 300.0
+# Most fire times examined per window while looking for missed ones (bounds start-up work).
+_SCAN_LIMIT = 20_000
 
 log = structlog.get_logger("flowerpower_daemon.triggers.timers")
 
@@ -60,6 +68,8 @@ class TimerSpec:
     and is the earliest fire of a cron trigger. ``jitter`` is the largest
     random delay, in seconds, added to each fire; ``misfire_grace`` (seconds)
     drops a fire that could only happen later than that (``None``: always fire).
+    ``catch_up`` and ``max_catch_up`` say which fires missed while the daemon
+    was down are run at start-up (see :func:`catch_up_fires`).
     """
 
     name: str
@@ -71,6 +81,8 @@ class TimerSpec:
     timezone: str | None = None
     jitter: float = 0.0
     misfire_grace: float | None = None
+    catch_up: CatchUp = "latest"
+    max_catch_up: int = 100
 
     def __post_init__(self) -> None:
         tz = parse_timezone(self.timezone)
@@ -91,6 +103,12 @@ class TimerSpec:
             raise ValueError(f"timer {self.name!r}: jitter must be >= 0, not {self.jitter}")
         if self.misfire_grace is not None and self.misfire_grace < 0:
             raise ValueError(f"timer {self.name!r}: misfire_grace must be >= 0")
+        if self.catch_up not in ("none", "latest", "all"):
+            raise ValueError(
+                f"timer {self.name!r}: catch_up must be none, latest or all, not {self.catch_up!r}"
+            )
+        if self.max_catch_up < 1:
+            raise ValueError(f"timer {self.name!r}: max_catch_up must be >= 1")
         # Frozen, so normalise through object.__setattr__: a 6-field cron, aware datetimes.
         if self.cron is not None:
             object.__setattr__(self, "cron", parse_cron(self.cron))
@@ -149,6 +167,60 @@ def next_fire(spec: TimerSpec, after: datetime) -> datetime | None:
         return None
 
 
+def catch_up_fires(spec: TimerSpec, last_fire: datetime | None, now: datetime) -> list[datetime]:
+    """The missed fire times of ``spec`` to run at start-up, oldest first (pure).
+
+    Missed are the fire times after ``last_fire`` (the scheduled time of the
+    last recorded fire) up to and including ``now``, not older than
+    ``misfire_grace`` seconds. ``spec.catch_up`` picks among them: ``none``
+    runs none, ``latest`` the most recent one, ``all`` each of them, but at
+    most the newest ``max_catch_up``. A cron or interval timer without a
+    ``last_fire`` starts fresh: nothing was missed. A date trigger's time is
+    missed when it is not after ``now`` and not already fired (``last_fire``
+    before it or ``None``).
+    """
+    if now.tzinfo is None or (last_fire is not None and last_fire.tzinfo is None):
+        raise ValueError("catch_up_fires needs aware datetimes")
+    if spec.catch_up == "none":
+        return []
+    oldest = None if spec.misfire_grace is None else now - timedelta(seconds=spec.misfire_grace)
+    if spec.kind == "date":
+        assert spec.date is not None
+        at = spec.date.astimezone(UTC)
+        fired = last_fire is not None and last_fire >= at
+        in_grace = oldest is None or at >= oldest
+        return [at] if at <= now and in_grace and not fired else []
+    if last_fire is None:
+        return []
+    # Fire times t > after (datetime resolution is 1 µs, so t >= oldest is t > oldest - 1 µs).
+    after = last_fire if oldest is None else max(last_fire, oldest - timedelta(microseconds=1))
+    keep = 1 if spec.catch_up == "latest" else spec.max_catch_up
+    return _newest_fires(spec, after, now, keep)
+
+
+def _newest_fires(spec: TimerSpec, after: datetime, until: datetime, keep: int) -> list[datetime]:
+    """The newest ``keep`` fire times in ``(after, until]``, oldest first.
+
+    Scans windows ending at ``until`` that grow fourfold until they hold
+    ``keep`` fire times or reach back to ``after``, so a long downtime of a
+    frequent timer costs about the fires kept, not every fire missed. At most
+    ``_SCAN_LIMIT`` fire times are looked at per window.
+    """
+    span = timedelta(seconds=1)
+    while True:
+        start = after if span >= until - after else until - span
+        window: deque[datetime] = deque(maxlen=keep)
+        fire = next_fire(spec, start)
+        scanned = 0
+        while fire is not None and fire <= until and scanned < _SCAN_LIMIT:
+            window.append(fire)
+            scanned += 1
+            fire = next_fire(spec, fire)
+        if len(window) >= keep or start == after or scanned >= _SCAN_LIMIT:
+            return list(window)
+        span *= 4
+
+
 async def timer_events(
     spec: TimerSpec,
     *,
@@ -159,11 +231,14 @@ async def timer_events(
 ) -> AsyncGenerator[TriggerEvent, None]:
     """Yield one :class:`TriggerEvent` per fire of ``spec``, sleeping in between.
 
-    ``last_fire`` is the scheduled time of the previous fire (say, from the
-    job history): the next fire follows it, and fires missed while the daemon
-    was down are made up by one immediate fire. Without it cron and interval
-    timers start from ``now()`` (an interval without ``start_at`` is anchored
-    there), and a date trigger fires even if its time has passed.
+    ``last_fire`` is the scheduled time of the previous fire (from the timer
+    state store): fires missed since then, while the daemon was down, are
+    yielded at once as chosen by :func:`catch_up_fires` (``meta`` has
+    ``catch_up: True``), then the schedule goes on after ``now()``; an
+    interval without ``start_at`` keeps the grid of ``last_fire``. Without it
+    cron and interval timers start from ``now()`` (an interval without
+    ``start_at`` is anchored there), and a date trigger whose time has passed
+    fires once unless older than ``misfire_grace`` or ``catch_up`` is ``none``.
 
     A fire is yielded at ``scheduled + U(0, jitter)`` with ``at`` the actual
     time and ``meta`` holding ``scheduled`` (ISO string) and ``scheduled_ts``
@@ -176,19 +251,42 @@ async def timer_events(
     """
     rng = rng or random.Random()
     started = now()
-    reference = last_fire if last_fire is not None else started
     if spec.kind == "interval" and spec.start_at is None:
-        spec = replace(spec, start_at=reference)
-    if spec.kind == "date" and last_fire is None:
-        scheduled: datetime | None = spec.date.astimezone(UTC) if spec.date else None
-    else:
-        scheduled = next_fire(spec, reference)
+        spec = replace(spec, start_at=last_fire if last_fire is not None else started)
+    if last_fire is None:
+        missed = catch_up_fires(spec, last_fire, started)
+    else:  # A long downtime may mean a few thousand cron computations: off the event loop.
+        missed = await anyio.to_thread.run_sync(catch_up_fires, spec, last_fire, started)
+    if missed:
+        log.info(
+            "timer_catch_up",
+            trigger=spec.name,
+            policy=spec.catch_up,
+            fires=len(missed),
+            last_fire=last_fire.isoformat() if last_fire else None,
+            first=missed[0].isoformat(),
+            last=missed[-1].isoformat(),
+        )
+    for fire in missed:
+        yield TriggerEvent(
+            trigger=spec.name,
+            kind=spec.kind,
+            at=now(),
+            meta={
+                "scheduled": fire.isoformat(),
+                "scheduled_ts": fire.timestamp(),
+                "catch_up": True,
+            },
+        )
+    scheduled = next_fire(spec, started)
+    if spec.kind == "date" and last_fire is not None and scheduled is not None:
+        scheduled = scheduled if last_fire < scheduled else None
     while scheduled is not None:
         deadline = scheduled + timedelta(seconds=rng.uniform(0.0, spec.jitter))
         await _sleep_until(deadline, now, sleep)
         current = now()
         following = next_fire(spec, scheduled)
-        missed = following is not None and following <= current
+        skipped = following is not None and following <= current
         late = (current - deadline).total_seconds()
         if spec.misfire_grace is not None and late > spec.misfire_grace:
             log.warning(
@@ -199,7 +297,7 @@ async def timer_events(
                 misfire_grace=spec.misfire_grace,
             )
         else:
-            if missed:
+            if skipped:
                 log.warning(
                     "timer_missed_fires",
                     trigger=spec.name,
@@ -212,7 +310,7 @@ async def timer_events(
                 at=current,
                 meta={"scheduled": scheduled.isoformat(), "scheduled_ts": scheduled.timestamp()},
             )
-        scheduled = next_fire(spec, now()) if missed else following
+        scheduled = next_fire(spec, now()) if skipped else following
     log.info("timer_done", trigger=spec.name)
 
 

@@ -526,16 +526,17 @@ async def test_date_already_fired_yields_nothing() -> None:
 
 
 async def test_last_fire_makes_up_missed_cron_fires_once() -> None:
-    """Restarting days after ``last_fire`` fires once now, then follows the schedule."""
+    """Restarting days after ``last_fire`` runs the latest missed fire now, then the schedule."""
     clock = FakeClock()
     spec = cron("0 2 * * *")
     last = datetime(2026, 5, 29, 2, 0, tzinfo=UTC)
     got = await take(timer_events(spec, now=clock.now, sleep=clock.sleep, last_fire=last), 2)
     assert scheduled(got) == [
-        datetime(2026, 5, 30, 2, tzinfo=UTC),
+        datetime(2026, 6, 1, 2, tzinfo=UTC),
         datetime(2026, 6, 2, 2, tzinfo=UTC),
     ]
     assert got[0].at == T0
+    assert [e.meta.get("catch_up", False) for e in got] == [True, False]
 
 
 async def test_interval_last_fire_anchors_the_grid() -> None:
@@ -545,7 +546,7 @@ async def test_interval_last_fire_anchors_the_grid() -> None:
     got = await take(
         timer_events(interval(10), now=clock.now, sleep=clock.sleep, last_fire=last), 2
     )
-    assert scheduled(got) == [T0 - timedelta(seconds=15), T0 + timedelta(seconds=5)]
+    assert scheduled(got) == [T0 - timedelta(seconds=5), T0 + timedelta(seconds=5)]
 
 
 # --- timer_events on the real clock ------------------------------------------------------
