@@ -255,9 +255,9 @@ class Daemon:
             if not s.queue.is_redis:
                 await anyio.to_thread.run_sync(self._warm_up)
 
-            async def kiq(data: dict[str, Any]) -> Any:
-                async with self.jobs.track(data):
-                    return await task.kiq(data)
+            async def kiq(request: RunRequest) -> Any:
+                async with self.jobs.track(request):
+                    return await task.kiq(request.to_dict())
 
             hooks = await anyio.to_thread.run_sync(self._config_hooks)
             self.dispatcher = Dispatcher(

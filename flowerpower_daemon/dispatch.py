@@ -41,7 +41,7 @@ __all__ = ["Dispatcher", "Stats", "TriggerState"]
 
 log = structlog.get_logger("flowerpower_daemon.dispatch")
 
-Kiq = Callable[[dict[str, Any]], Awaitable[Any]]
+Kiq = Callable[[RunRequest], Awaitable[Any]]
 
 
 @dataclass
@@ -121,12 +121,12 @@ class Dispatcher:
     async def run_request(self, request: RunRequest) -> None:
         """Run a request no trigger produced (a manual run): global limit, then ``kiq``."""
         if self.remote:
-            await self.kiq(request.to_dict())
+            await self.kiq(request)
             return
-        async with self._global:
+        async with _maybe(self._global):
             self.stats.in_flight += 1
             try:
-                await self.kiq(request.to_dict())
+                await self.kiq(request)
             finally:
                 self.stats.in_flight -= 1
 
@@ -244,7 +244,7 @@ class Dispatcher:
             log.info("run_skipped_overlap", trigger=state.cfg.name, running=list(state.running))
             await _ack(event)
             return
-        await self._pending.acquire()
+        await _take(self._pending)
         runs.start_soon(self._handle, state, event, request, name=f"run:{request.run_id}")
 
     async def _apply_config_hook(
@@ -262,18 +262,18 @@ class Dispatcher:
     async def _handle(self, state: TriggerState, event: TriggerEvent, request: RunRequest) -> None:
         try:
             if self.remote:
-                await self.kiq(request.to_dict())
+                await self.kiq(request)
                 await _ack(event)
                 return
             if state.cfg.overlap == "replace":
                 for scope in list(state.running.values()):
                     scope.cancel()
-            async with _maybe(state.limiter), self._global:
+            async with _maybe(state.limiter), _maybe(self._global):
                 self.stats.in_flight += 1
                 try:
                     with anyio.CancelScope() as scope:
                         state.running[request.run_id] = scope
-                        await self.kiq(request.to_dict())
+                        await self.kiq(request)
                     if scope.cancelled_caught:
                         await self._forget_key(request)
                         await self.sink.emit(
@@ -370,6 +370,19 @@ async def _ack(event: TriggerEvent) -> None:
 
 
 class _maybe:
+async def _take(slots: anyio.CapacityLimiter | anyio.Semaphore) -> None:
+    """Take a slot, without a trip through the event loop when one is free.
+
+    anyio's ``acquire`` always yields to the loop first (a checkpoint): per run,
+    with three limiters, that was three loop iterations for nothing.
+    ``acquire_nowait`` refuses while others wait, so the order stays fair.
+    """
+    try:
+        slots.acquire_nowait()
+    except anyio.WouldBlock:
+        await slots.acquire()
+
+
     """``async with`` a limiter when there is one."""
 
     def __init__(self, limiter: anyio.CapacityLimiter | None) -> None:
@@ -377,7 +390,7 @@ class _maybe:
 
     async def __aenter__(self) -> None:
         if self.limiter is not None:
-            await self.limiter.acquire()
+            await _take(self.limiter)
 
     async def __aexit__(self, *exc: object) -> None:
         if self.limiter is not None:

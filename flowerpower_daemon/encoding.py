@@ -488,10 +488,13 @@ def encode_result(
     target, not a guarantee. ``offload`` does blocking I/O: from async code, run
     this in a worker thread.
     """
-    message = result.to_dict()
-    if max_bytes is None:
-        return dumps(message)
+    full = result.encoded
+    if full is None:
+        full = result.encoded = dumps(result.to_dict())
+    if max_bytes is None or len(full) <= max_bytes:
+        return full
 
+    message = result.to_dict()
     # outputs encoded once each, spliced in as fragments: sizes known, no re-encoding
     encoded = {name: dumps(value) for name, value in message["outputs"].items()}
     fragments: dict[Any, Any] = {name: orjson.Fragment(b) for name, b in encoded.items()}

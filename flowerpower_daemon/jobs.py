@@ -17,7 +17,7 @@ the daemon stops: a run that must survive a restart is a ``schedule add
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -93,9 +93,8 @@ class JobTracker:
     # --------------------------------------------------------- every run
 
     @asynccontextmanager
-    async def track(self, data: Mapping[str, Any]) -> AsyncIterator[None]:
+    async def track(self, request: RunRequest) -> AsyncIterator[None]:
         """Around one ``kiq``: mark the run started; settle it as cancelled if no result came."""
-        request = RunRequest.from_dict(data)
         job = self.active.get(request.run_id)
         if job is None:
             job = self.active[request.run_id] = ActiveJob(request, "running")

@@ -279,18 +279,21 @@ class MqttLink:
                 payload = payload.encode()
             elif not isinstance(payload, bytes | bytearray):
                 payload = b"" if payload is None else str(payload).encode()
-            await self._send.send(
-                IncomingMessage(
-                    topic=message.topic.value,
-                    payload=bytes(payload),
-                    qos=qos,
-                    retain=bool(message.retain),
-                    response_topic=response_topic,
-                    correlation_data=correlation,
-                    user_properties=user_props,
-                    ack=self._acker(client, generation, mid, qos),
-                )
+            incoming = IncomingMessage(
+                topic=message.topic.value,
+                payload=bytes(payload),
+                qos=qos,
+                retain=bool(message.retain),
+                response_topic=response_topic,
+                correlation_data=correlation,
+                user_properties=user_props,
+                ack=self._acker(client, generation, mid, qos),
             )
+            try:
+                # Straight to a waiting consumer: ``send`` would first yield to the loop.
+                self._send.send_nowait(incoming)
+            except anyio.WouldBlock:
+                await self._send.send(incoming)
 
     def _acker(
         self, client: aiomqtt.Client, generation: int, mid: int, qos: int

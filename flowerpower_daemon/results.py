@@ -10,7 +10,6 @@ else the ``reply_to`` of a JSON payload, else the trigger's or the global
 from __future__ import annotations
 
 import base64
-import string
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
@@ -37,10 +36,12 @@ class _Fields(dict[str, str]):
 def render_topic(template: str, fields: Mapping[str, Any]) -> str:
     """Fill ``{pipeline}``, ``{trigger}``, ``{run_id}`` and topic fields; unknown names stay."""
     # A field value must not add levels or wildcards to the topic it is put into.
-    safe = {
-        k: str(v).replace("/", "_").replace("+", "_").replace("#", "_") for k, v in fields.items()
-    }
-    return string.Formatter().vformat(template, (), _Fields(safe))
+    if "{" not in template:
+        return template
+    safe = _Fields(
+        {k: str(v).replace("/", "_").replace("+", "_").replace("#", "_") for k, v in fields.items()}
+    )
+    return template.format_map(safe)
 
 
 def reply_target(

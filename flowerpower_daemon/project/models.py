@@ -201,6 +201,9 @@ class RunResult:
     finished_at: datetime
     trigger: TriggerInfo = field(default_factory=TriggerInfo)
     exception: BaseException | None = field(default=None, repr=False, compare=False)
+    #: The whole message as JSON, kept by ``encoding.encode_result`` so that the MQTT
+    #: sink, the job history and the dedup store do not each encode it again.
+    encoded: bytes | None = field(default=None, repr=False, compare=False)
 
     @property
     def ok(self) -> bool:
