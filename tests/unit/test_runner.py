@@ -61,6 +61,15 @@ def after_async(waited: int) -> int:
     return waited * 10
 """
 
+SLOW = """
+import time
+
+
+def slept(seconds: float) -> float:
+    time.sleep(seconds)
+    return seconds
+"""
+
 SYNC_THREAD = """
 import threading
 
@@ -338,6 +347,22 @@ async def test_sync_pipeline_via_arun_runs_in_a_worker_thread(projects: ProjectF
     with anyio.fail_after(60):
         outputs = await project.arun("sync_thread", {"x": 1})
     assert outputs["thread_name"] != threading.current_thread().name
+
+
+async def test_sync_pipeline_runs_in_the_given_executor(projects: ProjectFactory) -> None:
+    """With ``runner.executor`` set (the daemon's taskiq pool) sync attempts run there,
+    and a timeout still ends the attempt (the thread's work is abandoned)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    project = projects.load({"sync_thread": SYNC_THREAD, "slow": SLOW})
+    with ThreadPoolExecutor(2, thread_name_prefix="taskiq-pool") as pool:
+        project.runner.executor = pool
+        with anyio.fail_after(60):
+            outputs = await project.arun("sync_thread", {"x": 1})
+            result = await project.aexecute(project.request("slow", {"seconds": 2.0}, timeout=0.2))
+    assert outputs["thread_name"].startswith("taskiq-pool")
+    assert result.status == "timeout"
+    assert result.duration_ms < 1500
 
 
 def test_sync_pipeline_via_run_stays_in_the_calling_thread(projects: ProjectFactory) -> None:
