@@ -234,14 +234,11 @@ class Daemon:
             broker = create_broker(s.queue)
             dedup = None
             if any(t.dedup_key for t in self.triggers):
-                if s.queue.is_redis:
-                    log.warning("dedup_key_ignored_on_redis_queue", reason="keys are kept locally")
-                else:
-                    from .dedup import DedupStore
+                from .dedup import dedup_store_for
 
-                    dedup = await stack.enter_async_context(
-                        DedupStore(s.state_path / "dedup.sqlite3")
-                    )
+                # SQLite in the state dir; with Redis the workers claim keys as they start
+                # runs, and this daemon answers duplicates of finished runs (see dedup.py).
+                dedup = await stack.enter_async_context(dedup_store_for(s))
             from .timerstate import timer_state_for
 
             self.timer_state = await stack.enter_async_context(timer_state_for(s))
@@ -763,9 +760,11 @@ async def run_worker(settings: Settings) -> None:
     from taskiq.acks import AcknowledgeType
     from taskiq.api import run_receiver_task
 
+    from .dedup import RedisDedupStore, dedup_prefix
     from .mqtt import MqttLink
-    from .queue import RunExecutor, create_broker, register_run_task
+    from .queue import RunExecutor, RunLedger, create_broker, register_run_task
     from .results import MqttResultSink
+    from .streams import ReclaimingStreamBroker
 
     if not settings.queue.is_redis:
         raise ConfigError(
@@ -790,11 +789,27 @@ async def run_worker(settings: Settings) -> None:
     async def record(request: RunRequest, result: RunResult) -> None:
         await history.record(result)
 
-    register_run_task(broker, RunExecutor(project.runner, sink, on_result=record))
+    queue = settings.queue
+    # Shared with every daemon and worker: dedup keys (claimed here, as runs start) and
+    # the starts of unfinished runs (so that a reclaimed run knows its lost attempts).
+    dedup = RedisDedupStore(queue.broker, dedup_prefix(queue))
+    ledger = RunLedger(queue.broker, f"{queue.queue_name}:started")
+    executor = RunExecutor(
+        project.runner,
+        sink,
+        on_result=record,
+        dedup=dedup,
+        claim_ttls={t.name: t.dedup_ttl for t in settings.triggers},
+        ledger=ledger,
+        max_deliveries=queue.max_deliveries,
+    )
+    register_run_task(broker, executor)
     await broker.startup()
     try:
-        async with history, anyio.create_task_group() as tg:
+        async with history, dedup, ledger, anyio.create_task_group() as tg:
             await tg.start(link.run, name="mqtt-link")
+            if isinstance(broker, ReclaimingStreamBroker):
+                tg.start_soon(broker.keep_claimed, name="stream-heartbeat")
 
             async def stop_on_signal() -> None:
                 with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:

@@ -1,11 +1,24 @@
 """Idempotency: a trigger's ``dedup_key`` keeps a redelivered message from running twice.
 
-Keys live in SQLite in the state directory (stdlib ``sqlite3``, used from a
-worker thread), so they survive a crash: a message redelivered after a
-SIGKILL finds its key and gets the earlier result re-published instead of
-a second run. A key whose run never finished (the process died mid-run) is
-forgotten at start-up, so that message runs again: at-least-once wins over
-at-most-once. Keys expire after the trigger's ``dedup_ttl``.
+Locally (``queue.broker: memory``) keys live in SQLite in the state
+directory (stdlib ``sqlite3``, used from a worker thread), so they survive a
+crash: a message redelivered after a SIGKILL finds its key and gets the
+earlier result re-published instead of a second run. A key whose run never
+finished (the process died mid-run) is forgotten at start-up, so that
+message runs again: at-least-once wins over at-most-once. Keys expire after
+the trigger's ``dedup_ttl``.
+
+With the queue on Redis the keys live in Redis next to the queue
+(:class:`RedisDedupStore`, ``<queue_name>:dedup:<key>``), shared by every
+daemon and worker. There the *worker* claims a key when it starts a run,
+not the daemon when it enqueues: a daemon that dies between claiming and
+enqueueing (or whose enqueue fails) would otherwise leave a key that no run
+will ever complete, and the redelivered message would be dropped as a
+duplicate. A claim by the same run id succeeds again, so a run reclaimed
+from a dead worker runs (and completes its key). The daemon only looks keys
+up (:class:`RedisDedupLookup`): a duplicate of a finished run gets the
+earlier result without a trip through the queue; any other message is
+enqueued and the worker decides.
 """
 
 from __future__ import annotations
@@ -14,13 +27,29 @@ import re
 import sqlite3
 import time
 from collections.abc import Mapping
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import anyio
 import anyio.to_thread
+import structlog
 
-__all__ = ["DedupStore", "render_key"]
+from .settings import QueueSettings, Settings
+
+__all__ = [
+    "DEFAULT_TTL",
+    "DedupStore",
+    "RedisDedupLookup",
+    "RedisDedupStore",
+    "SqliteDedupStore",
+    "dedup_prefix",
+    "dedup_store_for",
+    "render_key",
+]
+
+log = structlog.get_logger("flowerpower_daemon.dedup")
+DEFAULT_TTL = 3600.0
 
 _FIELD = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_]+)*)\}")
 Claim = tuple[Literal["new", "running", "done"], bytes | None]
@@ -41,7 +70,23 @@ def render_key(template: str, values: Mapping[str, Any]) -> str:
     return _FIELD.sub(lookup, template)
 
 
-class DedupStore:
+class DedupStore(Protocol):
+    """Seen keys with the finished run's encoded result."""
+
+    async def claim(self, key: str, run_id: str, ttl: float) -> Claim:
+        """``new`` (the caller runs it), ``running`` or ``done`` with the stored result."""
+        ...
+
+    async def complete(self, key: str, result: bytes) -> None:
+        """Store the finished run's encoded result (before it is published)."""
+        ...
+
+    async def forget(self, key: str) -> None:
+        """Drop a claim whose run never finished, so that a redelivery runs again."""
+        ...
+
+
+class SqliteDedupStore:
     """Seen keys with their finished result; one connection, used from one thread at a time."""
 
     def __init__(self, path: Path, *, max_keys: int = 1_000_000) -> None:
@@ -51,7 +96,7 @@ class DedupStore:
         self._lock = anyio.Lock()
         self._writes = 0
 
-    async def __aenter__(self) -> DedupStore:
+    async def __aenter__(self) -> SqliteDedupStore:
         await anyio.to_thread.run_sync(self._open)
         return self
 
@@ -119,3 +164,123 @@ class DedupStore:
     def _forget(self, key: str) -> None:
         assert self._db is not None
         self._db.execute("DELETE FROM dedup WHERE key = ? AND result IS NULL", (key,))
+
+
+# Hash ``run`` (the claiming run id) + ``result`` (once finished), with the key's TTL.
+# A key held by another run is ``running``; held by the same run (a reclaimed
+# delivery of it) it is claimed again.
+_CLAIM = """
+local run = redis.call('HGET', KEYS[1], 'run')
+if run then
+  local result = redis.call('HGET', KEYS[1], 'result')
+  if result then return {'done', result} end
+  if run ~= ARGV[1] then return {'running'} end
+end
+redis.call('HSET', KEYS[1], 'run', ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return {'new'}
+"""
+
+# A run longer than its TTL finds its key gone: store the result with a fresh expiry.
+_COMPLETE = """
+redis.call('HSET', KEYS[1], 'result', ARGV[1])
+if redis.call('PTTL', KEYS[1]) < 0 then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 1
+"""
+
+_FORGET = """
+if redis.call('HEXISTS', KEYS[1], 'result') == 0 then redis.call('DEL', KEYS[1]) end
+return 1
+"""
+
+
+def dedup_prefix(queue: QueueSettings) -> str:
+    """Redis keys of the dedup store: ``<queue_name>:dedup:<trigger>:<key>``."""
+    return f"{queue.queue_name}:dedup"
+
+
+class RedisDedupStore:
+    """Keys at ``<prefix>:<key>`` in Redis, shared by daemons and workers; one client.
+
+    ``claim`` is one Lua script (check, claim and expiry at once, and the
+    earlier result when there is one), ``complete`` stores the encoded result.
+    Errors are the caller's (``redis.RedisError``, ``OSError``).
+    """
+
+    def __init__(self, url: str, prefix: str, *, default_ttl: float = DEFAULT_TTL) -> None:
+        self.url = url
+        self.prefix = prefix
+        self.default_ttl = default_ttl
+        self._redis: Any = None
+        self._claim: Any = None
+        self._complete: Any = None
+        self._forget: Any = None
+
+    async def __aenter__(self) -> RedisDedupStore:
+        import redis.asyncio as aioredis
+
+        self._redis = aioredis.Redis.from_url(self.url)
+        self._claim = self._redis.register_script(_CLAIM)
+        self._complete = self._redis.register_script(_COMPLETE)
+        self._forget = self._redis.register_script(_FORGET)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._redis is not None:
+            with anyio.CancelScope(shield=True):
+                await self._redis.aclose()
+            self._redis = None
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}:{key}"
+
+    async def claim(self, key: str, run_id: str, ttl: float) -> Claim:
+        """``new`` (the caller runs it; also for ``run_id``'s own key), ``running`` or ``done``."""
+        out = await self._claim(keys=[self._key(key)], args=[run_id, _ms(ttl)])
+        state = out[0].decode() if isinstance(out[0], bytes) else str(out[0])
+        if state == "done":
+            return "done", bytes(out[1])
+        return ("running", None) if state == "running" else ("new", None)
+
+    async def complete(self, key: str, result: bytes) -> None:
+        await self._complete(keys=[self._key(key)], args=[result, _ms(self.default_ttl)])
+
+    async def forget(self, key: str) -> None:
+        await self._forget(keys=[self._key(key)])
+
+    async def result(self, key: str) -> bytes | None:
+        """The stored result of ``key``'s finished run, if any."""
+        raw = await self._redis.hget(self._key(key), "result")
+        return None if raw is None else bytes(raw)
+
+
+class RedisDedupLookup(RedisDedupStore):
+    """The daemon's side of :class:`RedisDedupStore`: looks keys up, claims nothing.
+
+    A key whose run finished is ``done`` (the dispatcher re-publishes the
+    result and acks); anything else is ``new``: the request is enqueued with its
+    key and the worker that takes it claims the key (or finds it taken). A
+    lookup that fails is ``new`` too: the worker still decides.
+    """
+
+    async def claim(self, key: str, run_id: str, ttl: float) -> Claim:
+        try:
+            earlier = await self.result(key)
+        except Exception as exc:  # redis.RedisError, OSError ...
+            log.warning("dedup_lookup_failed", dedup_key=key, error=str(exc))
+            return "new", None
+        return ("done", earlier) if earlier is not None else ("new", None)
+
+    async def forget(self, key: str) -> None:
+        """Nothing to forget: this side never claims."""
+
+
+def dedup_store_for(settings: Settings) -> AbstractAsyncContextManager[DedupStore]:
+    """The daemon's store: SQLite in the state dir, or a Redis lookup when workers run the runs."""
+    if settings.queue.is_redis:
+        return RedisDedupLookup(settings.queue.broker, dedup_prefix(settings.queue))
+    return SqliteDedupStore(settings.state_path / "dedup.sqlite3")
+
+
+def _ms(seconds: float) -> int:
+    return max(1, int(seconds * 1000))

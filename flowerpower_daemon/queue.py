@@ -7,7 +7,15 @@
 - ``redis://``: taskiq-redis ``RedisStreamBroker`` (consumer group, acks,
   reclaim of runs whose worker died) plus a Redis result backend;
   ``kiq`` returns once the request is durably in the stream, and
-  ``flowerpower-daemon worker`` processes execute it.
+  ``flowerpower-daemon worker`` processes execute it. Two fixes over the
+  stock broker (``ReclaimingStreamBroker``): it reclaims runs of a dead
+  worker also while the stream is idle (taskiq-redis 1.2 looks for them only
+  after new messages arrived), and a live worker keeps its own runs claimed
+  (a heartbeat; see :mod:`.streams`), so ``queue.reclaim_after`` means "the worker is gone", not
+  "the run takes long". A :class:`RunLedger` remembers each delivery of an
+  unfinished run, so the run a worker reclaims reports the lost attempts in
+  ``attempts``, and a run whose workers died ``queue.max_deliveries`` times
+  is recorded as failed instead of killing the next worker too.
 
 Messages are serialised with orjson (taskiq's default is the standard
 library's ``json``, several times slower per run). The task is registered
@@ -18,23 +26,35 @@ the sinks, so nobody waits for a result by polling.
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import UTC, datetime
 from typing import Any, cast
 
+import anyio
+import orjson
 import structlog
 from taskiq import AsyncBroker, AsyncTaskiqDecoratedTask, InMemoryBroker
 from taskiq.result_backends.dummy import DummyResultBackend
 from taskiq.serializers import ORJSONSerializer
 
-from .dedup import DedupStore
+from .dedup import DEFAULT_TTL, DedupStore
 from .encoding import encode_result
-from .project.models import RunRequest, RunResult
+from .project.models import AttemptInfo, ErrorInfo, RunRequest, RunResult, utcnow
 from .project.runner import PipelineRunner
-from .results import ResultSink
+from .results import MqttResultSink, ResultSink
 from .settings import QueueSettings
 
-__all__ = ["TASK_NAME", "RunExecutor", "create_broker", "register_run_task"]
+__all__ = [
+    "TASK_NAME",
+    "RunExecutor",
+    "RunLedger",
+    "create_broker",
+    "register_run_task",
+]
 
 TASK_NAME = "flowerpower.run_pipeline"
 log = structlog.get_logger("flowerpower_daemon.queue")
@@ -49,12 +69,14 @@ def create_broker(settings: QueueSettings, *, worker: bool = False) -> AsyncBrok
         return memory.with_result_backend(DummyResultBackend()).with_serializer(
             ORJSONSerializer()
         )
-    from taskiq_redis import RedisAsyncResultBackend, RedisStreamBroker
+    from taskiq_redis import RedisAsyncResultBackend
+
+    from .streams import ReclaimingStreamBroker
 
     backend: RedisAsyncResultBackend[Any] = RedisAsyncResultBackend(
         settings.broker, result_ex_time=86400
     )
-    broker = RedisStreamBroker(
+    broker = ReclaimingStreamBroker(
         settings.broker,
         queue_name=settings.queue_name,
         consumer_group_name=settings.consumer_group,
@@ -64,8 +86,90 @@ def create_broker(settings: QueueSettings, *, worker: bool = False) -> AsyncBrok
     return broker.with_result_backend(backend).with_serializer(ORJSONSerializer())
 
 
+# The deliveries of one unfinished run: "<unix time> <worker>" per start, oldest first.
+_STARTED = """
+local earlier = redis.call('LRANGE', KEYS[1], 0, -1)
+redis.call('RPUSH', KEYS[1], ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return earlier
+"""
+
+Lost = tuple[datetime, str]
+
+
+class RunLedger:
+    """Each start of an unfinished run, in Redis at ``<prefix>:<run_id>``; one client.
+
+    A worker notes a run when it starts it and deletes the note when the run
+    is finished (or withdraws its own start when it is cancelled, e.g. by a
+    shutdown: that attempt was interrupted, not lost). So the worker that
+    reclaims a run from a dead one finds the lost starts. A Redis error is
+    logged and treated as "no earlier start": the run goes on.
+    """
+
+    def __init__(
+        self, url: str, prefix: str, *, who: str | None = None, ttl: float = 86400.0
+    ) -> None:
+        self.url = url
+        self.prefix = prefix
+        self.who = who or f"{socket.gethostname()}:{os.getpid()}"
+        self.ttl = ttl
+        self._redis: Any = None
+        self._started: Any = None
+
+    async def __aenter__(self) -> RunLedger:
+        import redis.asyncio as aioredis
+
+        self._redis = aioredis.Redis.from_url(self.url)
+        self._started = self._redis.register_script(_STARTED)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._redis is not None:
+            with anyio.CancelScope(shield=True):
+                await self._redis.aclose()
+            self._redis = None
+
+    async def started(self, run_id: str) -> tuple[list[Lost], str]:
+        """Note this start; the earlier starts (when, which worker) and this start's entry."""
+        entry = f"{time.time()!r} {self.who}"
+        try:
+            raw = await self._started(
+                keys=[f"{self.prefix}:{run_id}"], args=[entry, max(1, int(self.ttl))]
+            )
+        except Exception as exc:  # redis.RedisError, OSError ...
+            log.error("run_ledger_failed", error=str(exc))
+            return [], entry
+        earlier: list[Lost] = []
+        for item in raw:
+            ts, _, who = (item.decode() if isinstance(item, bytes) else str(item)).partition(" ")
+            earlier.append((datetime.fromtimestamp(float(ts), UTC), who))
+        return earlier, entry
+
+    async def finished(self, run_id: str) -> None:
+        try:
+            await self._redis.delete(f"{self.prefix}:{run_id}")
+        except Exception as exc:
+            log.error("run_ledger_failed", error=str(exc))
+
+    async def withdraw(self, run_id: str, entry: str) -> None:
+        """Take back this worker's start of ``run_id`` (the attempt was cancelled)."""
+        try:
+            await self._redis.lrem(f"{self.prefix}:{run_id}", 1, entry)
+        except Exception as exc:
+            log.error("run_ledger_failed", error=str(exc))
+
+
 class RunExecutor:
-    """What the task does: run the request, emit the result, count it."""
+    """What the task does: run the request, emit the result, count it.
+
+    In the daemon (memory queue) the dispatcher has claimed the request's
+    dedup key already; this only completes it. A ``flowerpower-daemon
+    worker`` passes ``claim_ttls`` (``dedup_ttl`` per trigger name), so that it
+    claims the key itself before running, and a ``ledger``, so that a run
+    reclaimed from a dead worker reports the lost attempts and is given up
+    (recorded as failed) after ``max_deliveries`` lost ones.
+    """
 
     def __init__(
         self,
@@ -73,11 +177,18 @@ class RunExecutor:
         sink: ResultSink,
         on_result: Callable[[RunRequest, RunResult], Awaitable[None]] | None = None,
         dedup: DedupStore | None = None,
+        *,
+        claim_ttls: Mapping[str, float] | None = None,
+        ledger: RunLedger | None = None,
+        max_deliveries: int = 3,
     ) -> None:
         self.runner = runner
         self.sink = sink
         self.on_result = on_result
         self.dedup = dedup
+        self.claim_ttls = claim_ttls
+        self.ledger = ledger
+        self.max_deliveries = max_deliveries
 
     async def __call__(self, request_data: dict[str, Any]) -> dict[str, Any]:
         request = RunRequest.from_dict(request_data)
@@ -85,13 +196,24 @@ class RunExecutor:
         with structlog.contextvars.bound_contextvars(
             run_id=request.run_id, pipeline=request.pipeline, trigger=request.trigger.name
         ):
-            result = await self.runner.run(request)
+            if self.claim_ttls is None and self.ledger is None:
+                result = await self.runner.run(request)
+            else:
+                shared = await self._run_shared(request)
+                if shared is None:
+                    return {"run_id": request.run_id, "status": "duplicate"}
+                result = shared
             if self.dedup is not None and request.dedup_key is not None:
                 # Stored before publishing: a crash after publishing re-publishes, never reruns.
-                await self.dedup.complete(request.dedup_key, encode_result(result))
+                try:
+                    await self.dedup.complete(request.dedup_key, encode_result(result))
+                except Exception as exc:  # the result still goes out
+                    log.error("dedup_complete_failed", dedup_key=request.dedup_key, error=str(exc))
             await self.sink.emit(request, result)
             if self.on_result is not None:
                 await self.on_result(request, result)
+            if self.ledger is not None:
+                await self.ledger.finished(request.run_id)
             log.info(
                 "run_finished",
                 status=result.status,
@@ -101,6 +223,79 @@ class RunExecutor:
                 error=result.error.message if result.error else None,
             )
         return {"run_id": result.run_id, "status": result.status}
+
+    async def _run_shared(self, request: RunRequest) -> RunResult | None:
+        """A worker's run: claim the dedup key, note the start; ``None`` for a duplicate."""
+        key = request.dedup_key
+        if self.claim_ttls is not None and self.dedup is not None and key is not None:
+            ttl = self.claim_ttls.get(request.trigger.name, DEFAULT_TTL)
+            try:
+                claim, earlier = await self.dedup.claim(key, request.run_id, ttl)
+            except Exception as exc:  # at least once: run it
+                log.error("dedup_claim_failed", dedup_key=key, error=str(exc))
+                claim, earlier = "new", None
+            if claim != "new":
+                log.info("duplicate_not_run", dedup_key=key, state=claim)
+                if earlier is not None and isinstance(self.sink, MqttResultSink):
+                    ok = orjson.loads(earlier).get("status") == "success"
+                    await self.sink.publish_encoded(request.reply, earlier, ok=ok)
+                if self.ledger is not None:
+                    await self.ledger.finished(request.run_id)  # e.g. a reclaimed finished run
+                return None
+        if self.ledger is None:
+            return await self.runner.run(request)
+        lost, entry = await self.ledger.started(request.run_id)
+        reclaimed_at = utcnow()
+        if lost:
+            log.warning("run_reclaimed_runs_again", lost_attempts=len(lost))
+        if len(lost) >= self.max_deliveries:
+            log.error("run_given_up_workers_lost", lost_attempts=len(lost))
+            given_up = RunResult.not_run(
+                request,
+                "failed",
+                ErrorInfo(
+                    "WorkerLost",
+                    f"the worker stopped during each of {len(lost)} attempts "
+                    f"(queue.max_deliveries {self.max_deliveries}): not run again",
+                    None,
+                    False,
+                ),
+            )
+            return _with_lost(dataclasses.replace(given_up, attempts=()), lost, reclaimed_at)
+        try:
+            result = await self.runner.run(request)
+        except BaseException:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                await self.ledger.withdraw(request.run_id, entry)
+            raise
+        return _with_lost(result, lost, reclaimed_at) if lost else result
+
+
+def _with_lost(result: RunResult, lost: list[Lost], reclaimed_at: datetime) -> RunResult:
+    """``result`` with the attempts lost with their workers first (ended when reclaimed)."""
+    earlier = tuple(
+        AttemptInfo(
+            i + 1,
+            started,
+            reclaimed_at,
+            "failed",
+            ErrorInfo(
+                "WorkerLost",
+                f"worker {who} stopped before this attempt finished; the run was reclaimed",
+                None,
+                True,
+            ),
+        )
+        for i, (started, who) in enumerate(lost)
+    )
+    later = tuple(dataclasses.replace(a, number=a.number + len(earlier)) for a in result.attempts)
+    attempts = earlier + later
+    return dataclasses.replace(
+        result,
+        attempts=attempts,
+        started_at=min(result.started_at, attempts[0].started_at),
+        encoded=None,
+    )
 
 
 def register_run_task(

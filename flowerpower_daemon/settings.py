@@ -121,6 +121,11 @@ class QueueSettings(_Frozen):
         default=60.0, gt=0, description="seconds before an unacked run is reclaimed"
     )
     worker_concurrency: int = Field(default=4, ge=1)
+    max_deliveries: int = Field(
+        default=3,
+        ge=1,
+        description="starts of a run whose worker died each time before it is recorded as failed",
+    )
 
     @field_validator("broker")
     @classmethod

@@ -1,0 +1,97 @@
+"""taskiq-redis's stream broker with reclaim that a worker can rely on (imported only for Redis).
+
+taskiq-redis 1.2's ``RedisStreamBroker.listen`` looks for messages another
+consumer left unacknowledged (``XAUTOCLAIM`` after ``idle_timeout``) only
+after a read returned new messages: on an idle stream the run of a dead
+worker waited for the next message. And a live worker's own run that takes
+longer than ``idle_timeout`` was reclaimed by another worker and ran twice
+at once. Here every read round (at most ``xread_block`` apart) also
+reclaims, and :meth:`ReclaimingStreamBroker.keep_claimed` (run by
+``flowerpower-daemon worker``) resets the idle time of everything this
+consumer holds, every third of ``idle_timeout``: only a worker that stopped
+loses its runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+from typing import Any, NoReturn
+
+import anyio
+import structlog
+from redis.asyncio import Redis
+from taskiq import AckableMessage
+from taskiq_redis import RedisStreamBroker
+
+__all__ = ["ReclaimingStreamBroker"]
+
+log = structlog.get_logger("flowerpower_daemon.streams")
+
+
+class ReclaimingStreamBroker(RedisStreamBroker):
+    """One stream, one consumer group; reclaims on every read round; see the module doc."""
+
+    async def listen(self) -> AsyncGenerator[AckableMessage, None]:
+        conn: Any
+        async with Redis(connection_pool=self.connection_pool) as conn:
+            while True:
+                fetched = await conn.xreadgroup(
+                    self.consumer_group_name,
+                    self.consumer_name,
+                    {self.queue_name: ">"},
+                    block=self.block,
+                    noack=False,
+                    count=self.count,
+                )
+                for stream, messages in fetched or ():
+                    for msg_id, msg in messages:
+                        yield AckableMessage(
+                            data=msg[b"data"], ack=self._ack_generator(msg_id, stream)
+                        )
+                reply = await conn.xautoclaim(
+                    self.queue_name,
+                    self.consumer_group_name,
+                    self.consumer_name,
+                    min_idle_time=self.idle_timeout,
+                    count=self.unacknowledged_batch_size,
+                )
+                for msg_id, msg in reply[1]:
+                    if not msg or b"data" not in msg:
+                        continue  # trimmed from the stream meanwhile: nothing left to run
+                    log.warning("run_reclaimed", message_id=_text(msg_id))
+                    yield AckableMessage(
+                        data=msg[b"data"], ack=self._ack_generator(msg_id, self.queue_name)
+                    )
+
+    async def keep_claimed(self) -> NoReturn:
+        """Reset the idle time of this consumer's unacknowledged messages, forever."""
+        interval = max(0.05, self.idle_timeout / 3000)
+        conn: Any
+        async with Redis(connection_pool=self.connection_pool) as conn:
+            while True:
+                await anyio.sleep(interval)
+                try:
+                    pending = await conn.xpending_range(
+                        self.queue_name,
+                        self.consumer_group_name,
+                        min="-",
+                        max="+",
+                        count=10_000,
+                        consumername=self.consumer_name,
+                    )
+                    ids = [p["message_id"] for p in pending]
+                    if ids:
+                        await conn.xclaim(
+                            self.queue_name,
+                            self.consumer_group_name,
+                            self.consumer_name,
+                            min_idle_time=0,
+                            message_ids=ids,
+                            justid=True,
+                        )
+                except Exception as exc:  # redis.RedisError, OSError: try again next round
+                    log.warning("stream_heartbeat_failed", error=str(exc))
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

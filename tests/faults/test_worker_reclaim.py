@@ -1,0 +1,201 @@
+"""Redis mode under faults: a worker SIGKILLed mid-run, poison runs. Real processes, real signals.
+
+Fault test 3 of issue 5 ("SIGKILL a worker mid-run; another worker finishes
+the run") plus the poison-message promise in Redis mode: a run that fails
+every attempt is acknowledged once and recorded as failed, and a run that
+kills its worker every time is given up after ``queue.max_deliveries``.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import anyio
+import anyio.to_thread
+import orjson
+import pytest
+import redis.asyncio as aioredis
+
+from flowerpower_daemon.history import RedisHistory
+from tests.daemon_harness import (
+    DaemonProcess,
+    base_settings,
+    client,
+    collect_for,
+    daemon,
+    make_project,
+    unique,
+    wait_online,
+    write_config,
+)
+
+pytestmark = pytest.mark.timeout(300)
+
+CRASHER = (
+    '"""Kills the process that runs it: a poison run for workers."""\n'
+    "import os\nimport signal\n\n\n"
+    "def crashed(x: int = 1) -> int:\n"
+    '    """SIGKILL this process."""\n'
+    "    os.kill(os.getpid(), signal.SIGKILL)\n    return x\n"
+)
+
+
+def _settings(tmp_path: Path, port: int, redis_url: str, trigger: dict[str, Any], **queue: Any) -> dict[str, Any]:
+    project = make_project(tmp_path)
+    (project / "pipelines" / "crasher.py").write_text(CRASHER)
+    s = base_settings(project, tmp_path, port)
+    s["queue"] = {"broker": redis_url, "queue_name": unique("q"), **queue}
+    s["triggers"] = [{"name": "t", "type": "mqtt", **trigger}]
+    return s
+
+
+@asynccontextmanager
+async def _redis(url: str) -> AsyncIterator[Any]:
+    r = aioredis.Redis.from_url(url)
+    try:
+        yield r
+    finally:
+        await r.aclose()
+
+
+async def _wait_started(r: Any, queue: str, count: int, worker: DaemonProcess) -> None:
+    """Until ``count`` runs are under way (their starts are noted in ``<queue>:started:*``)."""
+    try:
+        with anyio.fail_after(60):
+            while len([k async for k in r.scan_iter(f"{queue}:started:*")]) < count:
+                assert worker.proc.poll() is None, worker.log()[-3000:]
+                await anyio.sleep(0.1)
+    except TimeoutError:
+        raise AssertionError(f"runs not started; worker log:\n{worker.log()[-3000:]}") from None
+
+
+async def _unacked(r: Any, queue: str, group: str = "flowerpower-workers") -> int:
+    return int((await r.xpending(queue, group))["pending"])
+
+
+async def _results(c: aiomqtt.Client, topic_filter: str, want: int, settle: float, timeout: float) -> list[dict[str, Any]]:
+    """Results until ``want`` arrived (bounded by ``timeout``), then ``settle`` s more for extras."""
+    out: list[dict[str, Any]] = []
+    with anyio.move_on_after(timeout):
+        async for msg in c.messages:
+            if msg.topic.matches(topic_filter):
+                out.append(orjson.loads(msg.payload))
+                if len(out) >= want:
+                    break
+    out += [r for _, r in await collect_for(c, topic_filter, settle)]
+    return out
+
+
+async def test_sigkill_worker_mid_run_another_worker_finishes(
+    tmp_path: Path, mosquitto: Any, redis_server: Any
+) -> None:
+    """Three slow runs on worker A; SIGKILL A; workers B and C (started after) reclaim them:
+    one success per message id, each saying attempts 2 (the lost one plus the rerun)."""
+    topic = unique("slow")
+    trigger = {"pipeline": "tagged", "topic": topic, "dedup_key": "{payload.msg_id}"}
+    s = _settings(tmp_path, mosquitto.port, redis_server.url, trigger, reclaim_after=2)
+    tag, queue = s["mqtt"]["client_id"], s["queue"]["queue_name"]
+    config = write_config(tmp_path, s)
+    results = f"{tag}/results/#"
+    async with _redis(redis_server.url) as r:
+        with daemon(config) as proc, daemon(config, "worker") as a:
+            async with client(mosquitto.port) as c:
+                await wait_online(c, f"{tag}/status", proc)
+                await c.subscribe(results, qos=1)
+                for i in range(3):
+                    await c.publish(topic, orjson.dumps({"msg_id": i, "seconds": 4.0}), qos=1)
+                await _wait_started(r, queue, 3, a)
+                a.signal(signal.SIGKILL)
+                a.wait(10)
+                assert "run_finished" not in a.log()
+                with daemon(config, "worker") as b, daemon(config, "worker") as w3:
+                    # Runs take 4 s > reclaim_after: B's and C's heartbeats keep them theirs,
+                    # so the settle time also catches a second, concurrent rerun.
+                    got = await _results(c, results, 3, settle=6.0, timeout=60)
+                    assert b.proc.poll() is None and w3.proc.poll() is None
+                    reclaimed = b.log().count("run_reclaimed_runs_again") + w3.log().count(
+                        "run_reclaimed_runs_again"
+                    )
+            assert await _unacked(r, queue) == 0
+        async with RedisHistory(redis_server.url, prefix=f"{queue}:history") as history:
+            stored = {res["run_id"]: await history.get(res["run_id"]) for res in got}
+    by_id: dict[int, list[dict[str, Any]]] = {}
+    for res in got:
+        by_id.setdefault(res["outputs"]["msg"], []).append(res)
+    assert sorted(by_id) == [0, 1, 2], got
+    assert all(len(v) == 1 for v in by_id.values()), f"more than one result: {by_id}"
+    assert all(res["status"] == "success" and res["attempts"] == 2 for res in got), got
+    assert reclaimed == 3
+    for run_id, job in stored.items():
+        assert job is not None and job["state"] == "success" and job["attempts"] == 2, (run_id, job)
+
+
+async def test_poison_run_failing_every_attempt_is_acked_and_recorded_failed(
+    tmp_path: Path, mosquitto: Any, redis_server: Any
+) -> None:
+    """A run that fails all 3 attempts: one failed result, acked in the stream, failed in the
+    history, and not delivered again (waits 3x reclaim_after for a redelivery)."""
+    topic = unique("poison")
+    trigger = {
+        "pipeline": "broken",
+        "topic": topic,
+        "run": {"max_retries": 2, "retry_delay": 0.1},
+    }
+    s = _settings(tmp_path, mosquitto.port, redis_server.url, trigger, reclaim_after=1)
+    tag, queue = s["mqtt"]["client_id"], s["queue"]["queue_name"]
+    config = write_config(tmp_path, s)
+    async with _redis(redis_server.url) as r:
+        with daemon(config) as proc, daemon(config, "worker") as w:
+            async with client(mosquitto.port) as c:
+                await wait_online(c, f"{tag}/status", proc)
+                await c.subscribe(f"{tag}/errors/#", qos=1)
+                await c.publish(topic, b'{"x": 7}', qos=1)
+                got = await _results(c, f"{tag}/errors/#", 1, settle=3.5, timeout=60)
+            assert w.proc.poll() is None, w.log()
+            assert await _unacked(r, queue) == 0
+            assert [k async for k in r.scan_iter(f"{queue}:started:*")] == []
+        async with RedisHistory(redis_server.url, prefix=f"{queue}:history") as history:
+            jobs = await history.recent()
+    assert len(got) == 1, got
+    [res] = got
+    assert res["status"] == "failed" and res["attempts"] == 3
+    assert res["error"]["message"] == "boom 7"
+    assert [(j["run_id"], j["state"], j["attempts"]) for j in jobs] == [(res["run_id"], "failed", 3)]
+
+
+async def test_run_that_kills_every_worker_is_given_up_after_max_deliveries(
+    tmp_path: Path, mosquitto: Any, redis_server: Any
+) -> None:
+    """A pipeline that SIGKILLs its worker: two workers die on it; the third records it as
+    failed (WorkerLost, attempts 2) instead of running it, and nothing is redelivered."""
+    topic = unique("crash")
+    trigger = {"pipeline": "crasher", "topic": topic}
+    s = _settings(
+        tmp_path, mosquitto.port, redis_server.url, trigger, reclaim_after=1, max_deliveries=2
+    )
+    tag, queue = s["mqtt"]["client_id"], s["queue"]["queue_name"]
+    config = write_config(tmp_path, s)
+    async with _redis(redis_server.url) as r:
+        with daemon(config) as proc:
+            async with client(mosquitto.port) as c:
+                await wait_online(c, f"{tag}/status", proc)
+                await c.subscribe(f"{tag}/errors/#", qos=1)
+                await c.publish(topic, b'{"x": 1}', qos=1)
+                for _ in range(2):
+                    with daemon(config, "worker") as doomed:
+                        code = await anyio.to_thread.run_sync(doomed.wait, 60)  # bounded
+                        assert code == -signal.SIGKILL, doomed.log()[-3000:]
+                with daemon(config, "worker") as survivor:
+                    got = await _results(c, f"{tag}/errors/#", 1, settle=3.5, timeout=60)
+                    assert survivor.proc.poll() is None, survivor.log()[-3000:]
+                    assert "run_given_up_workers_lost" in survivor.log()
+            assert await _unacked(r, queue) == 0
+    assert len(got) == 1, got
+    [res] = got
+    assert res["status"] == "failed" and res["attempts"] == 2
+    assert res["error"]["type"] == "WorkerLost"
