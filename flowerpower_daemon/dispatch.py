@@ -56,7 +56,23 @@ class Stats:
     skipped: int = 0
     unmatched: int = 0
     duplicates: int = 0
+    coalesced: int = 0
     in_flight: int = 0
+
+
+@dataclass
+class _KeySlot:
+    """One key of a keyed trigger (``key: "{device}"``): its limit, its waiter, its burst.
+
+    Lives while a handler holds, waits for or debounces the key; so the map of
+    keys is bounded by the dispatcher's pending-handler bound.
+    """
+
+    limiter: anyio.CapacityLimiter | None
+    users: int = 0
+    waiting: anyio.CancelScope | None = None
+    debounced: tuple[TriggerEvent, RunRequest] | None = None
+    deadline: float = 0.0
 
 
 @dataclass
@@ -67,6 +83,7 @@ class TriggerState:
     pattern: TopicPattern | None = None
     limiter: anyio.CapacityLimiter | None = None
     running: dict[str, anyio.CancelScope] = field(default_factory=dict)
+    keys: dict[str, _KeySlot] = field(default_factory=dict)
     fired: int = 0
     ok: int = 0
     failed: int = 0
@@ -245,7 +262,77 @@ class Dispatcher:
             await _ack(event)
             return
         await _take(self._pending)
-        runs.start_soon(self._handle, state, event, request, name=f"run:{request.run_id}")
+        slot_key = None
+        if getattr(state.cfg, "key", None):
+            try:
+                slot_key = render_key(state.cfg.key, _key_values(request, event))
+            except KeyError as exc:
+                self.stats.bad_input += 1
+                await self._emit_error(state, event, PayloadError(f"key: {exc.args[0]}"))
+                await self._forget_key(request)
+                await _ack(event)
+                return
+            if state.cfg.debounce:
+                await self._debounce(state, slot_key, event, request, runs)
+                return
+        if slot_key is not None:
+            self._slot(state, slot_key).users += 1
+        runs.start_soon(
+            self._handle, state, event, request, slot_key, name=f"run:{request.run_id}"
+        )
+
+    def _slot(self, state: TriggerState, key: str) -> _KeySlot:
+        slot = state.keys.get(key)
+        if slot is None:
+            cfg = state.cfg
+            limit = cfg.max_concurrent_per_key or (1 if cfg.coalesce else None)
+            slot = state.keys[key] = _KeySlot(anyio.CapacityLimiter(limit) if limit else None)
+        return slot
+
+    def _release_slot(self, state: TriggerState, key: str, slot: _KeySlot) -> None:
+        slot.users -= 1
+        if slot.users == 0 and slot.debounced is None and state.keys.get(key) is slot:
+            del state.keys[key]
+
+    async def _coalesced(
+        self, state: TriggerState, event: TriggerEvent, request: RunRequest
+    ) -> None:
+        """A message that a newer one on the same key stands for: not run, acked, counted."""
+        state.skipped += 1
+        self.stats.coalesced += 1
+        log.info("run_coalesced", trigger=state.cfg.name, run_id=request.run_id)
+        await self._forget_key(request)
+        await _ack(event)
+
+    async def _debounce(
+        self,
+        state: TriggerState,
+        key: str,
+        event: TriggerEvent,
+        request: RunRequest,
+        runs: TaskGroup,
+    ) -> None:
+        """Hold the key's latest message until ``debounce`` seconds pass without a newer one."""
+        slot = state.keys.get(key)
+        deadline = anyio.current_time() + state.cfg.debounce
+        if slot is not None and slot.debounced is not None:
+            older, older_request = slot.debounced
+            slot.debounced, slot.deadline = (event, request), deadline
+            await self._coalesced(state, older, older_request)
+            return
+        await _take(self._pending)
+        slot = self._slot(state, key)
+        slot.users += 1
+        slot.debounced, slot.deadline = (event, request), deadline
+        runs.start_soon(self._debounced, state, key, slot, name=f"debounce:{state.cfg.name}")
+
+    async def _debounced(self, state: TriggerState, key: str, slot: _KeySlot) -> None:
+        # Each newer message moves the deadline; sleep until it stops moving.
+        while (delay := slot.deadline - anyio.current_time()) > 0:  # noqa: ASYNC110
+            await anyio.sleep(delay)
+        assert slot.debounced is not None
+        (event, request), slot.debounced = slot.debounced, None
+        await self._handle(state, event, request, key)
 
     async def _apply_config_hook(
         self, hook: ConfigHook, request: RunRequest, event: TriggerEvent
@@ -259,9 +346,29 @@ class Dispatcher:
         overrides["config"] = {**dict(overrides.get("config") or {}), **extra}
         return dataclasses.replace(request, overrides=overrides)
 
-    async def _handle(self, state: TriggerState, event: TriggerEvent, request: RunRequest) -> None:
+    async def _handle(
+        self,
+        state: TriggerState,
+        event: TriggerEvent,
+        request: RunRequest,
+        key: str | None = None,
+    ) -> None:
+        slot = state.keys.get(key) if key is not None else None
+        held = False
         try:
             if self.remote:
+            if slot is not None and slot.limiter is not None and not self.remote:
+                if state.cfg.coalesce and slot.waiting is not None:
+                    slot.waiting.cancel()  # the older waiter gives way to this newer message
+                with anyio.CancelScope() as waiting:
+                    slot.waiting = waiting
+                    await _take(slot.limiter)
+                    held = True
+                if slot.waiting is waiting:
+                    slot.waiting = None
+                if not held:
+                    await self._coalesced(state, event, request)
+                    return
                 await self.kiq(request)
                 await _ack(event)
                 return
@@ -305,6 +412,11 @@ class Dispatcher:
         finally:
             self._pending.release()
 
+            if slot is not None and key is not None:
+                if held:
+                    assert slot.limiter is not None
+                    slot.limiter.release()
+                self._release_slot(state, key, slot)
     async def _forget_key(self, request: RunRequest) -> None:
         """A run that never finished must not keep its dedup key: a redelivery runs again."""
         if request.dedup_key is not None and self.dedup is not None:
@@ -369,7 +481,6 @@ async def _ack(event: TriggerEvent) -> None:
         await event.ack()
 
 
-class _maybe:
 async def _take(slots: anyio.CapacityLimiter | anyio.Semaphore) -> None:
     """Take a slot, without a trip through the event loop when one is free.
 
@@ -384,6 +495,7 @@ async def _take(slots: anyio.CapacityLimiter | anyio.Semaphore) -> None:
 
 
     """``async with`` a limiter when there is one."""
+class _maybe:
 
     def __init__(self, limiter: anyio.CapacityLimiter | None) -> None:
         self.limiter = limiter

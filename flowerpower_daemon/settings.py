@@ -181,6 +181,12 @@ class MqttTrigger(_TriggerBase):
     payload: Literal["json", "text", "bytes", "auto"] = "auto"
     payload_input: str = "payload"
     shared_group: str | None = None
+    # Per-key policies: ``key`` (a template like dedup_key: "{device}", "{payload.id}")
+    # says which messages come from the same source.
+    key: str | None = None
+    max_concurrent_per_key: int | None = Field(default=None, ge=1)
+    coalesce: bool = False
+    debounce: float | None = Field(default=None, gt=0)
 
     @field_validator("topic")
     @classmethod
@@ -189,6 +195,22 @@ class MqttTrigger(_TriggerBase):
 
         compile_topic(value)
         return value
+
+    @model_validator(mode="after")
+    def _keyed(self) -> MqttTrigger:
+        if self.key is None:
+            used = [
+                name
+                for name, value in (
+                    ("max_concurrent_per_key", self.max_concurrent_per_key),
+                    ("coalesce", self.coalesce),
+                    ("debounce", self.debounce),
+                )
+                if value
+            ]
+            if used:
+                raise ValueError(f"{', '.join(used)} need(s) a key (e.g. key: \"{{device}}\")")
+        return self
 
 
 class _TimerBase(_TriggerBase):

@@ -1,0 +1,93 @@
+"""Per-key policies through the real daemon: one noisy device cannot starve the rest,
+and bursts on one key collapse (``coalesce``, ``debounce``)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from tests.daemon_harness import (
+    base_settings,
+    client,
+    collect,
+    collect_for,
+    daemon,
+    make_project,
+    unique,
+    wait_online,
+    write_config,
+)
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def _keyed(prefix: str, name: str, **policy: Any) -> dict[str, Any]:
+    return {
+        "name": name,
+        "type": "mqtt",
+        "pipeline": "tagged",
+        "topic": f"{prefix}/{name}/{{device}}",
+        "key": "{device}",
+        "result_topic": f"{prefix}/out/{name}/{{device}}",
+        **policy,
+    }
+
+
+async def test_per_key_limit_coalesce_and_debounce(tmp_path: Path, mosquitto: Any) -> None:
+    """Per key: runs one at a time while other keys go on; coalesce keeps the newest
+    waiting message; debounce runs only the last of a burst."""
+    prefix = unique("keys")
+    s = base_settings(make_project(tmp_path), tmp_path, mosquitto.port, max_concurrent_runs=8)
+    s["triggers"] = [
+        _keyed(prefix, "limited", max_concurrent_per_key=1),
+        _keyed(prefix, "coalesced", coalesce=True),
+        _keyed(prefix, "debounced", debounce=0.5),
+    ]
+    tag = s["mqtt"]["client_id"]
+
+    def body(i: int, seconds: float) -> bytes:
+        return orjson.dumps({"msg_id": i, "seconds": seconds})
+
+    with daemon(write_config(tmp_path, s)) as proc:
+        async with client(mosquitto.port) as c:
+            await wait_online(c, f"{tag}/status", proc)
+            await c.subscribe(f"{prefix}/out/#", qos=1)
+            # limited: three slow runs for the noisy device, one quick for the quiet one
+            for i in (1, 2, 3):
+                await c.publish(f"{prefix}/limited/noisy", body(i, 0.6), qos=1)
+            await c.publish(f"{prefix}/limited/quiet", body(9, 0.0), qos=1)
+            # coalesced: 1 runs, 2..4 wait in turn and give way, 5 runs after 1
+            for i in (1, 2, 3, 4, 5):
+                await c.publish(f"{prefix}/coalesced/dev", body(i, 0.8), qos=1)
+            # debounced: a burst of five, then quiet: only the last runs
+            for i in (1, 2, 3, 4, 5):
+                await c.publish(f"{prefix}/debounced/dev", body(i, 0.0), qos=1)
+            got = [(t, r) for t, r, _ in await collect(c, f"{prefix}/out/#", 7, timeout=90)]
+            got += await collect_for(c, f"{prefix}/out/#", 2.0)
+        assert proc.proc.poll() is None, proc.log()
+        log = proc.log()
+
+    def results(name: str, device: str) -> list[dict[str, Any]]:
+        return [r for t, r in got if t == f"{prefix}/out/{name}/{device}"]
+
+    noisy = results("limited", "noisy")
+    quiet = results("limited", "quiet")
+    assert [r["outputs"]["msg"] for r in noisy] == [1, 2, 3]
+    assert [r["outputs"]["msg"] for r in quiet] == [9]
+    spans = [(_t(r["started_at"]), _t(r["finished_at"])) for r in noisy]
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False)), spans
+    # the quiet device did not wait behind the noisy one's queue
+    assert _t(quiet[0]["finished_at"]) < spans[1][0], (quiet, spans)
+
+    assert [r["outputs"]["msg"] for r in results("coalesced", "dev")] == [1, 5]
+    assert [r["outputs"]["msg"] for r in results("debounced", "dev")] == [5]
+    # 2, 3, 4 gave way in "coalesced"; 1..4 were folded into 5 in "debounced"
+    assert log.count('"run_coalesced"') == 7, log[-3000:]
+
+
+def _t(stamp: str) -> datetime:
+    return datetime.fromisoformat(stamp)
