@@ -4,6 +4,7 @@ and bursts on one key collapse (``coalesce``, ``debounce``)."""
 from __future__ import annotations
 
 from datetime import datetime
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +80,7 @@ async def test_per_key_limit_coalesce_and_debounce(tmp_path: Path, mosquitto: An
     assert [r["outputs"]["msg"] for r in noisy] == [1, 2, 3]
     assert [r["outputs"]["msg"] for r in quiet] == [9]
     spans = [(_t(r["started_at"]), _t(r["finished_at"])) for r in noisy]
-    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False)), spans
+    assert all(a[1] <= b[0] for a, b in pairwise(spans)), spans
     # the quiet device did not wait behind the noisy one's queue
     assert _t(quiet[0]["finished_at"]) < spans[1][0], (quiet, spans)
 
