@@ -192,6 +192,8 @@ class Daemon:
 
     async def serve(self, *, ready: Callable[[], None] | None = None) -> None:
         """Run until :meth:`request_stop` or a signal; returns after a graceful shutdown."""
+        from taskiq import InMemoryBroker
+
         from .control.commands import Commands
         from .control.server import ControlServer, socket_path
         from .mqtt import MqttLink, status_payload_factory
@@ -231,7 +233,11 @@ class Daemon:
             self.link = link
             sink = MqttResultSink(link, qos=s.mqtt.result_qos, max_bytes=s.mqtt.max_result_bytes)
             self.sink = self.jobs.sink = sink
-            broker = create_broker(s.queue)
+            broker = create_broker(s.queue, threads=s.max_concurrent_runs)
+            if isinstance(broker, InMemoryBroker):
+                # Sync pipelines run in taskiq's own pool: its shared queue feeds busy
+                # threads without waking them, a third of anyio's thread-hop CPU per run.
+                self.project.runner.executor = broker.executor
             dedup = None
             if any(t.dedup_key for t in self.triggers):
                 from .dedup import dedup_store_for
@@ -405,6 +411,7 @@ class Daemon:
         old_pipelines = set(self.project.pipelines)
         self.settings = new.settings
         self.dispatcher.settings = new.settings
+        new.project.runner.executor = self.project.runner.executor
         self.project = new.project
         if self._executor is not None:
             self._executor.runner = new.project.runner
