@@ -370,7 +370,13 @@ class MqttLink:
                 )
 
     async def flush(self) -> None:
-        """Wait until the outbox is empty, e.g. before shutting down (callers bound it)."""
+        """Wait until the outbox is empty, e.g. before shutting down (callers bound it).
+
+        Returns at once while disconnected with an outbox on disk: its messages
+        wait there for the next start, so shutting down need not wait for the broker.
+        """
+        if self._client is None and self._outbox.path is not None:
+            return
         while self._outbox and not self._stopping.is_set():
             self._drained = anyio.Event()
             await self._drained.wait()
