@@ -199,7 +199,8 @@ class FlowerPowerProject:
 
 def _outputs_or_raise(result: RunResult) -> dict[str, Any]:
     if result.ok:
-        return dict(result.outputs)
+        out = result.outputs
+        return out if type(out) is dict else dict(out)
     if result.exception is not None:
         raise result.exception
     raise FlowerPowerError(result.error.message if result.error else "run failed")

@@ -397,9 +397,9 @@ class PipelineRunner:
             return _failed_before_start(request, exc)
         if prepared.is_async or prepared.run.timeout:
             return anyio.run(self.run, request)
-        attempts = _Attempts(request, prepared, self._rng)
         inputs = prepared.inputs_for(request)
         execute = prepared.driver.execute
+        attempts: _Attempts | None = None  # made at the first failure: most runs need none
         while True:
             started = utcnow()
             try:
@@ -407,14 +407,20 @@ class PipelineRunner:
                 if type(out) is not dict:
                     out = _as_mapping(out)
             except Exception as exc:
+                if attempts is None:
+                    attempts = _Attempts(request, prepared, self._rng)
                 delay = attempts.failed(exc, started)
                 if delay is None:
+                    result = attempts.result()
                     break
                 time.sleep(delay)
             else:
-                attempts.succeeded(out, started)
+                if attempts is None:
+                    result = _first_try_result(request, out, started)
+                else:
+                    attempts.succeeded(out, started)
+                    result = attempts.result()
                 break
-        result = attempts.result()
         callback = prepared.on_success if result.ok else prepared.on_failure
         if callback is not None:
             _call_logged(callback, result)
@@ -526,6 +532,25 @@ class _Attempts:
             request.trigger,
             self.exception if status != "success" else None,
         )
+
+
+def _first_try_result(
+    request: RunRequest, outputs: Mapping[str, Any], started: datetime
+) -> RunResult:
+    """What :meth:`_Attempts.result` gives for a run that succeeded at once, built directly."""
+    attempt = AttemptInfo(1, started, utcnow(), "success")
+    return RunResult(
+        request.run_id,
+        request.pipeline,
+        "success",
+        outputs,
+        None,
+        (attempt,),
+        request.queued_at,
+        started,
+        attempt.finished_at,
+        request.trigger,
+    )
 
 
 def _failed_before_start(request: RunRequest, exc: FlowerPowerError) -> RunResult:
