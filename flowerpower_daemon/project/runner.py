@@ -115,8 +115,12 @@ class PipelineRunner:
         max_threads: int | None = None,
         check_interval: float = 1.0,
         rng: random.Random | None = None,
+        max_prepared: int = 256,
     ) -> None:
         self._spec = spec
+        # Bounds the prepared runs and drivers kept: a config hook that returns a new
+        # config per message must not keep a Hamilton driver per message.
+        self._max_prepared = max_prepared
         self._cache_dir = cache_dir
         self._check_interval = check_interval
         self._rng = rng or random.Random()
@@ -175,7 +179,7 @@ class PipelineRunner:
             if prepared is not None and prepared.generation == state.generation:
                 return prepared
             prepared = self._build(pipeline, run, state)
-            self._prepared[key] = prepared
+            _bounded_put(self._prepared, key, prepared, self._max_prepared)
             return prepared
 
     def _effective_run(self, base: RunConfig, overrides: Mapping[str, Any]) -> RunConfig:
@@ -248,8 +252,12 @@ class PipelineRunner:
 
         cfg = self._spec.pipeline(pipeline)
         dkey = orjson.dumps(
-            [run.config, run.executor.model_dump(), run.with_adapter.model_dump(),
-             run.cache.model_dump()],
+            [
+                run.config,
+                run.executor.model_dump(),
+                run.with_adapter.model_dump(),
+                run.cache.model_dump(),
+            ],
             option=orjson.OPT_SORT_KEYS,
             default=repr,
         )
@@ -275,7 +283,9 @@ class PipelineRunner:
                     f"{type(exc).__name__}: {exc}"
                 ) from exc
             cached = (dr, _hamilton.DagInfo.of(dr))
-            self._drivers[(pipeline, state.generation, dkey)] = cached
+            _bounded_put(
+                self._drivers, (pipeline, state.generation, dkey), cached, self._max_prepared
+            )
         dr, dag = cached
         final_vars = run.final_vars or dag.terminal
         unknown = [v for v in final_vars if v not in dag.nodes]
@@ -532,6 +542,13 @@ class _Attempts:
             request.trigger,
             self.exception if status != "success" else None,
         )
+
+
+def _bounded_put(cache: dict[Any, Any], key: Any, value: Any, limit: int) -> None:
+    """Insert, dropping the oldest entries beyond ``limit`` (insertion order)."""
+    cache[key] = value
+    while len(cache) > limit:
+        del cache[next(iter(cache))]
 
 
 def _first_try_result(

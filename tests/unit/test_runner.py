@@ -240,6 +240,25 @@ def test_overrides_get_their_own_prepared_run(
     assert log.count("import") == 1
 
 
+def test_prepared_runs_and_drivers_are_bounded(projects: ProjectFactory) -> None:
+    """A config per message (e.g. from a config hook) never keeps a driver per message."""
+    from flowerpower_daemon.project.runner import PipelineRunner
+
+    project = projects.load(
+        {"configured": CONFIGURED}, {"configured": {"run": {"config": {"mode": "fast"}}}}
+    )
+    runner = PipelineRunner(project.runner.spec, max_prepared=3)
+    for i in range(10):
+        mode = "slow" if i % 2 else "fast"
+        request = project.request(
+            "configured", final_vars=["speed"], config={"mode": mode, "message": i}
+        )
+        assert runner.run_sync(request).outputs == {"speed": mode}
+    # internal caches: what the bound is about
+    assert len(runner._prepared) <= 3
+    assert len(runner._drivers) <= 3
+
+
 # ------------------------------------------------------------------ inputs and outputs
 
 
