@@ -167,6 +167,7 @@ class Dispatcher:
                 cfg.payload,
                 cfg.payload_input,
                 max_bytes=self.settings.mqtt.max_payload_bytes,
+                max_depth=self.settings.mqtt.max_payload_depth,
             )
             inputs.update(decoded)
         run_id = new_run_id()

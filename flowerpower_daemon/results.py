@@ -4,7 +4,9 @@ The reply target is decided at dispatch and carried in ``RunRequest.reply``
 (so a worker on another machine publishes to the same place): the MQTT v5
 response topic with its correlation data when the request carried them,
 else the ``reply_to`` of a JSON payload, else the trigger's or the global
-``result_topic`` template. Failures also go to ``error_topic``.
+``result_topic`` template. Failures also go to ``error_topic``. A topic no
+message can be published to (a response topic with a wildcard) is skipped
+with a warning, so the error topic still gets the failure.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import structlog
 from .encoding import encode_result
 from .mqtt import MqttLink, OutgoingMessage
 from .project.models import RunRequest, RunResult
+from .triggers.mqtt import topic_name_problem
 
 __all__ = ["MqttResultSink", "ResultSink", "render_topic", "reply_target"]
 
@@ -81,6 +84,7 @@ class MqttResultSink:
         self.qos = qos
         self.max_bytes = max_bytes
         self.results_out = 0
+        self.unpublishable = 0
 
     async def emit(self, request: RunRequest, result: RunResult) -> None:
         if request.reply.get("publish", True):
@@ -102,6 +106,13 @@ class MqttResultSink:
         if not ok and reply.get("error_topic") and reply.get("error_topic") != reply.get("topic"):
             topics.append((reply["error_topic"], None))
         for topic, correlation_data in topics:
+            problem = topic_name_problem(topic)
+            if problem is not None:
+                # E.g. an MQTT v5 response topic with a wildcard (the broker passes those
+                # on): publishing would raise, or get the link dropped by the broker.
+                self.unpublishable += 1
+                log.warning("result_topic_unpublishable", topic=topic[:200], problem=problem)
+                continue
             await self.link.publish(
                 OutgoingMessage(topic, payload, qos=self.qos, correlation_data=correlation_data)
             )

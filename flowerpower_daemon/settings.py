@@ -70,6 +70,8 @@ class MqttSettings(_Frozen):
     error_topic: str = "flowerpower/errors/{pipeline}"
     result_qos: Literal[0, 1, 2] = 1
     max_payload_bytes: int = Field(default=256 * 1024, ge=1)
+    # orjson itself refuses more than 1024 levels; deeper payloads are refused either way.
+    max_payload_depth: int = Field(default=32, ge=1, le=1024)
     max_result_bytes: int = Field(default=256 * 1024, ge=1024)
     reconnect_min: float = Field(default=0.5, gt=0)
     reconnect_max: float = Field(default=30.0, gt=0)
@@ -179,7 +181,8 @@ class MqttTrigger(_TriggerBase):
     topic: str
     qos: Literal[0, 1, 2] = 1
     payload: Literal["json", "text", "bytes", "auto"] = "auto"
-    payload_input: str = "payload"
+    # None: the payload must be a JSON object (anything else is an error result).
+    payload_input: str | None = "payload"
     shared_group: str | None = None
     # Per-key policies: ``key`` (a template like dedup_key: "{device}", "{payload.id}")
     # says which messages come from the same source.
@@ -210,6 +213,15 @@ class MqttTrigger(_TriggerBase):
             ]
             if used:
                 raise ValueError(f"{', '.join(used)} need(s) a key (e.g. key: \"{{device}}\")")
+        return self
+
+    @model_validator(mode="after")
+    def _object_only(self) -> MqttTrigger:
+        if self.payload_input is None and self.payload not in ("json", "auto"):
+            raise ValueError(
+                f"payload_input: null (a JSON object is required) needs payload: json or auto, "
+                f"not {self.payload}"
+            )
         return self
 
 
@@ -305,6 +317,10 @@ class ControlSettings(_Frozen):
     allowed_uids: tuple[int, ...] = ()
     allowed_gids: tuple[int, ...] = ()
     max_line_bytes: int = Field(default=1024 * 1024, ge=1024)
+    # A client that sends no complete request line for this long is disconnected.
+    idle_timeout: float = Field(default=600.0, gt=0)
+    # Connections served at once; more get a "busy" answer and are closed.
+    max_clients: int = Field(default=512, ge=1)
 
 
 class HistorySettings(_Frozen):

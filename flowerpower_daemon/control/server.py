@@ -24,8 +24,10 @@ is removed at exit if it is still ours.
 Robustness: requests longer than ``control.max_line_bytes`` get
 ``too_large`` and the connection is closed; any other bad line gets an
 error answer; at most ``max_clients`` connections are served at once (more
-get ``busy``); an idle or non-reading client is dropped after a timeout. No
-client can disturb the daemon: every failure ends at its connection.
+get ``busy``, ``control.max_clients``); a client that sends no complete line
+within ``control.idle_timeout`` (a partial line included) or does not read
+its answers within 10 s is dropped. No client can disturb the daemon: every
+failure ends at its connection.
 """
 
 from __future__ import annotations
@@ -131,15 +133,15 @@ class ControlServer:
         path: Path,
         handler: Handler,
         *,
-        max_clients: int = 512,
-        idle_timeout: float = 600.0,
+        max_clients: int | None = None,
+        idle_timeout: float | None = None,
         send_timeout: float = 10.0,
     ) -> None:
         self.settings = settings
         self.path = path
         self.handler = handler
-        self.max_clients = max_clients
-        self.idle_timeout = idle_timeout
+        self.max_clients = settings.max_clients if max_clients is None else max_clients
+        self.idle_timeout = settings.idle_timeout if idle_timeout is None else idle_timeout
         self.send_timeout = send_timeout
         self.clients = 0
         self.requests = 0

@@ -9,6 +9,7 @@ carry a request to a worker on another machine and sinks can publish a result.
 
 from __future__ import annotations
 
+import base64
 import functools
 import random
 from collections.abc import Callable, Mapping
@@ -114,7 +115,7 @@ class RunRequest:
     def to_dict(self) -> dict[str, Any]:
         return {
             "pipeline": self.pipeline,
-            "inputs": dict(self.inputs),
+            "inputs": _pack_inputs(self.inputs),
             "overrides": dict(self.overrides),
             "run_id": self.run_id,
             "trigger": self.trigger.to_dict(),
@@ -127,7 +128,7 @@ class RunRequest:
     def from_dict(cls, data: Mapping[str, Any]) -> RunRequest:
         return cls(
             pipeline=data["pipeline"],
-            inputs=dict(data.get("inputs") or {}),
+            inputs=_unpack_inputs(data.get("inputs") or {}),
             overrides=dict(data.get("overrides") or {}),
             run_id=data.get("run_id") or new_run_id(),
             trigger=TriggerInfo.from_dict(data.get("trigger") or {}),
@@ -137,6 +138,31 @@ class RunRequest:
             reply=dict(data.get("reply") or {}),
             dedup_key=data.get("dedup_key"),
         )
+
+
+_BYTES = "__fp_bytes_b64__"
+
+
+def _pack_inputs(inputs: Mapping[str, Any]) -> dict[str, Any]:
+    """The inputs, JSON-ready: a ``bytes`` value (an MQTT ``payload: bytes|auto`` input)
+    becomes ``{"__fp_bytes_b64__": …}`` so it reaches the runner as the same bytes.
+
+    taskiq's message model would turn bytes into text and fail on bytes that are
+    not UTF-8, losing the run.
+    """
+    out = dict(inputs)
+    for key, value in out.items():
+        if type(value) is bytes:
+            out[key] = {_BYTES: base64.b64encode(value).decode("ascii")}
+    return out
+
+
+def _unpack_inputs(inputs: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(inputs)
+    for key, value in out.items():
+        if type(value) is dict and len(value) == 1 and _BYTES in value:
+            out[key] = base64.b64decode(value[_BYTES])
+    return out
 
 
 @dataclass(slots=True)

@@ -16,7 +16,14 @@ import orjson
 
 from ..errors import FlowerPowerError
 
-__all__ = ["PayloadError", "TopicPattern", "compile_topic", "decode_payload", "json_depth"]
+__all__ = [
+    "PayloadError",
+    "TopicPattern",
+    "compile_topic",
+    "decode_payload",
+    "json_depth",
+    "topic_name_problem",
+]
 
 _FIELD_RE = re.compile(r"^\{([A-Za-z_][A-Za-z0-9_]*)\}$")
 MAX_JSON_DEPTH = 32
@@ -89,7 +96,7 @@ def compile_topic(source: str) -> TopicPattern:
 
 
 def json_depth(value: Any, limit: int = MAX_JSON_DEPTH) -> int:
-    """Nesting depth of a decoded JSON value (stops counting past ``limit``)."""
+    """Nesting depth of a decoded JSON value (stops counting past ``limit``; no recursion)."""
     depth = 0
     stack: list[tuple[Any, int]] = [(value, 1)]
     while stack:
@@ -99,14 +106,35 @@ def json_depth(value: Any, limit: int = MAX_JSON_DEPTH) -> int:
             if depth > limit:
                 return depth
             children = item.values() if isinstance(item, dict) else item
-            stack.extend((c, d + 1) for c in children)
+            stack.extend((c, d + 1) for c in children if isinstance(c, dict | list))
     return depth
+
+
+def _utf8_error(payload: bytes) -> PayloadError | None:
+    """The reason ``payload`` is not valid UTF-8, or ``None`` if it is."""
+    try:
+        payload.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return PayloadError(f"payload is not valid UTF-8 ({exc.reason} at byte {exc.start})")
+    return None
+
+
+def _type_name(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, list):
+        return "array"
+    return "string" if isinstance(value, str) else type(value).__name__
 
 
 def decode_payload(
     payload: bytes,
     mode: Literal["json", "text", "bytes", "auto"],
-    input_name: str = "payload",
+    input_name: str | None = "payload",
     *,
     max_bytes: int | None = None,
     max_depth: int = MAX_JSON_DEPTH,
@@ -114,33 +142,106 @@ def decode_payload(
     """Turn a payload into inputs, plus the ``reply_to`` a JSON object may carry.
 
     A JSON object merges into the inputs; any other payload becomes the one
-    input ``input_name``. Raises :class:`PayloadError` with the reason.
+    input ``input_name``, or is refused when ``input_name`` is ``None`` (the
+    trigger requires a JSON object). Raises :class:`PayloadError` with the
+    reason: too large, not valid UTF-8 (``json``/``text``), not valid JSON
+    (``json``), nested deeper than ``max_depth``, not an object, a
+    ``reply_to`` that is not a topic name results can be published to.
+
+    ``auto`` tries JSON, then UTF-8 text, then passes the bytes; a payload that
+    is JSON but too deep is refused in ``auto`` too, never passed on as text.
     """
     if max_bytes is not None and len(payload) > max_bytes:
         raise PayloadError(f"payload of {len(payload)} bytes exceeds the limit of {max_bytes}")
     if mode == "bytes":
-        return {input_name: payload}, None
+        return {_need(input_name, mode): payload}, None
     if mode == "text":
-        try:
-            return {input_name: payload.decode("utf-8")}, None
-        except UnicodeDecodeError as exc:
-            raise PayloadError(
-                f"payload is not valid UTF-8 text ({exc.reason} at byte {exc.start})"
-            ) from None
+        err = _utf8_error(payload)
+        if err is not None:
+            raise err
+        return {_need(input_name, mode): payload.decode("utf-8")}, None
     if not payload.strip() and mode == "auto":
         return {}, None
     try:
         value = orjson.loads(payload)
     except orjson.JSONDecodeError as exc:
+        if exc.msg.startswith("depth limit"):
+            # orjson's own limit (1024 levels): the same answer as ours below.
+            raise PayloadError(_too_deep(max_depth)) from None
+        utf8 = _utf8_error(payload)
         if mode == "json":
-            raise PayloadError(f"payload is not valid JSON: {exc}") from None
-        try:
+            raise utf8 or PayloadError(f"payload is not valid JSON: {exc}") from None
+        if input_name is None:
+            raise PayloadError(
+                "payload is not a JSON object (this trigger requires one): "
+                + (str(utf8) if utf8 is not None else f"not valid JSON: {exc}")
+            ) from None
+        if utf8 is None:
             return {input_name: payload.decode("utf-8")}, None
-        except UnicodeDecodeError:
-            return {input_name: payload}, None
-    if json_depth(value, max_depth) > max_depth:
-        raise PayloadError(f"JSON payload is nested deeper than {max_depth} levels")
+        return {input_name: payload}, None
+    # Counting brackets is cheap (C); walk the value only when it could be too deep.
+    if payload.count(b"[") + payload.count(b"{") > max_depth and (
+        json_depth(value, max_depth) > max_depth
+    ):
+        raise PayloadError(_too_deep(max_depth))
     if isinstance(value, dict):
         reply_to = value.pop("reply_to", None)
-        return value, reply_to if isinstance(reply_to, str) and reply_to else None
+        if reply_to is not None:
+            _check_reply_to(reply_to)
+        return value, reply_to
+    if input_name is None:
+        raise PayloadError(
+            f"payload must be a JSON object, got a JSON {_type_name(value)} "
+            "(this trigger sets payload_input: null)"
+        )
     return {input_name: value}, None
+
+
+# What Mosquitto refuses in a UTF-8 string (it disconnects a client that sends one):
+# NUL and C0/C1 control characters, surrogates and non-characters.
+_BAD_TOPIC_CHARS = re.compile(
+    "[\x00-\x1f\x7f-\x9f\ud800-\udfff\ufdd0-\ufdef\ufffe\uffff"
+    + "".join(f"{chr(p * 0x10000 + 0xFFFE)}{chr(p * 0x10000 + 0xFFFF)}" for p in range(1, 17))
+    + "]"
+)
+
+
+def topic_name_problem(topic: str) -> str | None:
+    """Why no message can be published to ``topic`` (``None`` if it can).
+
+    paho refuses wildcards, empty and over-long topics (an exception in the
+    publisher); Mosquitto drops the connection of a client that publishes to a
+    topic with characters it refuses (again at every reconnect while the
+    message waits in the outbox). Topics starting with ``$`` are the broker's.
+    """
+    if not topic:
+        return "is empty"
+    if len(topic.encode("utf-8", "surrogatepass")) > 65535:
+        return "is longer than 65535 bytes"
+    if "+" in topic or "#" in topic:
+        return "contains a wildcard"
+    if topic.startswith("$"):
+        return "starts with '$' (reserved for the broker)"
+    m = _BAD_TOPIC_CHARS.search(topic)
+    if m is not None:
+        return f"contains the character U+{ord(m.group()):04X}"
+    return None
+
+
+def _check_reply_to(reply_to: Any) -> None:
+    """Refuse a ``reply_to`` no result could be published to (see :func:`topic_name_problem`)."""
+    if not isinstance(reply_to, str) or not reply_to:
+        raise PayloadError("reply_to must be a non-empty topic name (a string)")
+    bad = topic_name_problem(reply_to)
+    if bad is not None:
+        raise PayloadError(f"reply_to {reply_to[:80]!r} is not a valid topic name: it {bad}")
+
+
+def _too_deep(max_depth: int) -> str:
+    return f"JSON payload is nested deeper than {max_depth} levels (mqtt.max_payload_depth)"
+
+
+def _need(input_name: str | None, mode: str) -> str:
+    if input_name is None:  # settings refuse this combination; a guard for direct callers
+        raise PayloadError(f"payload: {mode} needs a payload_input name")
+    return input_name
