@@ -262,7 +262,6 @@ class Dispatcher:
             log.info("run_skipped_overlap", trigger=state.cfg.name, running=list(state.running))
             await _ack(event)
             return
-        await _take(self._pending)
         slot_key = None
         if getattr(state.cfg, "key", None):
             try:
@@ -276,6 +275,7 @@ class Dispatcher:
             if state.cfg.debounce:
                 await self._debounce(state, slot_key, event, request, runs)
                 return
+        await _take(self._pending)
         if slot_key is not None:
             self._slot(state, slot_key).users += 1
         runs.start_soon(
@@ -357,7 +357,6 @@ class Dispatcher:
         slot = state.keys.get(key) if key is not None else None
         held = False
         try:
-            if self.remote:
             if slot is not None and slot.limiter is not None and not self.remote:
                 if state.cfg.coalesce and slot.waiting is not None:
                     slot.waiting.cancel()  # the older waiter gives way to this newer message
@@ -370,6 +369,7 @@ class Dispatcher:
                 if not held:
                     await self._coalesced(state, event, request)
                     return
+            if self.remote:
                 await self.kiq(request)
                 await _ack(event)
                 return
@@ -412,12 +412,12 @@ class Dispatcher:
                     await _ack(event)
         finally:
             self._pending.release()
-
             if slot is not None and key is not None:
                 if held:
                     assert slot.limiter is not None
                     slot.limiter.release()
                 self._release_slot(state, key, slot)
+
     async def _forget_key(self, request: RunRequest) -> None:
         """A run that never finished must not keep its dedup key: a redelivery runs again."""
         if request.dedup_key is not None and self.dedup is not None:
@@ -495,8 +495,8 @@ async def _take(slots: anyio.CapacityLimiter | anyio.Semaphore) -> None:
         await slots.acquire()
 
 
-    """``async with`` a limiter when there is one."""
 class _maybe:
+    """``async with`` a limiter when there is one."""
 
     def __init__(self, limiter: anyio.CapacityLimiter | None) -> None:
         self.limiter = limiter
