@@ -24,7 +24,6 @@ enqueued and the worker decides.
 from __future__ import annotations
 
 import re
-import sqlite3
 import time
 from collections.abc import Mapping
 from contextlib import AbstractAsyncContextManager
@@ -36,6 +35,7 @@ import anyio.to_thread
 import structlog
 
 from .settings import QueueSettings, Settings
+from .stores import RedisStore, SqliteStore, open_sqlite
 
 __all__ = [
     "DEFAULT_TTL",
@@ -86,33 +86,20 @@ class DedupStore(Protocol):
         ...
 
 
-class SqliteDedupStore:
+class SqliteDedupStore(SqliteStore):
     """Seen keys with their finished result; one connection, used from one thread at a time."""
 
     def __init__(self, path: Path, *, max_keys: int = 1_000_000) -> None:
         self.path = path
         self.max_keys = max_keys
-        self._db: sqlite3.Connection | None = None
         self._lock = anyio.Lock()
         self._writes = 0
 
-    async def __aenter__(self) -> SqliteDedupStore:
-        await anyio.to_thread.run_sync(self._open)
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self._db is not None:
-            db, self._db = self._db, None
-            await anyio.to_thread.run_sync(db.close)
-
     def _open(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")
-        db.execute(
+        db = open_sqlite(
+            self.path,
             "CREATE TABLE IF NOT EXISTS dedup (key TEXT PRIMARY KEY, run_id TEXT NOT NULL,"
-            " expires REAL NOT NULL, result BLOB)"
+            " expires REAL NOT NULL, result BLOB);",
         )
         # Runs of a previous process that never finished must run again.
         db.execute("DELETE FROM dedup WHERE result IS NULL OR expires < ?", (time.time(),))
@@ -199,7 +186,7 @@ def dedup_prefix(queue: QueueSettings) -> str:
     return f"{queue.queue_name}:dedup"
 
 
-class RedisDedupStore:
+class RedisDedupStore(RedisStore):
     """Keys at ``<prefix>:<key>`` in Redis, shared by daemons and workers; one client.
 
     ``claim`` is one Lua script (check, claim and expiry at once, and the
@@ -211,25 +198,14 @@ class RedisDedupStore:
         self.url = url
         self.prefix = prefix
         self.default_ttl = default_ttl
-        self._redis: Any = None
         self._claim: Any = None
         self._complete: Any = None
         self._forget: Any = None
 
-    async def __aenter__(self) -> RedisDedupStore:
-        import redis.asyncio as aioredis
-
-        self._redis = aioredis.Redis.from_url(self.url)
-        self._claim = self._redis.register_script(_CLAIM)
-        self._complete = self._redis.register_script(_COMPLETE)
-        self._forget = self._redis.register_script(_FORGET)
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self._redis is not None:
-            with anyio.CancelScope(shield=True):
-                await self._redis.aclose()
-            self._redis = None
+    def _scripts(self, redis: Any) -> None:
+        self._claim = redis.register_script(_CLAIM)
+        self._complete = redis.register_script(_COMPLETE)
+        self._forget = redis.register_script(_FORGET)
 
     def _key(self, key: str) -> str:
         return f"{self.prefix}:{key}"

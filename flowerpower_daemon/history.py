@@ -20,7 +20,6 @@ machines are visible to ``flowerpowerctl`` too.
 
 from __future__ import annotations
 
-import os
 import sqlite3
 import time
 from collections.abc import Sequence
@@ -37,6 +36,7 @@ from anyio.abc import TaskStatus
 from .encoding import encode_result
 from .project.models import RunResult
 from .settings import Settings
+from .stores import RedisStore, open_sqlite
 
 __all__ = ["FINISHED_STATES", "JobHistory", "RedisHistory", "SqliteHistory", "history_for"]
 
@@ -115,15 +115,7 @@ class SqliteHistory:
             await anyio.to_thread.run_sync(self._close, limiter=self._lane)
 
     def _open(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        # Owner-only whatever the umask (results may hold sensitive outputs).
-        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
-        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")
-        db.execute("PRAGMA busy_timeout=5000")
-        db.executescript(_SCHEMA)
-        self._db = db
+        self._db = open_sqlite(self.path, _SCHEMA, private=True)
         self._prune()
 
     def _close(self) -> None:
@@ -334,7 +326,7 @@ class JobHistory(Protocol):
     async def __aexit__(self, *exc: object) -> None: ...
 
 
-class RedisHistory:
+class RedisHistory(RedisStore):
     """The job history in Redis, shared by the daemon and every worker (``queue.broker`` Redis).
 
     Each run is a JSON string at ``<prefix>:job:<run_id>`` that expires after
@@ -366,18 +358,6 @@ class RedisHistory:
 
         parts = urlsplit(self.url)
         return f"{parts.scheme}://{parts.hostname}:{parts.port or 6379}{parts.path} ({self.prefix})"
-
-    async def __aenter__(self) -> RedisHistory:
-        import redis.asyncio as aioredis
-
-        self._redis = aioredis.Redis.from_url(self.url)
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self._redis is not None:
-            with anyio.move_on_after(5, shield=True):
-                await self._redis.aclose()
-            self._redis = None
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Nothing to write in the background (writes are direct); kept for symmetry."""

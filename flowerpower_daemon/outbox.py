@@ -19,7 +19,6 @@ state directory.
 
 from __future__ import annotations
 
-import os
 import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -29,6 +28,8 @@ import anyio
 import anyio.to_thread
 import orjson
 import structlog
+
+from .stores import open_sqlite
 
 __all__ = ["Outbox", "OutgoingMessage"]
 
@@ -143,16 +144,10 @@ class Outbox:
     def _open(self) -> sqlite3.Connection:
         if self.path is None:
             db = sqlite3.connect(":memory:", check_same_thread=False, isolation_level=None)
+            db.executescript(_SCHEMA)
         else:
-            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            # Owner-only whatever the umask (results may hold sensitive outputs).
-            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
-            db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-            db.execute("PRAGMA journal_mode=WAL")
             # Only the disconnected path writes, in batches: afford an fsync per commit.
-            db.execute("PRAGMA synchronous=FULL")
-            db.execute("PRAGMA busy_timeout=5000")
-        db.executescript(_SCHEMA)
+            db = open_sqlite(self.path, _SCHEMA, synchronous="FULL", private=True)
         self._db = db
         self._count = db.execute("SELECT count(*) FROM outbox").fetchone()[0]
         if self._count > self.max_size:  # the bound was lowered since the last run

@@ -47,6 +47,7 @@ from .project.models import AttemptInfo, ErrorInfo, RunRequest, RunResult, utcno
 from .project.runner import PipelineRunner
 from .results import MqttResultSink, ResultSink
 from .settings import QueueSettings
+from .stores import RedisStore
 
 __all__ = [
     "TASK_NAME",
@@ -105,7 +106,7 @@ return earlier
 Lost = tuple[datetime, str]
 
 
-class RunLedger:
+class RunLedger(RedisStore):
     """Each start of an unfinished run, in Redis at ``<prefix>:<run_id>``; one client.
 
     A worker notes a run when it starts it and deletes the note when the run
@@ -122,21 +123,10 @@ class RunLedger:
         self.prefix = prefix
         self.who = who or f"{socket.gethostname()}:{os.getpid()}"
         self.ttl = ttl
-        self._redis: Any = None
         self._started: Any = None
 
-    async def __aenter__(self) -> RunLedger:
-        import redis.asyncio as aioredis
-
-        self._redis = aioredis.Redis.from_url(self.url)
-        self._started = self._redis.register_script(_STARTED)
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self._redis is not None:
-            with anyio.CancelScope(shield=True):
-                await self._redis.aclose()
-            self._redis = None
+    def _scripts(self, redis: Any) -> None:
+        self._started = redis.register_script(_STARTED)
 
     async def started(self, run_id: str) -> tuple[list[Lost], str]:
         """Note this start; the earlier starts (when, which worker) and this start's entry."""

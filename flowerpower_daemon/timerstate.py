@@ -34,6 +34,7 @@ import anyio.to_thread
 import structlog
 
 from .settings import Settings
+from .stores import RedisStore, SqliteStore, open_sqlite
 
 __all__ = ["RedisTimerState", "SqliteTimerState", "TimerState", "lock_ttl", "timer_state_for"]
 
@@ -72,32 +73,18 @@ class TimerState(Protocol):
     async def claim(self, name: str, fire: datetime, ttl: float) -> bool: ...
 
 
-class SqliteTimerState:
+class SqliteTimerState(SqliteStore):
     """``<state_dir>/timers.sqlite3``: one row per trigger; one connection, one thread at a time."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._db: sqlite3.Connection | None = None
         self._lock = anyio.Lock()
 
-    async def __aenter__(self) -> SqliteTimerState:
-        await anyio.to_thread.run_sync(self._open)
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self._db is not None:
-            db, self._db = self._db, None
-            await anyio.to_thread.run_sync(db.close)
-
     def _open(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")
-        db.execute(
-            "CREATE TABLE IF NOT EXISTS timers (name TEXT PRIMARY KEY, last_fire REAL NOT NULL)"
+        self._db = open_sqlite(
+            self.path,
+            "CREATE TABLE IF NOT EXISTS timers (name TEXT PRIMARY KEY, last_fire REAL NOT NULL);",
         )
-        self._db = db
 
     async def last_fire(self, name: str) -> datetime | None:
         try:
@@ -149,28 +136,17 @@ class SqliteTimerState:
         return True
 
 
-class RedisTimerState:
+class RedisTimerState(RedisStore):
     """Last fire times in the hash ``<prefix>``, tick locks at ``<prefix>:lock:<name>:<time>``."""
 
     def __init__(self, url: str, prefix: str, owner: str | None = None) -> None:
         self.url = url
         self.prefix = prefix
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}"
-        self._redis: Any = None
         self._record: Any = None
 
-    async def __aenter__(self) -> RedisTimerState:
-        import redis.asyncio as aioredis
-
-        self._redis = aioredis.Redis.from_url(self.url)
-        self._record = self._redis.register_script(_RECORD_MAX)
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self._redis is not None:
-            with anyio.CancelScope(shield=True):
-                await self._redis.aclose()
-            self._redis = None
+    def _scripts(self, redis: Any) -> None:
+        self._record = redis.register_script(_RECORD_MAX)
 
     async def last_fire(self, name: str) -> datetime | None:
         try:
