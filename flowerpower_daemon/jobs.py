@@ -109,6 +109,10 @@ class JobTracker:
         try:
             with anyio.CancelScope() as job.run_scope:
                 yield
+        except Exception as exc:
+            if not self.remote:  # with Redis the message is not acked: it comes again
+                await self.settle(request.run_id, _could_not_run(job, exc))
+            raise
         finally:
             if self.remote:
                 self.active.pop(request.run_id, None)
@@ -140,7 +144,13 @@ class JobTracker:
         if job is None:
             return
         reason = job.cancelled_by or "cancelled before it finished"
-        result = _cancelled(job.request, job.started_at, reason)
+        await self.settle(run_id, _cancelled(job.request, job.started_at, reason))
+
+    async def settle(self, run_id: str, result: RunResult) -> None:
+        """Publish and record ``result`` for a run that produced none (no-op once settled)."""
+        job = self.active.get(run_id)
+        if job is None:
+            return
         with anyio.CancelScope(shield=True), anyio.move_on_after(5):
             if self.sink is not None:
                 try:
@@ -218,6 +228,12 @@ class JobTracker:
             if not event.is_set():
                 self._waiters.pop(run_id, None)
         return self._results.pop(run_id, None)
+
+
+def _could_not_run(job: ActiveJob, exc: Exception) -> RunResult:
+    """The queue refused or lost the run (the pipeline did not fail: its hand-over did)."""
+    error = ErrorInfo(type(exc).__name__, f"could not run: {exc}", None, False)
+    return RunResult.not_run(job.request, "failed", error, started=job.started_at, exception=exc)
 
 
 def _cancelled(request: RunRequest, started: datetime | None, reason: str) -> RunResult:

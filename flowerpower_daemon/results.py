@@ -5,8 +5,9 @@ The reply target is decided at dispatch and carried in ``RunRequest.reply``
 response topic with its correlation data when the request carried them,
 else the ``reply_to`` of a JSON payload, else the trigger's or the global
 ``result_topic`` template. Failures also go to ``error_topic``. A topic no
-message can be published to (a response topic with a wildcard) is skipped
-with a warning, so the error topic still gets the failure.
+message can be published to is skipped with a warning, so the error topic
+still gets the failure; an unusable v5 response topic is ignored at dispatch
+(the result goes to the trigger's result topic instead).
 """
 
 from __future__ import annotations
@@ -63,7 +64,9 @@ def reply_target(
     """The ``RunRequest.reply`` mapping for one run (JSON-safe)."""
     values = {**fields, "pipeline": pipeline, "trigger": trigger, "run_id": run_id}
     reply: dict[str, Any] = {"publish": publish}
-    if response_topic:
+    # A response topic no message can be published to (a wildcard, say) is ignored:
+    # the result goes where it would have gone without one.
+    if response_topic and topic_name_problem(response_topic) is None:
         reply["topic"] = response_topic
         if correlation_data is not None:
             reply["correlation"] = base64.b64encode(correlation_data).decode()
