@@ -126,7 +126,7 @@ def wrong_type(draw: st.DrawFn) -> Case:
     name, expected = draw(st.sampled_from([("temperature", "float"), ("device", "str")]))
     bad: Any
     if name == "temperature":
-        bad = draw(st.text(max_size=8) | st.booleans() | st.lists(st.integers(), max_size=3))
+        bad = draw(st.text(max_size=8) | st.booleans() | st.lists(int64, max_size=3))
     else:
         bad = draw(int64 | st.lists(st.text(max_size=3), max_size=2) | st.booleans())
     trigger = draw(st.sampled_from(["auto", "json", "obj"]))
