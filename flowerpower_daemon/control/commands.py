@@ -151,6 +151,8 @@ class Commands:
                 "runs_failed": stats.runs_failed,
                 "bad_input": stats.bad_input,
                 "skipped": stats.skipped,
+                "duplicates": stats.duplicates,
+                "coalesced": stats.coalesced,
                 "unmatched": stats.unmatched,
                 "results_out": getattr(d.sink, "results_out", 0),
             },

@@ -11,6 +11,7 @@ from typing import Any
 import orjson
 import pytest
 
+from tests.control_harness import request, socket_of
 from tests.daemon_harness import (
     base_settings,
     client,
@@ -71,6 +72,7 @@ async def test_per_key_limit_coalesce_and_debounce(tmp_path: Path, mosquitto: An
             got += await collect_for(c, f"{prefix}/out/#", 2.0)
         assert proc.proc.poll() is None, proc.log()
         log = proc.log()
+        status = request(socket_of(tmp_path / "state"), "status")["result"]
 
     def results(name: str, device: str) -> list[dict[str, Any]]:
         return [r for t, r in got if t == f"{prefix}/out/{name}/{device}"]
@@ -88,6 +90,7 @@ async def test_per_key_limit_coalesce_and_debounce(tmp_path: Path, mosquitto: An
     assert [r["outputs"]["msg"] for r in results("debounced", "dev")] == [5]
     # 2, 3, 4 gave way in "coalesced"; 1..4 were folded into 5 in "debounced"
     assert log.count('"run_coalesced"') == 7, log[-3000:]
+    assert status["counters"]["coalesced"] == 7, status["counters"]
 
 
 def _t(stamp: str) -> datetime:
