@@ -159,6 +159,7 @@ class Daemon:
         self._stopping = anyio.Event()
         self.dispatcher: Dispatcher | None = None
         self.link: Any = None
+        self.publisher: Any = None
         self.sink: Any = None
         self.started_at: datetime = utcnow()
         self.started_monotonic = time.monotonic()
@@ -227,10 +228,19 @@ class Daemon:
                 status_payload=status_payload_factory(
                     __version__, sorted(self.project.pipelines), mqtt_settings.client_id
                 ),
-                outbox=outbox,
+                # Past Receive Maximum (a broker may send more): every handler slot
+                # filled plus one round of runs waiting, then the socket is not read.
+                max_held=5 * s.max_concurrent_runs,
             )
-            self.link = link
-            sink = MqttResultSink(link, qos=s.mqtt.result_qos, max_bytes=s.mqtt.max_result_bytes)
+            # Results go out on a connection of their own: the receiving one may pause its
+            # socket, and must not hold back the PUBACKs the results' publishes wait for.
+            publisher = MqttLink(
+                mqtt_settings, client_id=f"{mqtt_settings.client_id}-results", outbox=outbox
+            )
+            self.link, self.publisher = link, publisher
+            sink = MqttResultSink(
+                publisher, qos=s.mqtt.result_qos, max_bytes=s.mqtt.max_result_bytes
+            )
             self.sink = self.jobs.sink = sink
             broker = create_broker(s.queue, threads=s.max_concurrent_runs)
             if isinstance(broker, InMemoryBroker):
@@ -277,6 +287,7 @@ class Daemon:
                 await root.start(self.control.serve, name="control")
                 await root.start(self.history.run, name="history")
                 root.start_soon(self.notifier.watchdog, self.status_line, name="watchdog")
+                await root.start(publisher.run, name="mqtt-results")
                 await root.start(link.run, name="mqtt-link")
                 async with anyio.create_task_group() as runs:
                     async with anyio.create_task_group() as sources:
@@ -309,10 +320,12 @@ class Daemon:
                         self.jobs.drop_scheduled()
                     runs.cancel_scope.deadline = anyio.current_time() + s.shutdown_timeout
                 with anyio.move_on_after(min(5.0, s.shutdown_timeout)):
-                    await link.flush()
+                    await publisher.flush()
                 link.stop()
+                publisher.stop()
                 with anyio.move_on_after(10):
                     await link.wait_closed()
+                    await publisher.wait_closed()
                 root.cancel_scope.cancel()
         log.info("daemon_stopped", runs_ok=self.stats.runs_ok, runs_failed=self.stats.runs_failed)
 

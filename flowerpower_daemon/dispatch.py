@@ -408,8 +408,12 @@ class Dispatcher:
                 # in-flight slot until the next reconnect. With Redis the request may not be
                 # in the stream: no ack, so the broker redelivers it.
                 with anyio.CancelScope(shield=True):
-                    await self._forget_key(request)
-                    await _ack(event)
+                    try:
+                        await self._forget_key(request)
+                        await _ack(event)
+                    except Exception:
+                        # Whatever broke, one message must not take the daemon down.
+                        log.exception("ack_failed", trigger=state.cfg.name, run_id=request.run_id)
         finally:
             self._pending.release()
             if slot is not None and key is not None:

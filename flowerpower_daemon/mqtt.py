@@ -8,7 +8,13 @@ The only module that uses aiomqtt / paho, so an upgrade touches one file.
   manual acknowledgement: a QoS 1/2 message is acked only when the caller
   says so (after its run is enqueued or finished), so a crash means
   redelivery, never loss; unacked messages hold the broker's in-flight
-  window (MQTT v5 Receive Maximum), which is our backpressure.
+  window (MQTT v5 Receive Maximum), which is our backpressure. A broker
+  that sends more than that anyway (Mosquitto 2.0.11 sends a whole Receive
+  Maximum per PUBACK) meets a second bound: with ``max_held`` unacked
+  messages received, the link stops reading its socket (TCP backpressure)
+  until acks bring the count down. Paused, it cannot read the PUBACKs of
+  its own publishes either, so a link that pauses must not be the one the
+  results go out on: the daemon publishes them on a second link.
 - Reconnects with capped, jittered backoff; results published while the
   broker is unreachable wait in a bounded outbox (:mod:`.outbox`, on disk in
   the state directory when the daemon passes one) and go out after the next
@@ -18,9 +24,11 @@ The only module that uses aiomqtt / paho, so an upgrade touches one file.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import socket
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,6 +83,7 @@ class MqttLink:
         status_payload: Callable[[str], bytes] | None = None,
         client_id: str | None = None,
         outbox: Outbox | None = None,
+        max_held: int | None = None,
     ) -> None:
         self.settings = settings
         self.subscriptions = list(subscriptions)
@@ -95,6 +104,12 @@ class MqttLink:
         self._send, self._receive = anyio.create_memory_object_stream[IncomingMessage](0)
         self.connects = 0
         self.published = 0
+        #: QoS 1/2 messages received on this connection and not acked yet.
+        self.held = 0
+        self.max_held = max_held
+        self.pauses = 0
+        self._paused: tuple[int, Any, tuple[Any, ...], float] | None = None
+        self._busy = 0  # operations waiting for the broker's answer: never paused then
 
     @property
     def connected(self) -> bool:
@@ -159,10 +174,97 @@ class MqttLink:
         )
         # Manual acks: a message is acknowledged only when its run is safe (see module doc).
         client._client.manual_ack_set(True)
+        receive: Any = client._client.on_message
+        max_held = self.max_held
+
+        def on_message(paho: Any, userdata: Any, message: Any) -> None:
+            receive(paho, userdata, message)
+            if message.qos > 0:
+                self.held += 1
+                if (
+                    max_held is not None
+                    and self.held >= max_held
+                    and not self._busy
+                    and self._client is client
+                ):
+                    self._pause(client)
+
+        client._client.on_message = on_message
         return client
+
+    def _pause(self, client: aiomqtt.Client) -> None:
+        """Stop reading the socket (its reader is kept to be put back by :meth:`_resume`)."""
+        if self._paused is not None:
+            return
+        sock = client._client.socket()
+        loop = asyncio.get_running_loop()
+        if sock is None or not isinstance(loop, asyncio.selector_events.BaseSelectorEventLoop):
+            return
+        fd = sock.fileno()
+        try:
+            reader = loop._selector.get_key(fd).data[0]  # type: ignore[attr-defined]
+        except (KeyError, ValueError):
+            return
+        if reader is None:
+            return
+        # Taken before remove_reader, which cancels the handle (and clears these).
+        self._paused = (fd, reader._callback, reader._args, anyio.current_time())
+        loop.remove_reader(fd)
+        self.pauses += 1
+        log.info("mqtt_intake_paused", held=self.held, max_held=self.max_held)
+
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[None]:
+        """Keep reading the socket while a subscribe or publish waits for the broker's
+        answer (a paused socket would never see it); pause again afterwards if due."""
+        self._busy += 1
+        self._resume()
+        try:
+            yield
+        finally:
+            self._busy -= 1
+            client = self._client
+            if (
+                not self._busy
+                and client is not None
+                and self.max_held is not None
+                and self.held >= self.max_held
+            ):
+                self._pause(client)
+
+    def _resume(self) -> None:
+        paused, self._paused = self._paused, None
+        client = self._client
+        if paused is None or client is None:
+            return
+        fd, callback, args, _ = paused
+        sock = client._client.socket()
+        if sock is None or sock.fileno() != fd:
+            return  # the connection went away meanwhile; the next one reads afresh
+        try:
+            asyncio.get_running_loop().add_reader(fd, callback, *args)
+        except (OSError, ValueError):
+            return
+
+    async def _keep_alive_while_paused(self) -> None:
+        """Read now and then while paused: paho drops a connection it hears nothing from
+        for a keepalive (runs slower than that would otherwise cost a reconnect)."""
+        every = max(1.0, self.settings.keepalive / 3)
+        while True:
+            await anyio.sleep(every)
+            paused = self._paused
+            if paused is not None and anyio.current_time() - paused[3] >= every:
+                self._resume()  # the next message over the bound pauses again
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Connect, subscribe, pump messages, reconnect; returns after :meth:`stop`."""
+        async with anyio.create_task_group() as tg:
+            if self.max_held is not None:
+                tg.start_soon(self._keep_alive_while_paused)
+            await self._connections(task_status)
+            tg.cancel_scope.cancel()
+
+    async def _connections(self, task_status: TaskStatus[None]) -> None:
         backoff = Backoff(self.settings.reconnect_min, 2.0, 0.5, self.settings.reconnect_max)
         failures = 0
         started = False
@@ -193,6 +295,8 @@ class MqttLink:
             finally:
                 self._client = None
                 self._connected = anyio.Event()
+                self._paused = None  # the socket is gone; its reader with it
+                self.held = 0  # unacked messages of that connection come again
             if not started:
                 started = True
                 task_status.started()
@@ -213,11 +317,12 @@ class MqttLink:
     async def _on_connect(self, client: aiomqtt.Client) -> None:
         self._generation += 1
         self.connects += 1
-        for topic, qos in self.subscriptions:
-            await client.subscribe(topic, qos=qos)
-        if self._online:
-            await self._publish_status(client)
-        self._client = client
+        with self._reading():
+            for topic, qos in self.subscriptions:
+                await client.subscribe(topic, qos=qos)
+            if self._online:
+                await self._publish_status(client)
+            self._client = client
         self._connected.set()
         log.info(
             "mqtt_connected",
@@ -251,9 +356,10 @@ class MqttLink:
 
     async def _publish_status(self, client: aiomqtt.Client) -> None:
         if self.settings.status_topic and self._status_payload is not None:
-            await client.publish(
-                self.settings.status_topic, self._status_payload("online"), qos=1, retain=True
-            )
+            with self._reading():
+                await client.publish(
+                    self.settings.status_topic, self._status_payload("online"), qos=1, retain=True
+                )
 
     async def announce_online(self) -> None:
         """Say ``online`` (retained) now and after every reconnect: the daemon is ready."""
@@ -302,6 +408,9 @@ class MqttLink:
             # A message of an earlier connection is redelivered by the broker; its mid is void.
             if qos > 0 and generation == self._generation and self._client is client:
                 client._client.ack(mid, qos)
+                self.held -= 1
+                if self._paused is not None and self.held < (self.max_held or 0):
+                    self._resume()
 
         return ack
 
@@ -314,11 +423,12 @@ class MqttLink:
         if client is None:
             return  # the next connect subscribes to the new list
         gone = [topic for topic in old if topic not in new]
-        if gone:
-            await client.unsubscribe(gone)
-        for topic, qos in new.items():
-            if old.get(topic) != qos:
-                await client.subscribe(topic, qos=qos)
+        with self._reading():
+            if gone:
+                await client.unsubscribe(gone)
+            for topic, qos in new.items():
+                if old.get(topic) != qos:
+                    await client.subscribe(topic, qos=qos)
 
     async def messages(self) -> AsyncIterator[IncomingMessage]:
         """Received messages, one at a time: not taking the next one is backpressure."""
@@ -357,14 +467,25 @@ class MqttLink:
                 props.ResponseTopic = msg.response_topic
             if msg.user_properties:
                 props.UserProperty = list(msg.user_properties)
-        await client.publish(
-            msg.topic, msg.payload, qos=msg.qos, retain=msg.retain, properties=props, timeout=10
-        )
+        if self.max_held is None:  # a link that never pauses: no bookkeeping on the hot path
+            await client.publish(
+                msg.topic, msg.payload, qos=msg.qos, retain=msg.retain, properties=props, timeout=10
+            )
+        else:
+            with self._reading():
+                await client.publish(
+                    msg.topic,
+                    msg.payload,
+                    qos=msg.qos,
+                    retain=msg.retain,
+                    properties=props,
+                    timeout=10,
+                )
         self.published += 1
 
     async def _say_offline(self, client: aiomqtt.Client) -> None:
         if self._stopping.is_set() and self.settings.status_topic and self._status_payload:
-            with anyio.move_on_after(5, shield=True):
+            with anyio.move_on_after(5, shield=True), self._reading():
                 await client.publish(
                     self.settings.status_topic, self._status_payload("offline"), qos=1, retain=True
                 )

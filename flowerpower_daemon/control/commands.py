@@ -137,8 +137,10 @@ class Commands:
                 else "embedded",
                 "connected": bool(link and link.connected),
                 "connects": getattr(link, "connects", 0),
-                "outbox": getattr(link, "outbox_size", 0),
-                "published": getattr(link, "published", 0),
+                "outbox": getattr(d.publisher, "outbox_size", 0),
+                "published": getattr(d.publisher, "published", 0),
+                "held": getattr(link, "held", 0),
+                "intake_pauses": getattr(link, "pauses", 0),
             },
             "queue": {
                 "backend": "redis" if s.queue.is_redis else "memory",
