@@ -254,7 +254,10 @@ class MqttLink:
             await anyio.sleep(every)
             paused = self._paused
             if paused is not None and anyio.current_time() - paused[3] >= every:
-                self._resume()  # the next message over the bound pauses again
+                # Read for a moment (the PINGRESP may sit behind messages): the broker
+                # sends new messages only as we ack, so this drains a bounded amount.
+                with self._reading():
+                    await anyio.sleep(1.0)
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Connect, subscribe, pump messages, reconnect; returns after :meth:`stop`."""

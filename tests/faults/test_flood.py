@@ -1,5 +1,5 @@
 """A flood of QoS 1 messages against a slow pipeline: the daemon holds a bounded number
-of unacked messages (it stops reading its socket past ``5 × max_concurrent_runs``,
+of unacked messages (it stops reading its socket past ``5 x max_concurrent_runs``,
 whatever the broker sends) and still answers every message exactly once."""
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ from tests.daemon_harness import (
 
 pytestmark = pytest.mark.timeout(300)
 
-RUNS = 2  # max_concurrent_runs: the daemon holds at most 5 × this many unacked messages
+RUNS = 2  # max_concurrent_runs: the daemon holds at most 5 x this many unacked messages
 MESSAGES = 300
+N_SLOW = 40
 
 
 async def test_flood_is_held_to_a_bound_and_every_message_answered(
@@ -74,3 +75,39 @@ async def test_flood_is_held_to_a_bound_and_every_message_answered(
     # Receive Maximum, so here the socket was paused); one read may overshoot it a little.
     assert held and max(held) <= 5 * RUNS + 8, (max(held), status["mqtt"])
     print(f"[flood] max held {max(held)}, intake pauses {status['mqtt']['intake_pauses']}")
+
+
+async def test_paused_intake_keeps_the_connection_alive_through_slow_runs(
+    tmp_path: Path, mosquitto: Any
+) -> None:
+    """Paused longer than the keepalive (runs slower than it, a backlog waiting): the
+    link still reads now and then, so the broker does not drop it and nothing runs twice."""
+    prefix = unique("slowflood")
+    s = base_settings(make_project(tmp_path), tmp_path, mosquitto.port, max_concurrent_runs=2)
+    s["mqtt"]["keepalive"] = 5
+    s["triggers"] = [
+        {"name": "slow", "type": "mqtt", "pipeline": "tagged", "topic": f"{prefix}/in",
+         "result_topic": f"{prefix}/out", "qos": 1}
+    ]
+    sock = socket_of(tmp_path / "state")
+    with daemon(write_config(tmp_path, s)) as proc:
+        await anyio.to_thread.run_sync(wait_ready, sock, proc)
+        async with client(mosquitto.port) as c:
+            await c.subscribe(f"{prefix}/out", qos=1)
+            # Quick runs fill the window (the broker over-sends as they are acked), then
+            # two 14 s runs take both slots: the intake stays paused longer than keepalive.
+            for i in range(N_SLOW):
+                seconds = 14.0 if i in (8, 9) else 0.0
+                body = orjson.dumps({"msg_id": i, "seconds": seconds})
+                await c.publish(f"{prefix}/in", body, qos=1)
+            got: list[int] = []
+            with anyio.fail_after(90):
+                async for msg in c.messages:
+                    got.append(orjson.loads(msg.payload)["outputs"]["msg"])  # type: ignore[arg-type]
+                    if len(got) == N_SLOW:
+                        break
+        status = request(sock, "status")["result"]
+        assert proc.proc.poll() is None, proc.log()[-3000:]
+    assert sorted(got) == list(range(N_SLOW)), got
+    assert status["mqtt"]["intake_pauses"] >= 1, status["mqtt"]
+    assert status["mqtt"]["connects"] == 1, (status["mqtt"], proc.log()[-3000:])
