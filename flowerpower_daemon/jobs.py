@@ -156,7 +156,7 @@ class JobTracker:
                 try:
                     await self.sink.emit(job.request, result)
                 except Exception:
-                    log.exception("cancelled_result_not_published", run_id=run_id)
+                    log.exception("settled_result_not_published", run_id=run_id)
             await self.finished(job.request, result)
 
     # -------------------------------------------------------- manual runs

@@ -470,20 +470,12 @@ class MqttLink:
                 props.ResponseTopic = msg.response_topic
             if msg.user_properties:
                 props.UserProperty = list(msg.user_properties)
-        if self.max_held is None:  # a link that never pauses: no bookkeeping on the hot path
+        # Only a link that may pause must keep reading for this publish's PUBACK.
+        reading = self._reading() if self.max_held is not None else contextlib.nullcontext()
+        with reading:
             await client.publish(
                 msg.topic, msg.payload, qos=msg.qos, retain=msg.retain, properties=props, timeout=10
             )
-        else:
-            with self._reading():
-                await client.publish(
-                    msg.topic,
-                    msg.payload,
-                    qos=msg.qos,
-                    retain=msg.retain,
-                    properties=props,
-                    timeout=10,
-                )
         self.published += 1
 
     async def _say_offline(self, client: aiomqtt.Client) -> None:
