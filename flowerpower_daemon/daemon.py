@@ -269,7 +269,10 @@ class Daemon:
 
             async def kiq(request: RunRequest) -> Any:
                 async with self.jobs.track(request):
-                    return await task.kiq(request.to_dict())
+                    # taskiq's task id is the run id: one id in logs, history and Redis
+                    # (and no uuid4, a getrandom system call, per run).
+                    kicker = task.kicker().with_task_id(request.run_id)
+                    return await kicker.kiq(request.to_dict())
 
             hooks = await anyio.to_thread.run_sync(self._config_hooks)
             self.dispatcher = Dispatcher(

@@ -82,7 +82,8 @@ class TriggerState:
     cfg: Any
     pattern: TopicPattern | None = None
     limiter: anyio.CapacityLimiter | None = None
-    running: dict[str, anyio.CancelScope] = field(default_factory=dict)
+    # run id -> its cancel scope (only ``overlap: replace`` cancels, so only it has one)
+    running: dict[str, anyio.CancelScope | None] = field(default_factory=dict)
     keys: dict[str, _KeySlot] = field(default_factory=dict)
     fired: int = 0
     ok: int = 0
@@ -373,16 +374,24 @@ class Dispatcher:
                 await self.kiq(request)
                 await _ack(event)
                 return
-            if state.cfg.overlap == "replace":
-                for scope in list(state.running.values()):
-                    scope.cancel()
+            replace = state.cfg.overlap == "replace"
+            if replace:
+                for older in list(state.running.values()):
+                    if older is not None:
+                        older.cancel()
             async with _maybe(state.limiter), _maybe(self._global):
                 self.stats.in_flight += 1
                 try:
-                    with anyio.CancelScope() as scope:
-                        state.running[request.run_id] = scope
+                    if replace:
+                        with anyio.CancelScope() as scope:
+                            state.running[request.run_id] = scope
+                            await self.kiq(request)
+                        replaced = scope.cancelled_caught
+                    else:
+                        state.running[request.run_id] = None
                         await self.kiq(request)
-                    if scope.cancelled_caught:
+                        replaced = False
+                    if replaced:
                         await self._forget_key(request)
                         await self.sink.emit(
                             request,

@@ -100,12 +100,13 @@ class JobTracker:
             job = self.active[request.run_id] = ActiveJob(request, "running")
         job.state = "queued" if self.remote else "running"
         job.started_at = utcnow()
-        self.events.publish(
-            "run_enqueued" if self.remote else "run_started",
-            run_id=request.run_id,
-            pipeline=request.pipeline,
-            trigger=request.trigger.to_dict(),
-        )
+        if self.events.subscribers:  # no event built for nobody (once per run)
+            self.events.publish(
+                "run_enqueued" if self.remote else "run_started",
+                run_id=request.run_id,
+                pipeline=request.pipeline,
+                trigger=request.trigger.to_dict(),
+            )
         try:
             with anyio.CancelScope() as job.run_scope:
                 yield
@@ -124,15 +125,16 @@ class JobTracker:
         self.active.pop(request.run_id, None)
         if self.history is not None:
             await self.history.record(result)
-        self.events.publish(
-            "run_finished",
-            run_id=result.run_id,
-            pipeline=result.pipeline,
-            trigger=result.trigger.to_dict(),
-            status=result.status,
-            duration_ms=round(result.duration_ms, 3),
-            error=result.error.to_dict() if result.error else None,
-        )
+        if self.events.subscribers:
+            self.events.publish(
+                "run_finished",
+                run_id=result.run_id,
+                pipeline=result.pipeline,
+                trigger=result.trigger.to_dict(),
+                status=result.status,
+                duration_ms=round(result.duration_ms, 3),
+                error=result.error.to_dict() if result.error else None,
+            )
         waiter = self._waiters.pop(result.run_id, None)
         if waiter is not None:
             self._results[result.run_id] = result

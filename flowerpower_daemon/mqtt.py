@@ -12,7 +12,9 @@ The only module that uses aiomqtt / paho, so an upgrade touches one file.
   that sends more than that anyway (Mosquitto 2.0.11 sends a whole Receive
   Maximum per PUBACK) meets a second bound: with ``max_held`` unacked
   messages received, the link stops reading its socket (TCP backpressure)
-  until acks bring the count down. Paused, it cannot read the PUBACKs of
+  until acks bring the count down to half of that (not just below it: a link
+  that resumed at one below paused again at the next message, a pause and a
+  resume per message under load, with two epoll changes each). Paused, it cannot read the PUBACKs of
   its own publishes either, so a link that pauses must not be the one the
   results go out on: the daemon publishes them on a second link.
 - Reconnects with capped, jittered backoff; results published while the
@@ -107,6 +109,8 @@ class MqttLink:
         #: QoS 1/2 messages received on this connection and not acked yet.
         self.held = 0
         self.max_held = max_held
+        # Paused at max_held, reading again at this many (see the module doc).
+        self.resume_at = max_held // 2 if max_held is not None else 0
         self.pauses = 0
         self._paused: tuple[int, Any, tuple[Any, ...], float] | None = None
         self._busy = 0  # operations waiting for the broker's answer: never paused then
@@ -412,7 +416,7 @@ class MqttLink:
             if qos > 0 and generation == self._generation and self._client is client:
                 client._client.ack(mid, qos)
                 self.held -= 1
-                if self._paused is not None and self.held < (self.max_held or 0):
+                if self._paused is not None and self.held <= self.resume_at:
                     self._resume()
 
         return ack
@@ -435,7 +439,19 @@ class MqttLink:
 
     async def messages(self) -> AsyncIterator[IncomingMessage]:
         """Received messages, one at a time: not taking the next one is backpressure."""
-        async for message in self._receive:
+        receive = self._receive
+        while True:
+            try:
+                # A message already waiting is taken without the loop round trip that
+                # ``receive`` begins with (one per message, under load).
+                message = receive.receive_nowait()
+            except anyio.WouldBlock:
+                try:
+                    message = await receive.receive()
+                except anyio.EndOfStream:
+                    return
+            except anyio.EndOfStream:
+                return
             yield message
 
     async def publish(self, msg: OutgoingMessage) -> bool:

@@ -37,15 +37,17 @@ class _Fields(dict[str, str]):
         return "{" + key + "}"
 
 
+_LEVEL_SAFE = str.maketrans("/+#", "___")
+
+
 def render_topic(template: str, fields: Mapping[str, Any]) -> str:
     """Fill ``{pipeline}``, ``{trigger}``, ``{run_id}`` and topic fields; unknown names stay."""
     # A field value must not add levels or wildcards to the topic it is put into.
     if "{" not in template:
         return template
-    safe = _Fields(
-        {k: str(v).replace("/", "_").replace("+", "_").replace("#", "_") for k, v in fields.items()}
-    )
+    safe = _Fields({k: str(v).translate(_LEVEL_SAFE) for k, v in fields.items()})
     return template.format_map(safe)
+
 
 
 def reply_target(
