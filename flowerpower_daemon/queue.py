@@ -26,6 +26,7 @@ the sinks, so nobody waits for a result by polling.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
 import socket
@@ -187,8 +188,20 @@ class RunExecutor:
         self.claim_ttls = claim_ttls
         self.ledger = ledger
         self.max_deliveries = max_deliveries
+        #: The tasks running a request right now (a stopping worker cancels what is left).
+        self.running: set[asyncio.Task[Any]] = set()
 
     async def __call__(self, request_data: dict[str, Any]) -> dict[str, Any]:
+        task = asyncio.current_task()
+        if task is None:
+            return await self._call(request_data)
+        self.running.add(task)
+        try:
+            return await self._call(request_data)
+        finally:
+            self.running.discard(task)
+
+    async def _call(self, request_data: dict[str, Any]) -> dict[str, Any]:
         request = RunRequest.from_dict(request_data)
         t0 = time.perf_counter()
         with structlog.contextvars.bound_contextvars(

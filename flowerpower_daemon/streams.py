@@ -14,7 +14,7 @@ loses its runs.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any, NoReturn
 
 import anyio
@@ -30,6 +30,22 @@ log = structlog.get_logger("flowerpower_daemon.streams")
 
 class ReclaimingStreamBroker(RedisStreamBroker):
     """One stream, one consumer group; reclaims on every read round; see the module doc."""
+
+    #: Set by a stopping worker before it cancels the runs still going at its deadline:
+    #: taskiq acks a cancelled task like a failed one, which would lose the run; with
+    #: acks withheld its message stays in the stream and another worker reclaims it.
+    withhold_acks = False
+
+    def _ack_generator(self, id: str, queue_name: str) -> Callable[[], Awaitable[None]]:
+        ack = super()._ack_generator(id, queue_name)
+
+        async def guarded() -> None:
+            if self.withhold_acks:
+                log.info("run_left_in_stream", message_id=_text(id))
+                return
+            await ack()
+
+        return guarded
 
     async def listen(self) -> AsyncGenerator[AckableMessage, None]:
         conn: Any

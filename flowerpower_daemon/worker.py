@@ -4,14 +4,22 @@ A worker runs no triggers: it executes the requests the daemons enqueue
 (``queue.broker: redis://...``), publishes each result on MQTT like the
 daemon would, records it in the shared Redis history, and shares dedup keys
 and the run-start ledger with every other daemon and worker (see dedup.py
-and queue.py). SIGTERM/SIGINT stop it after flushing its outbox (bounded).
+and queue.py).
+
+SIGTERM/SIGINT stop it as they stop the daemon: it takes no new run from
+the stream, lets the running ones finish within ``shutdown_timeout`` and
+publish their results, flushes its outbox (bounded), and exits 0. A run
+still going at the deadline is cancelled: unacked, it stays in the stream
+and another worker reclaims it. A second signal cancels at once.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
+from concurrent.futures import ThreadPoolExecutor
 
 import anyio
 import structlog
@@ -31,7 +39,7 @@ log = structlog.get_logger("flowerpower_daemon.worker")
 async def run_worker(settings: Settings) -> None:
     """``flowerpower-daemon worker``: execute runs from the Redis stream and publish results."""
     from taskiq.acks import AcknowledgeType
-    from taskiq.api import run_receiver_task
+    from taskiq.receiver import Receiver
 
     from .dedup import RedisDedupStore, dedup_prefix
     from .mqtt import MqttLink
@@ -78,31 +86,63 @@ async def run_worker(settings: Settings) -> None:
     )
     register_run_task(broker, executor)
     await broker.startup()
+    # Set at the first signal: the receiver takes no new run and waits for the running ones.
+    finish = asyncio.Event()
     try:
         async with history, dedup, ledger, anyio.create_task_group() as tg:
             await tg.start(link.run, name="mqtt-link")
             if isinstance(broker, ReclaimingStreamBroker):
                 tg.start_soon(broker.keep_claimed, name="stream-heartbeat")
 
-            async def stop_on_signal() -> None:
+            async def on_signals() -> None:
                 with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                     async for _ in signals:
-                        log.info("worker_stopping")
-                        with anyio.move_on_after(5):
-                            await link.flush()
-                        link.stop()
-                        tg.cancel_scope.cancel()
-                        return
+                        if finish.is_set():
+                            log.warning("worker_cancelling_runs")
+                            tg.cancel_scope.cancel()
+                            return
+                        log.info("worker_stopping", shutdown_timeout=settings.shutdown_timeout)
+                        finish.set()
 
-            tg.start_soon(stop_on_signal, name="signals")
+            tg.start_soon(on_signals, name="signals")
             log.info(
                 "worker_ready", queue=settings.queue.broker, pipelines=sorted(project.pipelines)
             )
-            await run_receiver_task(
-                broker,
-                max_async_tasks=settings.queue.worker_concurrency,
-                ack_time=AcknowledgeType.WHEN_SAVED,
-                run_startup=False,
-            )
+            # taskiq's receiver (the loop of ``taskiq worker``), with its own graceful stop;
+            # the pool is for sync tasks, which this worker has none of.
+            with ThreadPoolExecutor(max_workers=1) as pool:
+                while True:
+                    receiver = Receiver(
+                        broker,
+                        executor=pool,
+                        run_startup=False,
+                        max_async_tasks=settings.queue.worker_concurrency,
+                        ack_type=AcknowledgeType.WHEN_SAVED,
+                        wait_tasks_timeout=settings.shutdown_timeout,
+                    )
+                    try:
+                        await receiver.listen(finish)
+                        break
+                    except Exception as exc:  # e.g. Redis went away: listen again
+                        log.warning("worker_listen_failed", error=str(exc), retry_in_s=1.0)
+                        await anyio.sleep(1.0)
+            # Past shutdown_timeout: cancel what still runs while the ledger is open (its
+            # start is withdrawn; unacked, the run is reclaimed by another worker).
+            leftover = [t for t in executor.running if not t.done()]
+            if leftover:
+                log.warning("worker_runs_cancelled_at_deadline", runs=len(leftover))
+                if isinstance(broker, ReclaimingStreamBroker):
+                    broker.withhold_acks = True
+                for t in leftover:
+                    t.cancel()
+                with anyio.move_on_after(10):
+                    await asyncio.gather(*leftover, return_exceptions=True)
+            log.info("worker_runs_done")
+            with anyio.move_on_after(5):
+                await link.flush()
+            link.stop()
+            with anyio.move_on_after(10):
+                await link.wait_closed()
+            tg.cancel_scope.cancel()
     finally:
         await _shielded(broker.shutdown)

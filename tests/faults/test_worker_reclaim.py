@@ -199,3 +199,63 @@ async def test_run_that_kills_every_worker_is_given_up_after_max_deliveries(
     [res] = got
     assert res["status"] == "failed" and res["attempts"] == 2
     assert res["error"]["type"] == "WorkerLost"
+
+
+async def test_sigterm_worker_finishes_its_runs_and_exits_0(
+    tmp_path: Path, mosquitto: Any, redis_server: Any
+) -> None:
+    """SIGTERM to a worker with two 2 s runs under way: it takes no new run, both results are
+    published (once), nothing stays unacked in the stream, and the worker exits 0."""
+    prefix = unique("drain")
+    s = _settings(
+        tmp_path, mosquitto.port, redis_server.url, {"pipeline": "tagged", "topic": f"{prefix}/in"}
+    )
+    queue = s["queue"]["queue_name"]
+    tag = s["mqtt"]["client_id"]
+    config = write_config(tmp_path, s)
+    with daemon(config) as proc, daemon(config, command="worker") as worker:
+        async with client(mosquitto.port) as c, _redis(redis_server.url) as r:
+            await wait_online(c, f"{tag}/status", proc)
+            await c.subscribe(f"{tag}/results/#", qos=1)
+            for i in range(2):
+                await c.publish(f"{prefix}/in", orjson.dumps({"msg_id": i, "seconds": 2}), qos=1)
+            await _wait_started(r, queue, 2, worker)
+            worker.signal(signal.SIGTERM)
+            results = await _results(c, f"{tag}/results/#", 2, settle=0.5, timeout=30)
+            code = await anyio.to_thread.run_sync(worker.wait, 30.0)
+            unacked = await _unacked(r, queue)
+        log = worker.log()
+    assert sorted(x["outputs"]["msg"] for x in results) == [0, 1], log[-3000:]
+    assert all(x["status"] == "success" for x in results)
+    assert code == 0, log[-3000:]
+    assert unacked == 0
+    assert "worker_stopping" in log and "worker_runs_done" in log
+
+
+async def test_sigterm_worker_cancels_at_shutdown_timeout_and_leaves_the_run_to_others(
+    tmp_path: Path, mosquitto: Any, redis_server: Any
+) -> None:
+    """A run longer than ``shutdown_timeout``: cancelled at the deadline, its start withdrawn,
+    its message left unacked in the stream (another worker reclaims it); exit code 0."""
+    prefix = unique("deadline")
+    s = _settings(
+        tmp_path, mosquitto.port, redis_server.url, {"pipeline": "tagged", "topic": f"{prefix}/in"}
+    )
+    s["shutdown_timeout"] = 1
+    queue = s["queue"]["queue_name"]
+    tag = s["mqtt"]["client_id"]
+    config = write_config(tmp_path, s)
+    with daemon(config) as proc, daemon(config, command="worker") as worker:
+        async with client(mosquitto.port) as c, _redis(redis_server.url) as r:
+            await wait_online(c, f"{tag}/status", proc)
+            await c.publish(f"{prefix}/in", orjson.dumps({"msg_id": 7, "seconds": 8}), qos=1)
+            await _wait_started(r, queue, 1, worker)
+            worker.signal(signal.SIGTERM)
+            code = await anyio.to_thread.run_sync(worker.wait, 20.0)
+            started = [k async for k in r.scan_iter(f"{queue}:started:*")]
+            unacked = await _unacked(r, queue)
+        log = worker.log()
+    assert code == 0, log[-3000:]
+    assert "worker_runs_cancelled_at_deadline" in log, log[-3000:]
+    assert unacked == 1  # still in the stream for another worker
+    assert started == []  # the interrupted attempt is not counted as a lost one
