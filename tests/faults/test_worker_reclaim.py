@@ -11,6 +11,7 @@ from __future__ import annotations
 import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -201,15 +202,26 @@ async def test_run_that_kills_every_worker_is_given_up_after_max_deliveries(
     assert res["error"]["type"] == "WorkerLost"
 
 
-async def test_sigterm_worker_finishes_its_runs_and_exits_0(
-    tmp_path: Path, mosquitto: Any, redis_server: Any
-) -> None:
-    """SIGTERM to a worker with two 2 s runs under way: it takes no new run, both results are
-    published (once), nothing stays unacked in the stream, and the worker exits 0."""
-    prefix = unique("drain")
+@dataclass
+class _Stopped:
+    """What came of a SIGTERM to a worker: results published, exit code, stream, log."""
+
+    results: list[dict[str, Any]]
+    code: int
+    unacked: int
+    started: list[Any]
+    log: str
+
+
+async def _sigterm_worker_during(
+    tmp_path: Path, mosquitto: Any, redis_server: Any, seconds: list[float], *, timeout: float
+) -> _Stopped:
+    """One run per entry of ``seconds`` (as long); SIGTERM to the worker once all are under way."""
+    prefix = unique("stop")
     s = _settings(
         tmp_path, mosquitto.port, redis_server.url, {"pipeline": "tagged", "topic": f"{prefix}/in"}
     )
+    s["shutdown_timeout"] = timeout
     queue = s["queue"]["queue_name"]
     tag = s["mqtt"]["client_id"]
     config = write_config(tmp_path, s)
@@ -217,19 +229,29 @@ async def test_sigterm_worker_finishes_its_runs_and_exits_0(
         async with client(mosquitto.port) as c, _redis(redis_server.url) as r:
             await wait_online(c, f"{tag}/status", proc)
             await c.subscribe(f"{tag}/results/#", qos=1)
-            for i in range(2):
-                await c.publish(f"{prefix}/in", orjson.dumps({"msg_id": i, "seconds": 2}), qos=1)
-            await _wait_started(r, queue, 2, worker)
+            for i, sec in enumerate(seconds):
+                await c.publish(f"{prefix}/in", orjson.dumps({"msg_id": i, "seconds": sec}), qos=1)
+            await _wait_started(r, queue, len(seconds), worker)
             worker.signal(signal.SIGTERM)
-            results = await _results(c, f"{tag}/results/#", 2, settle=0.5, timeout=30)
-            code = await anyio.to_thread.run_sync(worker.wait, 30.0)
+            code = await anyio.to_thread.run_sync(worker.wait, timeout + 20)
+            # Published before the worker exited: waiting in the client's queue by now.
+            results = await _results(c, f"{tag}/results/#", len(seconds), settle=0.5, timeout=3)
+            started = [k async for k in r.scan_iter(f"{queue}:started:*")]
             unacked = await _unacked(r, queue)
-        log = worker.log()
-    assert sorted(x["outputs"]["msg"] for x in results) == [0, 1], log[-3000:]
-    assert all(x["status"] == "success" for x in results)
-    assert code == 0, log[-3000:]
-    assert unacked == 0
-    assert "worker_stopping" in log and "worker_runs_done" in log
+        return _Stopped(results, code, unacked, started, worker.log())
+
+
+async def test_sigterm_worker_finishes_its_runs_and_exits_0(
+    tmp_path: Path, mosquitto: Any, redis_server: Any
+) -> None:
+    """SIGTERM to a worker with two 2 s runs under way: it takes no new run, both results are
+    published (once), nothing stays unacked in the stream, and the worker exits 0."""
+    out = await _sigterm_worker_during(tmp_path, mosquitto, redis_server, [2, 2], timeout=30)
+    assert sorted(x["outputs"]["msg"] for x in out.results) == [0, 1], out.log[-3000:]
+    assert all(x["status"] == "success" for x in out.results)
+    assert out.code == 0, out.log[-3000:]
+    assert out.unacked == 0 and out.started == []
+    assert "worker_stopping" in out.log and "worker_runs_done" in out.log
 
 
 async def test_sigterm_worker_cancels_at_shutdown_timeout_and_leaves_the_run_to_others(
@@ -237,25 +259,9 @@ async def test_sigterm_worker_cancels_at_shutdown_timeout_and_leaves_the_run_to_
 ) -> None:
     """A run longer than ``shutdown_timeout``: cancelled at the deadline, its start withdrawn,
     its message left unacked in the stream (another worker reclaims it); exit code 0."""
-    prefix = unique("deadline")
-    s = _settings(
-        tmp_path, mosquitto.port, redis_server.url, {"pipeline": "tagged", "topic": f"{prefix}/in"}
-    )
-    s["shutdown_timeout"] = 1
-    queue = s["queue"]["queue_name"]
-    tag = s["mqtt"]["client_id"]
-    config = write_config(tmp_path, s)
-    with daemon(config) as proc, daemon(config, command="worker") as worker:
-        async with client(mosquitto.port) as c, _redis(redis_server.url) as r:
-            await wait_online(c, f"{tag}/status", proc)
-            await c.publish(f"{prefix}/in", orjson.dumps({"msg_id": 7, "seconds": 8}), qos=1)
-            await _wait_started(r, queue, 1, worker)
-            worker.signal(signal.SIGTERM)
-            code = await anyio.to_thread.run_sync(worker.wait, 20.0)
-            started = [k async for k in r.scan_iter(f"{queue}:started:*")]
-            unacked = await _unacked(r, queue)
-        log = worker.log()
-    assert code == 0, log[-3000:]
-    assert "worker_runs_cancelled_at_deadline" in log, log[-3000:]
-    assert unacked == 1  # still in the stream for another worker
-    assert started == []  # the interrupted attempt is not counted as a lost one
+    out = await _sigterm_worker_during(tmp_path, mosquitto, redis_server, [8], timeout=1)
+    assert out.code == 0, out.log[-3000:]
+    assert "worker_runs_cancelled_at_deadline" in out.log, out.log[-3000:]
+    assert out.results == []  # no result for a run that did not finish
+    assert out.unacked == 1  # still in the stream for another worker
+    assert out.started == []  # the interrupted attempt is not counted as a lost one
