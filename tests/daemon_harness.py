@@ -9,8 +9,9 @@ import socket
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -220,3 +221,31 @@ def base_settings(project: Path, tmp: Path, mqtt_port: int, **extra: Any) -> dic
     }
     settings.update(extra)
     return settings
+
+
+def mqtt_trigger(name: str, pipeline: str, topic: str, **options: Any) -> dict[str, Any]:
+    """One MQTT trigger of a test config."""
+    return {"name": name, "type": "mqtt", "pipeline": pipeline, "topic": topic, **options}
+
+
+@dataclass
+class Online:
+    """A running daemon, a client that saw its retained ``online``, and its topic prefix."""
+
+    proc: DaemonProcess
+    client: aiomqtt.Client
+    tag: str  # the daemon's client id; its status, results and errors topics start with it
+
+
+@asynccontextmanager
+async def online_daemon(
+    tmp: Path, mqtt_port: int, triggers: list[dict[str, Any]], *, v5: bool = True, **extra: Any
+) -> AsyncIterator[Online]:
+    """The daemon on the test project with ``triggers`` (and settings ``extra``), ready."""
+    settings = base_settings(make_project(tmp), tmp, mqtt_port, **extra)
+    settings["triggers"] = triggers
+    tag = settings["mqtt"]["client_id"]
+    with daemon(write_config(tmp, settings)) as proc:
+        async with client(mqtt_port, v5=v5) as c:
+            await wait_online(c, f"{tag}/status", proc)
+            yield Online(proc, c, tag)

@@ -12,27 +12,16 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from tests.daemon_harness import (
-    base_settings,
-    client,
     collect,
     collect_for,
-    daemon,
     make_project,
+    mqtt_trigger,
+    online_daemon,
     unique,
-    wait_online,
-    write_config,
 )
 
 # Each test starts real daemons (subprocesses); generous for a loaded machine.
 pytestmark = pytest.mark.timeout(300)
-
-
-def _settings(
-    tmp_path: Path, port: int, triggers: list[dict[str, Any]], **extra: Any
-) -> dict[str, Any]:
-    settings = base_settings(make_project(tmp_path), tmp_path, port, **extra)
-    settings["triggers"] = triggers
-    return settings
 
 
 async def test_json_message_gives_result_with_outputs_and_topic_field(
@@ -40,26 +29,12 @@ async def test_json_message_gives_result_with_outputs_and_topic_field(
 ) -> None:
     """A JSON reading on sensors/dev1/temperature yields a result with outputs and device dev1."""
     prefix = unique("sensors")
-    s = _settings(
-        tmp_path,
-        mosquitto.port,
-        [
-            {
-                "name": "temp",
-                "type": "mqtt",
-                "pipeline": "temperature",
-                "topic": f"{prefix}/{{device}}/temperature",
-            }
-        ],
-    )
-    tag = s["mqtt"]["client_id"]
-    with daemon(write_config(tmp_path, s)) as proc:
-        async with client(mosquitto.port) as c:
-            await wait_online(c, f"{tag}/status", proc)
-            await c.subscribe(f"{tag}/results/#", qos=1)
-            await c.publish(f"{prefix}/dev1/temperature", b'{"temperature": 31.5}', qos=1)
-            [(topic, result, _)] = await collect(c, f"{tag}/results/#", 1, timeout=20)
-    assert topic == f"{tag}/results/temperature"
+    temp = mqtt_trigger("temp", "temperature", f"{prefix}/{{device}}/temperature")
+    async with online_daemon(tmp_path, mosquitto.port, [temp]) as d:
+        await d.client.subscribe(f"{d.tag}/results/#", qos=1)
+        await d.client.publish(f"{prefix}/dev1/temperature", b'{"temperature": 31.5}', qos=1)
+        [(topic, result, _)] = await collect(d.client, f"{d.tag}/results/#", 1, timeout=20)
+    assert topic == f"{d.tag}/results/temperature"
     assert result["status"] == "success"
     assert result["outputs"]["device_id"] == "dev1"
     assert result["outputs"]["fahrenheit"] == 31.5 * 9 / 5 + 32
@@ -78,29 +53,15 @@ async def test_v5_response_topic_gets_reply_with_same_correlation(
 ) -> None:
     """An MQTT v5 request with response topic and correlation data is answered there, same correlation."""
     prefix = unique("req")
-    s = _settings(
-        tmp_path,
-        mosquitto.port,
-        [
-            {
-                "name": "temp",
-                "type": "mqtt",
-                "pipeline": "temperature",
-                "topic": f"{prefix}/{{device}}",
-            }
-        ],
-    )
-    tag = s["mqtt"]["client_id"]
     reply_topic = unique("replies")
-    with daemon(write_config(tmp_path, s)) as proc:
-        async with client(mosquitto.port) as c:
-            await wait_online(c, f"{tag}/status", proc)
-            await c.subscribe(reply_topic, qos=1)
-            props = Properties(PacketTypes.PUBLISH)
-            props.ResponseTopic = reply_topic
-            props.CorrelationData = b"corr-42"
-            await c.publish(f"{prefix}/dev9", b'{"temperature": 10}', qos=1, properties=props)
-            [(topic, result, rprops)] = await collect(c, reply_topic, 1, timeout=20)
+    temp = mqtt_trigger("temp", "temperature", f"{prefix}/{{device}}")
+    async with online_daemon(tmp_path, mosquitto.port, [temp]) as d:
+        await d.client.subscribe(reply_topic, qos=1)
+        props = Properties(PacketTypes.PUBLISH)
+        props.ResponseTopic = reply_topic
+        props.CorrelationData = b"corr-42"
+        await d.client.publish(f"{prefix}/dev9", b'{"temperature": 10}', qos=1, properties=props)
+        [(topic, result, rprops)] = await collect(d.client, reply_topic, 1, timeout=20)
     assert topic == reply_topic
     assert result["outputs"]["device_id"] == "dev9"
     assert rprops.CorrelationData == b"corr-42"
@@ -109,28 +70,13 @@ async def test_v5_response_topic_gets_reply_with_same_correlation(
 async def test_reply_to_field_of_json_payload(tmp_path: Path, mosquitto: Any) -> None:
     """A JSON payload's reply_to field names where its result goes (v3.1.1 clients have no response topic)."""
     prefix = unique("rt")
-    s = _settings(
-        tmp_path,
-        mosquitto.port,
-        [
-            {
-                "name": "temp",
-                "type": "mqtt",
-                "pipeline": "temperature",
-                "topic": f"{prefix}/{{device}}",
-            }
-        ],
-    )
-    tag = s["mqtt"]["client_id"]
     reply_topic = unique("mine")
-    with daemon(write_config(tmp_path, s)) as proc:
-        async with client(mosquitto.port, v5=False) as c:
-            await wait_online(c, f"{tag}/status", proc)
-            await c.subscribe(reply_topic, qos=1)
-            await c.publish(
-                f"{prefix}/d", orjson.dumps({"temperature": 5, "reply_to": reply_topic}), qos=1
-            )
-            [(_, result, _)] = await collect(c, reply_topic, 1, timeout=20)
+    temp = mqtt_trigger("temp", "temperature", f"{prefix}/{{device}}")
+    async with online_daemon(tmp_path, mosquitto.port, [temp], v5=False) as d:
+        await d.client.subscribe(reply_topic, qos=1)
+        body = orjson.dumps({"temperature": 5, "reply_to": reply_topic})
+        await d.client.publish(f"{prefix}/d", body, qos=1)
+        [(_, result, _)] = await collect(d.client, reply_topic, 1, timeout=20)
     assert result["outputs"]["celsius"] == 5.0
 
 
@@ -139,31 +85,19 @@ async def test_bad_payload_and_failing_pipeline_give_errors_and_daemon_goes_on(
 ) -> None:
     """Garbage JSON and a failing pipeline each publish an error; the next good message still runs."""
     prefix = unique("bad")
-    s = _settings(
-        tmp_path,
-        mosquitto.port,
-        [
-            {
-                "name": "temp",
-                "type": "mqtt",
-                "pipeline": "temperature",
-                "topic": f"{prefix}/t/{{device}}",
-                "payload": "json",
-            },
-            {"name": "boom", "type": "mqtt", "pipeline": "broken", "topic": f"{prefix}/b"},
-        ],
-    )
-    tag = s["mqtt"]["client_id"]
-    with daemon(write_config(tmp_path, s)) as proc:
-        async with client(mosquitto.port) as c:
-            await wait_online(c, f"{tag}/status", proc)
-            await c.subscribe(f"{tag}/errors/#", qos=1)
-            await c.subscribe(f"{tag}/results/#", qos=1)
-            await c.publish(f"{prefix}/t/x", b"{not json", qos=1)
-            await c.publish(f"{prefix}/b", b'{"x": 7}', qos=1)
-            await c.publish(f"{prefix}/t/y", b'{"temperature": 1}', qos=1)
-            got = await collect_for(c, f"{tag}/#", 6.0)
-        assert proc.proc.poll() is None, proc.log()
+    triggers = [
+        mqtt_trigger("temp", "temperature", f"{prefix}/t/{{device}}", payload="json"),
+        mqtt_trigger("boom", "broken", f"{prefix}/b"),
+    ]
+    async with online_daemon(tmp_path, mosquitto.port, triggers) as d:
+        c, tag = d.client, d.tag
+        await c.subscribe(f"{tag}/errors/#", qos=1)
+        await c.subscribe(f"{tag}/results/#", qos=1)
+        await c.publish(f"{prefix}/t/x", b"{not json", qos=1)
+        await c.publish(f"{prefix}/b", b'{"x": 7}', qos=1)
+        await c.publish(f"{prefix}/t/y", b'{"temperature": 1}', qos=1)
+        got = await collect_for(c, f"{tag}/#", 6.0)
+        assert d.proc.proc.poll() is None, d.proc.log()
     errors = [r for t, r in got if t.startswith(f"{tag}/errors/")]
     results = [r for t, r in got if t.startswith(f"{tag}/results/")]
     by_pipeline = {r["pipeline"]: r for r in errors}
@@ -182,34 +116,20 @@ async def test_sigterm_during_slow_run_publishes_result_and_exits_zero(
 ) -> None:
     """SIGTERM while a 2 s run is in flight: its result is still published and the exit code is 0."""
     prefix = unique("slow")
-    s = _settings(
-        tmp_path,
-        mosquitto.port,
-        [
-            {
-                "name": "slow",
-                "type": "mqtt",
-                "pipeline": "slow",
-                "topic": prefix,
-                "inputs": {"seconds": 2.0},
-            }
-        ],
-    )
-    tag = s["mqtt"]["client_id"]
-    with daemon(write_config(tmp_path, s)) as proc:
-        async with client(mosquitto.port) as c:
-            await wait_online(c, f"{tag}/status", proc)
-            await c.subscribe(f"{tag}/results/#", qos=1)
-            await c.publish(prefix, b"{}", qos=1)
-            got = await collect_for(c, f"{tag}/results/#", 0.7)
-            assert got == []
-            proc.signal(signal.SIGTERM)
-            [(_, result, _)] = await collect(c, f"{tag}/results/#", 1, timeout=15)
-            assert result["status"] == "success"
-            assert result["outputs"] == {"waited": 2.0}
-            [(_, status, _)] = await collect(c, f"{tag}/status", 1, timeout=15)
-            assert status["status"] == "offline", status
-        assert proc.wait(15) == 0
+    slow = mqtt_trigger("slow", "slow", prefix, inputs={"seconds": 2.0})
+    async with online_daemon(tmp_path, mosquitto.port, [slow]) as d:
+        c, tag = d.client, d.tag
+        await c.subscribe(f"{tag}/results/#", qos=1)
+        await c.publish(prefix, b"{}", qos=1)
+        got = await collect_for(c, f"{tag}/results/#", 0.7)
+        assert got == []
+        d.proc.signal(signal.SIGTERM)
+        [(_, result, _)] = await collect(c, f"{tag}/results/#", 1, timeout=15)
+        assert result["status"] == "success"
+        assert result["outputs"] == {"waited": 2.0}
+        [(_, status, _)] = await collect(c, f"{tag}/status", 1, timeout=15)
+        assert status["status"] == "offline", status
+        assert d.proc.wait(15) == 0
 
 
 async def test_mqtt_build_config_hook_applies_to_its_message_only(
@@ -217,28 +137,13 @@ async def test_mqtt_build_config_hook_applies_to_its_message_only(
 ) -> None:
     """The hooks/<pipeline>/hook.py config of one message does not leak into the next."""
     prefix = unique("hook")
-    s = _settings(
-        tmp_path,
-        mosquitto.port,
-        [
-            {
-                "name": "modal",
-                "type": "mqtt",
-                "pipeline": "modal",
-                "topic": prefix,
-                "overlap": "queue",
-            }
-        ],
-    )
-    tag = s["mqtt"]["client_id"]
-    with daemon(write_config(tmp_path, s)) as proc:
-        async with client(mosquitto.port) as c:
-            await wait_online(c, f"{tag}/status", proc)
-            await c.subscribe(f"{tag}/results/#", qos=1)
-            await c.publish(prefix, b'{"name": "Ab", "mode": "loud"}', qos=1)
-            [(_, first, _)] = await collect(c, f"{tag}/results/#", 1, timeout=20)
-            await c.publish(prefix, b'{"name": "Ab"}', qos=1)
-            [(_, second, _)] = await collect(c, f"{tag}/results/#", 1, timeout=20)
+    modal = mqtt_trigger("modal", "modal", prefix, overlap="queue")
+    async with online_daemon(tmp_path, mosquitto.port, [modal]) as d:
+        await d.client.subscribe(f"{d.tag}/results/#", qos=1)
+        await d.client.publish(prefix, b'{"name": "Ab", "mode": "loud"}', qos=1)
+        [(_, first, _)] = await collect(d.client, f"{d.tag}/results/#", 1, timeout=20)
+        await d.client.publish(prefix, b'{"name": "Ab"}', qos=1)
+        [(_, second, _)] = await collect(d.client, f"{d.tag}/results/#", 1, timeout=20)
     assert first["outputs"] == {"greeting": "AB"}
     assert second["outputs"] == {"greeting": "ab"}
 
