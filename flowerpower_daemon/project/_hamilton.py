@@ -296,6 +296,19 @@ class DagInfo:
                 missing[un.name] = sorted(d.name for d in un.depended_on_by if d in needed)
         return missing
 
+    def not_nullable(self) -> dict[str, str]:
+        """Inputs whose declared type does not admit ``None`` (name -> type name).
+
+        Hamilton lets ``None`` through for any input (it reads as "not
+        given"), so a JSON ``null`` for a ``float`` input would fail inside
+        the first node that uses it, as a retryable error.
+        """
+        return {
+            name: _type_name(tp)
+            for name, tp in self.inputs.items()
+            if not htypes.check_input_type(tp, None)
+        }
+
     def type_mismatches(self, inputs: Mapping[str, Any]) -> dict[str, str]:
         """Inputs whose value does not fit the declared parameter type."""
         bad: dict[str, str] = {}

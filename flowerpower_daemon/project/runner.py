@@ -81,6 +81,7 @@ class Prepared:
     generation: int
     backoff: Backoff
     float_inputs: frozenset[str] = frozenset()
+    not_nullable: Mapping[str, str] = field(default_factory=dict)  # input -> its type
     on_success: Callable[..., Any] | None = None
     on_failure: Callable[..., Any] | None = None
     ready: list[bool] = field(default_factory=lambda: [False])
@@ -102,6 +103,16 @@ class Prepared:
             for name in config_keys.intersection(inputs):
                 del inputs[name]
         return inputs
+
+    def null_input_error(self, inputs: Mapping[str, Any]) -> InputError | None:
+        """An input given as ``None`` (JSON null) whose type does not admit it, if any."""
+        if not self.not_nullable or None not in inputs.values():
+            return None
+        nulls = [n for n, t in self.not_nullable.items() if n in inputs and inputs[n] is None]
+        if not nulls:
+            return None
+        detail = "; ".join(f"input {n!r} is null, expected {self.not_nullable[n]}" for n in nulls)
+        return InputError(f"pipeline {self.pipeline!r}: {detail}")
 
 
 class PipelineRunner:
@@ -320,6 +331,7 @@ class PipelineRunner:
             module_files=frozenset(state.files),
             generation=state.generation,
             float_inputs=float_inputs,
+            not_nullable=dag.not_nullable(),
             backoff=Backoff(run.retry_delay, run.retry_backoff, run.jitter_factor),
             on_success=_callback(pipeline, "on_success", run.on_success),
             on_failure=_callback(pipeline, "on_failure", run.on_failure),
@@ -346,12 +358,15 @@ class PipelineRunner:
                 prepared.ready[0] = True
         except FlowerPowerError as exc:
             return _failed_before_start(request, exc)
-        attempts = _Attempts(request, prepared, self._rng)
         inputs = prepared.inputs_for(request)
+        null = prepared.null_input_error(inputs)
+        attempts = _Attempts(request, prepared, self._rng)
         timeout = prepared.run.timeout
         while True:
             started = utcnow()
             try:
+                if null is not None:
+                    raise null  # an attempt that fails at once, like a wrongly typed input
                 if timeout is None:
                     # No cancel scope when there is nothing to time out: one less per run.
                     out = await self._attempt(prepared, inputs)
@@ -408,11 +423,15 @@ class PipelineRunner:
         if prepared.is_async or prepared.run.timeout:
             return anyio.run(self.run, request)
         inputs = prepared.inputs_for(request)
+        # Inline: the check is one C-level scan unless a value is None (this path is timed).
+        null = prepared.null_input_error(inputs) if None in inputs.values() else None
         execute = prepared.driver.execute
         attempts: _Attempts | None = None  # made at the first failure: most runs need none
         while True:
             started = utcnow()
             try:
+                if null is not None:
+                    raise null
                 out = execute(list(prepared.final_vars), inputs=inputs)
                 if type(out) is not dict:
                     out = _as_mapping(out)

@@ -285,6 +285,7 @@ def test_non_matching_exception_is_not_retried(
     [
         ({}, ["typed"], "missing required input 'count' (needed by typed)"),
         ({"count": "three"}, ["typed"], "input 'count' has the wrong type: expected int, got str"),
+        ({"count": None}, ["typed"], "input 'count' is null, expected int"),
         ({"count": 3}, ["typd"], "unknown final var(s) 'typd' (did you mean 'typed'?)"),
     ],
 )
@@ -295,7 +296,8 @@ def test_errors_no_retry_can_fix_fail_at_once(
     final_vars: list[str],
     expected: str,
 ) -> None:
-    """A missing input, a wrongly typed input or an unknown final var is never retried."""
+    """A missing, wrongly typed or null (JSON ``null``) input or an unknown final var is
+    never retried."""
     project, _ = flaky
     req = project.request("flaky", inputs, final_vars=final_vars, max_retries=3, retry_delay=0.01)
     result = execute(project, req)
