@@ -14,9 +14,10 @@ The only module that uses aiomqtt / paho, so an upgrade touches one file.
   messages received, the link stops reading its socket (TCP backpressure)
   until acks bring the count down to half of that (not just below it: a link
   that resumed at one below paused again at the next message, a pause and a
-  resume per message under load, with two epoll changes each). Paused, it cannot read the PUBACKs of
-  its own publishes either, so a link that pauses must not be the one the
-  results go out on: the daemon publishes them on a second link.
+  resume per message under load, with two epoll changes each). Paused, it
+  cannot read the PUBACKs of its own publishes either, so a link that pauses
+  must not be the one the results go out on: the daemon publishes them on a
+  second link.
 - Reconnects with capped, jittered backoff; results published while the
   broker is unreachable wait in a bounded outbox (:mod:`.outbox`, on disk in
   the state directory when the daemon passes one) and go out after the next

@@ -49,7 +49,6 @@ def render_topic(template: str, fields: Mapping[str, Any]) -> str:
     return template.format_map(safe)
 
 
-
 def reply_target(
     *,
     pipeline: str,
