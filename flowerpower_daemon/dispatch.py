@@ -33,6 +33,7 @@ from .project.models import (
     new_run_id,
 )
 from .results import MqttResultSink, ResultSink, reply_target
+from .retry import Backoff
 from .settings import MqttTrigger, Settings
 from .triggers.base import TriggerEvent
 from .triggers.mqtt import PayloadError, TopicPattern, compile_topic, decode_payload
@@ -40,6 +41,8 @@ from .triggers.mqtt import PayloadError, TopicPattern, compile_topic, decode_pay
 __all__ = ["Dispatcher", "Stats", "TriggerState"]
 
 log = structlog.get_logger("flowerpower_daemon.dispatch")
+# Enqueue retries (queue on Redis): 0.2 s doubling to at most 10 s, +-50 %.
+_ENQUEUE_BACKOFF = Backoff(0.2, 2.0, 0.5, 10.0)
 
 Kiq = Callable[[RunRequest], Awaitable[Any]]
 
@@ -348,6 +351,31 @@ class Dispatcher:
         overrides["config"] = {**dict(overrides.get("config") or {}), **extra}
         return dataclasses.replace(request, overrides=overrides)
 
+    async def _enqueue(self, request: RunRequest) -> None:
+        """Hand ``request`` to the Redis queue, trying again until it is there.
+
+        A failed enqueue (Redis restarting, say) is transient for a request we
+        built ourselves; its MQTT message stays unacked meanwhile, and the
+        broker would deliver it again only after a reconnect, so a failure is
+        retried here, with capped backoff, until it works or the daemon stops.
+        """
+        failures = 0
+        while True:
+            try:
+                await self.kiq(request)
+                return
+            except Exception as exc:
+                failures += 1
+                delay = _ENQUEUE_BACKOFF.delay(failures)
+                log.warning(
+                    "enqueue_failed",
+                    run_id=request.run_id,
+                    error=str(exc.__cause__ or exc),
+                    attempt=failures,
+                    retry_in_s=round(delay, 2),
+                )
+                await anyio.sleep(delay)
+
     async def _handle(
         self,
         state: TriggerState,
@@ -371,7 +399,7 @@ class Dispatcher:
                     await self._coalesced(state, event, request)
                     return
             if self.remote:
-                await self.kiq(request)
+                await self._enqueue(request)
                 await _ack(event)
                 return
             replace = state.cfg.overlap == "replace"

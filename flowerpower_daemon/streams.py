@@ -20,12 +20,15 @@ from typing import Any, NoReturn
 import anyio
 import structlog
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from taskiq import AckableMessage
 from taskiq_redis import RedisStreamBroker
 
 __all__ = ["ReclaimingStreamBroker"]
 
 log = structlog.get_logger("flowerpower_daemon.streams")
+
+_ACK_TRIES = 5  # over about 2 s
 
 
 class ReclaimingStreamBroker(RedisStreamBroker):
@@ -43,7 +46,17 @@ class ReclaimingStreamBroker(RedisStreamBroker):
             if self.withhold_acks:
                 log.info("run_left_in_stream", message_id=_text(id))
                 return
-            await ack()
+            # XACK is idempotent: a connection lost to a Redis restart is tried again
+            # (an ack that never lands leaves a finished run to be run again elsewhere).
+            for attempt in range(1, _ACK_TRIES + 1):
+                try:
+                    await ack()
+                    return
+                except (RedisConnectionError, OSError) as exc:
+                    if attempt == _ACK_TRIES:
+                        raise
+                    log.warning("stream_ack_failed", message_id=_text(id), error=str(exc))
+                    await anyio.sleep(0.2 * attempt)
 
         return guarded
 

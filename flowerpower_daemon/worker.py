@@ -99,6 +99,8 @@ async def run_worker(settings: Settings) -> None:
                     async for _ in signals:
                         if finish.is_set():
                             log.warning("worker_cancelling_runs")
+                            if isinstance(broker, ReclaimingStreamBroker):
+                                broker.withhold_acks = True  # the runs stay in the stream
                             tg.cancel_scope.cancel()
                             return
                         log.info("worker_stopping", shutdown_timeout=settings.shutdown_timeout)

@@ -265,3 +265,40 @@ async def test_sigterm_worker_cancels_at_shutdown_timeout_and_leaves_the_run_to_
     assert out.results == []  # no result for a run that did not finish
     assert out.unacked == 1  # still in the stream for another worker
     assert out.started == []  # the interrupted attempt is not counted as a lost one
+
+
+async def test_daemon_and_worker_carry_on_after_redis_restarts(
+    tmp_path: Path, mosquitto: Any, redis_server: Any
+) -> None:
+    """Redis restarts under a running daemon and worker: the first enqueue after it fails
+    (a stale connection) and is tried again, the worker listens again, and a message sent
+    afterwards gets its result; nothing stays unacked in the stream."""
+    prefix = unique("rr")
+    s = _settings(
+        tmp_path, mosquitto.port, redis_server.url, {"pipeline": "tagged", "topic": f"{prefix}/in"}
+    )
+    tag = s["mqtt"]["client_id"]
+    queue = s["queue"]["queue_name"]
+    config = write_config(tmp_path, s)
+    with daemon(config) as proc, daemon(config, command="worker") as worker:
+        async with client(mosquitto.port) as c:
+            await wait_online(c, f"{tag}/status", proc)
+            await c.subscribe(f"{tag}/results/#", qos=1)
+            body = {"msg_id": 1, "seconds": 0}
+            await c.publish(f"{prefix}/in", orjson.dumps(body), qos=1)
+            before = await _results(c, f"{tag}/results/#", 1, settle=0, timeout=30)
+            await redis_server.arestart()
+            await c.publish(f"{prefix}/in", orjson.dumps({**body, "msg_id": 2}), qos=1)
+            after = await _results(c, f"{tag}/results/#", 1, settle=0.5, timeout=60)
+        async with _redis(redis_server.url) as r:
+            unacked = await _unacked(r, queue)
+        assert worker.proc.poll() is None, worker.log()[-3000:]
+        assert proc.proc.poll() is None, proc.log()[-3000:]
+        wlog, dlog = worker.log(), proc.log()
+    assert [r["outputs"]["msg"] for r in before] == [1]
+    assert [r["outputs"]["msg"] for r in after] == [2], _events(wlog) + "\n--\n" + _events(dlog)
+    assert unacked == 0, _events(wlog)
+
+
+def _events(log: str) -> str:
+    return "\n".join(line[:400] for line in log.splitlines() if '"event"' in line)
