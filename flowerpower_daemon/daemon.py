@@ -16,6 +16,7 @@ job tracker (history, events, ``run --wait``, ``cancel``).
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import sys
@@ -301,6 +302,7 @@ class Daemon:
                         sources.start_soon(self._mqtt_source, runs, name="source:mqtt")
                         for trig in self.triggers:
                             await self._start_source(trig)
+                        _freeze_heap()
                         # The retained status says `online` only now: subscribed, timers armed.
                         await link.announce_online()
                         log.info(
@@ -410,6 +412,7 @@ class Daemon:
                     self.events.publish("reload_failed", problems=[str(p) for p in exc.problems])
                     raise
                 report = await self._apply(new)
+                _freeze_heap()  # the old project may be garbage now; the new one is frozen
             finally:
                 self.notifier.ready(self.status_line())
         log.info("reloaded", **report)
@@ -721,6 +724,20 @@ class Daemon:
 def configured_triggers(settings: Settings, project: FlowerPowerProject) -> list[Any]:
     """The enabled triggers of the config file plus every pipeline's ``schedule:``."""
     return [t for t in settings.triggers if t.enabled] + schedule_triggers(settings, project)
+
+
+def _freeze_heap() -> None:
+    """Put what start-up built (modules, project, drivers) out of the collector's way.
+
+    A full collection walks every object, about 75 ms on this heap (Hamilton,
+    pandas, numpy), and runs every few thousand messages: a pause in the
+    middle of traffic and ~4 % of the CPU. Frozen, the objects are skipped
+    (``gc.freeze``). Called again after a reload: unfrozen and collected first,
+    so that the old project's reference cycles are freed, not kept for good.
+    """
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
 
 
 def _merge(configured: list[Any], dynamic: list[Any]) -> list[Any]:

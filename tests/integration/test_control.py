@@ -444,7 +444,9 @@ def test_events_streams_run_events_until_interrupted(live: Live) -> None:
         try:
             seen: list[dict[str, Any]] = []
             deadline = time.monotonic() + 60
-            while not any(e["type"] == "run_finished" for e in seen):
+            # The stream starts when `events` has subscribed, which may be in the middle
+            # of the first run: wait for a run whose start and finish both came.
+            while (finished := _streamed_run(seen)) is None:
                 assert time.monotonic() < deadline, seen
                 ok(live.sock, "run", "stats", "--wait")
                 # Read what has arrived, without blocking on a quiet stream.
@@ -453,14 +455,20 @@ def test_events_streams_run_events_until_interrupted(live: Live) -> None:
                     if not line:
                         break
                     seen.append(json.loads(line))
-            finished = next(e for e in seen if e["type"] == "run_finished")
             assert finished["pipeline"] == "stats" and finished["status"] == "success"
-            assert {e["type"] for e in seen} >= {"run_started", "run_finished"}
             proc.send_signal(signal.SIGINT)
             assert proc.wait(30) == 0
         finally:
             if proc.poll() is None:
                 proc.kill()
+
+
+def _streamed_run(events: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The ``run_finished`` event of a run whose ``run_started`` was streamed too."""
+    started = {e["run_id"] for e in events if e["type"] == "run_started"}
+    return next(
+        (e for e in events if e["type"] == "run_finished" and e["run_id"] in started), None
+    )
 
 
 # ------------------------------------------------------------- the client
