@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 import anyio
 import structlog
 
-from .daemon import _shielded
+from .daemon import _freeze_heap, _shielded
 from .errors import ConfigError, ConfigProblem
 from .history import history_for
 from .project.api import FlowerPowerProject
@@ -107,6 +107,7 @@ async def run_worker(settings: Settings) -> None:
                         finish.set()
 
             tg.start_soon(on_signals, name="signals")
+            _freeze_heap()  # as the daemon does: start-up objects out of the collector's way
             log.info(
                 "worker_ready", queue=settings.queue.broker, pipelines=sorted(project.pipelines)
             )
