@@ -18,6 +18,7 @@ from tests.daemon_harness import (
     client,
     daemon,
     make_project,
+    mqtt_trigger,
     unique,
     write_config,
 )
@@ -29,6 +30,13 @@ MESSAGES = 300
 N_SLOW = 40
 
 
+def _tagged(name: str, prefix: str) -> dict[str, Any]:
+    """The trigger both floods use: `tagged` runs from <prefix>/in, results to <prefix>/out."""
+    return mqtt_trigger(
+        name, "tagged", f"{prefix}/in", result_topic=f"{prefix}/out", qos=1
+    )
+
+
 async def test_flood_is_held_to_a_bound_and_every_message_answered(
     tmp_path: Path, mosquitto: Any
 ) -> None:
@@ -37,10 +45,7 @@ async def test_flood_is_held_to_a_bound_and_every_message_answered(
         make_project(tmp_path), tmp_path, mosquitto.port, max_concurrent_runs=RUNS
     )
     s["log_level"] = "WARNING"
-    s["triggers"] = [
-        {"name": "flood", "type": "mqtt", "pipeline": "tagged", "topic": f"{prefix}/in",
-         "result_topic": f"{prefix}/out", "qos": 1}
-    ]
+    s["triggers"] = [_tagged("flood", prefix)]
     sock = socket_of(tmp_path / "state")
     with daemon(write_config(tmp_path, s)) as proc:
         await anyio.to_thread.run_sync(wait_ready, sock, proc)
@@ -85,10 +90,7 @@ async def test_paused_intake_keeps_the_connection_alive_through_slow_runs(
     prefix = unique("slowflood")
     s = base_settings(make_project(tmp_path), tmp_path, mosquitto.port, max_concurrent_runs=2)
     s["mqtt"]["keepalive"] = 5
-    s["triggers"] = [
-        {"name": "slow", "type": "mqtt", "pipeline": "tagged", "topic": f"{prefix}/in",
-         "result_topic": f"{prefix}/out", "qos": 1}
-    ]
+    s["triggers"] = [_tagged("slow", prefix)]
     sock = socket_of(tmp_path / "state")
     with daemon(write_config(tmp_path, s)) as proc:
         await anyio.to_thread.run_sync(wait_ready, sock, proc)
