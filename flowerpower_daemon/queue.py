@@ -180,6 +180,7 @@ class RunExecutor:
         claim_ttls: Mapping[str, float] | None = None,
         ledger: RunLedger | None = None,
         max_deliveries: int = 3,
+        track_running: bool = False,
     ) -> None:
         self.runner = runner
         self.sink = sink
@@ -188,11 +189,13 @@ class RunExecutor:
         self.claim_ttls = claim_ttls
         self.ledger = ledger
         self.max_deliveries = max_deliveries
-        #: The tasks running a request right now (a stopping worker cancels what is left).
+        #: With ``track_running``: the tasks running a request right now (a stopping worker
+        #: cancels what is left). The daemon does not ask: no bookkeeping on its hot path.
+        self.track_running = track_running
         self.running: set[asyncio.Task[Any]] = set()
 
     async def __call__(self, request_data: dict[str, Any]) -> dict[str, Any]:
-        task = asyncio.current_task()
+        task = asyncio.current_task() if self.track_running else None
         if task is None:
             return await self._call(request_data)
         self.running.add(task)

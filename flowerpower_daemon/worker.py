@@ -83,6 +83,7 @@ async def run_worker(settings: Settings) -> None:
         claim_ttls={t.name: t.dedup_ttl for t in settings.triggers},
         ledger=ledger,
         max_deliveries=queue.max_deliveries,
+        track_running=True,
     )
     register_run_task(broker, executor)
     await broker.startup()
