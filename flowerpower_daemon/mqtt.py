@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import socket
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
@@ -94,7 +95,8 @@ class MqttLink:
         self._status_payload = status_payload
         self._client_id = client_id or settings.client_id
         self._client: aiomqtt.Client | None = None
-        self._generation = 0
+        self._generation = 0  # counts connections; a message carries the one it came on
+        self._live = 0  # the generation of the open connection, 0 between connections
         self._connected = anyio.Event()
         self._stopping = anyio.Event()
         self._closed = anyio.Event()
@@ -104,7 +106,11 @@ class MqttLink:
         self._outbox = outbox if outbox is not None else Outbox(None, max_size=settings.outbox_size)
         self._owns_outbox = outbox is None
         self._drain_lock = anyio.Lock()
-        self._send, self._receive = anyio.create_memory_object_stream[IncomingMessage](0)
+        # Unbounded: paho's callback cannot wait. What bounds it is what bounded aiomqtt's
+        # own (unbounded) queue before: the broker's in-flight window and ``max_held``.
+        self._send, self._receive = anyio.create_memory_object_stream[
+            tuple[IncomingMessage, int]
+        ](math.inf)
         self.connects = 0
         self.published = 0
         #: QoS 1/2 messages received on this connection and not acked yet.
@@ -113,6 +119,8 @@ class MqttLink:
         # Paused at max_held, reading again at this many (see the module doc).
         self.resume_at = max_held // 2 if max_held is not None else 0
         self.pauses = 0
+        #: QoS 1/2 messages dropped unhandled because their connection ended first.
+        self.stale = 0
         self._paused: tuple[int, Any, tuple[Any, ...], float] | None = None
         self._busy = 0  # operations waiting for the broker's answer: never paused then
 
@@ -135,7 +143,7 @@ class MqttLink:
     def _v5(self) -> bool:
         return self.settings.protocol == "5"
 
-    def _make_client(self) -> aiomqtt.Client:
+    def _make_client(self, generation: int) -> aiomqtt.Client:
         s = self.settings
         will = None
         if s.status_topic and self._status_payload is not None:
@@ -179,11 +187,24 @@ class MqttLink:
         )
         # Manual acks: a message is acknowledged only when its run is safe (see module doc).
         client._client.manual_ack_set(True)
-        receive: Any = client._client.on_message
         max_held = self.max_held
+        send = self._send.send_nowait
+        v5 = self._v5()
 
         def on_message(paho: Any, userdata: Any, message: Any) -> None:
-            receive(paho, userdata, message)
+            # Straight from paho's callback to the consumer: aiomqtt's own queue and
+            # iterator cost a task and an asyncio.wait per message, and a pump to copy it.
+            try:
+                incoming = self._incoming(client, generation, message, v5)
+            except Exception as exc:  # e.g. a topic that is not UTF-8: it can never be handled
+                log.error("mqtt_message_undecodable", error=repr(exc), mid=message.mid)
+                if message.qos > 0:
+                    client._client.ack(message.mid, message.qos)
+                return
+            try:
+                send((incoming, generation))
+            except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+                return  # stopping: unacked, so the broker sends it again
             if message.qos > 0:
                 self.held += 1
                 if (
@@ -277,7 +298,9 @@ class MqttLink:
         failures = 0
         started = False
         while not self._stopping.is_set():
-            client = self._make_client()
+            self._generation += 1
+            generation = self._live = self._generation
+            client = self._make_client(generation)
             try:
                 async with client:
                     failures = 0
@@ -289,7 +312,7 @@ class MqttLink:
                         self._stop_scope = scope
                         if self._stopping.is_set():  # stop() came during the connect
                             scope.cancel()
-                        await self._pump(client)
+                        await self._wait_disconnected(client)
                     await self._say_offline(client)
             except aiomqtt.MqttError as exc:
                 failures += 1
@@ -302,6 +325,7 @@ class MqttLink:
                 )
             finally:
                 self._client = None
+                self._live = 0  # its messages still waiting are dropped: they come again
                 self._connected = anyio.Event()
                 self._paused = None  # the socket is gone; its reader with it
                 self.held = 0  # unacked messages of that connection come again
@@ -323,7 +347,6 @@ class MqttLink:
         await self._closed.wait()
 
     async def _on_connect(self, client: aiomqtt.Client) -> None:
-        self._generation += 1
         self.connects += 1
         with self._reading():
             for topic, qos in self.subscriptions:
@@ -379,42 +402,43 @@ class MqttLink:
             except aiomqtt.MqttError as exc:
                 log.warning("mqtt_status_publish_failed", error=str(exc))
 
-    async def _pump(self, client: aiomqtt.Client) -> None:
-        generation = self._generation
-        async for message in client.messages:
-            props = getattr(message, "properties", None)
-            response_topic = getattr(props, "ResponseTopic", None) if props else None
-            correlation = getattr(props, "CorrelationData", None) if props else None
-            user_props = tuple(getattr(props, "UserProperty", None) or ()) if props else ()
-            qos = int(message.qos)
-            mid = message.mid
-            payload = message.payload
-            if isinstance(payload, str):
-                payload = payload.encode()
-            elif not isinstance(payload, bytes | bytearray):
-                payload = b"" if payload is None else str(payload).encode()
-            incoming = IncomingMessage(
-                topic=message.topic.value,
-                payload=bytes(payload),
-                qos=qos,
-                retain=bool(message.retain),
-                response_topic=response_topic,
-                correlation_data=correlation,
-                user_properties=user_props,
-                ack=self._acker(client, generation, mid, qos),
+    async def _wait_disconnected(self, client: aiomqtt.Client) -> None:
+        """Until the connection ends (messages arrive through ``on_message`` meanwhile)."""
+        gone = client._disconnected
+        await asyncio.wait((gone,))  # not ``await gone``: cancelling that would cancel it
+        raise aiomqtt.MqttError("Disconnected") from gone.exception()
+
+    def _incoming(
+        self, client: aiomqtt.Client, generation: int, message: Any, v5: bool
+    ) -> IncomingMessage:
+        """paho's message as ours, with an ack bound to the connection it came on."""
+        props = message.properties if v5 else None
+        payload = message.payload
+        if not isinstance(payload, bytes):
+            payload = bytes(payload)
+        qos = message.qos
+        if props is None:
+            return IncomingMessage(
+                message.topic, payload, qos, bool(message.retain),
+                ack=self._acker(client, generation, message.mid, qos),
             )
-            try:
-                # Straight to a waiting consumer: ``send`` would first yield to the loop.
-                self._send.send_nowait(incoming)
-            except anyio.WouldBlock:
-                await self._send.send(incoming)
+        return IncomingMessage(
+            message.topic,
+            payload,
+            qos,
+            bool(message.retain),
+            response_topic=getattr(props, "ResponseTopic", None),
+            correlation_data=getattr(props, "CorrelationData", None),
+            user_properties=tuple(getattr(props, "UserProperty", None) or ()),
+            ack=self._acker(client, generation, message.mid, qos),
+        )
 
     def _acker(
         self, client: aiomqtt.Client, generation: int, mid: int, qos: int
     ) -> Callable[[], Awaitable[None]]:
         async def ack() -> None:
             # A message of an earlier connection is redelivered by the broker; its mid is void.
-            if qos > 0 and generation == self._generation and self._client is client:
+            if qos > 0 and generation == self._live:
                 client._client.ack(mid, qos)
                 self.held -= 1
                 if self._paused is not None and self.held <= self.resume_at:
@@ -445,14 +469,18 @@ class MqttLink:
             try:
                 # A message already waiting is taken without the loop round trip that
                 # ``receive`` begins with (one per message, under load).
-                message = receive.receive_nowait()
+                message, generation = receive.receive_nowait()
             except anyio.WouldBlock:
                 try:
-                    message = await receive.receive()
+                    message, generation = await receive.receive()
                 except anyio.EndOfStream:
                     return
             except anyio.EndOfStream:
                 return
+            if message.qos and generation != self._live:
+                # Its connection is gone: it cannot be acked, and the broker sends it again.
+                self.stale += 1
+                continue
             yield message
 
     async def publish(self, msg: OutgoingMessage) -> bool:
