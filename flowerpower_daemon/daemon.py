@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import replace
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 import anyio
@@ -269,11 +270,10 @@ class Daemon:
                 await anyio.to_thread.run_sync(self._warm_up)
 
             async def kiq(request: RunRequest) -> Any:
-                async with self.jobs.track(request):
-                    # taskiq's task id is the run id: one id in logs, history and Redis
-                    # (and no uuid4, a getrandom system call, per run).
-                    kicker = task.kicker().with_task_id(request.run_id)
-                    return await kicker.kiq(request.to_dict())
+                # taskiq's task id is the run id: one id in logs, history and Redis
+                # (and no uuid4, a getrandom system call, per run).
+                kicker = task.kicker().with_task_id(request.run_id)
+                return await self.jobs.run(request, partial(kicker.kiq, request.to_dict()))
 
             hooks = await anyio.to_thread.run_sync(self._config_hooks)
             self.dispatcher = Dispatcher(

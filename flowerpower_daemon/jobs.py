@@ -1,7 +1,7 @@
 """The job tracker: runs that are scheduled, queued or running, and what happens when they end.
 
-Every run passes through :meth:`JobTracker.track` (wrapped around the taskiq
-``kiq`` call) and, once finished, :meth:`JobTracker.finished` (the
+Every run passes through :meth:`JobTracker.run` (around the taskiq ``kiq``
+call) and, once finished, :meth:`JobTracker.finished` (the
 executor's result hook), which records it in the history, publishes a
 ``run_finished`` event and wakes anyone waiting for it
 (``flowerpowerctl run --wait``). A run that ends without a result was
@@ -17,11 +17,10 @@ the daemon stops: a run that must survive a restart is a ``schedule add
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import anyio
 import structlog
@@ -37,6 +36,7 @@ __all__ = ["ActiveJob", "JobTracker"]
 log = structlog.get_logger("flowerpower_daemon.jobs")
 
 ActiveState = Literal["scheduled", "queued", "running"]
+T = TypeVar("T")
 
 
 @dataclass(eq=False)
@@ -92,9 +92,10 @@ class JobTracker:
 
     # --------------------------------------------------------- every run
 
-    @asynccontextmanager
-    async def track(self, request: RunRequest) -> AsyncIterator[None]:
-        """Around one ``kiq``: mark the run started; settle it as cancelled if no result came."""
+    async def run(self, request: RunRequest, call: Callable[[], Awaitable[T]]) -> T | None:
+        """``await call()`` (the taskiq ``kiq``) as the run: mark it started, settle it if
+        it ends without a result; ``None`` when it was cancelled (``flowerpowerctl
+        cancel``). A plain coroutine, not a context manager: this is once per run."""
         job = self.active.get(request.run_id)
         if job is None:
             job = self.active[request.run_id] = ActiveJob(request, "running")
@@ -109,7 +110,8 @@ class JobTracker:
             )
         try:
             with anyio.CancelScope() as job.run_scope:
-                yield
+                return await call()
+            return None
         except Exception as exc:
             if not self.remote:  # with Redis the message is not acked: it comes again
                 await self.settle(request.run_id, _could_not_run(job, exc))

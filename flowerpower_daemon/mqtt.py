@@ -41,6 +41,7 @@ import anyio
 import orjson
 import structlog
 from anyio.abc import TaskStatus
+from paho.mqtt import client as paho_mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -73,6 +74,27 @@ class IncomingMessage:
 
 async def _noop() -> None:
     return None
+
+
+PUBLISH_TIMEOUT = 10.0  # seconds a connected publish waits for the broker's PUBACK
+
+
+class _Confirmation:
+    """What aiomqtt's ``on_publish`` resolves (it calls ``set()``, as on an Event)."""
+
+    __slots__ = ("fut",)
+
+    def __init__(self, fut: asyncio.Future[None]) -> None:
+        self.fut = fut
+
+    def set(self) -> None:
+        if not self.fut.done():
+            self.fut.set_result(None)
+
+
+def _expire(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_exception(aiomqtt.MqttError("Operation timed out"))
 
 
 class MqttLink:
@@ -123,6 +145,7 @@ class MqttLink:
         self.stale = 0
         self._paused: tuple[int, Any, tuple[Any, ...], float] | None = None
         self._busy = 0  # operations waiting for the broker's answer: never paused then
+        self._inflight: set[asyncio.Future[None]] = set()  # publishes awaiting their PUBACK
 
     @property
     def connected(self) -> bool:
@@ -324,6 +347,7 @@ class MqttLink:
                     broker=f"{self.settings.host}:{self.settings.port}",
                 )
             finally:
+                self._fail_inflight()
                 self._client = None
                 self._live = 0  # its messages still waiting are dropped: they come again
                 self._connected = anyio.Event()
@@ -406,7 +430,15 @@ class MqttLink:
         """Until the connection ends (messages arrive through ``on_message`` meanwhile)."""
         gone = client._disconnected
         await asyncio.wait((gone,))  # not ``await gone``: cancelling that would cancel it
+        self._fail_inflight()
         raise aiomqtt.MqttError("Disconnected") from gone.exception()
+
+    def _fail_inflight(self) -> None:
+        """Publishes waiting for a PUBACK that can no longer come fail now (not at a timeout)."""
+        inflight, self._inflight = self._inflight, set()
+        for fut in inflight:
+            if not fut.done():
+                fut.set_exception(aiomqtt.MqttError("Disconnected before the broker confirmed"))
 
     def _incoming(
         self, client: aiomqtt.Client, generation: int, message: Any, v5: bool
@@ -518,10 +550,44 @@ class MqttLink:
         # Only a link that may pause must keep reading for this publish's PUBACK.
         reading = self._reading() if self.max_held is not None else contextlib.nullcontext()
         with reading:
-            await client.publish(
-                msg.topic, msg.payload, qos=msg.qos, retain=msg.retain, properties=props, timeout=10
-            )
+            await self._publish_raw(client, msg.topic, msg.payload, msg.qos, msg.retain, props)
         self.published += 1
+
+    async def _publish_raw(
+        self,
+        client: aiomqtt.Client,
+        topic: str,
+        payload: bytes,
+        qos: int,
+        retain: bool,
+        props: Properties | None,
+    ) -> None:
+        """aiomqtt's ``publish``, without what it costs per message on the results' path.
+
+        aiomqtt waits for the PUBACK with ``asyncio.wait_for`` on an Event (a task per
+        publish) and lists every pending call to warn about how many there are. Here
+        one future per publish, resolved by aiomqtt's own ``on_publish`` (it calls
+        ``.set()`` on what ``_pending_publishes`` holds), failed when the connection
+        ends (:meth:`_wait_disconnected`) or after ``PUBLISH_TIMEOUT``.
+        """
+        info = client._client.publish(topic, payload, qos, retain, props)
+        if info.rc != paho_mqtt.MQTT_ERR_SUCCESS:
+            raise aiomqtt.MqttCodeError(info.rc, "Could not publish message")
+        if info.is_published():
+            return
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        pending: dict[int, Any] = client._pending_publishes
+        pending[info.mid] = _Confirmation(fut)
+        inflight = self._inflight
+        inflight.add(fut)
+        timer = loop.call_later(PUBLISH_TIMEOUT, _expire, fut)
+        try:
+            await fut
+        finally:
+            timer.cancel()
+            inflight.discard(fut)
+            pending.pop(info.mid, None)
 
     async def _say_offline(self, client: aiomqtt.Client) -> None:
         if self._stopping.is_set() and self.settings.status_topic and self._status_payload:

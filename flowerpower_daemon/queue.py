@@ -207,9 +207,11 @@ class RunExecutor:
     async def _call(self, request_data: dict[str, Any]) -> dict[str, Any]:
         request = RunRequest.from_dict(request_data)
         t0 = time.perf_counter()
-        with structlog.contextvars.bound_contextvars(
+        # Tokens, not ``bound_contextvars``: that one reads the whole context to restore it.
+        tokens = structlog.contextvars.bind_contextvars(
             run_id=request.run_id, pipeline=request.pipeline, trigger=request.trigger.name
-        ):
+        )
+        try:
             if self.claim_ttls is None and self.ledger is None:
                 result = await self.runner.run(request)
             else:
@@ -236,6 +238,8 @@ class RunExecutor:
                 total_ms=round((time.perf_counter() - t0) * 1000, 3),
                 error=result.error.message if result.error else None,
             )
+        finally:
+            structlog.contextvars.reset_contextvars(**tokens)
         return {"run_id": result.run_id, "status": result.status}
 
     async def _run_shared(self, request: RunRequest) -> RunResult | None:

@@ -25,9 +25,11 @@ async def test_a_run_the_queue_refused_is_failed_with_the_reason() -> None:
     sink = _Collected()
     jobs = JobTracker(None, EventBus(), sink=sink)
     request = RunRequest("stats")
+    async def refused() -> None:
+        raise RuntimeError("queue down")
+
     with pytest.raises(RuntimeError, match="queue down"):
-        async with jobs.track(request):
-            raise RuntimeError("queue down")
+        await jobs.run(request, refused)
     [result] = sink.results
     assert result.status == "failed"
     assert result.error is not None and result.error.message == "could not run: queue down"
@@ -39,7 +41,10 @@ async def test_a_cancelled_run_is_cancelled_once() -> None:
     jobs = JobTracker(None, EventBus(), sink=sink)
     request = RunRequest("stats")
     with anyio.CancelScope() as scope:
-        async with jobs.track(request):
+
+        async def cancelled() -> None:
             scope.cancel()
             await anyio.sleep(1)
+
+        await jobs.run(request, cancelled)
     assert [r.status for r in sink.results] == ["cancelled"]

@@ -137,19 +137,39 @@ async def test_in_memory_outbox_needs_no_open(tmp_path: Path) -> None:
     await box.aclose()
 
 
-class _FakeClient:
-    """Stands in for aiomqtt.Client: records publishes, can fail after ``fail_after``."""
+class _FakeInfo:
+    def __init__(self, rc: int) -> None:
+        self.rc = rc
 
-    def __init__(self, fail_after: int | None = None) -> None:
+    def is_published(self) -> bool:
+        return self.rc == 0  # confirmed at once, as paho says of a QoS 0 publish
+
+
+class _FakePaho:
+    """Stands in for the paho client under aiomqtt: records publishes, can fail after
+    ``fail_after`` (as paho does without a connection: MQTT_ERR_NO_CONN)."""
+
+    def __init__(self, fail_after: int | None) -> None:
         self.sent: list[tuple[str, bytes, int, bool, Any]] = []
         self.fail_after = fail_after
 
-    async def publish(
-        self, topic: str, payload: bytes, *, qos: int, retain: bool, properties: Any, timeout: float
-    ) -> None:
+    def publish(self, topic: str, payload: bytes, qos: int, retain: bool, props: Any) -> _FakeInfo:
         if self.fail_after is not None and len(self.sent) >= self.fail_after:
-            raise aiomqtt.MqttError("connection lost")
-        self.sent.append((topic, payload, qos, retain, properties))
+            return _FakeInfo(4)
+        self.sent.append((topic, payload, qos, retain, props))
+        return _FakeInfo(0)
+
+
+class _FakeClient:
+    """Stands in for aiomqtt.Client (the parts the link's publish uses)."""
+
+    def __init__(self, fail_after: int | None = None) -> None:
+        self._client = _FakePaho(fail_after)
+        self._pending_publishes: dict[int, Any] = {}
+
+    @property
+    def sent(self) -> list[tuple[str, bytes, int, bool, Any]]:
+        return self._client.sent
 
 
 @contextmanager
