@@ -13,6 +13,8 @@ still gets the failure; an unusable v5 response topic is ignored at dispatch
 from __future__ import annotations
 
 import base64
+import functools
+import string
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
@@ -40,13 +42,41 @@ class _Fields(dict[str, str]):
 _LEVEL_SAFE = str.maketrans("/+#", "___")
 
 
+@functools.lru_cache(maxsize=512)
+def _template_parts(template: str) -> tuple[tuple[str, str | None], ...] | None:
+    """``template`` as (literal, field name) pairs; None when it needs ``str.format``
+    itself (a format spec, a conversion, ``{a.b}`` or ``{a[0]}``, or bad syntax)."""
+    parts: list[tuple[str, str | None]] = []
+    try:
+        for literal, name, spec, conversion in string.Formatter().parse(template):
+            if name is not None and (spec or conversion or not name.isidentifier()):
+                return None
+            parts.append((literal, name))
+    except ValueError:
+        return None
+    return tuple(parts)
+
+
 def render_topic(template: str, fields: Mapping[str, Any]) -> str:
     """Fill ``{pipeline}``, ``{trigger}``, ``{run_id}`` and topic fields; unknown names stay."""
     # A field value must not add levels or wildcards to the topic it is put into.
     if "{" not in template:
         return template
-    safe = _Fields({k: str(v).translate(_LEVEL_SAFE) for k, v in fields.items()})
-    return template.format_map(safe)
+    parts = _template_parts(template)
+    if parts is None:
+        safe = _Fields({k: str(v).translate(_LEVEL_SAFE) for k, v in fields.items()})
+        return template.format_map(safe)
+    # Twice per run: only the fields the template names are made safe (not all of them).
+    out = []
+    for literal, name in parts:
+        out.append(literal)
+        if name is not None:
+            value = fields.get(name)
+            if value is None and name not in fields:
+                out.append("{" + name + "}")
+            else:
+                out.append(str(value).translate(_LEVEL_SAFE))
+    return "".join(out)
 
 
 def reply_target(
