@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import socket
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
@@ -168,11 +167,14 @@ class MqttLink:
         self._outbox = outbox if outbox is not None else Outbox(None, max_size=settings.outbox_size)
         self._owns_outbox = outbox is None
         self._drain_lock = anyio.Lock()
+        # Received messages with their connection's generation; ``None`` ends the stream.
         # Unbounded: paho's callback cannot wait. What bounds it is what bounded aiomqtt's
         # own (unbounded) queue before: the broker's in-flight window and ``max_held``.
-        self._send, self._receive = anyio.create_memory_object_stream[
-            tuple[IncomingMessage, int]
-        ](math.inf)
+        # An asyncio queue, not an anyio stream: paho calls us from a reader callback,
+        # outside any task, where anyio cannot always tell which event loop runs (with
+        # sniffio installed it looks for a current task, and finds none).
+        self._inbox: asyncio.Queue[tuple[IncomingMessage, int] | None] = asyncio.Queue()
+        self._inbox_closed = False
         self.connects = 0
         self.published = 0
         #: QoS 1/2 messages received on this connection and not acked yet.
@@ -251,7 +253,7 @@ class MqttLink:
         # Manual acks: a message is acknowledged only when its run is safe (see module doc).
         client._client.manual_ack_set(True)
         max_held = self.max_held
-        send = self._send.send_nowait
+        send = self._inbox.put_nowait
         v5 = self._v5()
 
         def on_message(paho: Any, userdata: Any, message: Any) -> None:
@@ -264,10 +266,9 @@ class MqttLink:
                 if message.qos > 0:
                     client._client.ack(message.mid, message.qos)
                 return
-            try:
-                send((incoming, generation))
-            except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+            if self._inbox_closed:
                 return  # stopping: unacked, so the broker sends it again
+            send((incoming, generation))
             if message.qos > 0:
                 self.held += 1
                 if (
@@ -297,7 +298,8 @@ class MqttLink:
         if reader is None:
             return
         # Taken before remove_reader, which cancels the handle (and clears these).
-        self._paused = (fd, reader._callback, reader._args, anyio.current_time())
+        # The loop's clock, as anyio.current_time() (which needs a task: see _inbox).
+        self._paused = (fd, reader._callback, reader._args, loop.time())
         loop.remove_reader(fd)
         self.pauses += 1
         log.info("mqtt_intake_paused", held=self.held, max_held=self.max_held)
@@ -401,10 +403,16 @@ class MqttLink:
             if failures:
                 with anyio.move_on_after(delay):
                     await self._stopping.wait()
-        self._send.close()
+        self._close_inbox()
         if self._owns_outbox:
             await self._outbox.aclose()
         self._closed.set()
+
+    def _close_inbox(self) -> None:
+        """End :meth:`messages` once what is already received has been read."""
+        if not self._inbox_closed:
+            self._inbox_closed = True
+            self._inbox.put_nowait(None)
 
     async def wait_closed(self) -> None:
         """Wait until :meth:`run` has said ``offline`` and disconnected (callers bound it)."""
@@ -536,19 +544,17 @@ class MqttLink:
 
     async def messages(self) -> AsyncIterator[IncomingMessage]:
         """Received messages, one at a time: not taking the next one is backpressure."""
-        receive = self._receive
+        inbox = self._inbox
         while True:
             try:
-                # A message already waiting is taken without the loop round trip that
-                # ``receive`` begins with (one per message, under load).
-                message, generation = receive.receive_nowait()
-            except anyio.WouldBlock:
-                try:
-                    message, generation = await receive.receive()
-                except anyio.EndOfStream:
-                    return
-            except anyio.EndOfStream:
+                # A message already waiting is taken without creating a coroutine.
+                item = inbox.get_nowait()
+            except asyncio.QueueEmpty:
+                item = await inbox.get()
+            if item is None:
+                inbox.put_nowait(None)  # closed: so for every later reader too
                 return
+            message, generation = item
             if message.qos and generation != self._live:
                 # Its connection is gone: it cannot be acked, and the broker sends it again.
                 self.stale += 1

@@ -179,8 +179,7 @@ def _link(box: Outbox) -> Iterator[MqttLink]:
     try:
         yield link
     finally:
-        link._send.close()
-        link._receive.close()
+        link._close_inbox()
 
 
 async def test_link_queues_on_disk_while_disconnected(tmp_path: Path) -> None:
