@@ -202,6 +202,7 @@ class Daemon:
         from .outbox import Outbox
         from .queue import RunExecutor, create_broker, register_run_task
         from .results import MqttResultSink
+        from .threads import ElasticThreadPool
 
         s = self.settings
         async with AsyncExitStack() as stack:
@@ -244,11 +245,13 @@ class Daemon:
                 publisher, qos=s.mqtt.result_qos, max_bytes=s.mqtt.max_result_bytes
             )
             self.sink = self.jobs.sink = sink
-            broker = create_broker(s.queue, threads=s.max_concurrent_runs)
+            broker = create_broker(s.queue)
             if isinstance(broker, InMemoryBroker):
-                # Sync pipelines run in taskiq's own pool: its shared queue feeds busy
-                # threads without waking them, a third of anyio's thread-hop CPU per run.
-                self.project.runner.executor = broker.executor
+                # Sync pipelines run in a pool that adds threads only while runs are stuck
+                # (see threads.py): quick runs on one thread do not fight over the GIL.
+                pool = ElasticThreadPool(s.max_concurrent_runs)
+                stack.callback(pool.shutdown, wait=False)
+                self.project.runner.executor = pool
             dedup = None
             if any(t.dedup_key for t in self.triggers):
                 from .dedup import dedup_store_for

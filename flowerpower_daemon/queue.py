@@ -62,20 +62,13 @@ TASK_NAME = "flowerpower.run_pipeline"
 log = structlog.get_logger("flowerpower_daemon.queue")
 
 
-def create_broker(
-    settings: QueueSettings, *, worker: bool = False, threads: int = 4
-) -> AsyncBroker:
-    """The taskiq broker for ``queue.broker``.
-
-    ``threads`` sizes the in-memory broker's worker pool (``broker.executor``),
-    where the daemon's runner executes sync pipelines.
-    """
+def create_broker(settings: QueueSettings, *, worker: bool = False) -> AsyncBroker:
+    """The taskiq broker for ``queue.broker``."""
     if not settings.is_redis:
         # Nobody reads an in-memory task's result (the task hands it to the sinks), so
-        # storing it in taskiq's result backend would only cost time per run.
-        memory = InMemoryBroker(
-            await_inplace=True, cast_types=False, sync_tasks_pool_size=threads
-        )
+        # storing it in taskiq's result backend would only cost time per run. Its pool
+        # for sync tasks stays unused (and so without threads): the task is async.
+        memory = InMemoryBroker(await_inplace=True, cast_types=False, sync_tasks_pool_size=1)
         return memory.with_result_backend(DummyResultBackend()).with_serializer(
             ORJSONSerializer()
         )

@@ -46,6 +46,7 @@ async def run_worker(settings: Settings) -> None:
     from .queue import RunExecutor, RunLedger, create_broker, register_run_task
     from .results import MqttResultSink
     from .streams import ReclaimingStreamBroker
+    from .threads import ElasticThreadPool
 
     if not settings.queue.is_redis:
         raise ConfigError(
@@ -86,6 +87,9 @@ async def run_worker(settings: Settings) -> None:
         track_running=True,
     )
     register_run_task(broker, executor)
+    # As in the daemon: sync pipelines in a pool that grows only while runs are stuck.
+    pool = ElasticThreadPool(queue.worker_concurrency)
+    project.runner.executor = pool
     await broker.startup()
     # Set at the first signal: the receiver takes no new run and waits for the running ones.
     finish = asyncio.Event()
@@ -114,11 +118,11 @@ async def run_worker(settings: Settings) -> None:
             )
             # taskiq's receiver (the loop of ``taskiq worker``), with its own graceful stop;
             # the pool is for sync tasks, which this worker has none of.
-            with ThreadPoolExecutor(max_workers=1) as pool:
+            with ThreadPoolExecutor(max_workers=1) as sync_tasks:
                 while True:
                     receiver = Receiver(
                         broker,
-                        executor=pool,
+                        executor=sync_tasks,
                         run_startup=False,
                         max_async_tasks=settings.queue.worker_concurrency,
                         ack_type=AcknowledgeType.WHEN_SAVED,
@@ -149,4 +153,5 @@ async def run_worker(settings: Settings) -> None:
                 await link.wait_closed()
             tg.cancel_scope.cancel()
     finally:
+        pool.shutdown(wait=False)  # a run abandoned at the deadline must not hold up the exit
         await _shielded(broker.shutdown)

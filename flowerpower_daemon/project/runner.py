@@ -141,7 +141,7 @@ class PipelineRunner:
         self._modules: dict[str, _ModuleState] = {}
         self._drivers: dict[tuple[str, int, bytes], tuple[Any, Any]] = {}
         self._prepared: dict[tuple[str, bytes], Prepared] = {}
-        #: Where sync attempts run when set (the daemon passes taskiq's worker pool);
+        #: Where sync attempts run when set (the daemon and the worker pass theirs);
         #: else anyio's thread pool, bounded by ``max_threads``.
         self.executor: Executor | None = None
 
@@ -399,8 +399,7 @@ class PipelineRunner:
                 await _hamilton.execute_async(prepared.driver, list(prepared.final_vars), inputs)
             )
         if self.executor is not None:
-            # The executor's shared queue hands a run to a busy worker thread without
-            # waking one up: a third of the CPU of a to_thread hop on the daemon's path.
+            # The daemon's pool (threads.ElasticThreadPool): quick runs share one thread.
             # Cancelling abandons the thread's work, as ``abandon_on_cancel`` does.
             context = contextvars.copy_context()  # structlog's run_id etc. in the thread
             return await asyncio.get_running_loop().run_in_executor(
