@@ -200,7 +200,13 @@ class Daemon:
         from .control.server import ControlServer, socket_path
         from .mqtt import MqttLink, status_payload_factory
         from .outbox import Outbox
-        from .queue import RunExecutor, create_broker, register_run_task
+        from .queue import (
+            InProcessFormatter,
+            InProcessRequest,
+            RunExecutor,
+            create_broker,
+            register_run_task,
+        )
         from .results import MqttResultSink
         from .threads import ElasticThreadPool
 
@@ -272,11 +278,21 @@ class Daemon:
             if not s.queue.is_redis:
                 await anyio.to_thread.run_sync(self._warm_up)
 
+            formatter = broker.formatter
+            in_process = formatter if isinstance(formatter, InProcessFormatter) else None
+
             async def kiq(request: RunRequest) -> Any:
                 # taskiq's task id is the run id: one id in logs, history and Redis
                 # (and no uuid4, a getrandom system call, per run).
                 kicker = task.kicker().with_task_id(request.run_id)
-                return await self.jobs.run(request, partial(kicker.kiq, request.to_dict()))
+                if in_process is None:
+                    return await self.jobs.run(request, partial(kicker.kiq, request.to_dict()))
+                try:
+                    return await self.jobs.run(
+                        request, partial(kicker.kiq, InProcessRequest(request))
+                    )
+                finally:
+                    in_process.forget(request.run_id)
 
             hooks = await anyio.to_thread.run_sync(self._config_hooks)
             self.dispatcher = Dispatcher(
