@@ -543,7 +543,7 @@ class MqttLink:
                     await client.subscribe(topic, qos=qos)
 
     async def messages(self) -> AsyncIterator[IncomingMessage]:
-        """Received messages, one at a time: not taking the next one is backpressure."""
+        """Received messages, one at a time (the bound is the unacked count: module doc)."""
         inbox = self._inbox
         while True:
             try:
