@@ -16,7 +16,6 @@ job tracker (history, events, ``run --wait``, ``cancel``).
 
 from __future__ import annotations
 
-import gc
 import os
 import signal
 import sys
@@ -39,6 +38,7 @@ from .dispatch import Dispatcher, Stats
 from .errors import ConfigError, ConfigProblem, FlowerPowerError
 from .history import history_for
 from .jobs import ActiveJob, JobTracker
+from .lifecycle import freeze_heap, shielded
 from .project.api import FlowerPowerProject
 from .project.models import RunRequest, RunResult, TriggerInfo, utcnow
 from .schedules import Schedule, ScheduleStore
@@ -274,7 +274,7 @@ class Daemon:
             self._executor = executor
             task = register_run_task(broker, executor)
             await broker.startup()
-            stack.push_async_callback(_shielded, broker.shutdown)
+            stack.push_async_callback(shielded, broker.shutdown)
             if not s.queue.is_redis:
                 await anyio.to_thread.run_sync(self._warm_up)
 
@@ -321,7 +321,7 @@ class Daemon:
                         sources.start_soon(self._mqtt_source, runs, name="source:mqtt")
                         for trig in self.triggers:
                             await self._start_source(trig)
-                        _freeze_heap()
+                        freeze_heap()
                         # The retained status says `online` only now: subscribed, timers armed.
                         await link.announce_online()
                         log.info(
@@ -431,7 +431,7 @@ class Daemon:
                     self.events.publish("reload_failed", problems=[str(p) for p in exc.problems])
                     raise
                 report = await self._apply(new)
-                _freeze_heap()  # the old project may be garbage now; the new one is frozen
+                freeze_heap()  # the old project may be garbage now; the new one is frozen
             finally:
                 self.notifier.ready(self.status_line())
         log.info("reloaded", **report)
@@ -745,20 +745,6 @@ def configured_triggers(settings: Settings, project: FlowerPowerProject) -> list
     return [t for t in settings.triggers if t.enabled] + schedule_triggers(settings, project)
 
 
-def _freeze_heap() -> None:
-    """Put what start-up built (modules, project, drivers) out of the collector's way.
-
-    A full collection walks every object, about 75 ms on this heap (Hamilton,
-    pandas, numpy), and runs every few thousand messages: a pause in the
-    middle of traffic and ~4 % of the CPU. Frozen, the objects are skipped
-    (``gc.freeze``). Called again after a reload: unfrozen and collected first,
-    so that the old project's reference cycles are freed, not kept for good.
-    """
-    gc.unfreeze()
-    gc.collect()
-    gc.freeze()
-
-
 def _merge(configured: list[Any], dynamic: list[Any]) -> list[Any]:
     """Configured triggers plus dynamic schedules; a dynamic one never shadows a configured name."""
     names = {t.name for t in configured}
@@ -806,11 +792,6 @@ def _countdown(n: int, ack: Callable[[], Awaitable[None]]) -> Callable[[], Await
             await ack()
 
     return countdown
-
-
-async def _shielded(fn: Callable[[], Awaitable[Any]]) -> None:
-    with anyio.move_on_after(5, shield=True):
-        await fn()
 
 
 def main(command: str, config: str | None, log_level: str | None) -> int:

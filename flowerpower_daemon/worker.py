@@ -24,9 +24,9 @@ from concurrent.futures import ThreadPoolExecutor
 import anyio
 import structlog
 
-from .daemon import _freeze_heap, _shielded
 from .errors import ConfigError, ConfigProblem
 from .history import history_for
+from .lifecycle import freeze_heap, shielded
 from .project.api import FlowerPowerProject
 from .project.models import RunRequest, RunResult
 from .settings import Settings
@@ -112,7 +112,7 @@ async def run_worker(settings: Settings) -> None:
                         finish.set()
 
             tg.start_soon(on_signals, name="signals")
-            _freeze_heap()  # as the daemon does: start-up objects out of the collector's way
+            freeze_heap()  # as the daemon does: start-up objects out of the collector's way
             log.info(
                 "worker_ready", queue=settings.queue.broker, pipelines=sorted(project.pipelines)
             )
@@ -154,4 +154,4 @@ async def run_worker(settings: Settings) -> None:
             tg.cancel_scope.cancel()
     finally:
         pool.shutdown(wait=False)  # a run abandoned at the deadline must not hold up the exit
-        await _shielded(broker.shutdown)
+        await shielded(broker.shutdown)

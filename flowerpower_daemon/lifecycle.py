@@ -1,0 +1,31 @@
+"""Process lifecycle helpers the daemon and the worker share."""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+
+__all__ = ["freeze_heap", "shielded"]
+
+
+def freeze_heap() -> None:
+    """Put what start-up built (modules, project, drivers) out of the collector's way.
+
+    A full collection walks every object, about 75 ms on this heap (Hamilton,
+    pandas, numpy), and runs every few thousand messages: a pause in the
+    middle of traffic and ~4 % of the CPU. Frozen, the objects are skipped
+    (``gc.freeze``). Called again after a reload: unfrozen and collected first,
+    so that the old project's reference cycles are freed, not kept for good.
+    """
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
+
+
+async def shielded(fn: Callable[[], Awaitable[Any]]) -> None:
+    """``await fn()`` at shutdown: shielded from cancellation, for at most 5 s."""
+    with anyio.move_on_after(5, shield=True):
+        await fn()
