@@ -285,14 +285,12 @@ class Daemon:
                 # taskiq's task id is the run id: one id in logs, history and Redis
                 # (and no uuid4, a getrandom system call, per run).
                 kicker = task.kicker().with_task_id(request.run_id)
-                if in_process is None:
-                    return await self.jobs.run(request, partial(kicker.kiq, request.to_dict()))
+                arg = request.to_dict() if in_process is None else InProcessRequest(request)
                 try:
-                    return await self.jobs.run(
-                        request, partial(kicker.kiq, InProcessRequest(request))
-                    )
+                    return await self.jobs.run(request, partial(kicker.kiq, arg))
                 finally:
-                    in_process.forget(request.run_id)
+                    if in_process is not None:
+                        in_process.forget(request.run_id)  # a kick that failed left it held
 
             hooks = await anyio.to_thread.run_sync(self._config_hooks)
             self.dispatcher = Dispatcher(

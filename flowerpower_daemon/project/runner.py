@@ -422,8 +422,7 @@ class PipelineRunner:
         if prepared.is_async or prepared.run.timeout:
             return anyio.run(self.run, request)
         inputs = prepared.inputs_for(request)
-        # Inline: the check is one C-level scan unless a value is None (this path is timed).
-        null = prepared.null_input_error(inputs) if None in inputs.values() else None
+        null = prepared.null_input_error(inputs)
         execute = prepared.driver.execute
         attempts: _Attempts | None = None  # made at the first failure: most runs need none
         while True:
