@@ -201,7 +201,7 @@ def _list(project: Any, fmt: str) -> int:
 
 
 def _run(project: Any, args: argparse.Namespace) -> int:
-    from .encoding import encode_result
+    from .project.encoding import encode_result
 
     executor: Any = None
     if args.executor or args.max_workers:
@@ -276,7 +276,7 @@ def _print_show(info: dict[str, Any]) -> None:
 def _request(args: argparse.Namespace) -> int:
     import anyio
 
-    from .mqtt import request_reply
+    from .mqtt.link import request_reply
 
     try:
 
@@ -296,6 +296,6 @@ def _request(args: argparse.Namespace) -> int:
 
 
 def _daemon_command(args: argparse.Namespace) -> int:
-    from .daemon import main as daemon_main
+    from .service.main import main as daemon_main
 
     return daemon_main(args.command, args.config, args.log_level)

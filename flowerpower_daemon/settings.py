@@ -194,7 +194,7 @@ class MqttTrigger(_TriggerBase):
     @field_validator("topic")
     @classmethod
     def _topic(cls, value: str) -> str:
-        from .triggers.mqtt import compile_topic
+        from .sources.mqtt import compile_topic
 
         compile_topic(value)
         return value

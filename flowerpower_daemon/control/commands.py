@@ -1,4 +1,4 @@
-"""What each control command does, on top of the running :class:`~flowerpower_daemon.daemon.Daemon`.
+"""What each control command does, on top of the running daemon.
 
 :meth:`Commands.handle` is the control server's handler: it answers one
 request on one connection. Every failure becomes an error answer (a
@@ -27,9 +27,9 @@ import structlog
 
 from .. import __version__
 from ..errors import ConfigError, FlowerPowerError, PipelineNotFoundError
-from ..history import FINISHED_STATES
 from ..project.models import RunResult, utcnow
 from ..settings import CronTrigger, DateTrigger, FileTrigger, IntervalTrigger, MqttTrigger
+from ..state.history import FINISHED_STATES
 from .protocol import (
     PROTOCOL_VERSION,
     ProtocolError,
@@ -41,7 +41,7 @@ from .protocol import (
 from .server import Connection
 
 if TYPE_CHECKING:
-    from ..daemon import Daemon
+    from ..service.daemon import Daemon
 
 __all__ = ["Commands"]
 
@@ -312,7 +312,7 @@ class Commands:
     # ------------------------------------------------------------- schedules
 
     async def schedule_add(self, args: Mapping[str, Any], conn: Connection, rid: Any) -> Any:
-        from ..schedules import Schedule
+        from ..state.schedules import Schedule
 
         d = self.daemon
         kinds = [k for k in ("cron", "interval", "date") if k in args]
@@ -393,7 +393,7 @@ class Commands:
         return list(d.dispatcher.triggers.values()) if d.dispatcher else []
 
     def _trigger_row(self, state: Any) -> dict[str, Any]:
-        from ..triggers.timers import next_fire
+        from ..sources.timers import next_fire
 
         d = self.daemon
         cfg = state.cfg
@@ -475,7 +475,7 @@ async def _until_closed(conn: Connection, call: Awaitable[Any]) -> Any:
 
 
 def _result_json(result: RunResult) -> Any:
-    from ..encoding import encode_result
+    from ..project.encoding import encode_result
 
     return orjson.Fragment(encode_result(result, max_bytes=16 * 1024 * 1024))
 

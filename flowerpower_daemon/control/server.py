@@ -112,7 +112,7 @@ class Connection:
 
     async def send(self, message: Any) -> None:
         """Send one message line; a client that does not read within the timeout is dropped."""
-        from ..encoding import dumps
+        from ..project.encoding import dumps
 
         with anyio.fail_after(self.send_timeout):
             await self.stream.send(dumps(message) + b"\n")

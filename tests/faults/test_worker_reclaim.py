@@ -22,7 +22,7 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from flowerpower_daemon.history import RedisHistory
+from flowerpower_daemon.state.history import RedisHistory
 from tests.daemon_harness import (
     DaemonProcess,
     base_settings,

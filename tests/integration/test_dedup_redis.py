@@ -12,9 +12,9 @@ import pytest
 from taskiq import AckableMessage
 from taskiq.message import BrokerMessage
 
-from flowerpower_daemon.dedup import RedisDedupLookup, RedisDedupStore
-from flowerpower_daemon.queue import RunLedger
-from flowerpower_daemon.streams import ReclaimingStreamBroker
+from flowerpower_daemon.queue.broker import RunLedger
+from flowerpower_daemon.queue.streams import ReclaimingStreamBroker
+from flowerpower_daemon.state.dedup import RedisDedupLookup, RedisDedupStore
 from tests.daemon_harness import (
     base_settings,
     client,

@@ -12,8 +12,8 @@ from control_harness import NO_SYSTEMD, ctl, ok, socket_of, wait_ready
 from daemon_harness import base_settings, daemon, make_project, unique, write_config
 from services import MosquittoService, RedisService
 
-from flowerpower_daemon.history import RedisHistory
 from flowerpower_daemon.project.models import AttemptInfo, ErrorInfo, RunResult, TriggerInfo
+from flowerpower_daemon.state.history import RedisHistory
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -16,9 +16,9 @@ from hypothesis import strategies as st
 
 from flowerpower_daemon.errors import ConfigError
 from flowerpower_daemon.settings import load_settings
-from flowerpower_daemon.timerstate import SqliteTimerState, lock_ttl
-from flowerpower_daemon.triggers import TimerSpec, TriggerEvent, next_fire, timer_events
-from flowerpower_daemon.triggers.timers import catch_up_fires
+from flowerpower_daemon.sources import TimerSpec, TriggerEvent, next_fire, timer_events
+from flowerpower_daemon.sources.timers import catch_up_fires
+from flowerpower_daemon.state.timerstate import SqliteTimerState, lock_ttl
 
 T0 = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
 S = timedelta(seconds=1)

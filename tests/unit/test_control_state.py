@@ -12,11 +12,11 @@ import pytest
 
 from flowerpower_daemon.control.client import _parser, _request, default_socket, parse_duration
 from flowerpower_daemon.control.events import EventBus
-from flowerpower_daemon.history import SqliteHistory
 from flowerpower_daemon.project.models import AttemptInfo, ErrorInfo, RunResult, TriggerInfo
-from flowerpower_daemon.reload import diff
-from flowerpower_daemon.schedules import Schedule, ScheduleStore
-from flowerpower_daemon.systemd import Notifier
+from flowerpower_daemon.service.reload import diff
+from flowerpower_daemon.service.systemd import Notifier
+from flowerpower_daemon.state.history import SqliteHistory
+from flowerpower_daemon.state.schedules import Schedule, ScheduleStore
 
 
 def _result(
@@ -223,8 +223,8 @@ def test_ctl_default_socket() -> None:
 
 def test_history_bounds_come_from_settings(tmp_path: Path) -> None:
     """history.max_jobs / max_age / max_result_bytes reach the store; Redis queue -> Redis history."""
-    from flowerpower_daemon.history import RedisHistory, SqliteHistory, history_for
     from flowerpower_daemon.settings import Settings
+    from flowerpower_daemon.state.history import RedisHistory, SqliteHistory, history_for
 
     local = history_for(Settings(state_dir=str(tmp_path), history={"max_jobs": 5, "max_age": "2h"}))
     assert isinstance(local, SqliteHistory)

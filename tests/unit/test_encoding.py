@@ -1,4 +1,4 @@
-"""The documented JSON forms of flowerpower_daemon.encoding, its size cap and its fallbacks."""
+"""The documented JSON forms of flowerpower_daemon.project.encoding, its size cap and its fallbacks."""
 
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ import pandas as pd
 import pydantic
 import pytest
 
-from flowerpower_daemon import encoding
-from flowerpower_daemon.encoding import dumps, encode_result, fsspec_offloader, loads
+from flowerpower_daemon.project import encoding
+from flowerpower_daemon.project.encoding import dumps, encode_result, fsspec_offloader, loads
 from flowerpower_daemon.project.models import (
     AttemptInfo,
     ErrorInfo,

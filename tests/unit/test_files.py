@@ -14,8 +14,8 @@ import pytest
 from anyio.abc import TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream
 
-from flowerpower_daemon.triggers import TriggerEvent, file_events
-from flowerpower_daemon.triggers.files import _collapse
+from flowerpower_daemon.sources import TriggerEvent, file_events
+from flowerpower_daemon.sources.files import _collapse
 
 QUIET = 0.5  # how long "no further event" is watched for
 

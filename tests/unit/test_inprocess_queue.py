@@ -10,7 +10,7 @@ from taskiq.exceptions import TaskiqError
 from taskiq.message import TaskiqMessage
 
 from flowerpower_daemon.project.models import RunRequest
-from flowerpower_daemon.queue import InProcessFormatter, InProcessRequest, create_broker
+from flowerpower_daemon.queue.broker import InProcessFormatter, InProcessRequest, create_broker
 from flowerpower_daemon.settings import QueueSettings
 
 

@@ -7,8 +7,8 @@ import anyio
 import pytest
 
 from flowerpower_daemon.control.events import EventBus
-from flowerpower_daemon.jobs import JobTracker
 from flowerpower_daemon.project.models import RunRequest, RunResult
+from flowerpower_daemon.service.jobs import JobTracker
 
 
 class _Collected:

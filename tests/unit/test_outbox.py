@@ -12,8 +12,8 @@ import aiomqtt
 import anyio
 import pytest
 
-from flowerpower_daemon.mqtt import MqttLink
-from flowerpower_daemon.outbox import Outbox, OutgoingMessage
+from flowerpower_daemon.mqtt.link import MqttLink
+from flowerpower_daemon.mqtt.outbox import Outbox, OutgoingMessage
 from flowerpower_daemon.settings import MqttSettings
 
 

@@ -9,10 +9,10 @@ import orjson
 import pytest
 from pydantic import ValidationError
 
+from flowerpower_daemon.mqtt.sinks import MqttResultSink
 from flowerpower_daemon.project.models import RunRequest
-from flowerpower_daemon.results import MqttResultSink
 from flowerpower_daemon.settings import ControlSettings, MqttSettings, MqttTrigger
-from flowerpower_daemon.triggers.mqtt import (
+from flowerpower_daemon.sources.mqtt import (
     PayloadError,
     decode_payload,
     json_depth,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from flowerpower_daemon.results import render_topic
+from flowerpower_daemon.mqtt.sinks import render_topic
 
 FIELDS = {"pipeline": "stats", "device": "a/b+#", "run_id": "r1", "n": None}
 

@@ -11,7 +11,7 @@ from concurrent.futures import CancelledError, wait
 
 import pytest
 
-from flowerpower_daemon.threads import ElasticThreadPool
+from flowerpower_daemon.queue.threads import ElasticThreadPool
 
 TIMEOUT = 10.0
 

@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flowerpower_daemon.project.config import ScheduleConfig
-from flowerpower_daemon.triggers import TimerSpec, TriggerEvent, next_fire, timer_events
+from flowerpower_daemon.sources import TimerSpec, TriggerEvent, next_fire, timer_events
 
 BERLIN = ZoneInfo("Europe/Berlin")
 T0 = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)

@@ -33,9 +33,9 @@ import orjson
 import structlog
 from anyio.abc import TaskStatus
 
-from .encoding import encode_result
-from .project.models import RunResult
-from .settings import Settings
+from ..project.encoding import encode_result
+from ..project.models import RunResult
+from ..settings import Settings
 from .stores import RedisStore, open_sqlite
 
 __all__ = ["FINISHED_STATES", "JobHistory", "RedisHistory", "SqliteHistory", "history_for"]

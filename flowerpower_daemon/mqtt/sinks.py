@@ -20,10 +20,10 @@ from typing import Any, Protocol
 
 import structlog
 
-from .encoding import encode_result
-from .mqtt import MqttLink, OutgoingMessage
-from .project.models import RunRequest, RunResult
-from .triggers.mqtt import topic_name_problem
+from ..project.encoding import encode_result
+from ..project.models import RunRequest, RunResult
+from ..sources.mqtt import topic_name_problem
+from .link import MqttLink, OutgoingMessage
 
 __all__ = ["MqttResultSink", "ResultSink", "render_topic", "reply_target"]
 

@@ -44,9 +44,9 @@ from paho.mqtt import client as paho_mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from ..retry import Backoff
+from ..settings import MqttSettings
 from .outbox import Outbox, OutgoingMessage
-from .retry import Backoff
-from .settings import MqttSettings
 
 __all__ = ["IncomingMessage", "MqttLink", "OutgoingMessage"]
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from .errors import DependencyMissingError
-from .settings import MqttSettings
+from ..errors import DependencyMissingError
+from ..settings import MqttSettings
 
 __all__ = ["embedded_broker"]
 

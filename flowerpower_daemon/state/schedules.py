@@ -32,8 +32,8 @@ import orjson
 import structlog
 from pydantic import ValidationError
 
-from .project.models import utcnow
-from .settings import CronTrigger, DateTrigger, IntervalTrigger
+from ..project.models import utcnow
+from ..settings import CronTrigger, DateTrigger, IntervalTrigger
 
 __all__ = ["Schedule", "ScheduleKind", "ScheduleStore"]
 
@@ -71,7 +71,7 @@ class Schedule:
                 return IntervalTrigger.model_validate(
                     {"type": "interval", "every": self.spec, **base}
                 )
-            from .project.schedule import parse_date, parse_timezone
+            from ..project.schedule import parse_date, parse_timezone
 
             at = parse_date(self.spec, parse_timezone(self.timezone))
             return DateTrigger(type="date", at=at, **base)

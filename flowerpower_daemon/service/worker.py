@@ -24,12 +24,12 @@ from concurrent.futures import ThreadPoolExecutor
 import anyio
 import structlog
 
-from .errors import ConfigError, ConfigProblem
-from .history import history_for
+from ..errors import ConfigError, ConfigProblem
+from ..project.api import FlowerPowerProject
+from ..project.models import RunRequest, RunResult
+from ..settings import Settings
+from ..state.history import history_for
 from .lifecycle import freeze_heap, shielded
-from .project.api import FlowerPowerProject
-from .project.models import RunRequest, RunResult
-from .settings import Settings
 
 __all__ = ["run_worker"]
 
@@ -41,12 +41,12 @@ async def run_worker(settings: Settings) -> None:
     from taskiq.acks import AcknowledgeType
     from taskiq.receiver import Receiver
 
-    from .dedup import RedisDedupStore, dedup_prefix
-    from .mqtt import MqttLink
-    from .queue import RunExecutor, RunLedger, create_broker, register_run_task
-    from .results import MqttResultSink
-    from .streams import ReclaimingStreamBroker
-    from .threads import ElasticThreadPool
+    from ..mqtt.link import MqttLink
+    from ..mqtt.sinks import MqttResultSink
+    from ..queue.broker import RunExecutor, RunLedger, create_broker, register_run_task
+    from ..queue.streams import ReclaimingStreamBroker
+    from ..queue.threads import ElasticThreadPool
+    from ..state.dedup import RedisDedupStore, dedup_prefix
 
     if not settings.queue.is_redis:
         raise ConfigError(

@@ -26,10 +26,10 @@ import anyio
 import structlog
 from anyio.abc import TaskGroup
 
-from .control.events import EventBus
-from .history import JobHistory
-from .project.models import ErrorInfo, RunRequest, RunResult, utcnow
-from .results import ResultSink
+from ..control.events import EventBus
+from ..mqtt.sinks import ResultSink
+from ..project.models import ErrorInfo, RunRequest, RunResult, utcnow
+from ..state.history import JobHistory
 
 __all__ = ["ActiveJob", "JobTracker"]
 

@@ -47,13 +47,13 @@ from taskiq.message import BrokerMessage, TaskiqMessage
 from taskiq.result_backends.dummy import DummyResultBackend
 from taskiq.serializers import ORJSONSerializer
 
-from .dedup import DEFAULT_TTL, DedupStore
-from .encoding import encode_result
-from .project.models import AttemptInfo, ErrorInfo, RunRequest, RunResult, utcnow
-from .project.runner import PipelineRunner
-from .results import MqttResultSink, ResultSink
-from .settings import QueueSettings
-from .stores import RedisStore
+from ..mqtt.sinks import MqttResultSink, ResultSink
+from ..project.encoding import encode_result
+from ..project.models import AttemptInfo, ErrorInfo, RunRequest, RunResult, utcnow
+from ..project.runner import PipelineRunner
+from ..settings import QueueSettings
+from ..state.dedup import DEFAULT_TTL, DedupStore
+from ..state.stores import RedisStore
 
 __all__ = [
     "TASK_NAME",

@@ -16,9 +16,7 @@ job tracker (history, events, ``run --wait``, ``cancel``).
 
 from __future__ import annotations
 
-import os
 import signal
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
@@ -32,110 +30,31 @@ import anyio.to_thread
 import structlog
 from anyio.abc import TaskGroup, TaskStatus
 
-from . import __version__
-from .control.events import EventBus
-from .dispatch import Dispatcher, Stats
-from .errors import ConfigError, ConfigProblem, FlowerPowerError
-from .history import history_for
-from .jobs import ActiveJob, JobTracker
-from .lifecycle import freeze_heap, shielded
-from .project.api import FlowerPowerProject
-from .project.models import RunRequest, RunResult, TriggerInfo, utcnow
-from .schedules import Schedule, ScheduleStore
-from .settings import (
+from .. import __version__
+from ..control.events import EventBus
+from ..dispatch.dispatcher import Dispatcher, Stats
+from ..errors import ConfigError, FlowerPowerError
+from ..project.api import FlowerPowerProject
+from ..project.models import RunRequest, RunResult, TriggerInfo, utcnow
+from ..settings import (
     CronTrigger,
     DateTrigger,
     FileTrigger,
     IntervalTrigger,
     MqttTrigger,
     Settings,
-    load_settings,
 )
+from ..sources.base import TriggerEvent
+from ..state.history import history_for
+from ..state.schedules import Schedule, ScheduleStore
+from .check import check, configured_triggers
+from .jobs import ActiveJob, JobTracker
+from .lifecycle import freeze_heap, shielded
 from .systemd import Notifier
-from .triggers.base import TriggerEvent
 
-__all__ = ["Daemon", "check", "main"]
+__all__ = ["Daemon", "check"]
 
 log = structlog.get_logger("flowerpower_daemon.daemon")
-
-
-def schedule_triggers(settings: Settings, project: FlowerPowerProject) -> list[Any]:
-    """Every pipeline's ``schedule:`` as a timer trigger (FlowerPower's ``schedule_all``)."""
-    if not settings.schedule_all:
-        return []
-    out: list[Any] = []
-    for name, cfg in sorted(project.pipelines.items()):
-        sched = cfg.schedule
-        if not sched.enabled or sched.kind is None:
-            continue
-        trigger = f"schedule:{name}"
-        if sched.cron:
-            out.append(
-                CronTrigger(
-                    type="cron",
-                    cron=sched.cron,
-                    timezone=sched.timezone,
-                    name=trigger,
-                    pipeline=name,
-                )
-            )
-        elif sched.interval:
-            out.append(
-                IntervalTrigger(type="interval", every=sched.interval, name=trigger, pipeline=name)
-            )
-        elif sched.date:
-            out.append(DateTrigger(type="date", at=sched.date, name=trigger, pipeline=name))
-    return out
-
-
-def check(settings: Settings) -> list[ConfigProblem]:
-    """Validate the project and every trigger against its pipeline; return all problems."""
-    shown = "config"
-    try:
-        project = FlowerPowerProject.load(
-            settings.project, storage_options=settings.storage_options
-        )
-    except ConfigError as exc:
-        return exc.problems
-    except FlowerPowerError as exc:
-        return [ConfigProblem(shown, "project", str(exc))]
-    problems: list[ConfigProblem] = []
-    for i, trig in enumerate(settings.triggers):
-        key = f"triggers[{i}]"
-        if trig.pipeline not in project.pipelines:
-            known = ", ".join(sorted(project.pipelines)) or "none"
-            problems.append(
-                ConfigProblem(
-                    shown,
-                    f"{key}.pipeline",
-                    f"unknown pipeline {trig.pipeline!r} (pipelines: {known})",
-                )
-            )
-            continue
-        try:
-            prepared = project.runner.prepare(trig.pipeline, trig.run)
-        except FlowerPowerError as exc:
-            problems.append(ConfigProblem(shown, f"{key}.pipeline", str(exc)))
-            continue
-        known_inputs = set(prepared.dag.inputs)
-        # Topic fields need not be inputs: they may only feed result-topic templates.
-        names = dict.fromkeys(trig.inputs, f"{key}.inputs")
-        if isinstance(trig, FileTrigger):
-            if not os.path.isdir(trig.path):
-                problems.append(
-                    ConfigProblem(shown, f"{key}.path", f"directory {trig.path!r} does not exist")
-                )
-        for name, where in names.items():
-            if name not in known_inputs:
-                problems.append(
-                    ConfigProblem(
-                        shown,
-                        where,
-                        f"{name!r} is not an input of pipeline {trig.pipeline!r} "
-                        f"(inputs: {', '.join(sorted(known_inputs)) or 'none'})",
-                    )
-                )
-    return problems
 
 
 class Daemon:
@@ -196,19 +115,19 @@ class Daemon:
         """Run until :meth:`request_stop` or a signal; returns after a graceful shutdown."""
         from taskiq import InMemoryBroker
 
-        from .control.commands import Commands
-        from .control.server import ControlServer, socket_path
-        from .mqtt import MqttLink, status_payload_factory
-        from .outbox import Outbox
-        from .queue import (
+        from ..control.commands import Commands
+        from ..control.server import ControlServer, socket_path
+        from ..mqtt.link import MqttLink, status_payload_factory
+        from ..mqtt.outbox import Outbox
+        from ..mqtt.sinks import MqttResultSink
+        from ..queue.broker import (
             InProcessFormatter,
             InProcessRequest,
             RunExecutor,
             create_broker,
             register_run_task,
         )
-        from .results import MqttResultSink
-        from .threads import ElasticThreadPool
+        from ..queue.threads import ElasticThreadPool
 
         s = self.settings
         async with AsyncExitStack() as stack:
@@ -221,7 +140,7 @@ class Daemon:
             await stack.enter_async_context(self.history)
             mqtt_settings = s.mqtt
             if s.mqtt.url == "embedded":
-                from .embedded import embedded_broker
+                from ..mqtt.embedded import embedded_broker
 
                 mqtt_settings = await stack.enter_async_context(embedded_broker(s.mqtt))
             mqtt_triggers = [t for t in self.triggers if isinstance(t, MqttTrigger)]
@@ -260,12 +179,12 @@ class Daemon:
                 self.project.runner.executor = pool
             dedup = None
             if any(t.dedup_key for t in self.triggers):
-                from .dedup import dedup_store_for
+                from ..state.dedup import dedup_store_for
 
                 # SQLite in the state dir; with Redis the workers claim keys as they start
                 # runs, and this daemon answers duplicates of finished runs (see dedup.py).
                 dedup = await stack.enter_async_context(dedup_store_for(s))
-            from .timerstate import timer_state_for
+            from ..state.timerstate import timer_state_for
 
             self.timer_state = await stack.enter_async_context(timer_state_for(s))
             executor = RunExecutor(
@@ -353,7 +272,7 @@ class Daemon:
 
     def _config_hooks(self) -> dict[str, Any]:
         """Each MQTT-triggered pipeline's ``mqtt_build_config`` hook (blocking import)."""
-        from .project.hooks import load_mqtt_build_config
+        from ..project.hooks import load_mqtt_build_config
 
         hooks: dict[str, Any] = {}
         for trig in self.triggers:
@@ -477,7 +396,7 @@ class Daemon:
         self, pipeline: str, inputs: dict[str, Any], overrides: dict[str, Any]
     ) -> RunRequest:
         """A run request for ``flowerpowerctl run``, replying on the configured result topic."""
-        from .results import reply_target
+        from ..mqtt.sinks import reply_target
 
         request = RunRequest(
             pipeline=pipeline,
@@ -505,7 +424,7 @@ class Daemon:
 
     def submit_run(self, request: RunRequest, *, run_at: datetime | None = None) -> ActiveJob:
         """Start a manual run (now or at ``run_at``) in the run task group; returns at once."""
-        from .control.protocol import ProtocolError
+        from ..control.protocol import ProtocolError
 
         if self._runs is None or self.dispatcher is None or self.stopping:
             raise ProtocolError("unavailable", "the daemon is starting or stopping")
@@ -669,8 +588,8 @@ class Daemon:
         *,
         task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
-        from .timerstate import lock_ttl
-        from .triggers.timers import TimerSpec, timer_events
+        from ..sources.timers import TimerSpec, timer_events
+        from ..state.timerstate import lock_ttl
 
         assert self.dispatcher is not None
         state = self.timer_state
@@ -719,7 +638,7 @@ class Daemon:
         *,
         task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
-        from .triggers.files import file_events
+        from ..sources.files import file_events
 
         assert self.dispatcher is not None
         if not await anyio.Path(trig.path).is_dir():
@@ -736,11 +655,6 @@ class Daemon:
             ready=task_status.started,
         ):
             await self.dispatcher.submit(event, runs)
-
-
-def configured_triggers(settings: Settings, project: FlowerPowerProject) -> list[Any]:
-    """The enabled triggers of the config file plus every pipeline's ``schedule:``."""
-    return [t for t in settings.triggers if t.enabled] + schedule_triggers(settings, project)
 
 
 def _merge(configured: list[Any], dynamic: list[Any]) -> list[Any]:
@@ -774,7 +688,7 @@ class _Started:
 
 
 def _subscription(trig: MqttTrigger) -> str:
-    from .triggers.mqtt import compile_topic
+    from ..sources.mqtt import compile_topic
 
     topic = compile_topic(trig.topic).filter
     return f"$share/{trig.shared_group}/{topic}" if trig.shared_group else topic
@@ -790,40 +704,3 @@ def _countdown(n: int, ack: Callable[[], Awaitable[None]]) -> Callable[[], Await
             await ack()
 
     return countdown
-
-
-def main(command: str, config: str | None, log_level: str | None) -> int:
-    """``run``, ``check`` and ``worker``; maps errors to exit codes (2 = bad config)."""
-    from .logs import configure_logging
-
-    try:
-        settings = load_settings(config)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    configure_logging(log_level or settings.log_level, settings.log_format)
-    if command == "check":
-        problems = check(settings)
-        if problems:
-            print(f"{len(problems)} problem(s):", file=sys.stderr)
-            for p in problems:
-                print(f"  - {p}", file=sys.stderr)
-            return 2
-        print(f"ok: {len(settings.triggers)} trigger(s), project {settings.project}")
-        return 0
-    try:
-        if command == "worker":
-            from .worker import run_worker
-
-            anyio.run(run_worker, settings)
-        else:
-            anyio.run(Daemon(settings, config_path=config).serve)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except FlowerPowerError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    return 0

@@ -2,7 +2,7 @@
 
 At start-up a timer reads its last fire time here to catch up the fire
 times it missed while the daemon was down (see
-:func:`~flowerpower_daemon.triggers.timers.catch_up_fires`); every fire
+:func:`~flowerpower_daemon.sources.timers.catch_up_fires`); every fire
 records its scheduled time. An interval trigger without ``start_at`` that
 never fired stores its start time (:meth:`anchor`), so that its grid
 survives a restart and every daemon sharing the store ticks on the same
@@ -33,7 +33,7 @@ import anyio
 import anyio.to_thread
 import structlog
 
-from .settings import Settings
+from ..settings import Settings
 from .stores import RedisStore, SqliteStore, open_sqlite
 
 __all__ = ["RedisTimerState", "SqliteTimerState", "TimerState", "lock_ttl", "timer_state_for"]

@@ -22,21 +22,21 @@ import orjson
 import structlog
 from anyio.abc import TaskGroup
 
-from .dedup import DedupStore, render_key
-from .errors import FlowerPowerError
-from .project.hooks import ConfigHook
-from .project.models import (
+from ..errors import FlowerPowerError
+from ..mqtt.sinks import MqttResultSink, ResultSink, reply_target
+from ..project.hooks import ConfigHook
+from ..project.models import (
     ErrorInfo,
     RunRequest,
     RunResult,
     TriggerInfo,
     new_run_id,
 )
-from .results import MqttResultSink, ResultSink, reply_target
-from .retry import Backoff
-from .settings import MqttTrigger, Settings
-from .triggers.base import TriggerEvent
-from .triggers.mqtt import PayloadError, TopicPattern, compile_topic, decode_payload
+from ..retry import Backoff
+from ..settings import MqttTrigger, Settings
+from ..sources.base import TriggerEvent
+from ..sources.mqtt import PayloadError, TopicPattern, compile_topic, decode_payload
+from ..state.dedup import DedupStore, render_key
 
 __all__ = ["Dispatcher", "Stats", "TriggerState"]
 

@@ -29,7 +29,7 @@ import anyio.to_thread
 import orjson
 import structlog
 
-from .stores import open_sqlite
+from ..state.stores import open_sqlite
 
 __all__ = ["Outbox", "OutgoingMessage"]
 

@@ -13,10 +13,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import ConfigError, ConfigProblem, FlowerPowerError
-from .project.api import FlowerPowerProject
-from .schedules import Schedule
-from .settings import Settings, load_settings
+from ..errors import ConfigError, ConfigProblem, FlowerPowerError
+from ..project.api import FlowerPowerProject
+from ..settings import Settings, load_settings
+from ..state.schedules import Schedule
+from .check import check
 
 __all__ = ["RESTART_KEYS", "Prepared", "TriggerDiff", "diff", "prepare", "restart_required"]
 
@@ -51,8 +52,6 @@ def prepare(
     ``make_triggers(settings, project)`` returns the configured triggers
     (the daemon's rule: enabled config triggers plus pipeline schedules).
     """
-    from .daemon import check
-
     settings = load_settings(config_path)  # ConfigError on a bad file
     problems = check(settings)
     if problems:

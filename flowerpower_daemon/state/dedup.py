@@ -34,7 +34,7 @@ import anyio
 import anyio.to_thread
 import structlog
 
-from .settings import QueueSettings, Settings
+from ..settings import QueueSettings, Settings
 from .stores import RedisStore, SqliteStore, open_sqlite
 
 __all__ = [

@@ -1,0 +1,1 @@
+"""The processes: the daemon's wiring and lifecycle, the worker, reload, systemd."""
