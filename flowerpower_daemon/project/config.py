@@ -70,10 +70,14 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
-def _without_nulls(value: Any) -> Any:
-    """A mapping without its ``null`` values: FlowerPower writes ``key: null`` for "default"."""
+def _without_nulls(value: Any, model: type[BaseModel]) -> Any:
+    """A mapping without the ``null`` values of ``model``'s keys (FlowerPower's "default").
+
+    An unknown key stays, ``null`` or not, so that a typo is still reported.
+    """
     if isinstance(value, Mapping):
-        return {k: v for k, v in value.items() if v is not None}
+        known = {*model.model_fields, *_ALIASES.get(model, ())}
+        return {k: v for k, v in value.items() if v is not None or k not in known}
     return value
 
 
@@ -83,7 +87,7 @@ class _Section(_Frozen):
     @model_validator(mode="before")
     @classmethod
     def _drop_nulls(cls, value: Any) -> Any:
-        return _without_nulls(value)
+        return _without_nulls(value, cls)
 
 
 def _error_at(title: str, key: str, value: Any, message: str) -> ValidationError:
@@ -282,7 +286,7 @@ class AdapterConfig(_Section):
     @model_validator(mode="before")
     @classmethod
     def _older_names(cls, value: Any) -> Any:
-        return _alias(_without_nulls(value), "tracker", "hamilton_tracker")
+        return _alias(_without_nulls(value, cls), "tracker", "hamilton_tracker")
 
     def merged(self, override: AdapterConfig) -> AdapterConfig:
         """These settings updated by the keys ``override`` actually set (``null`` sets none)."""
@@ -323,7 +327,8 @@ class RunConfig(_Frozen):
     def _normalise(cls, value: Any) -> Any:
         if not isinstance(value, Mapping):
             return value
-        data = {k: v for k, v in value.items() if v is not None or k in ("timeout", "log_level")}
+        kept = {k: value[k] for k in ("timeout", "log_level") if k in value}
+        data = {**_without_nulls(value, cls), **kept}
         retry = data.pop("retry", None)
         if retry is not None:
             try:
@@ -359,7 +364,7 @@ class ScheduleConfig(_Frozen):
     def _parse(cls, value: Any) -> Any:
         if not isinstance(value, Mapping):
             return value
-        data = _without_nulls(value)
+        data = _without_nulls(value, cls)
         # Errors name the key (``schedule.cron``), not just the section.
         zone = data.get("timezone")
         try:
