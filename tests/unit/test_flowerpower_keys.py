@@ -569,3 +569,12 @@ def test_cli_prints_each_warning_once(tmp_path: Path) -> None:
     assert len(lines) == 1, proc.stderr
     assert "accepted, has no effect here: not passed on to MLflow yet" in lines[0]
     assert "hello.yml" in lines[0]
+
+
+def test_readme_table_mirrors_no_effect() -> None:
+    """Each key of the NO_EFFECT table is in the README's table of keys without effect."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("change nothing here", 1)[1].split("This table mirrors", 1)[0]
+    for entry in NO_EFFECT:
+        last = entry.key.rsplit(".", 1)[-1]
+        assert f"`{entry.key}`" in section or f"`.{last}`" in section, entry.key
