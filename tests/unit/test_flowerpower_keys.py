@@ -578,3 +578,13 @@ def test_readme_table_mirrors_no_effect() -> None:
     for entry in NO_EFFECT:
         last = entry.key.rsplit(".", 1)[-1]
         assert f"`{entry.key}`" in section or f"`.{last}`" in section, entry.key
+
+
+def test_synchronous_executor_override_runs(tmp_path: Path) -> None:
+    """``executor="synchronous"`` given at run time (FlowerPower's name) runs like ``local``."""
+    base = copy_fixture(tmp_path, "fresh")
+    project = FlowerPowerProject.load(str(base), cache_dir=str(tmp_path / "cache"))
+    assert project.run("plain", executor="synchronous") == EXPECTED["plain"]
+    assert project.run("plain", executor={"type": "synchronous", "num_cpus": 2}) == (
+        EXPECTED["plain"]
+    )
