@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ..errors import FlowerPowerError
+from ..errors import ConfigProblem, FlowerPowerError
 from .config import PipelineConfig, ProjectConfig
 from .models import RunRequest, RunResult, TriggerInfo, new_run_id, utcnow
 from .registry import (
@@ -70,7 +70,13 @@ class FlowerPowerProject:
         storage_options: Mapping[str, Any] | None = None,
         cache_dir: str | None = None,
     ) -> FlowerPowerProject:
-        """Read and validate the project at ``base_dir`` (a path or fsspec URL)."""
+        """Read and validate the project at ``base_dir`` (a path or fsspec URL).
+
+        Raises ConfigError for a problem in ``conf/project.yml`` (listing every
+        problem found). A pipeline whose own files have problems does not stop
+        the others: it is left out of :attr:`pipelines`, its problems are in
+        :meth:`problems_for`, and running or showing it raises them.
+        """
         spec = load_spec(ProjectFiles(base_dir, storage_options))
         runner = PipelineRunner(spec, cache_dir=cache_dir or _default_cache_dir(spec.files))
         return cls(spec, runner)
@@ -105,11 +111,20 @@ class FlowerPowerProject:
 
     @property
     def pipelines(self) -> Mapping[str, PipelineConfig]:
-        """Every pipeline's validated config, by name."""
+        """Every valid pipeline's config, by name (broken ones are in :attr:`problems`)."""
         return self._spec.pipelines
 
+    @property
+    def problems(self) -> list[ConfigProblem]:
+        """The problems of every pipeline left out of :attr:`pipelines` (empty when all load)."""
+        return self._spec.problems
+
+    def problems_for(self, name: str) -> list[ConfigProblem]:
+        """The problems that stop pipeline ``name``: its YAML's, or a YAML without a module."""
+        return self._spec.problems_for(name)
+
     def reload(self) -> None:
-        """Re-read every YAML file; on a problem keep the current config and raise."""
+        """Re-read every YAML file; on a project.yml problem keep the current config and raise."""
         self._spec = load_spec(self._spec.files)
         self.runner.update_spec(self._spec)
 
@@ -120,8 +135,9 @@ class FlowerPowerProject:
         return self.pipelines[name]
 
     def delete(self, name: str) -> list[str]:
-        """Delete a pipeline's module and YAML; returns the removed paths."""
-        self._spec.pipeline(name)
+        """Delete a pipeline's module and YAML (also a broken one); returns the removed paths."""
+        if name not in self._spec.broken:
+            self._spec.pipeline(name)
         removed = delete_pipeline(self.files, name)
         self.reload()
         return removed

@@ -4,6 +4,12 @@ Every model is frozen and rejects unknown keys, so a typo such as
 ``max_retry`` or ``exector`` is an error naming the file, the key path and
 the nearest valid key. ``${VAR}`` and ``${VAR:-default}`` in string values
 are taken from the environment before validation.
+
+Every key FlowerPower writes is accepted (0.11/0.20-era files and what 0.37
+writes on load): ``null`` means the default, FlowerPower's names map to ours
+(``executor.type: synchronous``, ``mlflow.run_tags``, ``with_adapter.tracker``,
+``run.pipeline_adapter_cfg`` ...), and the keys that do nothing here are in
+:data:`NO_EFFECT`, which warns once per process for each one a file sets.
 """
 
 from __future__ import annotations
@@ -11,10 +17,13 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import threading
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal, TypeVar, get_args
 
+import structlog
 import yaml
 from pydantic import (
     BaseModel,
@@ -30,9 +39,11 @@ from ..errors import ConfigProblem
 from .schedule import parse_cron, parse_date, parse_interval, parse_timezone
 
 __all__ = [
+    "NO_EFFECT",
     "AdapterConfig",
     "CacheConfig",
     "ExecutorConfig",
+    "NoEffect",
     "PipelineConfig",
     "ProjectConfig",
     "RetryPolicy",
@@ -42,8 +53,12 @@ __all__ = [
     "expand_env",
     "format_validation_error",
     "load_yaml_text",
+    "no_effect_keys",
     "validate_model",
+    "warn_no_effect",
 ]
+
+log = structlog.get_logger("flowerpower_daemon.project.config")
 
 _M = TypeVar("_M", bound=BaseModel)
 
@@ -53,6 +68,26 @@ LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+def _without_nulls(value: Any, model: type[BaseModel]) -> Any:
+    """A mapping without the ``null`` values of ``model``'s keys (FlowerPower's "default").
+
+    An unknown key stays, ``null`` or not, so that a typo is still reported.
+    """
+    if isinstance(value, Mapping):
+        known = {*model.model_fields, *_ALIASES.get(model, ())}
+        return {k: v for k, v in value.items() if v is not None or k not in known}
+    return value
+
+
+class _Section(_Frozen):
+    """A block whose ``null`` values mean the default, as in the files FlowerPower writes."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_nulls(cls, value: Any) -> Any:
+        return _without_nulls(value, cls)
 
 
 def _error_at(title: str, key: str, value: Any, message: str) -> ValidationError:
@@ -74,8 +109,11 @@ def _nested_at(key: str, exc: ValidationError) -> ValidationError:
     return ValidationError.from_exception_data(exc.title, details)
 
 
-class ExecutorConfig(_Frozen):
-    """Where a pipeline's nodes run; a plain string is shorthand for ``type``."""
+class ExecutorConfig(_Section):
+    """Where a pipeline's nodes run; a plain string is shorthand for ``type``.
+
+    ``synchronous`` (FlowerPower's name) is ``local``.
+    """
 
     type: ExecutorType = "local"
     max_workers: int | None = Field(default=None, ge=1)
@@ -85,7 +123,9 @@ class ExecutorConfig(_Frozen):
     @classmethod
     def _shorthand(cls, value: Any) -> Any:
         if isinstance(value, str):
-            return {"type": value}
+            value = {"type": value}
+        if isinstance(value, Mapping) and value.get("type") == "synchronous":
+            value = {**value, "type": "local"}
         return value
 
 
@@ -110,8 +150,23 @@ class CacheConfig(_Frozen):
         return value
 
 
-class WithAdapterConfig(_Frozen):
-    """Flags that switch adapters on for a run (FlowerPower's ``with_adapter``)."""
+def _alias(value: Any, old: str, new: str) -> Any:
+    """``value`` with key ``old`` (an older FlowerPower name) moved to ``new``."""
+    if isinstance(value, Mapping) and old in value:
+        data = dict(value)
+        moved = data.pop(old)
+        if isinstance(moved, Mapping) and isinstance(data.get(new), Mapping):
+            moved = {**moved, **data[new]}
+        data.setdefault(new, moved)
+        return data
+    return value
+
+
+class WithAdapterConfig(_Section):
+    """Flags that switch adapters on for a run (FlowerPower's ``with_adapter``).
+
+    ``tracker`` is the older FlowerPower name of ``hamilton_tracker``.
+    """
 
     hamilton_tracker: bool = False
     mlflow: bool = False
@@ -119,6 +174,11 @@ class WithAdapterConfig(_Frozen):
     progressbar: bool = False
     ray: bool = False
     future: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _older_names(cls, value: Any) -> Any:
+        return _alias(value, "tracker", "hamilton_tracker")
 
     def enabled(self) -> tuple[str, ...]:
         return tuple(name for name, on in self.model_dump().items() if on)
@@ -155,6 +215,88 @@ class _RetryBlock(_Frozen):
 _RETRY_KEYS = tuple(RetryPolicy.model_fields)
 
 
+class HamiltonTrackerConfig(_Section):
+    username: str | None = None
+    api_url: str | None = None
+    ui_url: str | None = None
+    api_key: str | None = None
+    verify: bool = True
+    project_id: int | None = None
+    dag_name: str | None = None
+    tags: dict[str, str] = Field(default_factory=dict)
+    capture_data_statistics: bool = True
+    max_list_length_capture: int = 50
+    max_dict_length_capture: int = 10
+
+
+class MlflowConfig(_Section):
+    """MLflow settings; FlowerPower's ``run_tags`` are our ``tags`` (``tags`` win on a clash)."""
+
+    tracking_uri: str | None = None
+    registry_uri: str | None = None
+    artifact_location: str | None = None
+    experiment_name: str | None = None
+    experiment_tags: dict[str, Any] = Field(default_factory=dict)
+    experiment_description: str | None = None
+    run_name: str | None = None
+    run_id: str | None = None
+    run_description: str | None = None
+    tags: dict[str, Any] = Field(default_factory=dict)
+    autolog: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _run_tags(cls, value: Any) -> Any:
+        if isinstance(value, Mapping) and "run_tags" in value:
+            data = dict(value)
+            run_tags = data.pop("run_tags")
+            if run_tags is not None:
+                tags = data.get("tags")
+                if isinstance(run_tags, Mapping) and isinstance(tags, Mapping | None):
+                    data["tags"] = {**run_tags, **(tags or {})}
+                else:
+                    # Let the model report the bad value at ``tags``.
+                    data["tags"] = run_tags
+            return data
+        return value
+
+
+class OpenTelemetryConfig(_Section):
+    host: str = "localhost"
+    port: int = 4317
+    tracer_name: str | None = None
+
+
+class RayConfig(_Section):
+    ray_init_config: dict[str, Any] = Field(default_factory=dict)
+    shutdown_ray_on_completion: bool = False
+
+
+class AdapterConfig(_Section):
+    """Adapter settings, project-wide or per pipeline (pipeline keys win).
+
+    ``tracker`` is the older FlowerPower name of ``hamilton_tracker``.
+    """
+
+    hamilton_tracker: HamiltonTrackerConfig = Field(default_factory=HamiltonTrackerConfig)
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+    opentelemetry: OpenTelemetryConfig = Field(default_factory=OpenTelemetryConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _older_names(cls, value: Any) -> Any:
+        return _alias(_without_nulls(value, cls), "tracker", "hamilton_tracker")
+
+    def merged(self, override: AdapterConfig) -> AdapterConfig:
+        """These settings updated by the keys ``override`` actually set (``null`` sets none)."""
+        data = self.model_dump()
+        for section in override.model_fields_set:
+            part: BaseModel = getattr(override, section)
+            data[section] = {**data[section], **part.model_dump(include=part.model_fields_set)}
+        return AdapterConfig.model_validate(data)
+
+
 class RunConfig(_Frozen):
     """The ``run:`` section: how one run of the pipeline executes."""
 
@@ -175,13 +317,18 @@ class RunConfig(_Frozen):
     reload: bool = False
     on_success: str | None = None
     on_failure: str | None = None
+    pipeline_adapter_cfg: AdapterConfig | None = None
+    project_adapter_cfg: AdapterConfig | None = None
+    adapter: dict[str, Any] = Field(default_factory=dict)
+    async_driver: bool | None = None
 
     @model_validator(mode="before")
     @classmethod
     def _normalise(cls, value: Any) -> Any:
         if not isinstance(value, Mapping):
             return value
-        data = {k: v for k, v in value.items() if v is not None or k in ("timeout", "log_level")}
+        kept = {k: value[k] for k in ("timeout", "log_level") if k in value}
+        data = {**_without_nulls(value, cls), **kept}
         retry = data.pop("retry", None)
         if retry is not None:
             try:
@@ -217,7 +364,7 @@ class ScheduleConfig(_Frozen):
     def _parse(cls, value: Any) -> Any:
         if not isinstance(value, Mapping):
             return value
-        data = dict(value)
+        data = _without_nulls(value, cls)
         # Errors name the key (``schedule.cron``), not just the section.
         zone = data.get("timezone")
         try:
@@ -252,78 +399,23 @@ class ScheduleConfig(_Frozen):
         return None
 
 
-class HamiltonTrackerConfig(_Frozen):
-    username: str | None = None
-    api_url: str | None = None
-    ui_url: str | None = None
-    api_key: str | None = None
-    verify: bool = True
-    project_id: int | None = None
-    dag_name: str | None = None
-    tags: dict[str, str] = Field(default_factory=dict)
-    capture_data_statistics: bool = True
-    max_list_length_capture: int = 50
-    max_dict_length_capture: int = 10
-
-
-class MlflowConfig(_Frozen):
-    tracking_uri: str | None = None
-    registry_uri: str | None = None
-    artifact_location: str | None = None
-    experiment_name: str | None = None
-    experiment_tags: dict[str, Any] = Field(default_factory=dict)
-    run_name: str | None = None
-    run_id: str | None = None
-    tags: dict[str, Any] = Field(default_factory=dict)
-    autolog: bool = False
-
-
-class OpenTelemetryConfig(_Frozen):
-    host: str = "localhost"
-    port: int = 4317
-    tracer_name: str | None = None
-
-
-class RayConfig(_Frozen):
-    ray_init_config: dict[str, Any] = Field(default_factory=dict)
-    shutdown_ray_on_completion: bool = False
-
-
-class AdapterConfig(_Frozen):
-    """Adapter settings, project-wide or per pipeline (pipeline keys win)."""
-
-    hamilton_tracker: HamiltonTrackerConfig = Field(default_factory=HamiltonTrackerConfig)
-    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
-    opentelemetry: OpenTelemetryConfig = Field(default_factory=OpenTelemetryConfig)
-    ray: RayConfig = Field(default_factory=RayConfig)
-
-    def merged(self, override: AdapterConfig, override_raw: Mapping[str, Any]) -> AdapterConfig:
-        """Project settings updated by the keys the pipeline file actually set."""
-        data = self.model_dump()
-        for section, values in override_raw.items():
-            if isinstance(values, Mapping):
-                data[section] = {**data.get(section, {}), **getattr(override, section).model_dump(
-                    include=set(values)
-                )}
-        return AdapterConfig.model_validate(data)
-
-
 class JobQueueConfig(BaseModel):
     """``job_queue:`` of project.yml; kept for FlowerPower compatibility."""
 
     model_config = ConfigDict(frozen=True, extra="allow")
-    type: str = "taskiq"
+    type: str | None = "taskiq"
 
 
-class ProjectConfig(_Frozen):
+class ProjectConfig(_Section):
     """``conf/project.yml``."""
 
     name: str = "flowerpower-project"
+    hooks_dir: str = "hooks"
     job_queue: JobQueueConfig = Field(default_factory=JobQueueConfig)
     adapter: AdapterConfig = Field(default_factory=AdapterConfig)
 
 
-class PipelineConfig(_Frozen):
+class PipelineConfig(_Section):
     """``conf/pipelines/<name>.yml``."""
 
     name: str = ""
@@ -332,12 +424,172 @@ class PipelineConfig(_Frozen):
     params: dict[str, Any] = Field(default_factory=dict)
     adapter: AdapterConfig = Field(default_factory=AdapterConfig)
 
-    @model_validator(mode="before")
-    @classmethod
-    def _drop_nulls(cls, value: Any) -> Any:
-        if isinstance(value, Mapping):
-            return {k: v for k, v in value.items() if v is not None}
-        return value
+    def effective_adapter(self, project: AdapterConfig) -> AdapterConfig:
+        """The adapter settings a run uses, as FlowerPower layers them.
+
+        ``project.yml`` < ``run.project_adapter_cfg`` < the pipeline's ``adapter``
+        < ``run.pipeline_adapter_cfg``; each layer changes only the keys it sets.
+        """
+        out = project
+        for layer in (self.run.project_adapter_cfg, self.adapter, self.run.pipeline_adapter_cfg):
+            if layer is not None:
+                out = out.merged(layer)
+        return out
+
+
+def _is(*values: Any) -> Callable[[Any], bool]:
+    """A test for values that ask for nothing this daemon does not do anyway."""
+    return lambda value: any(value == v and type(value) is type(v) for v in values)
+
+
+def _empty(value: Any) -> bool:
+    return value is None or value == "" or value == {} or value == []
+
+
+@dataclass(frozen=True, slots=True)
+class NoEffect:
+    """A FlowerPower key accepted here without effect, and why.
+
+    ``key`` is the dotted path in the file (an ``adapter.*`` key is also
+    looked up under ``run.pipeline_adapter_cfg`` / ``run.project_adapter_cfg``
+    and, for ``hamilton_tracker``, under the older name ``tracker``).
+    ``harmless`` tells the values that ask for nothing we do not do anyway
+    (the defaults FlowerPower writes): those stay silent.
+    """
+
+    key: str
+    reason: str
+    harmless: Callable[[Any], bool] = _empty
+
+
+_TRACKER_LIMITS = (
+    "the Hamilton UI tracker's capture settings are not passed on yet "
+    "(the SDK's defaults apply: statistics on, 50 list items, 10 dict items)"
+)
+
+#: Every FlowerPower key accepted without effect (the README's table mirrors this).
+NO_EFFECT: tuple[NoEffect, ...] = (
+    NoEffect(
+        "hooks_dir",
+        "hooks are read from hooks/<pipeline>/hook.py here",
+        lambda v: v is None or str(v).strip("/") in ("hooks", "./hooks"),
+    ),
+    NoEffect(
+        "job_queue",
+        "the daemon queues runs itself (queue: in its config); FlowerPower's "
+        "RQ/APScheduler job queue is not used",
+        lambda v: _empty(v)
+        or (isinstance(v, Mapping) and set(v) <= {"type"} and v.get("type") in (None, "taskiq")),
+    ),
+    NoEffect(
+        "adapter.opentelemetry.host",
+        "no OpenTelemetry exporter is set up here (spans go to the process's global "
+        "tracer provider)",
+    ),
+    NoEffect(
+        "adapter.opentelemetry.port",
+        "no OpenTelemetry exporter is set up here (spans go to the process's global "
+        "tracer provider)",
+    ),
+    NoEffect(
+        "adapter.mlflow.autolog",
+        "MLflow autologging is not switched on here",
+        lambda v: _empty(v) or v is False,
+    ),
+    NoEffect(
+        "adapter.mlflow.run_name",
+        "placeholders such as {timestamp} are not filled in here: the name is used as written",
+        lambda v: _empty(v) or "{" not in str(v),
+    ),
+    NoEffect("adapter.mlflow.experiment_description", "not passed on to MLflow yet"),
+    NoEffect("adapter.mlflow.run_description", "not passed on to MLflow yet"),
+    NoEffect(
+        "adapter.hamilton_tracker.capture_data_statistics",
+        _TRACKER_LIMITS,
+        lambda v: _empty(v) or v is True,
+    ),
+    NoEffect(
+        "adapter.hamilton_tracker.max_list_length_capture",
+        _TRACKER_LIMITS,
+        lambda v: _empty(v) or _is(50)(v),
+    ),
+    NoEffect(
+        "adapter.hamilton_tracker.max_dict_length_capture",
+        _TRACKER_LIMITS,
+        lambda v: _empty(v) or _is(10)(v),
+    ),
+    NoEffect(
+        "run.with_adapter.ray",
+        "the flag adds no adapter here; run on Ray with run.executor.type: ray",
+        lambda v: _empty(v) or v is False,
+    ),
+    NoEffect(
+        "run.adapter",
+        "adapter objects can only be passed from Python (FlowerPower's run(adapter=...))",
+    ),
+    NoEffect(
+        "run.async_driver",
+        "the driver is chosen from the module here (async when it has async def nodes)",
+    ),
+)
+
+_ADAPTER_BLOCKS = (("adapter",), ("run", "pipeline_adapter_cfg"), ("run", "project_adapter_cfg"))
+
+
+def _places(key: str) -> Iterator[tuple[str, ...]]:
+    parts = tuple(key.split("."))
+    if parts[0] != "adapter":
+        yield parts
+        return
+    section, rest = parts[1], parts[2:]
+    names = (section, "tracker") if section == "hamilton_tracker" else (section,)
+    for block in _ADAPTER_BLOCKS:
+        for name in names:
+            yield (*block, name, *rest)
+
+
+def _lookup(data: Any, path: tuple[str, ...]) -> tuple[bool, Any]:
+    for part in path:
+        if not isinstance(data, Mapping) or part not in data:
+            return False, None
+        data = data[part]
+    return True, data
+
+
+def no_effect_keys(data: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
+    """``(key path, reason)`` of each key of one file's YAML that is accepted without effect."""
+    for entry in NO_EFFECT:
+        for path in _places(entry.key):
+            found, value = _lookup(data, path)
+            if found and not entry.harmless(value):
+                yield ".".join(path), entry.reason
+
+
+_warned: set[tuple[str, str]] = set()
+_warned_lock = threading.Lock()
+
+
+def warn_no_effect(data: Mapping[str, Any], file: str) -> None:
+    """Log one warning per process for each key of ``data`` without effect here."""
+    for key, reason in no_effect_keys(data):
+        with _warned_lock:
+            if (key, reason) in _warned:
+                continue
+            _warned.add((key, reason))
+        log.warning(
+            "config_key_has_no_effect",
+            message=f"{file}: {key}: accepted, has no effect here: {reason}",
+            file=file,
+            key=key,
+            reason=reason,
+        )
+
+
+def _forget_warnings() -> None:
+    """Let every warning of :func:`warn_no_effect` be logged again (for tests)."""
+    with _warned_lock:
+        _warned.clear()
+
 
 
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -441,11 +693,17 @@ def _model_at(model: type[BaseModel], loc: tuple[str | int, ...]) -> type[BaseMo
     return current
 
 
+#: Keys a model takes under another name (FlowerPower's older or current spelling).
+_ALIASES: dict[type[BaseModel], tuple[str, ...]] = {
+    RunConfig: ("retry",),
+    MlflowConfig: ("run_tags",),
+    AdapterConfig: ("tracker",),
+    WithAdapterConfig: ("tracker",),
+}
+
+
 def _valid_keys(owner: type[BaseModel]) -> list[str]:
-    keys = list(owner.model_fields)
-    if owner is RunConfig:
-        keys.append("retry")
-    return keys
+    return [*owner.model_fields, *_ALIASES.get(owner, ())]
 
 
 def format_validation_error(

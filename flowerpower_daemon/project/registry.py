@@ -10,14 +10,20 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
 import yaml
 
 from ..errors import ConfigError, ConfigProblem, PipelineExistsError, PipelineNotFoundError
-from .config import PipelineConfig, ProjectConfig, load_yaml_text, validate_model
+from .config import (
+    PipelineConfig,
+    ProjectConfig,
+    load_yaml_text,
+    validate_model,
+    warn_no_effect,
+)
 from .templates import (
     PIPELINE_MODULE_TEMPLATE,
     PIPELINE_YAML_TEMPLATE,
@@ -114,22 +120,46 @@ def _protocols(fs: Any) -> tuple[str, ...]:
 
 @dataclass(frozen=True, slots=True)
 class ProjectSpec:
-    """A validated project: its config and every pipeline's config."""
+    """A validated project: its config, every valid pipeline's config, and the broken ones.
+
+    A pipeline whose own files have problems (its YAML, or a YAML without a
+    module) is in ``broken`` with those problems, not in ``pipelines``: it
+    fails alone, and every other pipeline still loads and runs.
+    """
 
     files: ProjectFiles
     project: ProjectConfig
     pipelines: Mapping[str, PipelineConfig]
+    broken: Mapping[str, tuple[ConfigProblem, ...]] = field(default_factory=dict)
+
+    @property
+    def problems(self) -> list[ConfigProblem]:
+        """Every problem of every broken pipeline, in name order."""
+        return [p for name in sorted(self.broken) for p in self.broken[name]]
+
+    def problems_for(self, name: str) -> list[ConfigProblem]:
+        """The problems that stop pipeline ``name`` (none when it is valid or unknown)."""
+        return list(self.broken.get(name, ()))
 
     def pipeline(self, name: str) -> PipelineConfig:
+        """The config of ``name``; ConfigError naming its files when they have problems."""
         try:
             return self.pipelines[name]
         except KeyError:
-            raise PipelineNotFoundError(name, self.pipelines) from None
+            pass
+        if name in self.broken:
+            raise ConfigError(self.broken[name])
+        raise PipelineNotFoundError(name, [*self.pipelines, *self.broken])
 
 
 def load_spec(files: ProjectFiles) -> ProjectSpec:
-    """Read and validate ``project.yml`` and every pipeline YAML; report all problems at once."""
-    problems: list[ConfigProblem] = []
+    """Read and validate ``project.yml`` and every pipeline YAML.
+
+    A problem in ``project.yml`` stops the whole project: ConfigError lists it
+    with every pipeline's problems. A pipeline's own problems only put it in
+    :attr:`ProjectSpec.broken`. Keys accepted without effect are warned about
+    once per process (:func:`~.config.warn_no_effect`).
+    """
     if not files.exists(PROJECT_YML) and not files.exists(PIPELINES_DIR):
         raise ConfigError(
             [
@@ -141,35 +171,45 @@ def load_spec(files: ProjectFiles) -> ProjectSpec:
                 )
             ]
         )
+    project_problems: list[ConfigProblem] = []
     project = ProjectConfig()
+    project_data: dict[str, Any] = {}
     if files.exists(PROJECT_YML):
-        data, found = load_yaml_text(files.read_text(PROJECT_YML), files.display(PROJECT_YML))
-        problems += found
-        project_model, found = validate_model(ProjectConfig, data, files.display(PROJECT_YML))
-        problems += found
+        shown = files.display(PROJECT_YML)
+        project_data, found = load_yaml_text(files.read_text(PROJECT_YML), shown)
+        project_problems += found
+        project_model, found = validate_model(ProjectConfig, project_data, shown)
+        project_problems += found
         project = project_model or project
     pipelines: dict[str, PipelineConfig] = {}
+    broken: dict[str, tuple[ConfigProblem, ...]] = {}
+    valid_data: dict[str, tuple[str, dict[str, Any]]] = {}
     modules = set(files.pipeline_names())
     for name in sorted(modules | set(files.names(PIPELINES_CONF, ".yml"))):
         rel = files.config_rel(name)
         shown = files.display(rel)
         if name not in modules:
             missing = f"no module {files.module_rel(name)} for pipeline {name!r}"
-            problems.append(ConfigProblem(shown, "", missing))
+            broken[name] = (ConfigProblem(shown, "", missing),)
             continue
-        data = {}
+        own: list[ConfigProblem] = []
+        data: dict[str, Any] = {}
         if files.exists(rel):
-            data, found = load_yaml_text(files.read_text(rel), shown)
-            problems += found
-        adapter_raw = data.get("adapter") if isinstance(data.get("adapter"), Mapping) else {}
+            data, own = load_yaml_text(files.read_text(rel), shown)
         model, found = validate_model(PipelineConfig, {**data, "name": name}, shown)
-        problems += found
-        if model is not None:
-            merged = project.adapter.merged(model.adapter, adapter_raw or {})
-            pipelines[name] = model.model_copy(update={"adapter": merged})
-    if problems:
-        raise ConfigError(problems)
-    return ProjectSpec(files=files, project=project, pipelines=pipelines)
+        own += found
+        if own or model is None:
+            broken[name] = tuple(own)
+            continue
+        merged = model.effective_adapter(project.adapter)
+        pipelines[name] = model.model_copy(update={"adapter": merged})
+        valid_data[name] = (shown, data)
+    if project_problems:
+        raise ConfigError([*project_problems, *(p for n in sorted(broken) for p in broken[n])])
+    warn_no_effect(project_data, files.display(PROJECT_YML))
+    for shown, data in valid_data.values():
+        warn_no_effect(data, shown)
+    return ProjectSpec(files=files, project=project, pipelines=pipelines, broken=broken)
 
 
 def init_project(

@@ -326,8 +326,9 @@ def test_unset_env_var_without_default_is_a_problem(
     """An unset ``${VAR}`` without a default names the file, the key and the variable."""
     monkeypatch.delenv("FP_TEST_UNSET", raising=False)
     base = projects.make({"p": MODULE}, {"p": "params:\n  token: ${FP_TEST_UNSET}\n"})
+    project = FlowerPowerProject.load(base)
     with pytest.raises(ConfigError) as info:
-        FlowerPowerProject.load(base)
+        project.run("p")
     [problem] = info.value.problems
     assert problem.file.endswith("conf/pipelines/p.yml")
     assert problem.key == "params.token"
@@ -335,7 +336,7 @@ def test_unset_env_var_without_default_is_a_problem(
 
 
 def test_every_problem_in_every_file_is_reported_at_once(projects: ProjectFactory) -> None:
-    """``FlowerPowerProject.load`` reports the problems of all files in one ConfigError."""
+    """A project.yml problem stops the load; its ConfigError lists the problems of all files."""
     base = projects.make(
         {"a": MODULE, "b": MODULE},
         {
@@ -367,9 +368,7 @@ def test_every_problem_in_every_file_is_reported_at_once(projects: ProjectFactor
 def test_invalid_yaml_names_line(projects: ProjectFactory) -> None:
     """A YAML syntax error names the file and the line."""
     base = projects.make({"p": MODULE}, {"p": "run:\n  inputs: {a: 1\n"})
-    with pytest.raises(ConfigError) as info:
-        FlowerPowerProject.load(base)
-    [problem] = info.value.problems
+    [problem] = FlowerPowerProject.load(base).problems_for("p")
     assert problem.file.endswith("p.yml")
     assert problem.key.startswith("line ")
     assert "invalid YAML" in problem.message
