@@ -56,10 +56,12 @@ def check(settings: Settings) -> list[ConfigProblem]:
         return exc.problems
     except FlowerPowerError as exc:
         return [ConfigProblem(shown, "project", str(exc))]
-    problems: list[ConfigProblem] = []
+    problems: list[ConfigProblem] = list(project.problems)
     for i, trig in enumerate(settings.triggers):
         key = f"triggers[{i}]"
         if trig.pipeline not in project.pipelines:
+            if project.problems_for(trig.pipeline):
+                continue  # already listed, with the pipeline file's own key path
             known = ", ".join(sorted(project.pipelines)) or "none"
             problems.append(
                 ConfigProblem(
