@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 
 from . import __version__
-from .argtypes import Parser, executor_arg, inputs_arg, json_arg, names_arg
+from .argtypes import Parser, add_run_options, json_arg, run_overrides
 from .errors import ConfigError, ConfigProblem, FlowerPowerError, clean_message
 
 __all__ = ["main"]
@@ -31,88 +31,6 @@ _json_arg = json_arg
 
 #: ``request``'s default broker: the embedded one of the quick start (config.example.yml).
 DEFAULT_REQUEST_URL = "mqtt://127.0.0.1:11883"
-
-
-def _cache_arg(text: str) -> Any:
-    if text.lower() in ("true", "false"):
-        return text.lower() == "true"
-    return _json_arg("--cache", (dict, bool))(text)
-
-
-def _run_options(run: argparse.ArgumentParser) -> None:
-    """``pipeline run``'s overrides of the pipeline's ``run:`` block; each has a help line."""
-    run.add_argument(
-        "--inputs",
-        type=inputs_arg,
-        default=None,
-        help="inputs: a JSON object or key=value,key2=value2 (values read as JSON when they "
-        "are: 5, 2.5, true, null; else text)",
-    )
-    run.add_argument(
-        "--final-vars",
-        "--outputs",
-        "-o",
-        dest="final_vars",
-        type=names_arg,
-        default=None,
-        help="outputs to compute: a JSON array or a,b,c (default: run.final_vars)",
-    )
-    run.add_argument(
-        "--config", type=_json_arg("--config", dict), default=None, help="Hamilton config, JSON"
-    )
-    run.add_argument(
-        "--cache",
-        nargs="?",
-        const=True,
-        type=_cache_arg,
-        default=None,
-        help="cache nodes: true, false, or a JSON cache block (bare --cache = true)",
-    )
-    run.add_argument(
-        "--executor",
-        type=executor_arg,
-        default=None,
-        help="local (or synchronous), threadpool, processpool, ray, dask, or JSON such as "
-        '\'{"type": "threadpool", "max_workers": 4}\'',
-    )
-    run.add_argument(
-        "--max-workers", type=int, default=None, help="executor.max_workers (threads/processes)"
-    )
-    run.add_argument(
-        "--with-adapter",
-        type=_json_arg("--with-adapter", dict),
-        default=None,
-        help='adapters to switch on or off, JSON: \'{"progressbar": true}\'',
-    )
-    run.add_argument(
-        "--max-retries", type=int, default=None, help="attempts after the first (0 = no retry)"
-    )
-    run.add_argument(
-        "--retry-delay", type=float, default=None, help="seconds before the first retry"
-    )
-    run.add_argument(
-        "--retry-backoff", type=float, default=None, help="factor the delay grows by per retry"
-    )
-    run.add_argument(
-        "--jitter-factor", type=float, default=None, help="random share added to a delay (0-1)"
-    )
-    run.add_argument(
-        "--retry-exceptions",
-        type=names_arg,
-        default=None,
-        help="exception names to retry on: a JSON array or a,b (default Exception)",
-    )
-    run.add_argument(
-        "--timeout", type=float, default=None, help="seconds one attempt may take"
-    )
-    run.add_argument(
-        "--log-level",
-        "--run-log-level",
-        "--pipeline-log-level",
-        dest="run_log_level",
-        default=None,
-        help="log level of the run (DEBUG also prints a failing node's traceback)",
-    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -170,7 +88,7 @@ def _parser() -> argparse.ArgumentParser:
     delete.add_argument("--yes", "-y", action="store_true", help="do not ask")
     run = psub.add_parser("run", parents=[base], help="run a pipeline now, in this process")
     run.add_argument("name", help="pipeline name")
-    _run_options(run)
+    add_run_options(run)
     run.add_argument(
         "--traceback", action="store_true", help="print the failing node's traceback"
     )
@@ -323,26 +241,9 @@ def _list(project: Any, fmt: str) -> int:
 def _run(project: Any, args: argparse.Namespace) -> int:
     from .encoding import encode_result
 
-    executor: dict[str, Any] | None = dict(args.executor) if args.executor else None
-    if args.max_workers is not None:
-        executor = {"type": "local", **(executor or {}), "max_workers": args.max_workers}
-    log_level = args.run_log_level.upper() if args.run_log_level else None
-    request = project.request(
-        args.name,
-        args.inputs,
-        final_vars=args.final_vars,
-        config=args.config,
-        cache=args.cache,
-        executor=executor,
-        with_adapter=args.with_adapter,
-        max_retries=args.max_retries,
-        retry_delay=args.retry_delay,
-        retry_backoff=args.retry_backoff,
-        jitter_factor=args.jitter_factor,
-        retry_exceptions=args.retry_exceptions,
-        timeout=args.timeout,
-        log_level=log_level,
-    )
+    overrides = run_overrides(args)
+    log_level = overrides.get("log_level")
+    request = project.request(args.name, args.inputs, **overrides)
     result = project.execute(request)
     if args.format == "json":
         sys.stdout.buffer.write(encode_result(result) + b"\n")
@@ -392,12 +293,10 @@ def _short(value: Any, width: int = 80) -> str:
 
 
 def _table(rows: list[dict[str, Any]], columns: Sequence[str], indent: str = "") -> None:
+    from .control.render import text_table
+
     cells = [[str(r.get(c, "")) for c in columns] for r in rows]
-    widths = [max([len(c), *(len(row[i]) for row in cells)]) for i, c in enumerate(columns)]
-    head = "  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True))
-    print(indent + head.rstrip())
-    for row in cells:
-        print(indent + "  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+    sys.stdout.write(text_table(cells, columns, indent))
 
 
 def _non_default(value: Any, default: Any) -> Any:
