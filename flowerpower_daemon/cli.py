@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from types import TracebackType
 from typing import Any
 
 import orjson
@@ -262,8 +263,8 @@ def _run(project: Any, args: argparse.Namespace) -> int:
         return EXIT_OK if result.ok else EXIT_RUN_FAILED
     error = result.error
     if args.traceback or log_level == "DEBUG":
-        trace = _traceback_of(error)
-        sys.stderr.write(trace if trace else "(no traceback was recorded for this run)\n")
+        trace = _traceback_of(error) or _exception_trace(result.exception)
+        sys.stderr.write(trace or "(no traceback was recorded for this run)\n")
     where = f" in node {error.node!r}" if error.node else ""
     print(f"error{where}: {error.type}: {clean_message(error.message)}", file=sys.stderr)
     # A bad override or input is the user's mistake, as the README says: exit 2.
@@ -285,6 +286,25 @@ def _traceback_of(error: Any) -> str:
     if not isinstance(trace, str) or not trace:
         return ""
     return trace if trace.endswith("\n") else trace + "\n"
+
+
+def _exception_trace(exc: BaseException | None) -> str:
+    """The run's last exception with its traceback from the first frame of the pipeline's code.
+
+    Hamilton's and our own frames above the node are left out: they are the
+    same for every run and hide the line that failed.
+    """
+    if exc is None or exc.__traceback__ is None:
+        return ""
+    import traceback
+
+    import hamilton
+
+    ours = (os.path.dirname(hamilton.__file__), os.path.dirname(__file__))
+    tb: TracebackType | None = exc.__traceback__
+    while tb is not None and tb.tb_frame.f_code.co_filename.startswith(ours):
+        tb = tb.tb_next
+    return "".join(traceback.format_exception(type(exc), exc, tb or exc.__traceback__))
 
 
 def _short(value: Any, width: int = 80) -> str:
