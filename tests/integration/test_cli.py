@@ -213,3 +213,54 @@ def test_ctl_finds_the_socket_from_a_subdirectory_and_the_pointer(tmp_path: Path
     assert default_socket(env, cwd="/") != str(other_sock)
     remember_socket(str(other_sock), env)
     assert default_socket(env, cwd="/") == str(other_sock)
+
+
+def test_ctl_run_options_become_request_args() -> None:
+    """``flowerpowerctl run`` and ``schedule add`` send pipeline run's options by override name."""
+    from flowerpower_daemon.control.client import _parser as ctl_parser
+    from flowerpower_daemon.control.client import _request
+
+    argv = "run p --inputs n=2 -o a,b --executor synchronous --max-workers 3 --log-level debug"
+    argv += " --cache --max-retries 1 --retry-exceptions ValueError --with-adapter"
+    run = ctl_parser().parse_args([*argv.split(), '{"progressbar": true}'])
+    assert _request(run) == (
+        "run",
+        {
+            "pipeline": "p",
+            "wait": False,
+            "inputs": {"n": 2},
+            "final_vars": ["a", "b"],
+            "cache": True,
+            "with_adapter": {"progressbar": True},
+            "max_retries": 1,
+            "retry_exceptions": ["ValueError"],
+            "executor": {"type": "local", "max_workers": 3},
+            "log_level": "DEBUG",
+        },
+    )
+    cron = ctl_parser().parse_args(
+        ["schedule", "add", "p", "--cron", '{"minute": "*/5", "hour": 3}', "--timeout", "9"]
+    )
+    assert _request(cron) == (
+        "schedule_add",
+        {"pipeline": "p", "overwrite": False, "cron": "0 */5 3 * * *", "timeout": 9.0},
+    )
+    every = ctl_parser().parse_args(["schedule", "add", "p", "--interval", '{"minutes": 5}'])
+    assert _request(every)[1]["interval"] == 300.0
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("schedule", "add", "p", "--cron", '{"minutes": 5}'),
+        ("schedule", "add", "p", "--interval", '{"minutes": "x"}'),
+        ("run", "p", "--executor", '{"type": '),
+        ("run", "p", "--inputs", "[1, 2]"),
+    ],
+)
+def test_ctl_bad_option_is_one_error_line(args: tuple[str, ...]) -> None:
+    proc = subprocess.run(
+        [str(BIN / "flowerpowerctl"), *args], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith("error: ")

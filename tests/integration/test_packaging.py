@@ -9,6 +9,7 @@ unless ``FLOWERPOWER_REQUIRE_SERVICES=1``.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import venv
@@ -64,9 +65,19 @@ def _run(cmd: list[str], timeout: float = 300) -> subprocess.CompletedProcess[st
 def plain_bin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A fresh venv with the wheel and its declared dependencies only; its ``bin``."""
     tmp = tmp_path_factory.mktemp("packaging")
+    # A clean copy: setuptools' build/ directory in the checkout can hold modules
+    # that no longer exist and would hide a broken import.
+    source = tmp / "source"
+    shutil.copytree(
+        ROOT,
+        source,
+        ignore=shutil.ignore_patterns(
+            ".git", ".venv", "build", "*.egg-info", "__pycache__", ".*_cache", "tests", "bench"
+        ),
+    )
     wheels = tmp / "wheels"
     built = _run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels), str(ROOT)]
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels), str(source)]
     )
     assert built.returncode == 0, built.stderr
     (wheel,) = wheels.glob("flowerpower_daemon-*.whl")
