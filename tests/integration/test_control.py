@@ -25,6 +25,7 @@ import pytest
 import yaml
 from control_harness import CTL, NO_SYSTEMD, ctl, ok, request, socket_of, wait_ready
 from daemon_harness import (
+    BIN,
     DaemonProcess,
     base_settings,
     client,
@@ -613,3 +614,26 @@ def test_schedule_and_pause_survive_a_restart(
         assert ok(sock, "job", job["run_id"])["state"] == "success"  # history survived too
         proc.signal(signal.SIGTERM)
         assert proc.wait(60) == 0
+
+
+def test_request_without_a_matching_trigger_says_so(live: Live) -> None:
+    """`flowerpower-daemon request` to a topic no trigger matches: one line naming the topic."""
+    proc = subprocess.run(
+        [
+            str(BIN / "flowerpower-daemon"),
+            "request",
+            "nobody/listens/here",
+            '{"x": 1}',
+            "--url",
+            f"mqtt://127.0.0.1:{live.port}",
+            "--timeout",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 1
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("error: published to 'nobody/listens/here'")
+    assert "no trigger matches" in line
