@@ -264,3 +264,11 @@ def test_ctl_bad_option_is_one_error_line(args: tuple[str, ...]) -> None:
     )
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith("error: ")
+
+
+def test_pydantic_value_error_prefix_never_reaches_a_problem() -> None:
+    from flowerpower_daemon.errors import ConfigError, ConfigProblem
+
+    problem = ConfigProblem("f.yml", "run.cache", "Value error, cache must be a mapping")
+    assert str(problem) == "f.yml: run.cache: cache must be a mapping"
+    assert "Value error" not in str(ConfigError([problem]))
