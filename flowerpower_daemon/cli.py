@@ -7,15 +7,17 @@ never as a traceback; a failed pipeline run exits 1.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
+from types import TracebackType
 from typing import Any
 
 import orjson
 
 from . import __version__
-from .argtypes import json_arg
-from .errors import FlowerPowerError
+from .argtypes import Parser, add_run_options, json_arg, run_overrides
+from .errors import ConfigError, ConfigProblem, FlowerPowerError, clean_message
 
 __all__ = ["main"]
 
@@ -28,15 +30,12 @@ class UsageError(FlowerPowerError, ValueError):
 
 _json_arg = json_arg
 
-
-def _cache_arg(text: str) -> Any:
-    if text.lower() in ("true", "false"):
-        return text.lower() == "true"
-    return _json_arg("--cache", (dict, bool))(text)
+#: ``request``'s default broker: the embedded one of the quick start (config.example.yml).
+DEFAULT_REQUEST_URL = "mqtt://127.0.0.1:11883"
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="flowerpower-daemon",
         description="Run FlowerPower (Hamilton) pipelines and the daemon that triggers them.",
     )
@@ -46,7 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", required=True)
 
-    base = argparse.ArgumentParser(add_help=False)
+    base = Parser(add_help=False)
     base.add_argument("--base-dir", default=".", help="project directory or fsspec URL (default .)")
     base.add_argument(
         "--storage-options",
@@ -55,48 +54,66 @@ def _parser() -> argparse.ArgumentParser:
         help="fsspec storage options as JSON",
     )
 
-    init = sub.add_parser("init", help="create a project in BASE_DIR/NAME")
-    init.add_argument("--name", default=None, help="project name (default: current directory's)")
-    init.add_argument("--base-dir", default=".", help="parent directory (default .)")
+    init = sub.add_parser(
+        "init", help="create a project in BASE_DIR (default: this directory), or BASE_DIR/NAME"
+    )
+    init.add_argument(
+        "--name", "-n", default=None, help="create BASE_DIR/NAME (default: BASE_DIR itself)"
+    )
+    init.add_argument("--base-dir", "-d", default=".", help="project directory (default .)")
+    init.add_argument(
+        "--storage-options",
+        "-s",
+        type=_json_arg("--storage-options", dict),
+        default=None,
+        help="fsspec storage options as JSON",
+    )
 
     pipe = sub.add_parser("pipeline", help="manage and run pipelines")
     psub = pipe.add_subparsers(dest="pipeline_command", required=True)
     new = psub.add_parser("new", parents=[base], help="create a pipeline from the template")
-    new.add_argument("name")
-    new.add_argument("--overwrite", action="store_true")
+    new.add_argument("name", help="pipeline name (a Python identifier)")
+    new.add_argument("--overwrite", action="store_true", help="replace an existing pipeline")
     lst = psub.add_parser("list", parents=[base], help="list pipelines")
-    lst.add_argument("--format", choices=("table", "json"), default="table")
-    show = psub.add_parser("show", parents=[base], help="show a pipeline's config and DAG")
-    show.add_argument("name")
-    show.add_argument("--format", choices=("table", "json"), default="table")
+    lst.add_argument("--format", choices=("table", "json"), default="table", help="output format")
+    show = psub.add_parser(
+        "show", parents=[base], help="show a pipeline's DAG (inputs, outputs, nodes) and config"
+    )
+    show.add_argument("name", help="pipeline name")
+    show.add_argument("--format", choices=("table", "json"), default="table", help="output format")
+    show.add_argument(
+        "--full", action="store_true", help="show every config key, not only the non-default ones"
+    )
     delete = psub.add_parser("delete", parents=[base], help="delete a pipeline")
-    delete.add_argument("name")
+    delete.add_argument("name", help="pipeline name")
     delete.add_argument("--yes", "-y", action="store_true", help="do not ask")
     run = psub.add_parser("run", parents=[base], help="run a pipeline now, in this process")
-    run.add_argument("name")
-    run.add_argument("--inputs", type=_json_arg("--inputs", dict), default=None)
-    run.add_argument("--final-vars", type=_json_arg("--final-vars", list), default=None)
-    run.add_argument("--config", type=_json_arg("--config", dict), default=None)
-    run.add_argument("--cache", nargs="?", const=True, type=_cache_arg, default=None)
-    run.add_argument("--executor", default=None, help="local|threadpool|processpool|ray|dask")
-    run.add_argument("--max-workers", type=int, default=None)
-    run.add_argument("--with-adapter", type=_json_arg("--with-adapter", dict), default=None)
-    run.add_argument("--max-retries", type=int, default=None)
-    run.add_argument("--retry-delay", type=float, default=None)
-    run.add_argument("--retry-backoff", type=float, default=None)
-    run.add_argument("--jitter-factor", type=float, default=None)
-    run.add_argument("--retry-exceptions", type=_json_arg("--retry-exceptions", list), default=None)
-    run.add_argument("--timeout", type=float, default=None)
-    run.add_argument("--pipeline-log-level", "--run-log-level", dest="run_log_level", default=None)
-    run.add_argument("--format", choices=("table", "json"), default="table")
+    run.add_argument("name", help="pipeline name")
+    add_run_options(run)
+    run.add_argument(
+        "--traceback", action="store_true", help="print the failing node's traceback"
+    )
+    run.add_argument(
+        "--format", choices=("table", "json"), default="table", help="output format"
+    )
 
     req = sub.add_parser(
         "request", help="publish a JSON message to a topic and print the daemon's reply"
     )
-    req.add_argument("topic")
-    req.add_argument("payload", type=_json_arg("payload", dict), nargs="?", default={})
-    req.add_argument("--url", default="mqtt://127.0.0.1:1883", help="broker URL")
-    req.add_argument("--timeout", type=float, default=30.0)
+    req.add_argument("topic", help="MQTT topic a trigger subscribes to")
+    req.add_argument(
+        "payload",
+        type=_json_arg("payload", dict),
+        nargs="?",
+        default={},
+        help="JSON object (default {})",
+    )
+    req.add_argument(
+        "--url",
+        default=DEFAULT_REQUEST_URL,
+        help=f"broker URL (default {DEFAULT_REQUEST_URL}: the quick start's embedded broker)",
+    )
+    req.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the reply")
 
     for name, text in (
         ("run", "run the daemon in the foreground"),
@@ -120,23 +137,45 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "init":
             return _init(args)
         if args.command == "check":
-            return _daemon_command(args)
+            return _check(args.config, args.log_level)
         if args.command == "request":
             return _request(args)
         return _pipeline(args)
     except FlowerPowerError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {clean_message(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`| head`): not an error; keep Python from complaining at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
 
 
 def _init(args: argparse.Namespace) -> int:
-    from .project.registry import init_project
+    """Scaffold BASE_DIR itself (as FlowerPower's ``init`` does), or BASE_DIR/NAME (``--name``)."""
+    from .project.registry import PROJECT_YML, ProjectFiles, init_project
 
-    files = init_project(args.name, args.base_dir)
-    print(f"created project in {files.display('')}")
-    print("next: flowerpower-daemon pipeline new NAME --base-dir " + files.base_dir)
+    base = args.base_dir.rstrip("/") or "/"
+    if args.name is not None:
+        parent, name = base, args.name
+    elif "://" in base:
+        parent, _, name = base.rpartition("/")
+    else:
+        target = os.path.abspath(base)
+        parent, name = os.path.dirname(target), os.path.basename(target)
+    existing = ProjectFiles(f"{parent.rstrip('/')}/{name}", args.storage_options)
+    if existing.exists(PROJECT_YML):
+        init_project(name, parent, args.storage_options)  # adds only what is missing
+        print(
+            f"project already exists in {existing.display('')} "
+            f"({existing.display(PROJECT_YML)}): kept as it is (missing directories re-created)"
+        )
+        return EXIT_OK
+    files = init_project(name, parent, args.storage_options)
+    print(f"created project {name!r} in {files.display('')}")
+    hint = "" if files.base_dir in (".", os.getcwd()) else f" --base-dir {files.base_dir}"
+    print(f"next: flowerpower-daemon pipeline new NAME{hint}")
     return EXIT_OK
 
 
@@ -158,7 +197,7 @@ def _pipeline(args: argparse.Namespace) -> int:
         if args.format == "json":
             sys.stdout.buffer.write(orjson.dumps(info, option=orjson.OPT_INDENT_2) + b"\n")
         else:
-            _print_show(info)
+            _print_show(info, full=args.full)
         return EXIT_OK
     if cmd == "delete":
         project.spec.pipeline(args.name)
@@ -203,27 +242,9 @@ def _list(project: Any, fmt: str) -> int:
 def _run(project: Any, args: argparse.Namespace) -> int:
     from .project.encoding import encode_result
 
-    executor: Any = None
-    if args.executor or args.max_workers:
-        executor = {"type": args.executor or "local"}
-        if args.max_workers:
-            executor["max_workers"] = args.max_workers
-    request = project.request(
-        args.name,
-        args.inputs,
-        final_vars=args.final_vars,
-        config=args.config,
-        cache=args.cache,
-        executor=executor,
-        with_adapter=args.with_adapter,
-        max_retries=args.max_retries,
-        retry_delay=args.retry_delay,
-        retry_backoff=args.retry_backoff,
-        jitter_factor=args.jitter_factor,
-        retry_exceptions=args.retry_exceptions,
-        timeout=args.timeout,
-        log_level=args.run_log_level.upper() if args.run_log_level else None,
-    )
+    overrides = run_overrides(args)
+    log_level = overrides.get("log_level")
+    request = project.request(args.name, args.inputs, **overrides)
     result = project.execute(request)
     if args.format == "json":
         sys.stdout.buffer.write(encode_result(result) + b"\n")
@@ -238,10 +259,52 @@ def _run(project: Any, args: argparse.Namespace) -> int:
                 [{"output": k, "value": _short(v)} for k, v in result.outputs.items()],
                 ("output", "value"),
             )
-    if not result.ok and result.error is not None:
-        where = f" in node {result.error.node!r}" if result.error.node else ""
-        print(f"error{where}: {result.error.type}: {result.error.message}", file=sys.stderr)
-    return EXIT_OK if result.ok else EXIT_RUN_FAILED
+    if result.ok or result.error is None:
+        return EXIT_OK if result.ok else EXIT_RUN_FAILED
+    error = result.error
+    if args.traceback or log_level == "DEBUG":
+        trace = _traceback_of(error) or _exception_trace(result.exception)
+        sys.stderr.write(trace or "(no traceback was recorded for this run)\n")
+    where = f" in node {error.node!r}" if error.node else ""
+    print(f"error{where}: {error.type}: {clean_message(error.message)}", file=sys.stderr)
+    # A bad override or input is the user's mistake, as the README says: exit 2.
+    return EXIT_USAGE if error.type in _USAGE_ERRORS else EXIT_RUN_FAILED
+
+
+#: Error types of a run that mean a bad command line, not a failing pipeline.
+_USAGE_ERRORS = frozenset({"ConfigError", "InputError", "UsageError"})
+
+
+def _traceback_of(error: Any) -> str:
+    """The failing node's traceback as the runner recorded it (``error.traceback``), or ""."""
+    trace = getattr(error, "traceback", None)
+    if not trace:
+        as_dict = error.to_dict() if hasattr(error, "to_dict") else {}
+        trace = as_dict.get("traceback") if isinstance(as_dict, dict) else None
+    if isinstance(trace, list):
+        trace = "".join(str(line) for line in trace)
+    if not isinstance(trace, str) or not trace:
+        return ""
+    return trace if trace.endswith("\n") else trace + "\n"
+
+
+def _exception_trace(exc: BaseException | None) -> str:
+    """The run's last exception with its traceback from the first frame of the pipeline's code.
+
+    Hamilton's and our own frames above the node are left out: they are the
+    same for every run and hide the line that failed.
+    """
+    if exc is None or exc.__traceback__ is None:
+        return ""
+    import traceback
+
+    import hamilton
+
+    ours = (os.path.dirname(hamilton.__file__), os.path.dirname(__file__))
+    tb: TracebackType | None = exc.__traceback__
+    while tb is not None and tb.tb_frame.f_code.co_filename.startswith(ours):
+        tb = tb.tb_next
+    return "".join(traceback.format_exception(type(exc), exc, tb or exc.__traceback__))
 
 
 def _short(value: Any, width: int = 80) -> str:
@@ -249,28 +312,51 @@ def _short(value: Any, width: int = 80) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
-def _table(rows: list[dict[str, Any]], columns: Sequence[str]) -> None:
+def _table(rows: list[dict[str, Any]], columns: Sequence[str], indent: str = "") -> None:
+    from .control.render import text_table
+
     cells = [[str(r.get(c, "")) for c in columns] for r in rows]
-    widths = [max([len(c), *(len(row[i]) for row in cells)]) for i, c in enumerate(columns)]
-    print("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
-    for row in cells:
-        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+    sys.stdout.write(text_table(cells, columns, indent))
 
 
-def _print_show(info: dict[str, Any]) -> None:
-    print(f"pipeline {info['name']}  ({info['module']})")
-    print(f"async: {info['async']}   final vars: {', '.join(info['final_vars'])}")
-    print("config:")
-    sys.stdout.write(
-        "".join(
-            f"  {line}\n"
-            for line in orjson.dumps(info["config"], option=orjson.OPT_INDENT_2)
-            .decode()
-            .splitlines()
-        )
-    )
+def _non_default(value: Any, default: Any) -> Any:
+    """The parts of a dumped config that differ from the defaults (``None`` when none do)."""
+    if isinstance(value, dict) and isinstance(default, dict):
+        out = {}
+        for key, item in value.items():
+            diff = _non_default(item, default.get(key)) if key in default else item
+            if diff is not None:
+                out[key] = diff
+        return out or None
+    return None if value == default else value
+
+
+def _print_show(info: dict[str, Any], *, full: bool = False) -> None:
+    """The DAG first (inputs, outputs, nodes), then the config keys that are not defaults."""
+    from .project.config import PipelineConfig
+
+    nodes = info["nodes"]
+    inputs = [n for n in nodes if n["role"] == "input"]
+    print(f"pipeline {info['name']}  ({info['module']}){'  async' if info['async'] else ''}")
+    print("inputs:     " + (", ".join(f"{n['name']}: {n['type']}" for n in inputs) or "none"))
+    print("final vars: " + (", ".join(info["final_vars"]) or "none"))
     print("nodes:")
-    _table(info["nodes"], ("name", "role", "type", "depends_on", "doc"))
+    _table(
+        [n for n in nodes if n["role"] != "input"],
+        ("name", "role", "type", "depends_on", "doc"),
+        indent="  ",
+    )
+    config = info["config"]
+    if not full:
+        defaults = PipelineConfig().model_dump(mode="json", exclude={"name"})
+        config = _non_default(config, defaults) or {}
+    label = "config:" if full else "config (non-default keys; --full for all):"
+    print(label if config else "config: all defaults (--full to list them)")
+    if config:
+        import yaml
+
+        text = yaml.safe_dump(config, sort_keys=False, default_flow_style=False)
+        sys.stdout.write("".join(f"  {line}\n" for line in text.splitlines()))
 
 
 def _request(args: argparse.Namespace) -> int:
@@ -286,13 +372,38 @@ def _request(args: argparse.Namespace) -> int:
 
         reply = anyio.run(ask)
     except TimeoutError:
-        print(f"error: no reply within {args.timeout:g} s", file=sys.stderr)
+        print(
+            f"error: published to {args.topic!r} on {args.url}, no reply within "
+            f"{args.timeout:g} s on its reply_to topic (flowerpower/replies/...): "
+            "maybe no trigger matches this topic (flowerpowerctl triggers lists them)",
+            file=sys.stderr,
+        )
         return EXIT_RUN_FAILED
     except Exception as exc:
-        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"error: {args.url}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_USAGE
     sys.stdout.buffer.write(orjson.dumps(orjson.loads(reply), option=orjson.OPT_INDENT_2) + b"\n")
     return EXIT_OK if orjson.loads(reply).get("status") == "success" else EXIT_RUN_FAILED
+
+
+def _check(config: str | None, log_level: str | None) -> int:
+    """``check``: every problem as ``error:`` lines naming the file and key, exit 2."""
+    from .daemon import check
+    from .logs import configure_logging
+    from .settings import load_settings
+
+    settings = load_settings(config)  # ConfigError -> main prints it
+    configure_logging(log_level or settings.log_level, settings.log_format)
+    shown = config or "<environment>"
+    problems = [
+        ConfigProblem(shown, p.key, p.message) if p.file == "config" else p
+        for p in check(settings)
+    ]
+    if problems:
+        print(f"error: {ConfigError(problems)}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"ok: {len(settings.triggers)} trigger(s), project {settings.project}")
+    return EXIT_OK
 
 
 def _daemon_command(args: argparse.Namespace) -> int:

@@ -19,11 +19,24 @@ __all__ = [
     "PipelineImportError",
     "PipelineNotFoundError",
     "RunTimeoutError",
+    "clean_message",
 ]
 
 
 class FlowerPowerError(Exception):
     """Root of every error raised on purpose by flowerpower-daemon."""
+
+
+#: pydantic's prefixes of a validator's own message; the message alone is what a user needs.
+_PYDANTIC_PREFIXES = ("Value error, ", "Assertion failed, ")
+
+
+def clean_message(message: str) -> str:
+    """``message`` without pydantic's "Value error, " prefix (anywhere a line starts with it)."""
+    for prefix in _PYDANTIC_PREFIXES:
+        message = message.removeprefix(prefix).replace(f"\n{prefix}", "\n")
+        message = message.replace(f": {prefix}", ": ")
+    return message
 
 
 class ConfigProblem:
@@ -34,7 +47,7 @@ class ConfigProblem:
     def __init__(self, file: str, key: str, message: str) -> None:
         self.file = file
         self.key = key
-        self.message = message
+        self.message = clean_message(message)
 
     def __str__(self) -> str:
         where = f"{self.file}: {self.key}" if self.key else self.file

@@ -5,9 +5,11 @@ by default, the daemon's JSON answer with ``--json`` (one object; ``events``
 prints one JSON object per line).
 
 Socket: ``--socket``, else ``$FLOWERPOWER_CONTROL__SOCKET``, else
-``$RUNTIME_DIRECTORY/control.sock``, else
-``/run/flowerpower-daemon/control.sock`` when it exists, else
-``./.flowerpower/control.sock``.
+``$RUNTIME_DIRECTORY/control.sock``, else the first that exists of
+``/run/flowerpower-daemon/control.sock``, ``.flowerpower/control.sock`` in
+this directory or a parent, and the socket named in the per-user pointer
+file (:func:`pointer_file`) a daemon leaves with :func:`remember_socket`;
+else ``./.flowerpower/control.sock``.
 
 Exit codes, for scripts:
 
@@ -19,9 +21,9 @@ Exit codes, for scripts:
 4  ``run --wait``: the run finished, but not successfully (failed, timeout, cancelled)
 == =====================================================================
 
-This module imports only the standard library, anyio and orjson (rich when a
-table is printed): no Hamilton, taskiq, pydantic-settings or pandas, so an
-answer takes tens of milliseconds, not the daemon's start-up second.
+This module imports only the standard library, anyio and orjson: no
+Hamilton, taskiq, pydantic-settings or pandas, so an answer takes tens of
+milliseconds, not the daemon's start-up second.
 :class:`ControlClient` is the async client behind it, usable from any
 anyio/asyncio program.
 """
@@ -40,7 +42,14 @@ import orjson
 from anyio.abc import SocketStream
 from anyio.streams.buffered import BufferedByteReceiveStream
 
-from ..argtypes import json_arg, parse_seconds
+from ..argtypes import (
+    Parser,
+    add_run_options,
+    cron_arg,
+    interval_arg,
+    parse_seconds,
+    run_overrides,
+)
 from .protocol import dump_line
 
 __all__ = [
@@ -54,6 +63,8 @@ __all__ = [
     "UnreachableError",
     "default_socket",
     "main",
+    "pointer_file",
+    "remember_socket",
 ]
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_RUN_FAILED = 0, 1, 2, 3, 4
@@ -75,7 +86,37 @@ class UnreachableError(Exception):
     """No daemon answers on the socket (missing, refused, forbidden, closed early)."""
 
 
-def default_socket(env: Mapping[str, str] | None = None) -> str:
+def pointer_file(env: Mapping[str, str] | None = None) -> str:
+    """The per-user file naming the socket of the daemon started last (see :func:`remember_socket`).
+
+    ``$XDG_RUNTIME_DIR/flowerpower-daemon/socket`` (a directory only this
+    user can enter), else ``~/.cache/flowerpower-daemon/socket``.
+    """
+    env = os.environ if env is None else env
+    root = env.get("XDG_RUNTIME_DIR") or os.path.join(
+        env.get("HOME") or os.path.expanduser("~"), ".cache"
+    )
+    return os.path.join(root, "flowerpower-daemon", "socket")
+
+
+def remember_socket(path: str, env: Mapping[str, str] | None = None) -> None:
+    """Record ``path`` in :func:`pointer_file` so ``flowerpowerctl`` finds it from any directory.
+
+    For the daemon, once its socket listens; best effort (an unwritable
+    home only means ``--socket`` is needed).
+    """
+    target = pointer_file(env)
+    try:
+        os.makedirs(os.path.dirname(target), mode=0o700, exist_ok=True)
+        tmp = f"{target}.{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(os.path.abspath(path) + "\n")
+        os.replace(tmp, target)
+    except OSError:
+        pass
+
+
+def default_socket(env: Mapping[str, str] | None = None, cwd: str | None = None) -> str:
     """Where the daemon's socket is, when ``--socket`` is not given (see the module doc)."""
     env = os.environ if env is None else env
     if env.get("FLOWERPOWER_CONTROL__SOCKET"):
@@ -85,6 +126,22 @@ def default_socket(env: Mapping[str, str] | None = None) -> str:
     system = "/run/flowerpower-daemon/control.sock"
     if os.path.exists(system):
         return system
+    here = os.path.abspath(cwd or os.getcwd())
+    while True:
+        candidate = os.path.join(here, ".flowerpower", "control.sock")
+        if os.path.exists(candidate):
+            return candidate if cwd else os.path.relpath(candidate)
+        parent = os.path.dirname(here)
+        if parent == here:
+            break
+        here = parent
+    try:
+        with open(pointer_file(env), encoding="utf-8") as fh:
+            remembered = fh.read().strip()
+    except OSError:
+        remembered = ""
+    if remembered and os.path.exists(remembered):
+        return remembered
     return os.path.join(".flowerpower", "control.sock")
 
 
@@ -178,14 +235,10 @@ def parse_duration(text: str) -> float:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _json_arg(kind: type) -> Any:
-    return json_arg("value", kind)
-
-
 def _parser() -> argparse.ArgumentParser:
     from .. import __version__
 
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="flowerpowerctl",
         description="Steer a running flowerpower-daemon over its control socket.",
         epilog="exit codes: 0 ok, 1 error answer, 2 usage, 3 daemon unreachable, "
@@ -207,10 +260,8 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("triggers", help="every trigger with next fire time, paused state, counters")
 
     run = sub.add_parser("run", help="run a pipeline now or later; prints the job id")
-    run.add_argument("pipeline")
-    run.add_argument("--inputs", type=_json_arg(dict), default=None, help="inputs as a JSON object")
-    run.add_argument("--final-vars", type=_json_arg(list), default=None, help="JSON array")
-    run.add_argument("--config", type=_json_arg(dict), default=None, help="Hamilton config, JSON")
+    run.add_argument("pipeline", help="pipeline name")
+    add_run_options(run)
     when = run.add_mutually_exclusive_group()
     when.add_argument("--run-in", type=parse_duration, default=None, help="delay, e.g. 5m")
     when.add_argument("--run-at", default=None, help="ISO 8601 time (naive = UTC)")
@@ -233,15 +284,23 @@ def _parser() -> argparse.ArgumentParser:
     sched = sub.add_parser("schedule", help="add or remove a dynamic schedule")
     ssub = sched.add_subparsers(dest="schedule_command", required=True, metavar="ACTION")
     add = ssub.add_parser("add", help="add a schedule (kept across restarts)")
-    add.add_argument("pipeline")
+    add.add_argument("pipeline", help="pipeline name")
     kind = add.add_mutually_exclusive_group(required=True)
-    kind.add_argument("--cron", help="cron expression, e.g. '*/5 * * * *'")
-    kind.add_argument("--interval", help="interval, e.g. 30s, 5m, 1h")
+    kind.add_argument(
+        "--cron",
+        type=cron_arg,
+        help="cron expression, e.g. '*/5 * * * *', or FlowerPower's \'{\"minute\": \"*/5\"}\'",
+    )
+    kind.add_argument(
+        "--interval",
+        type=interval_arg,
+        help="interval, e.g. 30s, 5m, 1h, or FlowerPower's \'{\"minutes\": 5}\'",
+    )
     kind.add_argument("--date", help="one-shot ISO 8601 time")
     add.add_argument("--id", default=None, help="schedule id (default: PIPELINE-<random>)")
     add.add_argument("--overwrite", action="store_true", help="replace a schedule with this id")
-    add.add_argument("--inputs", type=_json_arg(dict), default=None)
     add.add_argument("--timezone", default=None, help="IANA zone for cron and naive dates")
+    add_run_options(add)
     rm = ssub.add_parser("rm", help="remove a dynamic schedule")
     rm.add_argument("id")
 
@@ -265,10 +324,10 @@ def _request(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     cmd = args.command
     if cmd == "run":
         out: dict[str, Any] = {"pipeline": args.pipeline, "wait": args.wait}
-        for key in ("inputs", "final_vars", "config", "run_in", "run_at"):
+        for key in ("inputs", "run_in", "run_at"):
             if getattr(args, key) is not None:
                 out[key] = getattr(args, key)
-        return "run", out
+        return "run", {**out, **run_overrides(args)}
     if cmd == "jobs":
         return "jobs", {
             k: getattr(args, k)
@@ -284,7 +343,7 @@ def _request(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
         for key in ("cron", "interval", "date", "id", "inputs", "timezone"):
             if getattr(args, key) is not None:
                 out[key] = getattr(args, key)
-        return "schedule_add", out
+        return "schedule_add", {**out, **run_overrides(args)}
     if cmd in ("pause", "resume"):
         return cmd, {"all": True} if args.all else {"id": args.id}
     return cmd, {}

@@ -1,6 +1,7 @@
-"""How ``flowerpowerctl`` prints answers: rich tables for people, JSON for scripts.
+"""How ``flowerpowerctl`` prints answers: plain text tables for people, JSON for scripts.
 
-rich is imported only when a table is printed, so ``--json`` stays cheap.
+Standard library and orjson only (no rich): it must work after a plain
+install and start fast. ``flowerpower-daemon``'s tables use :func:`text_table` too.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from typing import Any
 
 import orjson
 
-__all__ = ["dump", "event", "problem", "result"]
+__all__ = ["dump", "event", "problem", "result", "text_table"]
 
 _RUN_OK, _RUN_FAILED = 0, 4
 
@@ -66,29 +67,28 @@ def result(cmd: str, args: Mapping[str, Any], value: Any, as_json: bool) -> int:
 # ----------------------------------------------------------------- printers
 
 
-def _console() -> Any:
-    import shutil
+def text_table(
+    rows: Sequence[Sequence[str]], headers: Sequence[str], indent: str = ""
+) -> str:
+    """Rows of cells as aligned columns under upper-case ``headers`` (one string, final newline)."""
+    widths = [max([len(h), *(len(row[i]) for row in rows)]) for i, h in enumerate(headers)]
+    lines = [[h.upper() for h in headers], *rows]
+    return "".join(
+        indent
+        + "  ".join(
+            cell.replace("\n", " ").ljust(w) for cell, w in zip(line, widths, strict=True)
+        ).rstrip()
+        + "\n"
+        for line in lines
+    )
 
-    from rich.console import Console
 
-    width = None if sys.stdout.isatty() else max(160, shutil.get_terminal_size().columns)
-    return Console(highlight=False, width=width, soft_wrap=False)
-
-
-def _table(
-    rows: Sequence[Mapping[str, Any]], columns: Sequence[tuple[str, str]], title: str | None = None
-) -> None:
-    from rich.table import Table
-
-    table = Table(title=title, box=None, header_style="bold", pad_edge=False)
-    for _key, header in columns:
-        table.add_column(header, overflow="fold")
-    for row in rows:
-        table.add_row(*(_cell(row.get(key)) for key, _ in columns))
+def _table(rows: Sequence[Mapping[str, Any]], columns: Sequence[tuple[str, str]]) -> None:
     if not rows:
         _out("(none)")
         return
-    _console().print(table)
+    cells = [[_cell(row.get(key)) for key, _ in columns] for row in rows]
+    sys.stdout.write(text_table(cells, [header for _, header in columns]))
 
 
 def _cell(value: Any) -> str:
@@ -264,7 +264,17 @@ def _reload(v: Mapping[str, Any]) -> None:
         _out(f"restart needed for: {', '.join(v['restart_required'])}")
 
 
+def _paused(verb: str) -> Any:
+    def show(v: Mapping[str, Any]) -> None:
+        names = v.get(verb) or []
+        _out(f"{verb}: {', '.join(names)}" if names else f"{verb}: nothing (no such trigger)")
+
+    return show
+
+
 _PRINTERS: dict[str, Any] = {
+    "pause": _paused("paused"),
+    "resume": _paused("resumed"),
     "status": _status,
     "pipelines": _pipelines,
     "triggers": _triggers,
