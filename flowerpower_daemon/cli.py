@@ -388,8 +388,8 @@ def _request(args: argparse.Namespace) -> int:
 
 def _check(config: str | None, log_level: str | None) -> int:
     """``check``: every problem as ``error:`` lines naming the file and key, exit 2."""
-    from .daemon import check
     from .logs import configure_logging
+    from .service.check import check
     from .settings import load_settings
 
     settings = load_settings(config)  # ConfigError -> main prints it
