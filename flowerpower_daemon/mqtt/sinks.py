@@ -179,12 +179,13 @@ def reference_message(result: RunResult, url: str, size: int, max_bytes: int) ->
     message["stored"] = {"url": url, "bytes": size}
     data = dumps(message)
     error = message["error"]
-    excess = len(data) - max_bytes
-    if excess > 0 and isinstance(error, dict) and isinstance(error.get("message"), str):
+    if len(data) > max_bytes and isinstance(error, dict) and isinstance(error.get("message"), str):
         text: str = error["message"]
-        error["message"] = text[: max(0, len(text) - excess - len(_CUT))] + _CUT
         message["truncated"] = True
-        data = dumps(message)
+        while len(data) > max_bytes and text:  # each turn cuts at least len(_CUT) characters
+            text = text[: max(0, len(text) - (len(data) - max_bytes) - len(_CUT))]
+            error["message"] = text + _CUT
+            data = dumps(message)
     return data
 
 
