@@ -21,7 +21,7 @@ import anyio
 import structlog
 from anyio.abc import TaskGroup
 
-from ..mqtt.sinks import Reply, ResultSink
+from ..mqtt.sinks import ResultSink
 from ..project.hooks import ConfigHook
 from ..project.models import ErrorInfo, RunRequest, RunResult, TriggerInfo, new_run_id
 from ..retry import Backoff
@@ -44,7 +44,7 @@ from .chain import (
 from .decode import Decode
 from .dedup import Dedup
 from .hook import ConfigHookStage
-from .overlap import SKIP_WHILE_RUNNING, limiter_for, replace_running, run_tracked
+from .overlap import SKIP_WHILE_RUNNING, cancel_running, limiter_for, run_replaceable
 from .perkey import PerKey, release_slot, slot_for, take_turn
 
 __all__ = ["Dispatcher", "Stats", "TriggerState"]
@@ -213,14 +213,9 @@ class Dispatcher:
                 catch_up=bool(meta.get("catch_up")),
             ),
             queued_at=event.at,
-            reply=self._reply(cfg, event, admission.run_id, admission.reply_to),
+            reply=reply_for(cfg, event, admission.run_id, self._settings.mqtt, admission.reply_to),
             dedup_key=admission.dedup_key,
         )
-
-    def _reply(
-        self, cfg: Trigger, event: TriggerEvent, run_id: str, reply_to: str | None = None
-    ) -> Reply:
-        return reply_for(cfg, event, run_id, self._settings.mqtt, reply_to)
 
     async def _emit_error(
         self, state: TriggerState, event: TriggerEvent, exc: PayloadError
@@ -238,7 +233,7 @@ class Dispatcher:
                 fields=dict(event.meta.get("fields") or {}),
             ),
             queued_at=event.at,
-            reply=self._reply(cfg, event, run_id),
+            reply=reply_for(cfg, event, run_id, self._settings.mqtt),
         )
         error = ErrorInfo(type(exc).__name__, str(exc), None, False)
         self.stats.runs_failed += 1
@@ -334,16 +329,25 @@ class Dispatcher:
                 await self._enqueue(request)
                 await _ack(event)
                 return
-            replace_running(state)
+            replace = state.cfg.overlap == "replace"
+            if replace:
+                cancel_running(state)
             async with maybe(state.limiter), maybe(self._global):
                 self.stats.in_flight += 1
                 try:
-                    if await run_tracked(state, request, self.kiq):
+                    if replace:
+                        replaced = await run_replaceable(state, request, self.kiq)
+                    else:
+                        state.running[request.run_id] = None
+                        await self.kiq(request)
+                        replaced = False
+                    if replaced:
                         await self._forget_key(request)
                         await self.sink.emit(
                             request, RunResult.not_run(request, "cancelled", _REPLACED)
                         )
                 finally:
+                    state.running.pop(request.run_id, None)
                     self.stats.in_flight -= 1
             await _ack(event)
         except Exception:

@@ -4,7 +4,7 @@
 at a time, in turn (a limiter of 1); ``skip`` refuses a message while a run
 of the trigger is under way (the admission stage :data:`SKIP_WHILE_RUNNING`);
 ``replace`` cancels the running ones, whose results say ``cancelled``
-(:func:`replace_running`, :func:`run_tracked`).
+(:func:`cancel_running`, :func:`run_replaceable`).
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from .chain import Admission, Rejection, Trigger, TriggerState
 __all__ = [
     "SKIP_WHILE_RUNNING",
     "SkipWhileRunning",
+    "cancel_running",
     "limiter_for",
-    "replace_running",
-    "run_tracked",
+    "run_replaceable",
 ]
 
 Kiq = Callable[[RunRequest], Awaitable[object]]
@@ -48,29 +48,21 @@ def limiter_for(cfg: Trigger) -> anyio.CapacityLimiter | None:
     return anyio.CapacityLimiter(limit) if limit else None
 
 
-def replace_running(state: TriggerState) -> None:
+def cancel_running(state: TriggerState) -> None:
     """``overlap: replace``: cancel the trigger's runs under way (before taking any limit)."""
-    if state.cfg.overlap == "replace":
-        for older in list(state.running.values()):
-            if older is not None:
-                older.cancel()
+    for older in list(state.running.values()):
+        if older is not None:
+            older.cancel()
 
 
-async def run_tracked(state: TriggerState, request: RunRequest, kiq: Kiq) -> bool:
-    """Run ``request`` as one of ``state``'s runs; True when a newer run replaced it.
+async def run_replaceable(state: TriggerState, request: RunRequest, kiq: Kiq) -> bool:
+    """Run ``request`` so that the next run can cancel it; True when one did.
 
-    The caller holds the trigger's and the daemon's limits. Only a run of an
-    ``overlap: replace`` trigger has a cancel scope (the next run cancels it).
+    The caller holds the trigger's and the daemon's limits, and takes the run
+    out of ``state.running`` when it ends. Runs of other triggers need no
+    cancel scope: they are kept in ``state.running`` as ``None``.
     """
-    running = state.running
-    try:
-        if state.cfg.overlap != "replace":
-            running[request.run_id] = None
-            await kiq(request)
-            return False
-        with anyio.CancelScope() as scope:
-            running[request.run_id] = scope
-            await kiq(request)
-        return scope.cancelled_caught
-    finally:
-        running.pop(request.run_id, None)
+    with anyio.CancelScope() as scope:
+        state.running[request.run_id] = scope
+        await kiq(request)
+    return scope.cancelled_caught
