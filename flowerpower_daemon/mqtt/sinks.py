@@ -162,8 +162,8 @@ def _write(url: str, data: bytes) -> None:
     import fsspec  # deferred: only daemons that store results pay for it
 
     fs, path = fsspec.core.url_to_fs(url)
-    parent = fs._parent(path)
-    if parent:
+    parent = path.rpartition("/")[0]
+    if parent:  # a local file needs its directory
         fs.makedirs(parent, exist_ok=True)
     fs.pipe_file(path, data)
 
