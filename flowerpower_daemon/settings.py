@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import string
 from collections.abc import Mapping
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -73,6 +74,9 @@ class MqttSettings(_Frozen):
     # orjson itself refuses more than 1024 levels; deeper payloads are refused either way.
     max_payload_depth: int = Field(default=32, ge=1, le=1024)
     max_result_bytes: int = Field(default=256 * 1024, ge=1024)
+    # An fsspec URL template ({pipeline}, {trigger}, {run_id}): a larger result is stored
+    # whole there and its message carries a reference instead of truncated outputs.
+    result_store: str | None = None
     reconnect_min: float = Field(default=0.5, gt=0)
     reconnect_max: float = Field(default=30.0, gt=0)
     outbox_size: int = Field(default=10_000, ge=1)
@@ -87,6 +91,38 @@ class MqttSettings(_Frozen):
             raise ValueError(
                 f"invalid MQTT url {value!r}: use mqtt://host:port, mqtts://host:port or 'embedded'"
             )
+        return value
+
+    @field_validator("result_store")
+    @classmethod
+    def _result_store(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        protocol, sep, _ = value.partition("://")
+        if not sep or not protocol:
+            raise ValueError(
+                f"result_store {value!r} is not a URL: use e.g. "
+                "file:///var/lib/flowerpower/results/{run_id}.json or "
+                "s3://bucket/results/{pipeline}/{run_id}.json"
+            )
+        try:
+            names = {f for _, f, _, _ in string.Formatter().parse(value) if f is not None}
+        except ValueError as exc:
+            raise ValueError(f"result_store {value!r}: {exc}") from None
+        unknown = sorted(names - {"pipeline", "trigger", "run_id"})
+        if unknown:
+            raise ValueError(
+                f"result_store {value!r}: unknown field(s) {', '.join(unknown)}; "
+                "use {pipeline}, {trigger}, {run_id}"
+            )
+        if "run_id" not in names:
+            raise ValueError(f"result_store {value!r} must contain {{run_id}} (one file per run)")
+        import fsspec  # deferred: only a config that stores results pays for it
+
+        try:
+            fsspec.get_filesystem_class(protocol)
+        except (ImportError, ValueError) as exc:
+            raise ValueError(f"result_store {value!r}: {exc}") from None
         return value
 
     @model_validator(mode="after")

@@ -1,107 +1,70 @@
-"""Trigger events -> run requests, and the policies around them.
+"""Trigger events -> run requests: the owner of the admission chain, and the runs it starts.
 
 Inputs are merged key by key, lowest to highest: the pipeline's ``params``
 and ``run.inputs`` (applied by the runner), the trigger's ``inputs``, what
-the source decoded (topic fields, file path), then the payload. Policies:
-global ``max_concurrent_runs``, per-trigger ``max_concurrent`` and
-``overlap`` (allow / skip / queue / replace), all enforced by waiting, never
-by an unbounded buffer. A bad payload becomes an error result on the error
-topic; the message is acked (redelivering it would fail the same way).
+the source decoded (topic fields, file path), then the payload. Each trigger
+has a chain of stages (:mod:`.chain`), only those its configuration asks
+for: decode and the config hook (MQTT), dedup, overlap skip, per-key. An
+event that passes them becomes a run request; one that does not is
+rejected here, in one place (:meth:`Dispatcher.reject`): a bad payload
+becomes an error result on the error topic, and the message is acked
+(redelivering it would fail the same way). Limits (global
+``max_concurrent_runs``, per-trigger ``max_concurrent`` and ``overlap``,
+per key) are enforced by waiting, never by an unbounded buffer.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 
 import anyio
-import anyio.to_thread
-import orjson
 import structlog
 from anyio.abc import TaskGroup
 
-from ..errors import FlowerPowerError
-from ..mqtt.sinks import MqttResultSink, ResultSink, reply_target
+from ..mqtt.sinks import ResultSink
 from ..project.hooks import ConfigHook
-from ..project.models import (
-    ErrorInfo,
-    RunRequest,
-    RunResult,
-    TriggerInfo,
-    new_run_id,
-)
+from ..project.models import ErrorInfo, RunRequest, RunResult, TriggerInfo, new_run_id
 from ..retry import Backoff
 from ..settings import MqttTrigger, Settings
 from ..sources.base import TriggerEvent
-from ..sources.mqtt import PayloadError, TopicPattern, compile_topic, decode_payload
-from ..state.dedup import DedupStore, render_key
+from ..sources.mqtt import PayloadError, compile_topic
+from ..state.dedup import DedupStore
+from .chain import (
+    Admission,
+    KeySlot,
+    Rejection,
+    Stage,
+    Stats,
+    Trigger,
+    TriggerState,
+    maybe,
+    reply_for,
+    take,
+)
+from .decode import Decode
+from .dedup import Dedup
+from .hook import ConfigHookStage
+from .overlap import SKIP_WHILE_RUNNING, cancel_running, limiter_for, run_replaceable
+from .perkey import PerKey, release_slot, slot_for, take_turn
 
 __all__ = ["Dispatcher", "Stats", "TriggerState"]
 
 log = structlog.get_logger("flowerpower_daemon.dispatch")
 # Enqueue retries (queue on Redis): 0.2 s doubling to at most 10 s, +-50 %.
 _ENQUEUE_BACKOFF = Backoff(0.2, 2.0, 0.5, 10.0)
+_COALESCED = "run_coalesced"
+_REPLACED = ErrorInfo("Cancelled", "replaced by a newer run (overlap: replace)", None, False)
 
-Kiq = Callable[[RunRequest], Awaitable[Any]]
-
-
-@dataclass
-class Stats:
-    """Daemon-wide counters (shown by ``flowerpowerctl status``)."""
-
-    messages_in: int = 0
-    events: int = 0
-    runs_ok: int = 0
-    runs_failed: int = 0
-    bad_input: int = 0
-    skipped: int = 0
-    unmatched: int = 0
-    duplicates: int = 0
-    coalesced: int = 0
-    in_flight: int = 0
-
-
-@dataclass
-class _KeySlot:
-    """One key of a keyed trigger (``key: "{device}"``): its limit, its waiter, its burst.
-
-    Lives while a handler holds, waits for or debounces the key; so the map of
-    keys is bounded by the dispatcher's pending-handler bound.
-    """
-
-    limiter: anyio.CapacityLimiter | None
-    users: int = 0
-    waiting: anyio.CancelScope | None = None
-    debounced: tuple[TriggerEvent, RunRequest] | None = None
-    deadline: float = 0.0
-
-
-@dataclass
-class TriggerState:
-    """One configured trigger and its run-time state."""
-
-    cfg: Any
-    pattern: TopicPattern | None = None
-    limiter: anyio.CapacityLimiter | None = None
-    # run id -> its cancel scope (only ``overlap: replace`` cancels, so only it has one)
-    running: dict[str, anyio.CancelScope | None] = field(default_factory=dict)
-    keys: dict[str, _KeySlot] = field(default_factory=dict)
-    fired: int = 0
-    ok: int = 0
-    failed: int = 0
-    skipped: int = 0
-    paused: bool = False
+Kiq = Callable[[RunRequest], Awaitable[object]]
 
 
 class Dispatcher:
-    """Turns events into requests, applies policies, enqueues through ``kiq``."""
+    """Turns events into requests through each trigger's chain, enqueues through ``kiq``."""
 
     def __init__(
         self,
         settings: Settings,
-        triggers: list[Any],
+        triggers: Iterable[Trigger],
         *,
         kiq: Kiq,
         sink: ResultSink,
@@ -110,7 +73,7 @@ class Dispatcher:
         config_hooks: Mapping[str, ConfigHook] | None = None,
         dedup: DedupStore | None = None,
     ) -> None:
-        self.settings = settings
+        self._settings = settings
         self.config_hooks = dict(config_hooks or {})
         self.dedup = dedup
         self.kiq = kiq
@@ -124,14 +87,25 @@ class Dispatcher:
         # Bounds the handlers that wait for a slot: beyond it, sources wait (backpressure).
         self._pending = anyio.Semaphore(settings.max_concurrent_runs * 4)
 
-    def add_trigger(self, cfg: Any) -> TriggerState:
+    @property
+    def settings(self) -> Settings:
+        return self._settings
+
+    @settings.setter
+    def settings(self, settings: Settings) -> None:
+        """New settings (a reload): the chains are built again from them (payload limits,
+        default reply topics); each trigger's run-time state stays."""
+        self._settings = settings
+        for state in self.triggers.values():
+            state.chain = self._chain(state.cfg)
+
+    # ------------------------------------------------------------- triggers
+
+    def add_trigger(self, cfg: Trigger) -> TriggerState:
         """Register (or replace) a trigger; its source is the caller's business."""
-        state = TriggerState(cfg)
+        state = TriggerState(cfg, self._chain(cfg), limiter=limiter_for(cfg))
         if isinstance(cfg, MqttTrigger):
             state.pattern = compile_topic(cfg.topic)
-        limit = 1 if cfg.overlap == "queue" else cfg.max_concurrent
-        if limit:
-            state.limiter = anyio.CapacityLimiter(limit)
         self.triggers[cfg.name] = state
         return state
 
@@ -139,17 +113,22 @@ class Dispatcher:
         """Forget a trigger; its runs in flight go on and are still counted daemon-wide."""
         return self.triggers.pop(name, None)
 
-    async def run_request(self, request: RunRequest) -> None:
-        """Run a request no trigger produced (a manual run): global limit, then ``kiq``."""
-        if self.remote:
-            await self.kiq(request)
-            return
-        async with _maybe(self._global):
-            self.stats.in_flight += 1
-            try:
-                await self.kiq(request)
-            finally:
-                self.stats.in_flight -= 1
+    def _chain(self, cfg: Trigger) -> tuple[Stage, ...]:
+        """The stages ``cfg`` asks for, in order; policies it does not use cost nothing."""
+        mqtt = self._settings.mqtt
+        stages: list[Stage] = []
+        if isinstance(cfg, MqttTrigger):
+            stages.append(Decode(cfg, mqtt))
+            hook = self.config_hooks.get(cfg.pipeline)
+            if hook is not None:
+                stages.append(ConfigHookStage(hook))
+        if cfg.dedup_key and self.dedup is not None:
+            stages.append(Dedup(cfg, cfg.dedup_key, self.dedup, self.sink, mqtt))
+        if cfg.overlap == "skip":
+            stages.append(SKIP_WHILE_RUNNING)
+        if isinstance(cfg, MqttTrigger) and cfg.key:
+            stages.append(PerKey(cfg.key))
+        return tuple(stages)
 
     def mqtt_matches(self, topic: str) -> list[tuple[TriggerState, dict[str, str]]]:
         out = []
@@ -160,58 +139,7 @@ class Dispatcher:
                     out.append((state, fields))
         return out
 
-    def build_request(self, state: TriggerState, event: TriggerEvent) -> RunRequest:
-        """The run request for ``event`` (raises PayloadError for a bad payload)."""
-        cfg = state.cfg
-        inputs: dict[str, Any] = {**cfg.inputs, **event.inputs}
-        reply_to = None
-        if isinstance(cfg, MqttTrigger) and event.payload is not None:
-            decoded, reply_to = decode_payload(
-                event.payload,
-                cfg.payload,
-                cfg.payload_input,
-                max_bytes=self.settings.mqtt.max_payload_bytes,
-                max_depth=self.settings.mqtt.max_payload_depth,
-            )
-            inputs.update(decoded)
-        run_id = new_run_id()
-        topic = event.meta.get("topic")
-        fields = dict(event.meta.get("fields") or {})
-        reply = self._reply(cfg, event, run_id, reply_to)
-        return RunRequest(
-            pipeline=cfg.pipeline,
-            inputs=inputs,
-            overrides=dict(cfg.run),
-            run_id=run_id,
-            trigger=TriggerInfo(
-                name=cfg.name,
-                type=event.kind,
-                topic=topic,
-                fields=fields,
-                file_path=event.inputs.get("file_path"),
-                scheduled=event.meta.get("scheduled"),
-                catch_up=bool(event.meta.get("catch_up")),
-            ),
-            queued_at=event.at,
-            reply=reply,
-        )
-
-    def _reply(
-        self, cfg: Any, event: TriggerEvent, run_id: str, reply_to: str | None = None
-    ) -> dict[str, Any]:
-        """Where this event's result goes (see ``results.reply_target``)."""
-        return reply_target(
-            pipeline=cfg.pipeline,
-            trigger=cfg.name,
-            run_id=run_id,
-            fields=dict(event.meta.get("fields") or {}),
-            result_topic=cfg.result_topic or self.settings.mqtt.result_topic,
-            error_topic=cfg.error_topic or self.settings.mqtt.error_topic,
-            response_topic=event.meta.get("response_topic"),
-            correlation_data=event.meta.get("correlation_data"),
-            reply_to=reply_to,
-            publish=cfg.publish,
-        )
+    # ------------------------------------------------------------- admission
 
     async def submit(self, event: TriggerEvent, runs: TaskGroup) -> None:
         """Accept one event; returns once a handler owns it (may wait: backpressure)."""
@@ -221,135 +149,145 @@ class Dispatcher:
             await _ack(event)
             return
         state.fired += 1
-        try:
-            request = self.build_request(state, event)
-        except PayloadError as exc:
+        cfg = state.cfg
+        admission = Admission(state, event, new_run_id(), {**cfg.inputs, **event.inputs}, cfg.run)
+        for stage in state.chain:
+            rejection = await stage(admission)
+            if rejection is not None:
+                await self.reject(admission, rejection)
+                return
+        request = self._request(admission)
+        key = admission.key
+        if key is not None and isinstance(cfg, MqttTrigger) and cfg.debounce:
+            await self._debounce(cfg, admission, request, runs)
+            return
+        await take(self._pending)
+        if key is not None and isinstance(cfg, MqttTrigger):
+            slot_for(state, cfg, key).users += 1
+        runs.start_soon(self._handle, admission, request, name=f"run:{request.run_id}")
+
+    async def reject(self, admission: Admission, rejection: Rejection) -> None:
+        """An event that is not run: its error result or log line, its counter, its ack.
+
+        A dedup key the event claimed is released: a message that never ran
+        must not make a redelivery of itself a duplicate.
+        """
+        state, event = admission.state, admission.event
+        kind = rejection.kind
+        if kind == "bad_input":
             self.stats.bad_input += 1
-            log.warning(
-                "bad_payload", trigger=state.cfg.name, topic=event.meta.get("topic"), error=str(exc)
-            )
-            await self._emit_error(state, event, exc)
-            await _ack(event)
-            return
-        hook = self.config_hooks.get(state.cfg.pipeline) if state.pattern is not None else None
-        if hook is not None:
-            try:
-                request = await self._apply_config_hook(hook, request, event)
-            except Exception as exc:
-                self.stats.bad_input += 1
-                log.warning("config_hook_failed", trigger=state.cfg.name, error=str(exc))
-                await self._emit_error(state, event, PayloadError(f"mqtt_build_config hook: {exc}"))
-                await _ack(event)
-                return
-        if state.cfg.dedup_key and self.dedup is not None:
-            try:
-                key = render_key(state.cfg.dedup_key, _key_values(request, event))
-            except KeyError as exc:
-                self.stats.bad_input += 1
-                await self._emit_error(state, event, PayloadError(str(exc.args[0])))
-                await _ack(event)
-                return
-            key = f"{state.cfg.name}:{key}"
-            claim, earlier = await self.dedup.claim(key, request.run_id, state.cfg.dedup_ttl)
-            if claim != "new":
+            if rejection.log is not None:
+                log.warning(rejection.log, trigger=state.cfg.name, **rejection.detail)
+            await self._emit_error(state, event, PayloadError(rejection.reason))
+        else:
+            if kind == "duplicate":
                 self.stats.duplicates += 1
-                log.info("duplicate_not_run", trigger=state.cfg.name, dedup_key=key, state=claim)
-                if earlier is not None and isinstance(self.sink, MqttResultSink):
-                    ok = orjson.loads(earlier).get("status") == "success"
-                    await self.sink.publish_encoded(request.reply, earlier, ok=ok)
-                await _ack(event)
-                return
-            request = dataclasses.replace(request, dedup_key=key)
-        if state.cfg.overlap == "skip" and state.running:
-            state.skipped += 1
-            self.stats.skipped += 1
-            log.info("run_skipped_overlap", trigger=state.cfg.name, running=list(state.running))
-            await _ack(event)
-            return
-        slot_key = None
-        if getattr(state.cfg, "key", None):
-            try:
-                slot_key = render_key(state.cfg.key, _key_values(request, event))
-            except KeyError as exc:
-                self.stats.bad_input += 1
-                await self._emit_error(state, event, PayloadError(f"key: {exc.args[0]}"))
-                await self._forget_key(request)
-                await _ack(event)
-                return
-            if state.cfg.debounce:
-                await self._debounce(state, slot_key, event, request, runs)
-                return
-        await _take(self._pending)
-        if slot_key is not None:
-            self._slot(state, slot_key).users += 1
-        runs.start_soon(
-            self._handle, state, event, request, slot_key, name=f"run:{request.run_id}"
-        )
-
-    def _slot(self, state: TriggerState, key: str) -> _KeySlot:
-        slot = state.keys.get(key)
-        if slot is None:
-            cfg = state.cfg
-            limit = cfg.max_concurrent_per_key or (1 if cfg.coalesce else None)
-            slot = state.keys[key] = _KeySlot(anyio.CapacityLimiter(limit) if limit else None)
-        return slot
-
-    def _release_slot(self, state: TriggerState, key: str, slot: _KeySlot) -> None:
-        slot.users -= 1
-        if slot.users == 0 and slot.debounced is None and state.keys.get(key) is slot:
-            del state.keys[key]
-
-    async def _coalesced(
-        self, state: TriggerState, event: TriggerEvent, request: RunRequest
-    ) -> None:
-        """A message that a newer one on the same key stands for: not run, acked, counted."""
-        state.skipped += 1
-        self.stats.coalesced += 1
-        log.info("run_coalesced", trigger=state.cfg.name, run_id=request.run_id)
-        await self._forget_key(request)
+            elif kind == "skipped":
+                state.skipped += 1
+                self.stats.skipped += 1
+            else:
+                state.skipped += 1
+                self.stats.coalesced += 1
+            log.info(rejection.log or f"run_{kind}", trigger=state.cfg.name, **rejection.detail)
+        if admission.dedup_key is not None and self.dedup is not None:
+            await self.dedup.forget(admission.dedup_key)
         await _ack(event)
 
+    def _request(self, admission: Admission) -> RunRequest:
+        """The run request of an admitted event (built once, after every stage)."""
+        cfg, event = admission.state.cfg, admission.event
+        meta = event.meta
+        file_path = event.inputs.get("file_path")
+        return RunRequest(
+            pipeline=cfg.pipeline,
+            inputs=admission.inputs,
+            overrides=dict(admission.overrides),
+            run_id=admission.run_id,
+            trigger=TriggerInfo(
+                name=cfg.name,
+                type=event.kind,
+                topic=meta.get("topic"),
+                fields=dict(meta.get("fields") or {}),
+                file_path=file_path if isinstance(file_path, str) else None,
+                scheduled=meta.get("scheduled"),
+                catch_up=bool(meta.get("catch_up")),
+            ),
+            queued_at=event.at,
+            reply=reply_for(cfg, event, admission.run_id, self._settings.mqtt, admission.reply_to),
+            dedup_key=admission.dedup_key,
+        )
+
+    async def _emit_error(
+        self, state: TriggerState, event: TriggerEvent, exc: PayloadError
+    ) -> None:
+        """The error result of an event that was refused (it never became a run)."""
+        cfg = state.cfg
+        run_id = new_run_id()
+        request = RunRequest(
+            pipeline=cfg.pipeline,
+            run_id=run_id,
+            trigger=TriggerInfo(
+                name=cfg.name,
+                type=event.kind,
+                topic=event.meta.get("topic"),
+                fields=dict(event.meta.get("fields") or {}),
+            ),
+            queued_at=event.at,
+            reply=reply_for(cfg, event, run_id, self._settings.mqtt),
+        )
+        error = ErrorInfo(type(exc).__name__, str(exc), None, False)
+        self.stats.runs_failed += 1
+        state.failed += 1
+        await self.sink.emit(request, RunResult.not_run(request, "failed", error))
+
+    # ------------------------------------------------------------ per-key bursts
+
     async def _debounce(
-        self,
-        state: TriggerState,
-        key: str,
-        event: TriggerEvent,
-        request: RunRequest,
-        runs: TaskGroup,
+        self, cfg: MqttTrigger, admission: Admission, request: RunRequest, runs: TaskGroup
     ) -> None:
         """Hold the key's latest message until ``debounce`` seconds pass without a newer one."""
+        state, key = admission.state, admission.key
+        assert key is not None and cfg.debounce is not None
         slot = state.keys.get(key)
-        deadline = anyio.current_time() + state.cfg.debounce
+        deadline = anyio.current_time() + cfg.debounce
         if slot is not None and slot.debounced is not None:
-            older, older_request = slot.debounced
-            slot.debounced, slot.deadline = (event, request), deadline
-            await self._coalesced(state, older, older_request)
+            older = slot.debounced
+            slot.debounced, slot.request, slot.deadline = admission, request, deadline
+            await self._coalesce(older)
             return
-        await _take(self._pending)
-        slot = self._slot(state, key)
+        await take(self._pending)
+        slot = slot_for(state, cfg, key)
         slot.users += 1
-        slot.debounced, slot.deadline = (event, request), deadline
-        runs.start_soon(self._debounced, state, key, slot, name=f"debounce:{state.cfg.name}")
+        slot.debounced, slot.request, slot.deadline = admission, request, deadline
+        runs.start_soon(self._debounced, state, slot, name=f"debounce:{cfg.name}")
 
-    async def _debounced(self, state: TriggerState, key: str, slot: _KeySlot) -> None:
+    async def _debounced(self, state: TriggerState, slot: KeySlot) -> None:
         # Each newer message moves the deadline; sleep until it stops moving.
         while (delay := slot.deadline - anyio.current_time()) > 0:  # noqa: ASYNC110
             await anyio.sleep(delay)
-        assert slot.debounced is not None
-        (event, request), slot.debounced = slot.debounced, None
-        await self._handle(state, event, request, key)
+        admission, request = slot.debounced, slot.request
+        assert admission is not None and request is not None
+        slot.debounced = slot.request = None
+        await self._handle(admission, request)
 
-    async def _apply_config_hook(
-        self, hook: ConfigHook, request: RunRequest, event: TriggerEvent
-    ) -> RunRequest:
-        """Merge the hook's dict into this request's Hamilton config (this message only)."""
-        payload = request.inputs if event.payload is None else _payload_value(request, event)
-        extra = await anyio.to_thread.run_sync(hook, payload, event.meta.get("topic") or "")
-        if not isinstance(extra, Mapping):
-            raise TypeError(f"must return a dict, not {type(extra).__name__}")
-        overrides = dict(request.overrides)
-        overrides["config"] = {**dict(overrides.get("config") or {}), **extra}
-        return dataclasses.replace(request, overrides=overrides)
+    async def _coalesce(self, admission: Admission) -> None:
+        """A message that a newer one on the same key stands for: not run, acked, counted."""
+        detail = {"run_id": admission.run_id}
+        await self.reject(admission, Rejection("coalesced", log=_COALESCED, detail=detail))
+
+    # ------------------------------------------------------------------ runs
+
+    async def run_request(self, request: RunRequest) -> None:
+        """Run a request no trigger produced (a manual run): global limit, then ``kiq``."""
+        if self.remote:
+            await self.kiq(request)
+            return
+        async with maybe(self._global):
+            self.stats.in_flight += 1
+            try:
+                await self.kiq(request)
+            finally:
+                self.stats.in_flight -= 1
 
     async def _enqueue(self, request: RunRequest) -> None:
         """Hand ``request`` to the Redis queue, trying again until it is there.
@@ -376,27 +314,16 @@ class Dispatcher:
                 )
                 await anyio.sleep(delay)
 
-    async def _handle(
-        self,
-        state: TriggerState,
-        event: TriggerEvent,
-        request: RunRequest,
-        key: str | None = None,
-    ) -> None:
+    async def _handle(self, admission: Admission, request: RunRequest) -> None:
+        state, event, key = admission.state, admission.event, admission.key
         slot = state.keys.get(key) if key is not None else None
         held = False
         try:
             if slot is not None and slot.limiter is not None and not self.remote:
-                if state.cfg.coalesce and slot.waiting is not None:
-                    slot.waiting.cancel()  # the older waiter gives way to this newer message
-                with anyio.CancelScope() as waiting:
-                    slot.waiting = waiting
-                    await _take(slot.limiter)
-                    held = True
-                if slot.waiting is waiting:
-                    slot.waiting = None
+                cfg = state.cfg
+                held = await take_turn(slot, isinstance(cfg, MqttTrigger) and cfg.coalesce)
                 if not held:
-                    await self._coalesced(state, event, request)
+                    await self._coalesce(admission)
                     return
             if self.remote:
                 await self._enqueue(request)
@@ -404,17 +331,12 @@ class Dispatcher:
                 return
             replace = state.cfg.overlap == "replace"
             if replace:
-                for older in list(state.running.values()):
-                    if older is not None:
-                        older.cancel()
-            async with _maybe(state.limiter), _maybe(self._global):
+                cancel_running(state)
+            async with maybe(state.limiter), maybe(self._global):
                 self.stats.in_flight += 1
                 try:
                     if replace:
-                        with anyio.CancelScope() as scope:
-                            state.running[request.run_id] = scope
-                            await self.kiq(request)
-                        replaced = scope.cancelled_caught
+                        replaced = await run_replaceable(state, request, self.kiq)
                     else:
                         state.running[request.run_id] = None
                         await self.kiq(request)
@@ -422,17 +344,7 @@ class Dispatcher:
                     if replaced:
                         await self._forget_key(request)
                         await self.sink.emit(
-                            request,
-                            RunResult.not_run(
-                                request,
-                                "cancelled",
-                                ErrorInfo(
-                                    "Cancelled",
-                                    "replaced by a newer run (overlap: replace)",
-                                    None,
-                                    False,
-                                ),
-                            ),
+                            request, RunResult.not_run(request, "cancelled", _REPLACED)
                         )
                 finally:
                     state.running.pop(request.run_id, None)
@@ -457,7 +369,7 @@ class Dispatcher:
                 if held:
                     assert slot.limiter is not None
                     slot.limiter.release()
-                self._release_slot(state, key, slot)
+                release_slot(state, key, slot)
 
     async def _forget_key(self, request: RunRequest) -> None:
         """A run that never finished must not keep its dedup key: a redelivery runs again."""
@@ -476,76 +388,7 @@ class Dispatcher:
             if state:
                 state.failed += 1
 
-    async def _emit_error(
-        self, state: TriggerState, event: TriggerEvent, exc: FlowerPowerError
-    ) -> None:
-        cfg = state.cfg
-        run_id = new_run_id()
-        request = RunRequest(
-            pipeline=cfg.pipeline,
-            run_id=run_id,
-            trigger=TriggerInfo(
-                name=cfg.name,
-                type=event.kind,
-                topic=event.meta.get("topic"),
-                fields=dict(event.meta.get("fields") or {}),
-            ),
-            queued_at=event.at,
-            reply=self._reply(cfg, event, run_id),
-        )
-        error = ErrorInfo(type(exc).__name__, str(exc), None, False)
-        self.stats.runs_failed += 1
-        state.failed += 1
-        await self.sink.emit(request, RunResult.not_run(request, "failed", error))
-
-
-def _payload_value(request: RunRequest, event: TriggerEvent) -> Any:
-    """What the hook sees as ``payload``: the decoded JSON (or text) of the message."""
-    try:
-        return orjson.loads(event.payload or b"")
-    except orjson.JSONDecodeError:
-        return request.inputs.get("payload", event.payload)
-
-
-def _key_values(request: RunRequest, event: TriggerEvent) -> dict[str, Any]:
-    """What a dedup_key template can name: payload.*, topic fields, props.*, topic."""
-    return {
-        **dict(event.meta.get("fields") or {}),
-        "payload": _payload_value(request, event),
-        "props": dict(event.meta.get("user_properties") or ()),
-        "topic": event.meta.get("topic") or "",
-        "trigger": request.trigger.name,
-    }
-
 
 async def _ack(event: TriggerEvent) -> None:
     if event.ack is not None:
         await event.ack()
-
-
-async def _take(slots: anyio.CapacityLimiter | anyio.Semaphore) -> None:
-    """Take a slot, without a trip through the event loop when one is free.
-
-    anyio's ``acquire`` always yields to the loop first (a checkpoint): per run,
-    with three limiters, that was three loop iterations for nothing.
-    ``acquire_nowait`` refuses while others wait, so the order stays fair.
-    """
-    try:
-        slots.acquire_nowait()
-    except anyio.WouldBlock:
-        await slots.acquire()
-
-
-class _maybe:
-    """``async with`` a limiter when there is one."""
-
-    def __init__(self, limiter: anyio.CapacityLimiter | None) -> None:
-        self.limiter = limiter
-
-    async def __aenter__(self) -> None:
-        if self.limiter is not None:
-            await _take(self.limiter)
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self.limiter is not None:
-            self.limiter.release()

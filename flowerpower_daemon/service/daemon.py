@@ -167,7 +167,10 @@ class Daemon:
             )
             self.link, self.publisher = link, publisher
             sink = MqttResultSink(
-                publisher, qos=s.mqtt.result_qos, max_bytes=s.mqtt.max_result_bytes
+                publisher,
+                qos=s.mqtt.result_qos,
+                max_bytes=s.mqtt.max_result_bytes,
+                result_store=s.mqtt.result_store,
             )
             self.sink = self.jobs.sink = sink
             broker = create_broker(s.queue)

@@ -62,7 +62,10 @@ async def run_worker(settings: Settings) -> None:
     client_id = f"{settings.mqtt.client_id}-worker-{socket.gethostname()}-{os.getpid()}"
     link = MqttLink(settings.mqtt, client_id=client_id)
     sink = MqttResultSink(
-        link, qos=settings.mqtt.result_qos, max_bytes=settings.mqtt.max_result_bytes
+        link,
+        qos=settings.mqtt.result_qos,
+        max_bytes=settings.mqtt.max_result_bytes,
+        result_store=settings.mqtt.result_store,
     )
     broker = create_broker(settings.queue, worker=True)
     broker.is_worker_process = True

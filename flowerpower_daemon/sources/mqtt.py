@@ -8,9 +8,9 @@ turns the matched level into the input ``device``. The connection itself
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import orjson
 
@@ -95,17 +95,17 @@ def compile_topic(source: str) -> TopicPattern:
     return TopicPattern(source, "/".join(levels), tuple(levels), fields)
 
 
-def json_depth(value: Any, limit: int = MAX_JSON_DEPTH) -> int:
+def json_depth(value: object, limit: int = MAX_JSON_DEPTH) -> int:
     """Nesting depth of a decoded JSON value (stops counting past ``limit``; no recursion)."""
     depth = 0
-    stack: list[tuple[Any, int]] = [(value, 1)]
+    stack: list[tuple[object, int]] = [(value, 1)]
     while stack:
         item, d = stack.pop()
         if isinstance(item, dict | list):
             depth = max(depth, d)
             if depth > limit:
                 return depth
-            children = item.values() if isinstance(item, dict) else item
+            children: Iterable[object] = item.values() if isinstance(item, dict) else item
             stack.extend((c, d + 1) for c in children if isinstance(c, dict | list))
     return depth
 
@@ -119,7 +119,7 @@ def _utf8_error(payload: bytes) -> PayloadError | None:
     return None
 
 
-def _type_name(value: Any) -> str:
+def _type_name(value: object) -> str:
     if value is None:
         return "null"
     if isinstance(value, bool):
@@ -138,15 +138,16 @@ def decode_payload(
     *,
     max_bytes: int | None = None,
     max_depth: int = MAX_JSON_DEPTH,
-) -> tuple[dict[str, Any], str | None]:
+) -> tuple[dict[str, object], str | None]:
     """Turn a payload into inputs, plus the ``reply_to`` a JSON object may carry.
 
     A JSON object merges into the inputs; any other payload becomes the one
     input ``input_name``, or is refused when ``input_name`` is ``None`` (the
     trigger requires a JSON object). Raises :class:`PayloadError` with the
     reason: too large, not valid UTF-8 (``json``/``text``), not valid JSON
-    (``json``), nested deeper than ``max_depth``, not an object, a
-    ``reply_to`` that is not a topic name results can be published to.
+    (``json``), nested deeper than ``max_depth``, not an object (an empty
+    or whitespace-only payload is not one either), a ``reply_to`` that is not
+    a topic name results can be published to.
 
     ``auto`` tries JSON, then UTF-8 text, then passes the bytes; a payload that
     is JSON but too deep is refused in ``auto`` too, never passed on as text.
@@ -160,8 +161,14 @@ def decode_payload(
         if err is not None:
             raise err
         return {_need(input_name, mode): payload.decode("utf-8")}, None
-    if not payload.strip() and mode == "auto":
-        return {}, None
+    if not payload.strip():
+        if input_name is None:
+            raise PayloadError(
+                f"payload must be a JSON object, got {_blank(payload)} "
+                "(this trigger sets payload_input: null)"
+            )
+        if mode == "auto":
+            return {}, None
     try:
         value = orjson.loads(payload)
     except orjson.JSONDecodeError as exc:
@@ -186,9 +193,7 @@ def decode_payload(
         raise PayloadError(_too_deep(max_depth))
     if isinstance(value, dict):
         reply_to = value.pop("reply_to", None)
-        if reply_to is not None:
-            _check_reply_to(reply_to)
-        return value, reply_to
+        return value, None if reply_to is None else _check_reply_to(reply_to)
     if input_name is None:
         raise PayloadError(
             f"payload must be a JSON object, got a JSON {_type_name(value)} "
@@ -228,13 +233,23 @@ def topic_name_problem(topic: str) -> str | None:
     return None
 
 
-def _check_reply_to(reply_to: Any) -> None:
-    """Refuse a ``reply_to`` no result could be published to (see :func:`topic_name_problem`)."""
+def _check_reply_to(reply_to: object) -> str:
+    """``reply_to`` if a result can be published to it (see :func:`topic_name_problem`)."""
     if not isinstance(reply_to, str) or not reply_to:
         raise PayloadError("reply_to must be a non-empty topic name (a string)")
     bad = topic_name_problem(reply_to)
     if bad is not None:
         raise PayloadError(f"reply_to {reply_to[:80]!r} is not a valid topic name: it {bad}")
+    return reply_to
+
+
+def _blank(payload: bytes) -> str:
+    """What a payload with nothing in it is called in an error message."""
+    return (
+        "an empty payload"
+        if not payload
+        else f"a blank payload ({len(payload)} bytes of whitespace)"
+    )
 
 
 def _too_deep(max_depth: int) -> str:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import signal
+import sqlite3
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -12,12 +14,17 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from tests.daemon_harness import (
+    base_settings,
+    client,
     collect,
     collect_for,
+    daemon,
     make_project,
     mqtt_trigger,
     online_daemon,
     unique,
+    wait_online,
+    write_config,
 )
 
 # Each test starts real daemons (subprocesses); generous for a loaded machine.
@@ -203,3 +210,80 @@ def test_check_lists_every_problem(tmp_path: Path) -> None:
     assert (
         "triggers[1].inputs: 'temprature' is not an input of pipeline 'temperature'" in proc.stderr
     )
+
+
+async def test_object_only_trigger_refuses_empty_payload_and_ignores_extra_fields(
+    tmp_path: Path, mosquitto: Any
+) -> None:
+    """payload_input: null: an empty or blank payload is an error result; extra JSON fields are ignored."""
+    prefix = unique("obj")
+    temp = mqtt_trigger("temp", "temperature", f"{prefix}/{{device}}", payload_input=None)
+    async with online_daemon(tmp_path, mosquitto.port, [temp]) as d:
+        c, tag = d.client, d.tag
+        await c.subscribe(f"{tag}/errors/#", qos=1)
+        await c.subscribe(f"{tag}/results/#", qos=1)
+        await c.publish(f"{prefix}/empty", b"", qos=1)
+        [(_, empty, _)] = await collect(c, f"{tag}/errors/#", 1, timeout=20)
+        await c.publish(f"{prefix}/blank", b" \n ", qos=1)
+        [(_, blank, _)] = await collect(c, f"{tag}/errors/#", 1, timeout=20)
+        await c.publish(f"{prefix}/dev1", b'{"temperature": 20, "extra": 1}', qos=1)
+        [(_, good, _)] = await collect(c, f"{tag}/results/#", 1, timeout=20)
+        assert d.proc.proc.poll() is None, d.proc.log()
+    assert empty["status"] == blank["status"] == "failed"
+    assert empty["error"] == {
+        "type": "PayloadError",
+        "message": "payload must be a JSON object, got an empty payload "
+        "(this trigger sets payload_input: null)",
+    }
+    assert blank["error"]["type"] == "PayloadError"
+    assert "got a blank payload (3 bytes of whitespace)" in blank["error"]["message"]
+    assert good["status"] == "success", good
+    assert good["outputs"]["celsius"] == 20.0
+
+
+BIG_PIPELINE = (
+    '"""Returns a string of `size` characters: for large-result tests."""\n\n\n'
+    "def blob(size: int = 10) -> str:\n"
+    '    """`size` times "x"."""\n    return "x" * size\n'
+)
+
+
+async def test_result_store_keeps_large_result_whole_and_publishes_reference(
+    tmp_path: Path, mosquitto: Any
+) -> None:
+    """mqtt.result_store: a result over max_result_bytes is stored whole; MQTT and history get its reference."""
+    project = make_project(tmp_path / "big")
+    (project / "pipelines" / "big.py").write_text(BIG_PIPELINE)
+    prefix = unique("big")
+    store = tmp_path / "results"
+    s = base_settings(project, tmp_path, mosquitto.port)
+    s["mqtt"].update(
+        max_result_bytes=1024, result_store=f"file://{store}/{{pipeline}}/{{run_id}}.json"
+    )
+    s["triggers"] = [mqtt_trigger("big", "big", prefix)]
+    tag = s["mqtt"]["client_id"]
+    with daemon(write_config(tmp_path, s)) as proc:
+        async with client(mosquitto.port) as c:
+            await wait_online(c, f"{tag}/status", proc)
+            await c.subscribe(f"{tag}/results/#", qos=1)
+            await c.publish(prefix, b'{"size": 5000}', qos=1)
+            [(_, large, _)] = await collect(c, f"{tag}/results/#", 1, timeout=20)
+            await c.publish(prefix, b'{"size": 10}', qos=1)
+            [(_, small, _)] = await collect(c, f"{tag}/results/#", 1, timeout=20)
+        proc.signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, proc.log()
+    run_id = large["run_id"]
+    path = store / "big" / f"{run_id}.json"
+    assert large["status"] == "success"
+    assert large["outputs"] is None
+    assert large["stored"] == {"url": f"file://{path}", "bytes": path.stat().st_size}
+    assert large["trigger"]["name"] == "big" and large["duration_ms"] >= 0
+    whole = orjson.loads(path.read_bytes())
+    assert whole["run_id"] == run_id and whole["outputs"] == {"blob": "x" * 5000}
+    # Under the limit: the outputs themselves, nothing stored.
+    assert small["outputs"] == {"blob": "x" * 10} and "stored" not in small
+    assert sorted(p.name for p in path.parent.iterdir()) == [f"{run_id}.json"]
+    # The job history keeps the reference, not a truncated copy.
+    with closing(sqlite3.connect(tmp_path / "state" / "history.sqlite3")) as db:
+        [(kept,)] = db.execute("SELECT result FROM jobs WHERE run_id = ?", (run_id,)).fetchall()
+    assert orjson.loads(kept) == large

@@ -111,7 +111,10 @@ def test_object_required(payload: bytes, kind: str, mode: Any) -> None:
 def test_object_required_in_auto_mode_refuses_text_and_bytes() -> None:
     assert "not a JSON object" in _refused(b"hello", "auto", input_name=None)
     assert "not valid UTF-8" in _refused(b"\xff", "auto", input_name=None)
-    assert decode_payload(b"", "auto", None) == ({}, None)
+    # An empty or blank payload is no object either (issue 11); with an input name it is {}.
+    assert "got an empty payload" in _refused(b"", "auto", input_name=None)
+    assert "got a blank payload (3 bytes" in _refused(b" \n\t", "json", input_name=None)
+    assert decode_payload(b"", "auto", "payload") == ({}, None)
 
 
 def test_settings() -> None:
