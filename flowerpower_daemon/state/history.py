@@ -115,7 +115,7 @@ class SqliteHistory:
             await anyio.to_thread.run_sync(self._close, limiter=self._lane)
 
     def _open(self) -> None:
-        self._db = open_sqlite(self.path, _SCHEMA, private=True)
+        self._db = open_sqlite(self.path, _SCHEMA)
         self._prune()
 
     def _close(self) -> None:
