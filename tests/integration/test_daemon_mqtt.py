@@ -6,19 +6,24 @@ import signal
 from pathlib import Path
 from typing import Any
 
+import anyio
 import orjson
 import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from tests.daemon_harness import (
+    base_settings,
     collect,
     collect_for,
+    daemon,
     make_project,
     mqtt_trigger,
     online_daemon,
     unique,
+    write_config,
 )
+from tests.services import free_port
 
 # Each test starts real daemons (subprocesses); generous for a loaded machine.
 pytestmark = pytest.mark.timeout(300)
@@ -203,3 +208,23 @@ def test_check_lists_every_problem(tmp_path: Path) -> None:
     assert (
         "triggers[1].inputs: 'temprature' is not an input of pipeline 'temperature'" in proc.stderr
     )
+
+
+async def test_unreachable_broker_is_one_warning_per_attempt(tmp_path: Path) -> None:
+    """Broker down: each retry is one `mqtt_disconnected` warning (the receiving link's)."""
+    settings = base_settings(make_project(tmp_path), tmp_path, free_port(), log_level="DEBUG")
+    settings["mqtt"].update(reconnect_min=0.1, reconnect_max=0.2)
+    tag = settings["mqtt"]["client_id"]
+    with daemon(write_config(tmp_path, settings)) as proc:
+        with anyio.fail_after(120):
+            while proc.log().count('"mqtt_disconnected"') < 8:
+                assert proc.proc.poll() is None, proc.log()[-3000:]
+                await anyio.sleep(0.2)
+        proc.signal(signal.SIGTERM)
+        assert proc.wait(60) == 0, proc.log()[-3000:]
+        events = [orjson.loads(line) for line in proc.log().splitlines() if line.startswith("{")]
+    disconnects = [e for e in events if e["event"] == "mqtt_disconnected"]
+    warned = [e["client_id"] for e in disconnects if e["level"] == "warning"]
+    assert len(warned) >= 3 and set(warned) == {tag}, disconnects
+    quiet = [e["client_id"] for e in disconnects if e["level"] == "debug"]
+    assert quiet and set(quiet) == {f"{tag}-results"}, disconnects
