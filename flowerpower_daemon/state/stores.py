@@ -14,9 +14,12 @@ from __future__ import annotations
 import os
 import sqlite3
 from pathlib import Path
-from typing import Any, Literal, Self
+from typing import TYPE_CHECKING, Literal, Self
 
 import anyio
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
 
 __all__ = ["RedisStore", "SqliteStore", "open_sqlite"]
 
@@ -77,20 +80,28 @@ class RedisStore:
     a subclass's Lua scripts on it."""
 
     url: str
-    _redis: Any = None
+    _client: Redis | None = None
+
+    @property
+    def _redis(self) -> Redis:
+        """The open client (only inside ``async with``)."""
+        client = self._client
+        if client is None:
+            raise RuntimeError(f"{type(self).__name__} is used outside 'async with'")
+        return client
 
     async def __aenter__(self) -> Self:
         import redis.asyncio as aioredis
 
-        self._redis = aioredis.Redis.from_url(self.url)
-        self._scripts(self._redis)
+        self._client = aioredis.Redis.from_url(self.url)
+        self._scripts(self._client)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        if self._redis is not None:
+        if self._client is not None:
             with anyio.move_on_after(5, shield=True):
-                await self._redis.aclose()
-            self._redis = None
+                await self._client.aclose()
+            self._client = None
 
-    def _scripts(self, redis: Any) -> None:
+    def _scripts(self, redis: Redis) -> None:
         """Register Lua scripts on a new client (none by default)."""
