@@ -30,11 +30,13 @@ def open_umask() -> Iterator[None]:
 
 @pytest.mark.usefixtures("open_umask")
 async def test_timer_state_file_is_0600(tmp_path: Path) -> None:
-    """timers.sqlite3 is created 0600 in a 0700 directory whatever the umask."""
+    """timers.sqlite3 (and its WAL files) is created 0600 in a 0700 directory, whatever the umask."""
     path = tmp_path / "state" / "timers.sqlite3"
     async with SqliteTimerState(path) as state:
         await state.record("t", datetime(2026, 1, 1, tzinfo=UTC))
         assert await state.last_fire("t") == datetime(2026, 1, 1, tzinfo=UTC)
+        for journal in ("-wal", "-shm"):  # SQLite gives them the database file's mode
+            assert _mode(path.with_name(path.name + journal)) == 0o600
     assert _mode(path) == 0o600
     assert _mode(path.parent) == 0o700
 
