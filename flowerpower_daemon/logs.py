@@ -20,7 +20,7 @@ from typing import IO, Literal
 
 import structlog
 
-__all__ = ["configure_logging", "journald_stream"]
+__all__ = ["configure_logging", "journald_stream", "print_error"]
 
 LogFormat = Literal["auto", "json", "console"]
 
@@ -62,10 +62,23 @@ def _with_priority(renderer: structlog.typing.Processor) -> structlog.typing.Pro
         text = renderer(logger, name, event_dict)
         if not isinstance(text, str):
             text = text.decode() if isinstance(text, bytes) else str(text)
-        # Multi-line output (the console's tracebacks) is one journal entry per line.
-        return prefix + text.replace("\n", "\n" + prefix)
+        return _prefixed(prefix, text)
 
     return render
+
+
+def _prefixed(prefix: str, text: str) -> str:
+    """Every line of ``text`` with ``prefix``: the journal makes each line an entry."""
+    return prefix + text.replace("\n", "\n" + prefix)
+
+
+def print_error(message: str) -> None:
+    """``error: <message>`` on stderr, for the user (no log format); under journald
+    filed at error level like the log lines (see the module doc)."""
+    text = f"error: {message}"
+    if journald_stream(sys.stderr):
+        text = _prefixed("<3>", text)
+    sys.stderr.write(text + "\n")
 
 
 def configure_logging(level: str = "INFO", fmt: LogFormat = "auto") -> None:

@@ -68,3 +68,28 @@ def test_no_prefix_unless_stderr_is_the_journal(tmp_path: Path, journal: str | N
     lines = _run(tmp_path, "json", journal=journal)
     assert len(lines) == 6
     assert all(line.startswith("{") for line in lines), lines
+
+
+_ERROR_SCRIPT = """
+from flowerpower_daemon.logs import print_error
+
+print_error("config.yml: bad\\n  - second line")
+"""
+
+
+@pytest.mark.parametrize(("journal", "prefix"), [("", "<3>"), (None, "")])
+def test_print_error_is_filed_at_error_level_under_journald(
+    tmp_path: Path, journal: str | None, prefix: str
+) -> None:
+    """The entry points' `error: ...` lines get <3> on the journal's stream (each line), else none."""
+    err = tmp_path / "stderr.log"
+    env = {k: v for k, v in os.environ.items() if k != "JOURNAL_STREAM"}
+    with err.open("w") as fh:
+        if journal is not None:
+            st = os.fstat(fh.fileno())
+            env["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino}"
+        subprocess.run([sys.executable, "-c", _ERROR_SCRIPT], stderr=fh, env=env, check=True)
+    assert err.read_text().splitlines() == [
+        f"{prefix}error: config.yml: bad",
+        f"{prefix}  - second line",
+    ]
