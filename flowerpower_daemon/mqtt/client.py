@@ -186,7 +186,7 @@ def on_messages(
     that cannot be decoded (e.g. a topic that is not UTF-8) can never be
     handled: it is logged and acked.
     """
-    paho_ack = client._client.ack
+    ack_now = paho_ack(client)
 
     def on_message(paho: object, userdata: object, message: paho_mqtt.MQTTMessage) -> None:
         try:
@@ -197,9 +197,8 @@ def on_messages(
             props = message.properties if v5 else None
             if props is None:
                 incoming = IncomingMessage(
-                    message.topic, payload, qos, bool(message.retain),
-                    ack=acker(message.mid, qos),
-                )  # fmt: skip
+                    message.topic, payload, qos, bool(message.retain), ack=acker(message.mid, qos)
+                )
             else:
                 incoming = IncomingMessage(
                     message.topic,
@@ -214,7 +213,7 @@ def on_messages(
         except Exception as exc:
             log.error("mqtt_message_undecodable", error=repr(exc), mid=message.mid)
             if message.qos > 0:
-                paho_ack(message.mid, message.qos)
+                ack_now(message.mid, message.qos)
             return
         deliver(incoming)
 
