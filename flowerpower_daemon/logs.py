@@ -3,19 +3,82 @@
 JSON lines on stderr when not on a terminal (journald, files, CI), a
 coloured console format on a TTY. ``run_id``, ``pipeline`` and ``trigger``
 are bound per run with ``structlog.contextvars``.
+
+When stderr is journald's stream (``JOURNAL_STREAM`` names its device and
+inode, as systemd sets it), every line starts with its syslog priority, e.g.
+``<3>`` for an error (sd-daemon(3)): journald strips the prefix and files the
+line at that level, so ``journalctl -p err`` shows only the errors.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
-from typing import Literal
+from collections.abc import Mapping, MutableMapping
+from typing import IO, Literal
 
 import structlog
 
-__all__ = ["configure_logging"]
+__all__ = ["configure_logging", "journald_stream", "print_error"]
 
 LogFormat = Literal["auto", "json", "console"]
+
+# sd-daemon(3)'s SD_ERR ... SD_DEBUG, by structlog's level names.
+_PRIORITY: Mapping[str, str] = {
+    "critical": "<2>",
+    "exception": "<3>",
+    "error": "<3>",
+    "warning": "<4>",
+    "warn": "<4>",
+    "info": "<6>",
+    "debug": "<7>",
+}
+
+
+def journald_stream(stream: IO[str], environ: Mapping[str, str] = os.environ) -> bool:
+    """Whether ``stream`` is the journal's: ``JOURNAL_STREAM`` is its ``device:inode``.
+
+    systemd sets the variable for a service whose output goes to the journal;
+    a child whose stderr was redirected elsewhere inherits it but no longer
+    matches, so only the comparison says where the lines really go.
+    """
+    value = environ.get("JOURNAL_STREAM")
+    if not value:
+        return False
+    try:
+        st = os.fstat(stream.fileno())
+        device, inode = (int(part) for part in value.split(":", 1))
+    except (OSError, ValueError, AttributeError):
+        return False
+    return (st.st_dev, st.st_ino) == (device, inode)
+
+
+def _with_priority(renderer: structlog.typing.Processor) -> structlog.typing.Processor:
+    """``renderer``'s lines, each prefixed with the event's syslog priority."""
+
+    def render(logger: object, name: str, event_dict: MutableMapping[str, object]) -> str:
+        prefix = _PRIORITY.get(str(event_dict.get("level", name)), "<6>")
+        text = renderer(logger, name, event_dict)
+        if not isinstance(text, str):
+            text = text.decode() if isinstance(text, bytes) else str(text)
+        return _prefixed(prefix, text)
+
+    return render
+
+
+def _prefixed(prefix: str, text: str) -> str:
+    """Every line of ``text`` with ``prefix``: the journal makes each line an entry."""
+    return prefix + text.replace("\n", "\n" + prefix)
+
+
+def print_error(message: str) -> None:
+    """``error: <message>`` on stderr, for the user (no log format); under journald
+    filed at error level like the log lines (see the module doc)."""
+    text = f"error: {message}"
+    if journald_stream(sys.stderr):
+        text = _prefixed("<3>", text)
+    sys.stderr.write(text + "\n")
 
 
 def configure_logging(level: str = "INFO", fmt: LogFormat = "auto") -> None:
@@ -35,6 +98,8 @@ def configure_logging(level: str = "INFO", fmt: LogFormat = "auto") -> None:
         shared.append(structlog.processors.format_exc_info)
     else:
         renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+    if journald_stream(sys.stderr):
+        renderer = _with_priority(renderer)
     structlog.configure(
         processors=[*shared, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),

@@ -147,7 +147,7 @@ class Outbox:
             db.executescript(_SCHEMA)
         else:
             # Only the disconnected path writes, in batches: afford an fsync per commit.
-            db = open_sqlite(self.path, _SCHEMA, synchronous="FULL", private=True)
+            db = open_sqlite(self.path, _SCHEMA, synchronous="FULL")
         self._db = db
         self._count = db.execute("SELECT count(*) FROM outbox").fetchone()[0]
         if self._count > self.max_size:  # the bound was lowered since the last run

@@ -70,7 +70,7 @@ import logging
 import sys
 import uuid
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from decimal import Decimal
 from pathlib import PurePath
@@ -80,6 +80,8 @@ from urllib.parse import quote
 import orjson
 
 if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
     from flowerpower_daemon.project.models import RunResult
 
 __all__ = [
@@ -105,7 +107,8 @@ _INT_MAX: Final = 2**64 - 1
 _TRUNCATED_FLAG_BYTES: Final = len(b',"truncated":true')
 _CUT_SUFFIX: Final = " ... [truncated]"
 
-_Encoder = Callable[[Any], Any]
+# Each encoder takes values of its own type(s) and returns a JSON-able stand-in.
+_Encoder = Callable[[Any], object]
 
 
 # --------------------------------------------------------------------- markers
@@ -137,7 +140,7 @@ def _bytes_marker(obj: bytes | bytearray | memoryview) -> dict[str, str]:
 # ----------------------------------------------------------- per-type encoders
 
 
-def _set_to_list(obj: AbstractSet[Any]) -> list[Any]:
+def _set_to_list(obj: AbstractSet[Any]) -> list[object]:
     """A set as a list, sorted when possible so equal sets encode equally."""
     try:
         return sorted(obj)
@@ -155,12 +158,12 @@ def _seconds(obj: dt.timedelta) -> float:
     return obj.total_seconds()
 
 
-def _enum_value(obj: enum.Enum) -> Any:
+def _enum_value(obj: enum.Enum) -> object:
     """An enum member as its value (orjson does this natively; kept for subclasses)."""
     return obj.value
 
 
-def _dataclass_fields(obj: Any) -> dict[str, Any]:
+def _dataclass_fields(obj: DataclassInstance) -> dict[str, object]:
     """A dataclass as a dict of its fields, shallow (the encoder recurses itself)."""
     return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
 
@@ -170,7 +173,7 @@ def _to_none(obj: object) -> None:
     return None
 
 
-def _numpy_array(arr: Any) -> Any:
+def _numpy_array(arr: Any) -> object:
     """A numpy array orjson declined (non-contiguous, object, str, 0-d ...) as lists."""
     kind = arr.dtype.kind
     if kind == "M":
@@ -180,7 +183,7 @@ def _numpy_array(arr: Any) -> Any:
     return arr.tolist()
 
 
-def _numpy_scalar(obj: Any) -> Any:
+def _numpy_scalar(obj: Any) -> object:
     """A numpy scalar orjson declined as the matching Python scalar."""
     kind = obj.dtype.kind
     if kind == "M":
@@ -192,7 +195,7 @@ def _numpy_scalar(obj: Any) -> Any:
     return obj.item()
 
 
-def _pandas_values(values: Any) -> list[Any]:
+def _pandas_values(values: Any) -> Sequence[object]:
     """A Series' or Index's values as Python objects, converted in C where orjson needs no hook."""
     # a per-cell ``default`` call for 100k Timestamps costs seconds; numeric and
     # datetime columns therefore convert vectorised, the rest via object dtype
@@ -231,9 +234,9 @@ def _pandas_aware_datetimes(arr: Any) -> list[dt.datetime | None]:
     return out
 
 
-def _pandas_dataframe(df: Any) -> dict[str, Any]:
+def _pandas_dataframe(df: Any) -> dict[str, object]:
     """A pandas DataFrame in split form: column labels and row lists."""
-    out: dict[str, Any] = {"__type__": "dataframe", "columns": df.columns.tolist()}
+    out: dict[str, object] = {"__type__": "dataframe", "columns": df.columns.tolist()}
     index = df.index
     if not _is_default_pandas_index(index):
         out["index"] = _pandas_values(index)
@@ -243,7 +246,7 @@ def _pandas_dataframe(df: Any) -> dict[str, Any]:
     return out
 
 
-def _pandas_series(s: Any) -> dict[str, Any]:
+def _pandas_series(s: Any) -> dict[str, object]:
     """A pandas Series: its name, index labels and values."""
     return {
         "__type__": "series",
@@ -264,7 +267,7 @@ def _is_default_pandas_index(index: Any) -> bool:
     )
 
 
-def _to_list(obj: Any) -> Any:
+def _to_list(obj: Any) -> object:
     """Array-likes with a ``tolist`` (pandas Index, ExtensionArray) as lists."""
     return obj.tolist()
 
@@ -274,12 +277,12 @@ def _to_str(obj: object) -> str:
     return str(obj)
 
 
-def _polars_dataframe(df: Any) -> dict[str, Any]:
+def _polars_dataframe(df: Any) -> dict[str, object]:
     """A polars DataFrame in the same split form as a pandas one."""
     return {"__type__": "dataframe", "columns": list(df.columns), "data": df.rows()}
 
 
-def _polars_series(s: Any) -> dict[str, Any]:
+def _polars_series(s: Any) -> dict[str, object]:
     """A polars Series in the pandas Series form, positions standing in for the index."""
     return {
         "__type__": "series",
@@ -289,7 +292,7 @@ def _polars_series(s: Any) -> dict[str, Any]:
     }
 
 
-def _pydantic_model(obj: Any) -> Any:
+def _pydantic_model(obj: Any) -> object:
     """A pydantic model via its own JSON-mode dump, else its Python-mode dump."""
     try:
         return obj.model_dump(mode="json")
@@ -362,7 +365,7 @@ def _resolve(tp: type) -> _Encoder:
 _ENCODERS: dict[type, _Encoder] = {}
 
 
-def _default(obj: Any) -> Any:
+def _default(obj: object) -> object:
     """orjson's hook for values it cannot write: a JSON-able stand-in, never an exception."""
     tp = type(obj)
     encoder = _ENCODERS.get(tp)
@@ -388,7 +391,7 @@ def _safe_str(text: str) -> str:
     return text
 
 
-def _safe_key(key: Any) -> Any:
+def _safe_key(key: object) -> object:
     """A dict key orjson accepts with OPT_NON_STR_KEYS, else its ``str()``."""
     if isinstance(key, str):
         return _safe_str(key)
@@ -411,7 +414,7 @@ def _safe_key(key: Any) -> Any:
         return _type_name(type(key))
 
 
-def _safe_value(obj: Any, depth: int, path: set[int]) -> Any:
+def _safe_value(obj: object, depth: int, path: set[int]) -> object:
     """Rebuild ``obj`` from plain JSON types in Python (only after orjson refused it)."""
     if obj is None or isinstance(obj, bool):
         return obj
@@ -444,7 +447,7 @@ def _safe_value(obj: Any, depth: int, path: set[int]) -> Any:
         finally:
             path.discard(id(obj))
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        converted: Any = _dataclass_fields(obj)
+        converted: object = _dataclass_fields(obj)
     else:
         converted = _default(obj)
     if converted is obj:  # an encoder that made no progress
@@ -455,7 +458,7 @@ def _safe_value(obj: Any, depth: int, path: set[int]) -> Any:
 # ----------------------------------------------------------------- public API
 
 
-def dumps(obj: Any) -> bytes:
+def dumps(obj: object) -> bytes:
     """JSON bytes in the documented forms; never raises, whatever ``obj`` holds."""
     try:
         return orjson.dumps(obj, default=_default, option=_OPTIONS)
@@ -497,7 +500,9 @@ def encode_result(
     message = result.to_dict()
     # outputs encoded once each, spliced in as fragments: sizes known, no re-encoding
     encoded = {name: dumps(value) for name, value in message["outputs"].items()}
-    fragments: dict[Any, Any] = {name: orjson.Fragment(b) for name, b in encoded.items()}
+    fragments: dict[str, orjson.Fragment] = {
+        name: orjson.Fragment(b) for name, b in encoded.items()
+    }
     message["outputs"] = fragments
     data = dumps(message)
     if len(data) <= max_bytes:
@@ -525,7 +530,9 @@ def encode_result(
     return data
 
 
-def _replacement(run_id: str, name: str, blob: bytes, offload: Offloader | None) -> dict[str, Any]:
+def _replacement(
+    run_id: str, name: str, blob: bytes, offload: Offloader | None
+) -> dict[str, object]:
     """A ``ref`` marker for an output stored by ``offload``, else a ``truncated`` one."""
     if offload is not None:
         try:
@@ -536,7 +543,7 @@ def _replacement(run_id: str, name: str, blob: bytes, offload: Offloader | None)
     return {"__type__": "truncated", "size": len(blob)}
 
 
-def _shorten_error(message: dict[str, Any], excess: int) -> bool:
+def _shorten_error(message: dict[str, object], excess: int) -> bool:
     """Cut the error message by about ``excess`` encoded bytes; False if nothing to cut."""
     error = message.get("error")
     if not isinstance(error, dict) or not isinstance(error.get("message"), str):
@@ -555,7 +562,7 @@ def _shorten_error(message: dict[str, Any], excess: int) -> bool:
     return True
 
 
-def fsspec_offloader(base_url: str, **storage_options: Any) -> Offloader:
+def fsspec_offloader(base_url: str, **storage_options: object) -> Offloader:
     """An ``offload`` writing ``{base_url}/{run_id}/{name}.json`` on any fsspec filesystem."""
     import fsspec  # deferred: only daemons that offload pay for it
 

@@ -36,7 +36,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
-from typing import Any, cast
+from typing import TYPE_CHECKING, cast
 
 import anyio
 import orjson
@@ -55,12 +55,18 @@ from ..settings import QueueSettings
 from ..state.dedup import DEFAULT_TTL, DedupStore
 from ..state.stores import RedisStore
 
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+    from redis.commands.core import AsyncScript
+
 __all__ = [
     "TASK_NAME",
     "InProcessFormatter",
     "InProcessRequest",
     "RunExecutor",
     "RunLedger",
+    "TaskArg",
+    "TaskResult",
     "create_broker",
     "register_run_task",
 ]
@@ -107,6 +113,13 @@ class InProcessRequest:
         self.request = request
 
 
+TaskArg = InProcessRequest | Mapping[str, object]
+"""The run task's argument: the request itself in memory mode, its dict through Redis."""
+
+TaskResult = dict[str, object]
+"""The run task's return value: the result message as a dict (``RunResult.to_dict``)."""
+
+
 def create_broker(settings: QueueSettings, *, worker: bool = False) -> AsyncBroker:
     """The taskiq broker for ``queue.broker``."""
     if not settings.is_redis:
@@ -121,7 +134,7 @@ def create_broker(settings: QueueSettings, *, worker: bool = False) -> AsyncBrok
 
     from .streams import ReclaimingStreamBroker
 
-    backend: RedisAsyncResultBackend[Any] = RedisAsyncResultBackend(
+    backend: RedisAsyncResultBackend[object] = RedisAsyncResultBackend(
         settings.broker, result_ex_time=86400
     )
     broker = ReclaimingStreamBroker(
@@ -162,9 +175,11 @@ class RunLedger(RedisStore):
         self.prefix = prefix
         self.who = who or f"{socket.gethostname()}:{os.getpid()}"
         self.ttl = ttl
-        self._started: Any = None
 
-    def _scripts(self, redis: Any) -> None:
+    # Registered on each new client by _scripts.
+    _started: AsyncScript
+
+    def _scripts(self, redis: Redis) -> None:
         self._started = redis.register_script(_STARTED)
 
     async def started(self, run_id: str) -> tuple[list[Lost], str]:
@@ -230,9 +245,9 @@ class RunExecutor:
         #: With ``track_running``: the tasks running a request right now (a stopping worker
         #: cancels what is left). The daemon does not ask: no bookkeeping on its hot path.
         self.track_running = track_running
-        self.running: set[asyncio.Task[Any]] = set()
+        self.running: set[asyncio.Task[object]] = set()
 
-    async def __call__(self, request_data: InProcessRequest | dict[str, Any]) -> dict[str, Any]:
+    async def __call__(self, request_data: TaskArg) -> TaskResult:
         task = asyncio.current_task() if self.track_running else None
         if task is None:
             return await self._call(request_data)
@@ -242,7 +257,7 @@ class RunExecutor:
         finally:
             self.running.discard(task)
 
-    async def _call(self, request_data: InProcessRequest | dict[str, Any]) -> dict[str, Any]:
+    async def _call(self, request_data: TaskArg) -> TaskResult:
         # The object itself in memory mode (InProcessFormatter), its dict from Redis.
         if isinstance(request_data, InProcessRequest):
             request = request_data.request
@@ -358,13 +373,13 @@ def _with_lost(result: RunResult, lost: list[Lost], reclaimed_at: datetime) -> R
     )
 
 
-RunTask = AsyncTaskiqDecoratedTask[[InProcessRequest | dict[str, Any]], dict[str, Any]]
+RunTask = AsyncTaskiqDecoratedTask[[TaskArg], TaskResult]
 
 
 def register_run_task(broker: AsyncBroker, executor: RunExecutor) -> RunTask:
     """Register ``run_pipeline`` on this broker only."""
 
-    async def run_pipeline(request: InProcessRequest | dict[str, Any]) -> dict[str, Any]:
+    async def run_pipeline(request: TaskArg) -> TaskResult:
         return await executor(request)
 
     task = broker.register_task(run_pipeline, task_name=TASK_NAME)

@@ -61,7 +61,7 @@ class ReclaimingStreamBroker(RedisStreamBroker):
         return guarded
 
     async def listen(self) -> AsyncGenerator[AckableMessage, None]:
-        conn: Any
+        conn: Any  # redis-py types the stream commands' replies too loosely to unpack
         async with Redis(connection_pool=self.connection_pool) as conn:
             while True:
                 fetched = await conn.xreadgroup(
@@ -95,7 +95,7 @@ class ReclaimingStreamBroker(RedisStreamBroker):
     async def keep_claimed(self) -> NoReturn:
         """Reset the idle time of this consumer's unacknowledged messages, forever."""
         interval = max(0.05, self.idle_timeout / 3000)
-        conn: Any
+        conn: Any  # redis-py types the stream commands' replies too loosely to unpack
         async with Redis(connection_pool=self.connection_pool) as conn:
             while True:
                 await anyio.sleep(interval)
@@ -122,5 +122,5 @@ class ReclaimingStreamBroker(RedisStreamBroker):
                     log.warning("stream_heartbeat_failed", error=str(exc))
 
 
-def _text(value: Any) -> str:
+def _text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)

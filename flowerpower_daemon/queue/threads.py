@@ -34,7 +34,8 @@ __all__ = ["ElasticThreadPool"]
 P = ParamSpec("P")
 T = TypeVar("T")
 
-_Item = tuple[Future[Any], Callable[..., Any], tuple[Any, ...], dict[str, Any]]
+# A run of any result type: the future's type parameter is the function's return type.
+_Item = tuple[Future[Any], Callable[..., object], tuple[object, ...], dict[str, object]]
 
 _ids = itertools.count(1)
 

@@ -163,7 +163,10 @@ class Daemon:
             # Results go out on a connection of their own: the receiving one may pause its
             # socket, and must not hold back the PUBACKs the results' publishes wait for.
             publisher = MqttLink(
-                mqtt_settings, client_id=f"{mqtt_settings.client_id}-results", outbox=outbox
+                mqtt_settings,
+                client_id=f"{mqtt_settings.client_id}-results",
+                outbox=outbox,
+                companion=link,  # a broker outage is logged once, by `link`
             )
             self.link, self.publisher = link, publisher
             sink = MqttResultSink(

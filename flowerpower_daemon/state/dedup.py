@@ -28,7 +28,7 @@ import time
 from collections.abc import Mapping
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import anyio
 import anyio.to_thread
@@ -36,6 +36,10 @@ import structlog
 
 from ..settings import QueueSettings, Settings
 from .stores import RedisStore, SqliteStore, open_sqlite
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+    from redis.commands.core import AsyncScript
 
 __all__ = [
     "DEFAULT_TTL",
@@ -55,11 +59,11 @@ _FIELD = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_]+)*)\}")
 Claim = tuple[Literal["new", "running", "done"], bytes | None]
 
 
-def render_key(template: str, values: Mapping[str, Any]) -> str:
+def render_key(template: str, values: Mapping[str, object]) -> str:
     """Fill ``{payload.msg_id}``, ``{device}``, ``{props.x}``; a KeyError names a missing one."""
 
     def lookup(match: re.Match[str]) -> str:
-        current: Any = values
+        current: object = values
         for part in match.group(1).split("."):
             if isinstance(current, Mapping) and part in current:
                 current = current[part]
@@ -198,11 +202,13 @@ class RedisDedupStore(RedisStore):
         self.url = url
         self.prefix = prefix
         self.default_ttl = default_ttl
-        self._claim: Any = None
-        self._complete: Any = None
-        self._forget: Any = None
 
-    def _scripts(self, redis: Any) -> None:
+    # Registered on each new client by _scripts.
+    _claim: AsyncScript
+    _complete: AsyncScript
+    _forget: AsyncScript
+
+    def _scripts(self, redis: Redis) -> None:
         self._claim = redis.register_script(_CLAIM)
         self._complete = redis.register_script(_COMPLETE)
         self._forget = redis.register_script(_FORGET)
@@ -227,7 +233,9 @@ class RedisDedupStore(RedisStore):
     async def result(self, key: str) -> bytes | None:
         """The stored result of ``key``'s finished run, if any."""
         raw = await self._redis.hget(self._key(key), "result")
-        return None if raw is None else bytes(raw)
+        if raw is None:
+            return None
+        return raw if isinstance(raw, bytes) else raw.encode()
 
 
 class RedisDedupLookup(RedisDedupStore):

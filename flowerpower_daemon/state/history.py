@@ -25,7 +25,7 @@ import time
 from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol, Self
 
 import anyio
 import anyio.to_thread
@@ -38,7 +38,14 @@ from ..project.models import RunResult
 from ..settings import Settings
 from .stores import RedisStore, open_sqlite
 
-__all__ = ["FINISHED_STATES", "JobHistory", "RedisHistory", "SqliteHistory", "history_for"]
+__all__ = [
+    "FINISHED_STATES",
+    "JobHistory",
+    "JobRecord",
+    "RedisHistory",
+    "SqliteHistory",
+    "history_for",
+]
 
 log = structlog.get_logger("flowerpower_daemon.history")
 
@@ -70,7 +77,10 @@ _COLUMNS = (
     "finished_at, finished_ts, duration_ms, attempts, error_type, error_message"
 )
 
-Row = tuple[Any, ...]
+Row = tuple[object, ...]
+
+JobRecord = dict[str, object]
+"""One run as ``flowerpowerctl jobs`` and ``job`` show it (a JSON object)."""
 
 
 class SqliteHistory:
@@ -115,7 +125,7 @@ class SqliteHistory:
             await anyio.to_thread.run_sync(self._close, limiter=self._lane)
 
     def _open(self) -> None:
-        self._db = open_sqlite(self.path, _SCHEMA, private=True)
+        self._db = open_sqlite(self.path, _SCHEMA)
         self._prune()
 
     def _close(self) -> None:
@@ -198,7 +208,7 @@ class SqliteHistory:
 
     async def recent(
         self, *, pipeline: str | None = None, states: Sequence[str] = (), limit: int = 20
-    ) -> list[dict[str, Any]]:
+    ) -> list[JobRecord]:
         """Newest first: summaries of finished runs (no result body)."""
         return await anyio.to_thread.run_sync(
             self._list, pipeline, tuple(states), limit, limiter=self._lane
@@ -206,7 +216,7 @@ class SqliteHistory:
 
     def _list(
         self, pipeline: str | None, states: tuple[str, ...], limit: int
-    ) -> list[dict[str, Any]]:
+    ) -> list[JobRecord]:
         self._write_pending()
         assert self._db is not None
         where, params = [], []
@@ -223,11 +233,11 @@ class SqliteHistory:
         rows = self._db.execute(sql, (*params, limit)).fetchall()
         return [_summary(row) for row in rows]
 
-    async def get(self, run_id: str) -> dict[str, Any] | None:
+    async def get(self, run_id: str) -> JobRecord | None:
         """One run with its full result message, or None."""
         return await anyio.to_thread.run_sync(self._get, run_id, limiter=self._lane)
 
-    def _get(self, run_id: str) -> dict[str, Any] | None:
+    def _get(self, run_id: str) -> JobRecord | None:
         self._write_pending()
         assert self._db is not None
         row = self._db.execute(
@@ -268,7 +278,7 @@ def _fields(result: RunResult) -> Row:
     )
 
 
-def _summary(row: Row) -> dict[str, Any]:
+def _summary(row: Row) -> JobRecord:
     (
         run_id,
         pipeline,
@@ -315,13 +325,13 @@ class JobHistory(Protocol):
 
     async def recent(
         self, *, pipeline: str | None = None, states: Sequence[str] = (), limit: int = 20
-    ) -> list[dict[str, Any]]: ...
+    ) -> list[JobRecord]: ...
 
-    async def get(self, run_id: str) -> dict[str, Any] | None: ...
+    async def get(self, run_id: str) -> JobRecord | None: ...
 
     async def count(self) -> int: ...
 
-    async def __aenter__(self) -> Any: ...
+    async def __aenter__(self) -> Self: ...
 
     async def __aexit__(self, *exc: object) -> None: ...
 
@@ -350,7 +360,6 @@ class RedisHistory(RedisStore):
         self.max_age = max_age
         self.max_result_bytes = max_result_bytes
         self.recorded = 0
-        self._redis: Any = None
 
     @property
     def location(self) -> str:
@@ -383,16 +392,17 @@ class RedisHistory(RedisStore):
 
     async def recent(
         self, *, pipeline: str | None = None, states: Sequence[str] = (), limit: int = 20
-    ) -> list[dict[str, Any]]:
+    ) -> list[JobRecord]:
         """Newest first, filtered; scans the index page by page until ``limit`` rows match."""
-        out: list[dict[str, Any]] = []
+        out: list[JobRecord] = []
         start, page = 0, max(100, limit)
         while len(out) < limit:
             ids = await self._redis.zrevrange(f"{self.prefix}:jobs", start, start + page - 1)
             if not ids:
                 break
             start += len(ids)
-            blobs = await self._redis.mget([f"{self.prefix}:job:{i.decode()}" for i in ids])
+            keys = [f"{self.prefix}:job:{i.decode() if isinstance(i, bytes) else i}" for i in ids]
+            blobs = await self._redis.mget(keys)
             for blob in blobs:
                 if blob is None:
                     continue  # expired
@@ -406,7 +416,7 @@ class RedisHistory(RedisStore):
                         break
         return out
 
-    async def get(self, run_id: str) -> dict[str, Any] | None:
+    async def get(self, run_id: str) -> JobRecord | None:
         blob = await self._redis.get(f"{self.prefix}:job:{run_id}")
         return None if blob is None else orjson.loads(blob)
 

@@ -27,7 +27,7 @@ import sqlite3
 from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import anyio
 import anyio.to_thread
@@ -35,6 +35,10 @@ import structlog
 
 from ..settings import Settings
 from .stores import RedisStore, SqliteStore, open_sqlite
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+    from redis.commands.core import AsyncScript
 
 __all__ = ["RedisTimerState", "SqliteTimerState", "TimerState", "lock_ttl", "timer_state_for"]
 
@@ -143,9 +147,11 @@ class RedisTimerState(RedisStore):
         self.url = url
         self.prefix = prefix
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}"
-        self._record: Any = None
 
-    def _scripts(self, redis: Any) -> None:
+    # Registered on each new client by _scripts.
+    _record: AsyncScript
+
+    def _scripts(self, redis: Redis) -> None:
         self._record = redis.register_script(_RECORD_MAX)
 
     async def last_fire(self, name: str) -> datetime | None:

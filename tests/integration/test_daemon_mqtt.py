@@ -8,6 +8,7 @@ from contextlib import closing
 from pathlib import Path
 from typing import Any
 
+import anyio
 import orjson
 import pytest
 from paho.mqtt.packettypes import PacketTypes
@@ -26,6 +27,7 @@ from tests.daemon_harness import (
     wait_online,
     write_config,
 )
+from tests.services import free_port
 
 # Each test starts real daemons (subprocesses); generous for a loaded machine.
 pytestmark = pytest.mark.timeout(300)
@@ -287,3 +289,21 @@ async def test_result_store_keeps_large_result_whole_and_publishes_reference(
     with closing(sqlite3.connect(tmp_path / "state" / "history.sqlite3")) as db:
         [(kept,)] = db.execute("SELECT result FROM jobs WHERE run_id = ?", (run_id,)).fetchall()
     assert orjson.loads(kept) == large
+async def test_unreachable_broker_is_one_warning_per_attempt(tmp_path: Path) -> None:
+    """Broker down: each retry is one `mqtt_disconnected` warning (the receiving link's)."""
+    settings = base_settings(make_project(tmp_path), tmp_path, free_port(), log_level="DEBUG")
+    settings["mqtt"].update(reconnect_min=0.1, reconnect_max=0.2)
+    tag = settings["mqtt"]["client_id"]
+    with daemon(write_config(tmp_path, settings)) as proc:
+        with anyio.fail_after(120):
+            while proc.log().count('"mqtt_disconnected"') < 8:
+                assert proc.proc.poll() is None, proc.log()[-3000:]
+                await anyio.sleep(0.2)
+        proc.signal(signal.SIGTERM)
+        assert proc.wait(60) == 0, proc.log()[-3000:]
+        events = [orjson.loads(line) for line in proc.log().splitlines() if line.startswith("{")]
+    disconnects = [e for e in events if e["event"] == "mqtt_disconnected"]
+    warned = [e["client_id"] for e in disconnects if e["level"] == "warning"]
+    assert len(warned) >= 3 and set(warned) == {tag}, disconnects
+    quiet = [e["client_id"] for e in disconnects if e["level"] == "debug"]
+    assert quiet and set(quiet) == {f"{tag}-results"}, disconnects

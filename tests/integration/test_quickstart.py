@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 from pathlib import Path
 
@@ -94,3 +95,26 @@ async def test_quick_start_request_gets_the_pipeline_result(tmp_path: Path) -> N
         assert proc.wait(60) == 0, proc.log()[-3000:]
     finally:
         proc.close()
+
+
+def test_embedded_broker_port_in_use_is_one_error_line(tmp_path: Path) -> None:
+    """With the embedded broker's port taken: one `error:` line naming port and key, exit 2."""
+    pytest.importorskip("amqtt", reason="the embedded broker needs the 'embedded' extra (amqtt)")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = subprocess.run(
+            [str(BIN / "flowerpower-daemon"), "run", "-c", str(EXAMPLE)],
+            capture_output=True,
+            text=True,
+            timeout=180,
+            cwd=tmp_path,
+            env=_env(tmp_path, port),
+        )
+    assert out.returncode == 2, out.stderr
+    errors = [line for line in out.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1, out.stderr
+    assert errors[0].startswith("error: mqtt.embedded_bind: "), out.stderr
+    assert f"port {port}" in errors[0], out.stderr
+    assert "Traceback" not in out.stderr

@@ -1,4 +1,4 @@
-"""paho's v5 Properties with the lookup tables shared (flowerpower_daemon.mqtt.link): still
+"""paho's v5 Properties with the lookup tables shared (flowerpower_daemon.mqtt.client): still
 packs, unpacks, validates and clears as paho's own does."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from paho.mqtt.exception import MQTTException
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from flowerpower_daemon.mqtt import link as mqtt
+from flowerpower_daemon.mqtt import client as mqtt
 
 
 def test_the_tables_are_shared_on_this_paho() -> None:

@@ -1,0 +1,329 @@
+"""The one module that uses aiomqtt and paho: an upgrade of either touches this file.
+
+What the link (:mod:`.link`) and its intake bound (:mod:`.intake`) need from
+an MQTT client, in our terms: make a client with manual acks and our socket
+options, hand its received messages over as :class:`IncomingMessage`, ack one,
+publish without aiomqtt's per-message cost, and the client's socket and
+end-of-connection future. Where that needs aiomqtt's private attributes
+(its paho client, ``_disconnected``, ``_pending_publishes``), it is here
+only.
+
+- ``TCP_NODELAY`` on the socket: without it a QoS 1 round trip costs ~88 ms
+  (Nagle + delayed ACK), with it ~0.4 ms.
+- paho's MQTT v5 ``Properties`` are made cheap to create
+  (:func:`_share_property_tables`), once, at import.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import cast
+from urllib.parse import urlsplit
+
+import aiomqtt
+import orjson
+import structlog
+from aiomqtt import Client, MqttError
+from paho.mqtt import client as paho_mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from ..settings import MqttSettings
+
+__all__ = [
+    "PUBLISH_TIMEOUT",
+    "Acker",
+    "Client",
+    "IncomingMessage",
+    "MqttError",
+    "Properties",
+    "disconnected",
+    "new_client",
+    "on_messages",
+    "paho_ack",
+    "publish_properties",
+    "publish_raw",
+    "request_reply",
+    "socket_of",
+]
+
+log = structlog.get_logger("flowerpower_daemon.mqtt")
+
+PUBLISH_TIMEOUT = 10.0  # seconds a connected publish waits for the broker's PUBACK
+
+_NODELAY = ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),)
+
+Acker = Callable[[int, int], Callable[[], Awaitable[None]]]
+"""``acker(mid, qos)``: the :attr:`IncomingMessage.ack` of one received message."""
+
+
+@dataclass(frozen=True, slots=True)
+class IncomingMessage:
+    """A received message; call :attr:`ack` once it is safely handled."""
+
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+    response_topic: str | None = None
+    correlation_data: bytes | None = None
+    user_properties: tuple[tuple[str, str], ...] = ()
+    ack: Callable[[], Awaitable[None]] = field(default=lambda: _noop(), compare=False, repr=False)
+
+
+async def _noop() -> None:
+    return None
+
+
+def _share_property_tables() -> bool:
+    """Make paho's MQTT v5 ``Properties`` cheap to create; True once done.
+
+    paho builds the same three lookup tables (27 property names, their types
+    and packet types) in every ``Properties()``, and ``clear()`` (called by
+    every ``unpack``) re-derives the 27 attribute names: three times per
+    message on the daemon's path (incoming PUBLISH, result PUBLISH, PUBACK),
+    ~6% of its event loop's time. The tables are constant and only ever read,
+    so they move to the class, built once. Applied only when a paho instance
+    looks exactly as this was written against (paho-mqtt 2.x); otherwise
+    paho is left alone.
+    """
+    if getattr(Properties.__init__, "_shared_tables", False):
+        return True
+    tables = ("types", "names", "properties")
+    probe = vars(Properties(PacketTypes.PUBLISH))  # type: ignore[no-untyped-call]
+    other = vars(Properties(PacketTypes.CONNACK))  # type: ignore[no-untyped-call]
+    if set(probe) != {"packetType", *tables} or any(probe[k] != other[k] for k in tables):
+        return False
+    attributes = tuple(name.replace(" ", "") for name in probe["names"])
+
+    def __init__(self: Properties, packetType: int) -> None:
+        object.__setattr__(self, "packetType", packetType)
+
+    def clear(self: Properties) -> None:
+        state = vars(self)
+        for name in attributes:
+            state.pop(name, None)
+
+    for key in tables:
+        setattr(Properties, key, probe[key])
+    __init__._shared_tables = True  # type: ignore[attr-defined]
+    Properties.__init__ = __init__  # type: ignore[method-assign]
+    Properties.clear = clear  # type: ignore[method-assign]
+    return True
+
+
+_share_property_tables()
+
+
+def new_client(
+    s: MqttSettings,
+    *,
+    client_id: str,
+    receive_maximum: int,
+    will_payload: bytes | None,
+) -> Client:
+    """A client for ``s``'s broker with manual acks (a message is acked only when told)."""
+    will = None
+    if s.status_topic and will_payload is not None:
+        will = aiomqtt.Will(s.status_topic, will_payload, qos=1, retain=True)
+    props = None
+    clean_start: paho_mqtt.CleanStartOption = paho_mqtt.MQTT_CLEAN_START_FIRST_ONLY
+    clean_session: bool | None = None
+    if s.protocol == "5":
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        props.SessionExpiryInterval = 0 if s.clean_start else s.session_expiry
+        props.ReceiveMaximum = receive_maximum
+        clean_start = s.clean_start
+        protocol = aiomqtt.ProtocolVersion.V5
+    else:
+        clean_session = s.clean_start
+        protocol = aiomqtt.ProtocolVersion.V311
+    tls_params = None
+    tls_insecure = None  # aiomqtt's defaults where the keyword is not ours to set
+    if s.use_tls:
+        tls = s.tls
+        tls_params = aiomqtt.TLSParameters(
+            ca_certs=tls.ca_file if tls else None,
+            certfile=tls.cert_file if tls else None,
+            keyfile=tls.key_file if tls else None,
+            cert_reqs=ssl.CERT_NONE if tls and tls.insecure else ssl.CERT_REQUIRED,
+        )
+        tls_insecure = bool(tls and tls.insecure)
+    client = Client(
+        s.host,
+        s.port,
+        identifier=client_id,
+        username=s.username,
+        password=s.password,
+        protocol=protocol,
+        will=will,
+        clean_start=clean_start,
+        clean_session=clean_session,
+        keepalive=s.keepalive,
+        properties=props,
+        tls_params=tls_params,
+        tls_insecure=tls_insecure,
+        socket_options=_NODELAY,
+        max_inflight_messages=receive_maximum,
+        timeout=10,
+    )
+    client._client.manual_ack_set(True)
+    return client
+
+
+def on_messages(
+    client: Client, *, v5: bool, acker: Acker, deliver: Callable[[IncomingMessage], None]
+) -> None:
+    """Hand each message ``client`` receives to ``deliver``, with its ack from ``acker``.
+
+    Straight from paho's callback: aiomqtt's own queue and iterator cost a
+    task and an asyncio.wait per message, and a pump to copy it. A message
+    that cannot be decoded (e.g. a topic that is not UTF-8) can never be
+    handled: it is logged and acked.
+    """
+    ack_now = paho_ack(client)
+
+    def on_message(paho: object, userdata: object, message: paho_mqtt.MQTTMessage) -> None:
+        try:
+            payload = message.payload
+            if not isinstance(payload, bytes):
+                payload = bytes(payload)
+            qos = message.qos
+            props = message.properties if v5 else None
+            if props is None:
+                incoming = IncomingMessage(
+                    message.topic, payload, qos, bool(message.retain), ack=acker(message.mid, qos)
+                )
+            else:
+                incoming = IncomingMessage(
+                    message.topic,
+                    payload,
+                    qos,
+                    bool(message.retain),
+                    response_topic=getattr(props, "ResponseTopic", None),
+                    correlation_data=getattr(props, "CorrelationData", None),
+                    user_properties=tuple(getattr(props, "UserProperty", None) or ()),
+                    ack=acker(message.mid, qos),
+                )
+        except Exception as exc:
+            log.error("mqtt_message_undecodable", error=repr(exc), mid=message.mid)
+            if message.qos > 0:
+                ack_now(message.mid, message.qos)
+            return
+        deliver(incoming)
+
+    client._client.on_message = on_message
+
+
+def paho_ack(client: Client) -> Callable[[int, int], object]:
+    """``ack(mid, qos)`` on ``client``'s connection (manual acks: see :func:`new_client`)."""
+    return client._client.ack
+
+
+def socket_of(client: Client) -> socket.socket | None:
+    """``client``'s socket while it has one (the intake bound pauses reading it)."""
+    sock = client._client.socket()
+    return sock if isinstance(sock, socket.socket) else None
+
+
+def disconnected(client: Client) -> asyncio.Future[None]:
+    """Done when ``client``'s connection ends (never cancel it: aiomqtt owns it)."""
+    return client._disconnected
+
+
+def publish_properties(
+    correlation_data: bytes | None,
+    response_topic: str | None,
+    user_properties: tuple[tuple[str, str], ...],
+) -> Properties:
+    """MQTT v5 PUBLISH properties for a result (call it only when one of them is set)."""
+    props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    if correlation_data is not None:
+        props.CorrelationData = correlation_data
+    if response_topic:
+        props.ResponseTopic = response_topic
+    if user_properties:
+        props.UserProperty = list(user_properties)
+    return props
+
+
+class _Confirmation:
+    """What aiomqtt's ``on_publish`` resolves (it calls ``set()``, as on an Event)."""
+
+    __slots__ = ("fut",)
+
+    def __init__(self, fut: asyncio.Future[None]) -> None:
+        self.fut = fut
+
+    def set(self) -> None:
+        if not self.fut.done():
+            self.fut.set_result(None)
+
+
+def _expire(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_exception(MqttError("Operation timed out"))
+
+
+async def publish_raw(
+    client: Client,
+    topic: str,
+    payload: bytes,
+    qos: int,
+    retain: bool,
+    props: Properties | None,
+    inflight: set[asyncio.Future[None]],
+) -> None:
+    """aiomqtt's ``publish``, without what it costs per message on the results' path.
+
+    aiomqtt waits for the PUBACK with ``asyncio.wait_for`` on an Event (a task per
+    publish) and lists every pending call to warn about how many there are. Here
+    one future per publish, resolved by aiomqtt's own ``on_publish`` (it calls
+    ``.set()`` on what ``_pending_publishes`` holds), kept in ``inflight`` while
+    it waits (the caller fails those when the connection ends), failed after
+    ``PUBLISH_TIMEOUT``.
+    """
+    info = client._client.publish(topic, payload, qos, retain, props)
+    if info.rc != paho_mqtt.MQTT_ERR_SUCCESS:
+        raise aiomqtt.MqttCodeError(info.rc, "Could not publish message")
+    if info.is_published():
+        return
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[None] = loop.create_future()
+    pending = cast("dict[int, _Confirmation]", client._pending_publishes)
+    pending[info.mid] = _Confirmation(fut)
+    inflight.add(fut)
+    timer = loop.call_later(PUBLISH_TIMEOUT, _expire, fut)
+    try:
+        await fut
+    finally:
+        timer.cancel()
+        inflight.discard(fut)
+        pending.pop(info.mid, None)
+
+
+async def request_reply(
+    url: str, topic: str, payload: Mapping[str, object], *, protocol: str = "3.1.1"
+) -> bytes:
+    """Publish ``payload`` with a fresh ``reply_to`` topic and return the first reply (bound it).
+
+    Works with MQTT 3.1.1 brokers (the embedded one) because the reply target
+    travels in the JSON payload, not in MQTT v5 properties.
+    """
+    parts = urlsplit(url)
+    reply_to = f"flowerpower/replies/{uuid.uuid4().hex}"
+    version = aiomqtt.ProtocolVersion.V5 if protocol == "5" else aiomqtt.ProtocolVersion.V311
+    async with Client(
+        parts.hostname or "127.0.0.1", parts.port or 1883, protocol=version, socket_options=_NODELAY
+    ) as client:
+        await client.subscribe(reply_to, qos=1)
+        await client.publish(topic, orjson.dumps({**payload, "reply_to": reply_to}), qos=1)
+        async for message in client.messages:
+            data = message.payload
+            return data if isinstance(data, bytes) else str(data).encode()
+    raise TimeoutError(f"no reply on {reply_to}")
