@@ -2,7 +2,7 @@
 
 ``sensors/{device}/temperature`` subscribes to ``sensors/+/temperature`` and
 turns the matched level into the input ``device``. The connection itself
-(aiomqtt) lives in :mod:`flowerpower_daemon.mqtt.link`, the only module using it.
+(aiomqtt) lives in :mod:`flowerpower_daemon.mqtt.client`, the only module using it.
 """
 
 from __future__ import annotations
