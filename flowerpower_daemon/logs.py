@@ -2,7 +2,8 @@
 
 JSON lines on stderr when not on a terminal (journald, files, CI), a
 coloured console format on a TTY. ``run_id``, ``pipeline`` and ``trigger``
-are bound per run with ``structlog.contextvars``.
+are bound per run with ``structlog.contextvars``. URL passwords never reach
+the output (:func:`~flowerpower_daemon.redact.redact_event` runs last).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import sys
 from typing import Literal
 
 import structlog
+
+from .redact import redact_event
 
 __all__ = ["configure_logging"]
 
@@ -35,6 +38,7 @@ def configure_logging(level: str = "INFO", fmt: LogFormat = "auto") -> None:
         shared.append(structlog.processors.format_exc_info)
     else:
         renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+    shared.append(redact_event)
     structlog.configure(
         processors=[*shared, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
