@@ -32,6 +32,7 @@ from pydantic_settings import (
 from .errors import ConfigError, ConfigProblem
 from .project.config import RunConfig, format_validation_error, load_yaml_text
 from .project.schedule import parse_cron, parse_date, parse_interval, parse_timezone
+from .topics import compile_topic
 
 __all__ = [
     "RUN_OVERRIDE_KEYS",
@@ -225,8 +226,6 @@ class MqttTrigger(_TriggerBase):
     @field_validator("topic")
     @classmethod
     def _topic(cls, value: str) -> str:
-        from .sources.mqtt import compile_topic
-
         compile_topic(value)
         return value
 

@@ -183,7 +183,7 @@ def _json_arg(kind: type) -> Any:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from .. import __version__
+    from ..version import __version__
 
     p = argparse.ArgumentParser(
         prog="flowerpowerctl",

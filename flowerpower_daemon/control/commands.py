@@ -23,7 +23,6 @@ import anyio.to_thread
 import orjson
 import structlog
 
-from .. import __version__
 from ..errors import ConfigError, FlowerPowerError, PipelineNotFoundError
 from ..project.models import RunResult, utcnow
 from ..project.schedule import parse_cron, parse_date, parse_interval
@@ -37,6 +36,7 @@ from ..settings import (
 )
 from ..state.history import FINISHED_STATES
 from ..state.schedules import Schedule, ScheduleKind
+from ..version import __version__
 from .api import DaemonControl, JobSummary, ReloadReport, StatusInfo, TriggerStatus
 from .protocol import (
     PROTOCOL_VERSION,

@@ -25,7 +25,6 @@ import anyio.to_thread
 import structlog
 from anyio.abc import TaskGroup
 
-from .. import __version__
 from ..control.api import (
     ActiveRun,
     JobState,
@@ -43,6 +42,7 @@ from ..redact import redact_url
 from ..settings import MqttTrigger, Settings, Trigger
 from ..state.history import JobHistory
 from ..state.schedules import DelayedRun, Schedule, ScheduleStore
+from ..version import __version__
 from . import reload as reloading
 from .check import configured_triggers
 from .jobs import JobTracker

@@ -31,7 +31,6 @@ import anyio.to_thread
 import structlog
 from anyio.abc import TaskGroup
 
-from .. import __version__
 from ..dispatch.dispatcher import Dispatcher, Stats
 from ..errors import ConfigError, FlowerPowerError
 from ..project.api import FlowerPowerProject
@@ -40,6 +39,7 @@ from ..project.models import RunRequest, RunResult
 from ..redact import redact_url
 from ..settings import MqttSettings, MqttTrigger, Settings, Trigger
 from ..state.history import history_for
+from ..version import __version__
 from . import reload as reloading
 from .check import check
 from .controls import Controls

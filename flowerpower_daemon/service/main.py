@@ -9,7 +9,7 @@ import anyio
 
 from ..errors import ConfigError, FlowerPowerError
 from ..settings import load_settings
-from .check import check
+from .check import check_report
 from .daemon import Daemon
 
 __all__ = ["main"]
@@ -26,10 +26,12 @@ def main(command: str, config: str | None, log_level: str | None) -> int:
         return 2
     configure_logging(log_level or settings.log_level, settings.log_format)
     if command == "check":
-        problems = check(settings)
-        if problems:
-            print(f"{len(problems)} problem(s):", file=sys.stderr)
-            for p in problems:
+        report = check_report(settings)
+        for p in report.warnings:
+            print(f"warning: {p} (no trigger runs this pipeline)", file=sys.stderr)
+        if report.errors:
+            print(f"{len(report.errors)} problem(s):", file=sys.stderr)
+            for p in report.errors:
                 print(f"  - {p}", file=sys.stderr)
             return 2
         print(f"ok: {len(settings.triggers)} trigger(s), project {settings.project}")

@@ -23,6 +23,7 @@ from anyio.abc import TaskGroup, TaskStatus
 from ..project.models import utcnow
 from ..settings import DateTrigger, FileTrigger, IntervalTrigger, MqttTrigger, TimerTrigger, Trigger
 from ..sources.base import TriggerEvent
+from ..topics import compile_topic
 
 if TYPE_CHECKING:
     from ..dispatch.dispatcher import Dispatcher, Stats
@@ -209,8 +210,6 @@ class Sources:
 
 def subscription(trig: MqttTrigger) -> str:
     """The topic filter an MQTT trigger subscribes to (``$share/...`` for a shared group)."""
-    from ..sources.mqtt import compile_topic
-
     topic = compile_topic(trig.topic).filter
     return f"$share/{trig.shared_group}/{topic}" if trig.shared_group else topic
 
