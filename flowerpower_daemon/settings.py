@@ -242,7 +242,7 @@ class MqttTrigger(_TriggerBase):
                 if value
             ]
             if used:
-                raise ValueError(f"{', '.join(used)} need(s) a key (e.g. key: \"{{device}}\")")
+                raise ValueError(f'{", ".join(used)} need(s) a key (e.g. key: "{{device}}")')
         return self
 
     @model_validator(mode="after")
@@ -335,7 +335,7 @@ class FileTrigger(_TriggerBase):
         return value
 
 
-#: Any trigger; ``type`` tells which (the settings validate it as :data:`TriggerSettings`).
+#: A trigger of any kind; ``type`` tells which (validated as :data:`TriggerSettings`).
 Trigger = MqttTrigger | CronTrigger | IntervalTrigger | DateTrigger | FileTrigger
 #: The triggers a timer fires (config file, pipeline ``schedule:``, dynamic schedules).
 TimerTrigger = CronTrigger | IntervalTrigger | DateTrigger
@@ -429,7 +429,7 @@ class Settings(BaseSettings):
 def load_settings(path: str | None) -> Settings:
     """Load the YAML file (optional) and the environment; ConfigError lists every problem."""
     shown = path or "<environment>"
-    data: dict[str, Any] = {}
+    data: dict[str, Any] = {}  # YAML, validated by Settings(**data) (env wins over it)
     if path is not None:
         try:
             text = Path(path).read_text(encoding="utf-8")
@@ -445,7 +445,7 @@ def load_settings(path: str | None) -> Settings:
         raise ConfigError(format_validation_error(exc, Settings, shown)) from None
 
 
-def _relative_to(base: Path, data: dict[str, Any]) -> None:
+def _relative_to(base: Path, data: dict[str, object]) -> None:
     """Make the file's relative paths relative to ``base`` (its directory), in place.
 
     ``project`` (unless a URL), ``state_dir``, ``control.socket`` and file
@@ -453,7 +453,7 @@ def _relative_to(base: Path, data: dict[str, Any]) -> None:
     directory. Values that come from the environment are not touched.
     """
 
-    def fix(holder: dict[str, Any], key: str, *, urls: bool = False) -> None:
+    def fix(holder: dict[str, object], key: str, *, urls: bool = False) -> None:
         value = holder.get(key)
         if isinstance(value, str) and value and not os.path.isabs(value):
             if not (urls and "://" in value):
@@ -464,6 +464,7 @@ def _relative_to(base: Path, data: dict[str, Any]) -> None:
     control = data.get("control")
     if isinstance(control, dict):
         fix(control, "socket")
-    for trig in data.get("triggers") or []:
+    triggers = data.get("triggers")
+    for trig in triggers if isinstance(triggers, list) else []:
         if isinstance(trig, dict) and trig.get("type") == "file":
             fix(trig, "path")

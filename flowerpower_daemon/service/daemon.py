@@ -221,7 +221,7 @@ class Daemon:
                         await src.run_all(sources, runs, link, triggers)
                         controls.resume_delayed()
                         freeze_heap()
-                        if await _first(link.wait_connected, controls.stopped):
+                        if await _first(partial(_connected, link), controls.stopped):
                             await self._announce_ready(link, mqtt_settings, triggers, ready)
                         await controls.stopped()
                         log.info("daemon_stopping", in_flight=self.stats.in_flight)
@@ -307,6 +307,17 @@ class Daemon:
             log.error("reload_failed_keeping_old_config", problems=[str(p) for p in exc.problems])
         except Exception:
             log.exception("reload_crashed_keeping_old_config")
+
+
+async def _connected(link: MqttLink) -> None:
+    """Until ``link`` is connected and subscribed.
+
+    Polled: ``MqttLink.wait_connected`` waits on an event the link replaces after
+    each failed attempt, so a waiter that starts while the broker is down never wakes.
+    """
+    while not link.connected:
+        with anyio.move_on_after(0.2):
+            await link.wait_connected()
 
 
 async def _first(
