@@ -116,9 +116,15 @@ def check_report(settings: Settings) -> CheckReport:
         errors, warnings = split_problems(exc.problems, used_pipelines(settings))
         if errors:
             return CheckReport(errors, warnings)
-        # Only unused pipelines are broken; the project layer still refuses the whole
-        # project, so the daemon cannot start on it yet: say which files, as errors.
-        return CheckReport(warnings, [])
+        # Only pipelines no trigger runs are broken, but the project still loads as a
+        # whole (FlowerPowerProject.load raises for any bad file): the daemon cannot start.
+        whole = ConfigProblem(
+            settings.project,
+            "",
+            f"the project does not load while {len(warnings)} problem(s) in pipelines "
+            "no trigger runs remain (see the warnings): fix or remove those files",
+        )
+        return CheckReport([whole], warnings)
     except FlowerPowerError as exc:
         return CheckReport([ConfigProblem(shown, "project", str(exc))])
     problems: list[ConfigProblem] = []

@@ -154,3 +154,37 @@ def test_problems_of_untriggered_pipelines_are_warnings() -> None:
         "/p/conf/pipelines/used.yml",
         "config",
     ]
+
+
+def _check(config: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "HAMILTON_TELEMETRY_ENABLED": "false"}
+    return subprocess.run(
+        [str(BIN / "flowerpower-daemon"), "check", "-c", str(config)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_check_warns_about_untriggered_pipelines_and_names_triggered_ones(
+    tmp_path: Path,
+) -> None:
+    """`check`: a bad YAML of a pipeline no trigger runs is a warning line; the same file
+    of a triggered pipeline is a problem of its own."""
+    project = make_project(tmp_path)
+    s = base_settings(project, tmp_path, 1883)
+    s["triggers"] = [{"name": "tick", "type": "interval", "every": "1h", "pipeline": "stats"}]
+    config = write_config(tmp_path, s)
+    assert _check(config).returncode == 0
+    (project / "conf" / "pipelines" / "slow.yml").write_text("run:\n  finl_vars: [x]\n")
+    untriggered = _check(config)
+    assert untriggered.returncode == 2  # the project still loads as a whole
+    warnings = [line for line in untriggered.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "slow.yml" in warnings[0], untriggered.stderr
+    assert "does not load" in untriggered.stderr
+    (project / "conf" / "pipelines" / "slow.yml").unlink()
+    (project / "conf" / "pipelines" / "stats.yml").write_text("run:\n  finl_vars: [x]\n")
+    triggered = _check(config)
+    assert triggered.returncode == 2
+    assert "warning:" not in triggered.stderr and "stats.yml" in triggered.stderr
