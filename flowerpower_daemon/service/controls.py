@@ -1,15 +1,11 @@
 """The daemon's control plane: :class:`Controls` implements :class:`~..control.api.DaemonControl`.
 
 It holds what the verbs act on (settings, project, triggers, dynamic
-schedules, delayed runs, the job tracker) and the running parts the daemon
+schedules, the job tracker, manual runs) and the running parts the daemon
 wires in (:meth:`Controls.attach`): adding and removing triggers and
-schedules, pausing, manual and delayed runs, status and counters, reload.
-The daemon itself (``daemon.py``) only builds, starts and stops things.
-
-Delayed runs (``flowerpowerctl run --run-in/--run-at``) are written to the
-state dir (``schedules.json``) until they start, so a restart finds them
-again: at start-up each is submitted anew with its run id and time (at once
-when its time has passed while the daemon was down).
+schedules, pausing, manual and delayed runs (``manual.py``), status and
+counters, reload. The daemon itself (``daemon.py``) only builds, starts and
+stops things.
 """
 
 from __future__ import annotations
@@ -37,16 +33,17 @@ from ..control.events import EventBus
 from ..control.protocol import ProtocolError
 from ..errors import ConfigError
 from ..project.api import FlowerPowerProject
-from ..project.models import RunRequest, RunResult, TriggerInfo, utcnow
+from ..project.models import RunRequest, RunResult, utcnow
 from ..redact import redact_url
 from ..settings import MqttTrigger, Settings, Trigger
 from ..state.history import JobHistory
-from ..state.schedules import DelayedRun, Schedule, ScheduleStore
+from ..state.schedules import Schedule, ScheduleStore
 from ..version import __version__
 from . import reload as reloading
 from .check import configured_triggers
 from .jobs import JobTracker
 from .lifecycle import freeze_heap
+from .manual import ManualRuns
 from .sources import Sources, subscriptions
 from .systemd import Notifier
 
@@ -84,6 +81,7 @@ class Controls:
         self._events = EventBus()
         self.jobs = JobTracker(history, self._events, remote=settings.queue.is_redis)
         self._schedules = ScheduleStore.load(settings.state_path)
+        self.manual = ManualRuns(self.jobs, self._schedules)
         self.triggers_at_start = _merge(
             configured_triggers(settings, project), self._schedules.triggers()
         )
@@ -100,7 +98,6 @@ class Controls:
         self.sink: MqttResultSink | None = None
         self.server: ControlServer | None = None
         self.executor: RunExecutor | None = None
-        self._runs: TaskGroup | None = None
 
     # ------------------------------------------------------------ wiring
 
@@ -112,7 +109,8 @@ class Controls:
         runs: TaskGroup,
     ) -> None:
         """The dispatcher, sources and run task group exist: verbs can act on them."""
-        self.dispatcher, self.sources, self._runs = dispatcher, sources, runs
+        self.dispatcher, self.sources = dispatcher, sources
+        self.manual.attach(dispatcher.run_request, runs)
         for name in self._schedules.paused & set(dispatcher.triggers):
             dispatcher.triggers[name].paused = True
 
@@ -258,75 +256,18 @@ class Controls:
     def manual_request(
         self, pipeline: str, inputs: Mapping[str, object], overrides: Mapping[str, object]
     ) -> RunRequest:
-        from ..mqtt.sinks import reply_target
-
-        request = RunRequest(
-            pipeline=pipeline,
-            inputs=inputs,
-            overrides=overrides,
-            trigger=TriggerInfo(name="manual", type="manual"),
-        )
-        reply = reply_target(
-            pipeline=pipeline,
-            trigger="manual",
-            run_id=request.run_id,
-            fields={},
-            result_topic=self._settings.mqtt.result_topic,
-            error_topic=self._settings.mqtt.error_topic,
-        )
-        return RunRequest(
-            pipeline=pipeline,
-            inputs=inputs,
-            overrides=overrides,
-            run_id=request.run_id,
-            trigger=request.trigger,
-            queued_at=request.queued_at,
-            reply=reply,
-        )
+        return self.manual.request(self._settings.mqtt, pipeline, inputs, overrides)
 
     async def submit_run(self, request: RunRequest, *, run_at: datetime | None = None) -> JobState:
-        if self._runs is None or self.dispatcher is None or self.stopping:
+        if not self.manual.attached or self.stopping:
             raise ProtocolError("unavailable", "the daemon is starting or stopping")
-        if run_at is not None:
-            self._schedules.delayed[request.run_id] = DelayedRun(request, run_at)
-            await self._schedules.save()
-        return self._submit(request, run_at)
-
-    def _submit(self, request: RunRequest, run_at: datetime | None) -> JobState:
-        assert self._runs is not None
-        return self.jobs.submit(request, self._execute, self._runs, run_at=run_at).state
-
-    async def _execute(self, request: RunRequest) -> None:
-        """A manual run's time has come: it is no longer a delayed run, it runs."""
-        assert self.dispatcher is not None
-        await self._forget_delayed(request.run_id)
-        await self.dispatcher.run_request(request)
-
-    async def _forget_delayed(self, run_id: str) -> None:
-        if self._schedules.delayed.pop(run_id, None) is not None:
-            with anyio.CancelScope(shield=True):
-                await self._schedules.save()
-
-    def resume_delayed(self) -> int:
-        """At start-up: submit the delayed runs a previous daemon left (due ones run now)."""
-        for delayed in list(self._schedules.delayed.values()):
-            self._submit(delayed.request, delayed.run_at)
-            log.info(
-                "delayed_run_resumed",
-                run_id=delayed.request.run_id,
-                pipeline=delayed.request.pipeline,
-                run_at=delayed.run_at.isoformat(),
-            )
-        return len(self._schedules.delayed)
+        return await self.manual.submit(request, run_at)
 
     async def wait_run(self, run_id: str) -> RunResult | None:
         return await self.jobs.wait(run_id)
 
     async def cancel_run(self, run_id: str) -> bool:
-        if not self.jobs.cancel(run_id):
-            return False
-        await self._forget_delayed(run_id)
-        return True
+        return await self.manual.cancel(run_id)
 
     # ---------------------------------------------------- triggers, schedules
 

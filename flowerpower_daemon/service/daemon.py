@@ -219,7 +219,7 @@ class Daemon:
                     async with anyio.create_task_group() as sources:
                         controls.attach(dispatcher=dispatcher, sources=src, runs=runs)
                         await src.run_all(sources, runs, link, triggers)
-                        controls.resume_delayed()
+                        controls.manual.resume()
                         freeze_heap()
                         if await _first(partial(_connected, link), controls.stopped):
                             await self._announce_ready(link, mqtt_settings, triggers, ready)
