@@ -32,6 +32,7 @@ from pydantic_settings import (
 from .errors import ConfigError, ConfigProblem
 from .project.config import RunConfig, format_validation_error, load_yaml_text
 from .project.schedule import parse_cron, parse_date, parse_interval, parse_timezone
+from .redact import redact_url
 from .topics import compile_topic
 
 __all__ = [
@@ -97,7 +98,8 @@ class MqttSettings(_Frozen):
         parts = urlsplit(value)
         if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl") or not parts.hostname:
             raise ValueError(
-                f"invalid MQTT url {value!r}: use mqtt://host:port, mqtts://host:port or 'embedded'"
+                f"invalid MQTT url {redact_url(value)!r}: "
+                "use mqtt://host:port, mqtts://host:port or 'embedded'"
             )
         return value
 
@@ -146,7 +148,7 @@ class QueueSettings(_Frozen):
     def _broker(cls, value: str) -> str:
         if value != "memory" and not value.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError(
-                f"invalid queue.broker {value!r}: use 'memory' or redis://host:port/db"
+                f"invalid queue.broker {redact_url(value)!r}: use 'memory' or redis://host:port/db"
             )
         return value
 

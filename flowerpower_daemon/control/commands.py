@@ -26,6 +26,7 @@ import structlog
 from ..errors import ConfigError, FlowerPowerError, PipelineNotFoundError
 from ..project.models import RunResult, utcnow
 from ..project.schedule import parse_cron, parse_date, parse_interval
+from ..redact import redact_url
 from ..settings import (
     CronTrigger,
     DateTrigger,
@@ -124,32 +125,32 @@ class Commands:
     async def handle(self, request: Request, conn: Connection) -> None:
         """Answer one request; never raises for anything the client did."""
         handler = self._handlers[request.cmd]
+        rid = request.id
         try:
             if not self.daemon.ready and request.cmd not in _ALWAYS:
                 raise ProtocolError("unavailable", "the daemon is still starting; try again")
             if request.cmd == "events" or (request.cmd == "run" and request.args.get("wait")):
-                result = await _until_closed(conn, handler(request.args, conn, request.id))
+                result = await _until_closed(conn, handler(request.args, conn, rid))
                 if result is None:
                     return  # the client left
             else:
-                result = await handler(request.args, conn, request.id)
+                result = await handler(request.args, conn, rid)
             if result is not _STREAMED:
-                await conn.send(ok_message(request.id, result))
+                await conn.send(ok_message(rid, result))
         except ProtocolError as exc:
-            await conn.send(error_message(request.id, exc.code, exc.message, exc.details))
+            await conn.send(_error(rid, exc.code, exc.message, exc.details))
         except ConfigError as exc:
-            await conn.send(
-                error_message(request.id, "invalid", str(exc), [p.as_dict() for p in exc.problems])
-            )
+            details = [p.as_dict() for p in exc.problems]
+            await conn.send(_error(rid, "invalid", str(exc), details))
         except (PipelineNotFoundError, LookupError) as exc:
-            await conn.send(error_message(request.id, "not_found", str(exc)))
+            await conn.send(_error(rid, "not_found", str(exc)))
         except (FlowerPowerError, ValueError) as exc:
-            await conn.send(error_message(request.id, "invalid", str(exc)))
+            await conn.send(_error(rid, "invalid", str(exc)))
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, TimeoutError):
             raise
         except Exception as exc:
             log.exception("control_command_failed", cmd=request.cmd)
-            await conn.send(error_message(request.id, "internal", f"{type(exc).__name__}: {exc}"))
+            await conn.send(_error(rid, "internal", f"{type(exc).__name__}: {exc}"))
 
     # ------------------------------------------------------------------ info
 
@@ -436,6 +437,11 @@ def _schedule_spec(a: ScheduleAddArgs) -> tuple[ScheduleKind, str]:
         return kind, a["date"]
     except ValueError as exc:
         raise ProtocolError("invalid", f"schedule_add: '{kind}': {exc}") from None
+
+
+def _error(rid: RequestId, code: str, message: str, details: object = None) -> dict[str, object]:
+    """An error answer whose message holds no URL password (a Redis error may quote one)."""
+    return error_message(rid, code, redact_url(message), details)
 
 
 def _trigger_row(trig: TriggerStatus) -> TriggerRow:

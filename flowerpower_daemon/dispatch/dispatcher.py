@@ -282,9 +282,7 @@ class Dispatcher:
         await _take(self._pending)
         if slot_key is not None:
             self._slot(state, slot_key).users += 1
-        runs.start_soon(
-            self._handle, state, event, request, slot_key, name=f"run:{request.run_id}"
-        )
+        runs.start_soon(self._handle, state, event, request, slot_key, name=f"run:{request.run_id}")
 
     def _slot(self, state: TriggerState, key: str) -> _KeySlot:
         slot = state.keys.get(key)

@@ -499,7 +499,10 @@ class MqttLink:
         qos = message.qos
         if props is None:
             return IncomingMessage(
-                message.topic, payload, qos, bool(message.retain),
+                message.topic,
+                payload,
+                qos,
+                bool(message.retain),
                 ack=self._acker(client, generation, message.mid, qos),
             )
         return IncomingMessage(

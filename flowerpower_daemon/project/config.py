@@ -302,9 +302,10 @@ class AdapterConfig(_Frozen):
         data = self.model_dump()
         for section, values in override_raw.items():
             if isinstance(values, Mapping):
-                data[section] = {**data.get(section, {}), **getattr(override, section).model_dump(
-                    include=set(values)
-                )}
+                data[section] = {
+                    **data.get(section, {}),
+                    **getattr(override, section).model_dump(include=set(values)),
+                }
         return AdapterConfig.model_validate(data)
 
 
@@ -343,9 +344,7 @@ class PipelineConfig(_Frozen):
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
-def expand_env(
-    value: Any, problems: list[str], path: tuple[str | int, ...] = ()
-) -> Any:
+def expand_env(value: Any, problems: list[str], path: tuple[str | int, ...] = ()) -> Any:
     """Replace ``${VAR}`` / ``${VAR:-default}`` in every string of ``value``.
 
     Unset variables without a default are appended to ``problems`` as

@@ -89,6 +89,18 @@ def test_redact_url_forms() -> None:
     )
 
 
+def test_a_refused_url_is_quoted_without_its_password(tmp_path: Path) -> None:
+    """A bad queue.broker or mqtt.url is named in the error, its password is not."""
+    password = unique("Pw9")
+    s = base_settings(make_project(tmp_path), tmp_path, 1883)
+    s["queue"] = {"broker": f"http://:{password}@127.0.0.1:6379/0"}
+    s["mqtt"]["url"] = f"http://fp:{password}@127.0.0.1:1883"
+    refused = _check(write_config(tmp_path, s))
+    assert refused.returncode == 2
+    assert "queue.broker" in refused.stderr and "http://:***@127.0.0.1:6379/0" in refused.stderr
+    assert password not in refused.stderr + refused.stdout
+
+
 def _relative_config(tmp_path: Path, port: int) -> Path:
     """A config in its own directory whose project, state_dir and socket are relative."""
     conf_dir = tmp_path / "conf"
