@@ -27,8 +27,10 @@ __all__ = [
     "JobState",
     "JobSummary",
     "ReloadReport",
+    "RunAnswer",
     "StatusInfo",
     "TriggerOrigin",
+    "TriggerRow",
     "TriggerStatus",
 ]
 
@@ -84,6 +86,33 @@ class TriggerStatus:
     skipped: int
     running: int
     created_at: str | None = None  # dynamic schedules only
+
+
+class TriggerRow(TypedDict, total=False):
+    """One row of ``triggers`` (``schedules`` adds ``inputs`` and ``created_at``)."""
+
+    name: str
+    type: str
+    pipeline: str
+    origin: str
+    spec: str
+    enabled: bool
+    paused: bool
+    next_fire: str | None
+    fired: int
+    ok: int
+    failed: int
+    skipped: int
+    running: int
+    inputs: dict[str, object]
+    created_at: str | None
+
+
+class RunAnswer(TypedDict, total=False):
+    run_id: str
+    state: str
+    run_at: str | None
+    result: object
 
 
 class ReloadReport(TypedDict):

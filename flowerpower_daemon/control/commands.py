@@ -16,7 +16,7 @@ import os
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import timedelta
-from typing import TypedDict, cast
+from typing import cast
 
 import anyio
 import anyio.to_thread
@@ -38,7 +38,15 @@ from ..settings import (
 from ..state.history import FINISHED_STATES
 from ..state.schedules import Schedule, ScheduleKind
 from ..version import __version__
-from .api import DaemonControl, JobSummary, ReloadReport, StatusInfo, TriggerStatus
+from .api import (
+    DaemonControl,
+    JobSummary,
+    ReloadReport,
+    RunAnswer,
+    StatusInfo,
+    TriggerRow,
+    TriggerStatus,
+)
 from .protocol import (
     PROTOCOL_VERSION,
     IdArgs,
@@ -55,7 +63,7 @@ from .protocol import (
 )
 from .server import Connection
 
-__all__ = ["Commands", "TriggerRow"]
+__all__ = ["Commands"]
 
 log = structlog.get_logger("flowerpower_daemon.control")
 
@@ -69,33 +77,6 @@ JobRow = Mapping[str, object]
 _STREAMED = object()
 #: Commands that make sense before the daemon is ready.
 _ALWAYS = frozenset({"ping", "status", "stop", "events"})
-
-
-class TriggerRow(TypedDict, total=False):
-    """One row of ``triggers`` (``schedules`` adds ``inputs`` and ``created_at``)."""
-
-    name: str
-    type: str
-    pipeline: str
-    origin: str
-    spec: str
-    enabled: bool
-    paused: bool
-    next_fire: str | None
-    fired: int
-    ok: int
-    failed: int
-    skipped: int
-    running: int
-    inputs: dict[str, object]
-    created_at: str | None
-
-
-class RunAnswer(TypedDict, total=False):
-    run_id: str
-    state: str
-    run_at: str | None
-    result: object
 
 
 class Commands:
