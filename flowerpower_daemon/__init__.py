@@ -36,7 +36,7 @@ if TYPE_CHECKING:
         TriggerInfo,
     )
 
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
     "ConfigError",

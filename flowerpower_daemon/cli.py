@@ -18,6 +18,7 @@ import orjson
 from . import __version__
 from .argtypes import Parser, add_run_options, json_arg, run_overrides
 from .errors import ConfigError, ConfigProblem, FlowerPowerError, clean_message
+from .redact import redact_url
 
 __all__ = ["main"]
 
@@ -142,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _request(args)
         return _pipeline(args)
     except FlowerPowerError as exc:
-        print(f"error: {clean_message(str(exc))}", file=sys.stderr)
+        print(f"error: {redact_url(clean_message(str(exc)))}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
@@ -373,34 +374,38 @@ def _request(args: argparse.Namespace) -> int:
         reply = anyio.run(ask)
     except TimeoutError:
         print(
-            f"error: published to {args.topic!r} on {args.url}, no reply within "
+            f"error: published to {args.topic!r} on {redact_url(args.url)}, no reply within "
             f"{args.timeout:g} s on its reply_to topic (flowerpower/replies/...): "
             "maybe no trigger matches this topic (flowerpowerctl triggers lists them)",
             file=sys.stderr,
         )
         return EXIT_RUN_FAILED
     except Exception as exc:
-        print(f"error: {args.url}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"error: {redact_url(args.url)}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_USAGE
     sys.stdout.buffer.write(orjson.dumps(orjson.loads(reply), option=orjson.OPT_INDENT_2) + b"\n")
     return EXIT_OK if orjson.loads(reply).get("status") == "success" else EXIT_RUN_FAILED
 
 
 def _check(config: str | None, log_level: str | None) -> int:
-    """``check``: every problem as ``error:`` lines naming the file and key, exit 2."""
+    """``check``: every problem as ``error:`` lines naming the file and key, exit 2;
+    problems of pipelines no trigger runs as ``warning:`` lines (they stop nothing)."""
     from .logs import configure_logging
-    from .service.check import check
+    from .service.check import check_report
     from .settings import load_settings
 
     settings = load_settings(config)  # ConfigError -> main prints it
     configure_logging(log_level or settings.log_level, settings.log_format)
     shown = config or "<environment>"
+    report = check_report(settings)
+    for p in report.warnings:
+        print(f"warning: {redact_url(str(p))} (no trigger runs this pipeline)", file=sys.stderr)
     problems = [
         ConfigProblem(shown, p.key, p.message) if p.file == "config" else p
-        for p in check(settings)
+        for p in report.errors
     ]
     if problems:
-        print(f"error: {ConfigError(problems)}", file=sys.stderr)
+        print(f"error: {redact_url(str(ConfigError(problems)))}", file=sys.stderr)
         return EXIT_USAGE
     print(f"ok: {len(settings.triggers)} trigger(s), project {settings.project}")
     return EXIT_OK

@@ -2,7 +2,8 @@
 
 JSON lines on stderr when not on a terminal (journald, files, CI), a
 coloured console format on a TTY. ``run_id``, ``pipeline`` and ``trigger``
-are bound per run with ``structlog.contextvars``.
+are bound per run with ``structlog.contextvars``. URL passwords never reach
+the output (:func:`~flowerpower_daemon.redact.redact_event` runs last).
 
 When stderr is journald's stream (``JOURNAL_STREAM`` names its device and
 inode, as systemd sets it), every line starts with its syslog priority, e.g.
@@ -19,6 +20,8 @@ from collections.abc import Mapping, MutableMapping
 from typing import IO, Literal
 
 import structlog
+
+from .redact import redact_event
 
 __all__ = ["configure_logging", "journald_stream", "print_error"]
 
@@ -98,6 +101,7 @@ def configure_logging(level: str = "INFO", fmt: LogFormat = "auto") -> None:
         shared.append(structlog.processors.format_exc_info)
     else:
         renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+    shared.append(redact_event)
     if journald_stream(sys.stderr):
         renderer = _with_priority(renderer)
     structlog.configure(

@@ -3,6 +3,13 @@
 ``FLOWERPOWER_MQTT__URL=mqtt://broker:1883`` overrides ``mqtt.url``; secrets
 can come from files (``mqtt.password_file``). Validated once, up front, into
 frozen models; :func:`load_settings` reports every problem with its key path.
+Relative paths in the file (``project``, ``state_dir``, ``control.socket``,
+file triggers' ``path``) are relative to the file's directory, not to the
+working directory.
+
+Every trigger is one of the :data:`Trigger` union's models, told apart by its
+``type``; code that handles triggers takes a ``Trigger`` (or a narrower
+member) and lets mypy check each branch.
 """
 
 from __future__ import annotations
@@ -26,8 +33,11 @@ from pydantic_settings import (
 from .errors import ConfigError, ConfigProblem
 from .project.config import RunConfig, format_validation_error, load_yaml_text
 from .project.schedule import parse_cron, parse_date, parse_interval, parse_timezone
+from .redact import redact_url
+from .topics import compile_topic
 
 __all__ = [
+    "RUN_OVERRIDE_KEYS",
     "CronTrigger",
     "DateTrigger",
     "FileTrigger",
@@ -36,8 +46,11 @@ __all__ = [
     "MqttTrigger",
     "QueueSettings",
     "Settings",
+    "TimerTrigger",
+    "Trigger",
     "TriggerSettings",
     "load_settings",
+    "validate_run_overrides",
 ]
 
 
@@ -89,7 +102,8 @@ class MqttSettings(_Frozen):
         parts = urlsplit(value)
         if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl") or not parts.hostname:
             raise ValueError(
-                f"invalid MQTT url {value!r}: use mqtt://host:port, mqtts://host:port or 'embedded'"
+                f"invalid MQTT url {redact_url(value)!r}: "
+                "use mqtt://host:port, mqtts://host:port or 'embedded'"
             )
         return value
 
@@ -170,7 +184,7 @@ class QueueSettings(_Frozen):
     def _broker(cls, value: str) -> str:
         if value != "memory" and not value.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError(
-                f"invalid queue.broker {value!r}: use 'memory' or redis://host:port/db"
+                f"invalid queue.broker {redact_url(value)!r}: use 'memory' or redis://host:port/db"
             )
         return value
 
@@ -179,14 +193,41 @@ class QueueSettings(_Frozen):
         return self.broker != "memory"
 
 
-_RUN_KEYS = set(RunConfig.model_fields) - {"inputs", "on_success", "on_failure"}
+#: The keys of a ``run:`` override (a trigger's, or ``flowerpowerctl run``'s and
+#: ``schedule add``'s ``run`` argument): the pipeline's ``run:`` block but its inputs and hooks.
+RUN_OVERRIDE_KEYS: frozenset[str] = frozenset(
+    set(RunConfig.model_fields) - {"inputs", "on_success", "on_failure"}
+)
+
+
+def validate_run_overrides(value: Mapping[str, object]) -> dict[str, object]:
+    """Check ``run:`` overrides as a trigger's ``run:`` is checked; ``ValueError`` names the key.
+
+    Unknown keys get a "did you mean"; known keys are validated by the
+    pipeline's own ``run:`` model (a bad ``max_retries`` is an error here, not at run time).
+    """
+    unknown = sorted(set(value) - RUN_OVERRIDE_KEYS)
+    if unknown:
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, sorted(RUN_OVERRIDE_KEYS), 1)
+            hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise ValueError(f"unknown run override(s) {', '.join(hints)}")
+    try:
+        RunConfig.model_validate(value)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'run'}: {e['msg']}" for e in exc.errors()
+        )
+        raise ValueError(f"invalid run override(s): {problems}") from None
+    return dict(value)
 
 
 class _TriggerBase(_Frozen):
     name: str = ""
     pipeline: str
-    inputs: dict[str, Any] = Field(default_factory=dict)
-    run: dict[str, Any] = Field(default_factory=dict, description="run: overrides")
+    inputs: dict[str, object] = Field(default_factory=dict)
+    run: dict[str, object] = Field(default_factory=dict, description="run: overrides")
     enabled: bool = True
     publish: bool = True
     result_topic: str | None = None
@@ -198,15 +239,8 @@ class _TriggerBase(_Frozen):
 
     @field_validator("run")
     @classmethod
-    def _run_keys(cls, value: dict[str, Any]) -> dict[str, Any]:
-        unknown = sorted(set(value) - _RUN_KEYS)
-        if unknown:
-            hints = []
-            for key in unknown:
-                close = difflib.get_close_matches(key, sorted(_RUN_KEYS), 1)
-                hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-            raise ValueError(f"unknown run override(s) {', '.join(hints)}")
-        RunConfig.model_validate(value)
+    def _run_keys(cls, value: dict[str, object]) -> dict[str, object]:
+        validate_run_overrides(value)
         return value
 
 
@@ -230,8 +264,6 @@ class MqttTrigger(_TriggerBase):
     @field_validator("topic")
     @classmethod
     def _topic(cls, value: str) -> str:
-        from .sources.mqtt import compile_topic
-
         compile_topic(value)
         return value
 
@@ -248,7 +280,7 @@ class MqttTrigger(_TriggerBase):
                 if value
             ]
             if used:
-                raise ValueError(f"{', '.join(used)} need(s) a key (e.g. key: \"{{device}}\")")
+                raise ValueError(f'{", ".join(used)} need(s) a key (e.g. key: "{{device}}")')
         return self
 
     @model_validator(mode="after")
@@ -283,7 +315,7 @@ class CronTrigger(_TimerBase):
 
     @field_validator("cron", mode="before")
     @classmethod
-    def _cron(cls, value: Any) -> str:
+    def _cron(cls, value: str | Mapping[str, object]) -> str:
         return parse_cron(value)
 
     @field_validator("timezone")
@@ -302,12 +334,12 @@ class IntervalTrigger(_TimerBase):
 
     @field_validator("every", mode="before")
     @classmethod
-    def _every(cls, value: Any) -> timedelta:
+    def _every(cls, value: float | str | Mapping[str, object] | timedelta) -> timedelta:
         return parse_interval(value)
 
     @field_validator("start_at", mode="before")
     @classmethod
-    def _start(cls, value: Any) -> datetime | None:
+    def _start(cls, value: str | datetime | None) -> datetime | None:
         return None if value is None else parse_date(value)
 
 
@@ -318,7 +350,7 @@ class DateTrigger(_TimerBase):
 
     @field_validator("at", mode="before")
     @classmethod
-    def _at(cls, value: Any) -> datetime:
+    def _at(cls, value: str | datetime) -> datetime:
         return parse_date(value)
 
 
@@ -332,7 +364,7 @@ class FileTrigger(_TriggerBase):
 
     @model_validator(mode="before")
     @classmethod
-    def _glob_alias(cls, value: Any) -> Any:
+    def _glob_alias(cls, value: object) -> object:
         if isinstance(value, Mapping) and "glob" in value:
             data = dict(value)
             glob = data.pop("glob")
@@ -341,10 +373,12 @@ class FileTrigger(_TriggerBase):
         return value
 
 
-TriggerSettings = Annotated[
-    MqttTrigger | CronTrigger | IntervalTrigger | DateTrigger | FileTrigger,
-    Field(discriminator="type"),
-]
+#: A trigger of any kind; ``type`` tells which (validated as :data:`TriggerSettings`).
+Trigger = MqttTrigger | CronTrigger | IntervalTrigger | DateTrigger | FileTrigger
+#: The triggers a timer fires (config file, pipeline ``schedule:``, dynamic schedules).
+TimerTrigger = CronTrigger | IntervalTrigger | DateTrigger
+#: :data:`Trigger` as pydantic validates it: discriminated by ``type``.
+TriggerSettings = Annotated[Trigger, Field(discriminator="type")]
 
 
 class ControlSettings(_Frozen):
@@ -368,7 +402,7 @@ class HistorySettings(_Frozen):
 
     @field_validator("max_age", mode="before")
     @classmethod
-    def _age(cls, value: Any) -> timedelta:
+    def _age(cls, value: float | str | Mapping[str, object] | timedelta) -> timedelta:
         return parse_interval(value)
 
 
@@ -383,7 +417,7 @@ class Settings(BaseSettings):
     )
 
     project: str = "."
-    storage_options: dict[str, Any] = Field(default_factory=dict)
+    storage_options: dict[str, object] = Field(default_factory=dict)
     state_dir: str = ".flowerpower"
     log_level: str = "INFO"
     log_format: Literal["auto", "json", "console"] = "auto"
@@ -410,7 +444,7 @@ class Settings(BaseSettings):
 
     @model_validator(mode="before")
     @classmethod
-    def _names(cls, value: Any) -> Any:
+    def _names(cls, value: object) -> object:
         if not isinstance(value, Mapping) or not isinstance(value.get("triggers"), list):
             return value
         triggers = []
@@ -433,7 +467,7 @@ class Settings(BaseSettings):
 def load_settings(path: str | None) -> Settings:
     """Load the YAML file (optional) and the environment; ConfigError lists every problem."""
     shown = path or "<environment>"
-    data: dict[str, Any] = {}
+    data: dict[str, Any] = {}  # YAML, validated by Settings(**data) (env wins over it)
     if path is not None:
         try:
             text = Path(path).read_text(encoding="utf-8")
@@ -442,20 +476,33 @@ def load_settings(path: str | None) -> Settings:
         data, problems = load_yaml_text(text, path)
         if problems:
             raise ConfigError(problems)
-        base = Path(path).resolve().parent
-        proj = data.get("project")
-        if isinstance(proj, str) and "://" not in proj and not os.path.isabs(proj):
-            data["project"] = str(base / proj)
-        for trig in data.get("triggers") or []:
-            # File-trigger paths, like the project, are relative to the config file.
-            if (
-                isinstance(trig, dict)
-                and trig.get("type") == "file"
-                and isinstance(trig.get("path"), str)
-            ):
-                if not os.path.isabs(trig["path"]):
-                    trig["path"] = str(base / trig["path"])
+        _relative_to(Path(path).resolve().parent, data)
     try:
         return Settings(**data)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, Settings, shown)) from None
+
+
+def _relative_to(base: Path, data: dict[str, object]) -> None:
+    """Make the file's relative paths relative to ``base`` (its directory), in place.
+
+    ``project`` (unless a URL), ``state_dir``, ``control.socket`` and file
+    triggers' ``path``: the daemon finds the same files from any working
+    directory. Values that come from the environment are not touched.
+    """
+
+    def fix(holder: dict[str, object], key: str, *, urls: bool = False) -> None:
+        value = holder.get(key)
+        if isinstance(value, str) and value and not os.path.isabs(value):
+            if not (urls and "://" in value):
+                holder[key] = str(base / value)
+
+    fix(data, "project", urls=True)
+    fix(data, "state_dir")
+    control = data.get("control")
+    if isinstance(control, dict):
+        fix(control, "socket")
+    triggers = data.get("triggers")
+    for trig in triggers if isinstance(triggers, list) else []:
+        if isinstance(trig, dict) and trig.get("type") == "file":
+            fix(trig, "path")

@@ -605,7 +605,8 @@ class MosquittoService(Service):
 
 
 class RedisService(Service):
-    """A redis-server; ``url`` is ``redis://127.0.0.1:PORT/0``."""
+    """A redis-server; ``url`` is ``redis://127.0.0.1:PORT/0`` (``redis://:PASSWORD@...``
+    with ``password``, which sets ``requirepass``)."""
 
     binary_name = "redis-server"
     package = "redis-server"
@@ -620,15 +621,20 @@ class RedisService(Service):
         *,
         appendonly: bool = True,
         overrides: Mapping[str, object] | None = None,
+        password: str | None = None,
         **kwargs: Any,
     ) -> None:
         self.appendonly = appendonly
+        self.password = password
         self.overrides = dict(overrides or {})
+        if password is not None:
+            self.overrides["requirepass"] = password
         super().__init__(binary, base_dir, **kwargs)
 
     @property
     def url(self) -> str:
-        return f"redis://{self.host}:{self.port}/0"
+        auth = f":{self.password}@" if self.password is not None else ""
+        return f"redis://{auth}{self.host}:{self.port}/0"
 
     def render_config(self) -> str:
         return redis_config(
@@ -640,6 +646,10 @@ class RedisService(Service):
 
     def _probe(self, sock: socket.socket) -> bool:
         # "-LOADING ..." while the AOF is replayed: not ready yet.
+        if self.password is not None:
+            sock.sendall(f"AUTH {self.password}\r\n".encode())
+            if _recv_exact(sock, 5) != b"+OK\r\n":
+                return False
         sock.sendall(b"PING\r\n")
         return _recv_exact(sock, 7) == b"+PONG\r\n"
 
@@ -694,7 +704,8 @@ def mosquitto_factory(
 def redis_factory(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Callable[..., RedisService]]:
-    """``make(appendonly=True, overrides=None, port=None, ...)``: a new redis-server per call."""
+    """``make(appendonly=True, overrides=None, password=None, port=None, ...)``: a new
+    redis-server per call."""
     with _factory(RedisService, tmp_path_factory) as make:
         yield make
 

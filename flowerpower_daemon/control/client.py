@@ -236,7 +236,7 @@ def parse_duration(text: str) -> float:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from .. import __version__
+    from ..version import __version__
 
     p = Parser(
         prog="flowerpowerctl",

@@ -13,35 +13,55 @@ from __future__ import annotations
 
 import inspect
 import os
-import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit, urlunsplit
+from typing import cast
 
 import anyio
 import anyio.to_thread
 import orjson
 import structlog
 
-from .. import __version__
 from ..errors import ConfigError, FlowerPowerError, PipelineNotFoundError
 from ..project.models import RunResult, utcnow
-from ..settings import CronTrigger, DateTrigger, FileTrigger, IntervalTrigger, MqttTrigger
+from ..project.schedule import parse_cron, parse_date, parse_interval
+from ..redact import redact_url
+from ..settings import (
+    CronTrigger,
+    DateTrigger,
+    IntervalTrigger,
+    MqttTrigger,
+    Trigger,
+    validate_run_overrides,
+)
 from ..state.history import FINISHED_STATES
+from ..state.schedules import Schedule, ScheduleKind
+from ..version import __version__
+from .api import (
+    DaemonControl,
+    JobSummary,
+    ReloadReport,
+    RunAnswer,
+    StatusInfo,
+    TriggerRow,
+    TriggerStatus,
+)
 from .protocol import (
     PROTOCOL_VERSION,
+    IdArgs,
+    JobsArgs,
     ProtocolError,
     Request,
+    RequestId,
+    RunArgs,
+    ScheduleAddArgs,
+    TargetArgs,
     error_message,
     event_message,
     ok_message,
 )
 from .server import Connection
-
-if TYPE_CHECKING:
-    from ..service.daemon import Daemon
 
 __all__ = ["Commands"]
 
@@ -50,7 +70,10 @@ log = structlog.get_logger("flowerpower_daemon.control")
 ACTIVE_STATES = ("scheduled", "queued", "running")
 MAX_LIMIT = 1000
 
-Handler = Callable[[Mapping[str, Any], Connection, Any], Awaitable[Any]]
+Args = Mapping[str, object]  # checked against protocol.COMMANDS before a handler sees them
+Handler = Callable[[Args, Connection, RequestId], Awaitable[object]]
+#: A history record or an active job's summary (history rows are plain JSON objects).
+JobRow = Mapping[str, object]
 _STREAMED = object()
 #: Commands that make sense before the daemon is ready.
 _ALWAYS = frozenset({"ping", "status", "stop", "events"})
@@ -59,7 +82,7 @@ _ALWAYS = frozenset({"ping", "status", "stop", "events"})
 class Commands:
     """The handlers of every command in :data:`~.protocol.COMMANDS`."""
 
-    def __init__(self, daemon: Daemon) -> None:
+    def __init__(self, daemon: DaemonControl) -> None:
         self.daemon = daemon
         self._handlers: dict[str, Handler] = {
             "ping": self.ping,
@@ -83,103 +106,47 @@ class Commands:
     async def handle(self, request: Request, conn: Connection) -> None:
         """Answer one request; never raises for anything the client did."""
         handler = self._handlers[request.cmd]
+        rid = request.id
         try:
             if not self.daemon.ready and request.cmd not in _ALWAYS:
                 raise ProtocolError("unavailable", "the daemon is still starting; try again")
             if request.cmd == "events" or (request.cmd == "run" and request.args.get("wait")):
-                result = await _until_closed(conn, handler(request.args, conn, request.id))
+                result = await _until_closed(conn, handler(request.args, conn, rid))
                 if result is None:
                     return  # the client left
             else:
-                result = await handler(request.args, conn, request.id)
+                result = await handler(request.args, conn, rid)
             if result is not _STREAMED:
-                await conn.send(ok_message(request.id, result))
+                await conn.send(ok_message(rid, result))
         except ProtocolError as exc:
-            await conn.send(error_message(request.id, exc.code, exc.message, exc.details))
+            await conn.send(_error(rid, exc.code, exc.message, exc.details))
         except ConfigError as exc:
-            await conn.send(
-                error_message(request.id, "invalid", str(exc), [p.as_dict() for p in exc.problems])
-            )
+            details = [p.as_dict() for p in exc.problems]
+            await conn.send(_error(rid, "invalid", str(exc), details))
         except (PipelineNotFoundError, LookupError) as exc:
-            await conn.send(error_message(request.id, "not_found", str(exc)))
+            await conn.send(_error(rid, "not_found", str(exc)))
         except (FlowerPowerError, ValueError) as exc:
-            await conn.send(error_message(request.id, "invalid", str(exc)))
+            await conn.send(_error(rid, "invalid", str(exc)))
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, TimeoutError):
             raise
         except Exception as exc:
             log.exception("control_command_failed", cmd=request.cmd)
-            await conn.send(error_message(request.id, "internal", f"{type(exc).__name__}: {exc}"))
+            await conn.send(_error(rid, "internal", f"{type(exc).__name__}: {exc}"))
 
     # ------------------------------------------------------------------ info
 
-    async def ping(self, args: Mapping[str, Any], conn: Connection, rid: Any) -> Any:
+    async def ping(self, args: Args, conn: Connection, rid: RequestId) -> object:
         return {"pong": True, "version": __version__, "protocol": PROTOCOL_VERSION}
 
-    async def status(self, args: Mapping[str, Any], conn: Connection, rid: Any) -> Any:
-        d = self.daemon
-        s = d.settings
-        link = d.link
-        stats = d.stats
-        history = d.history
-        return {
-            "version": __version__,
-            "pid": os.getpid(),
-            "state": "stopping" if d.stopping else ("running" if d.ready else "starting"),
-            "started_at": d.started_at.isoformat(),
-            "uptime_s": round(time.monotonic() - d.started_monotonic, 3),
-            "config": d.config_path,
-            "project": s.project,
-            "state_dir": str(s.state_path),
-            "socket": str(d.control.path) if d.control else None,
-            "mqtt": {
-                "broker": f"{s.mqtt.host}:{s.mqtt.port}"
-                if s.mqtt.url != "embedded"
-                else "embedded",
-                "connected": bool(link and link.connected),
-                "connects": getattr(link, "connects", 0),
-                "outbox": getattr(d.publisher, "outbox_size", 0),
-                "published": getattr(d.publisher, "published", 0),
-                "held": getattr(link, "held", 0),
-                "intake_pauses": getattr(link, "pauses", 0),
-            },
-            "queue": {
-                "backend": "redis" if s.queue.is_redis else "memory",
-                "broker": _redact(s.queue.broker),
-            },
-            "counters": {
-                "messages_in": stats.messages_in,
-                "events": stats.events,
-                "runs_ok": stats.runs_ok,
-                "runs_failed": stats.runs_failed,
-                "bad_input": stats.bad_input,
-                "skipped": stats.skipped,
-                "duplicates": stats.duplicates,
-                "coalesced": stats.coalesced,
-                "unmatched": stats.unmatched,
-                "results_out": getattr(d.sink, "results_out", 0),
-            },
-            "in_flight": stats.in_flight,
-            "active": [j.summary() for j in d.jobs.active.values()],
-            "pipelines": len(d.project.pipelines),
-            "triggers": len(d.dispatcher.triggers) if d.dispatcher else len(d.triggers),
-            "paused": sorted(d.schedules.paused),
-            "history": {
-                "recorded": history.recorded if history else 0,
-                "location": history.location if history else None,
-            },
-            "control": {
-                "clients": d.control.clients if d.control else 0,
-                "requests": d.control.requests if d.control else 0,
-            },
-        }
+    async def status(self, args: Args, conn: Connection, rid: RequestId) -> StatusInfo:
+        return self.daemon.status()
 
-    async def pipelines(self, args: Mapping[str, Any], conn: Connection, rid: Any) -> Any:
-        d = self.daemon
+    async def pipelines(self, args: Args, conn: Connection, rid: RequestId) -> object:
         by_pipeline: dict[str, list[str]] = {}
-        for state in self._trigger_states():
-            by_pipeline.setdefault(state.cfg.pipeline, []).append(state.cfg.name)
+        for trig in self.daemon.triggers():
+            by_pipeline.setdefault(trig.cfg.pipeline, []).append(trig.cfg.name)
         out = []
-        for name, cfg in sorted(d.project.pipelines.items()):
+        for name, cfg in sorted(self.daemon.project.pipelines.items()):
             sched = cfg.schedule
             when = (
                 sched.cron
@@ -197,98 +164,94 @@ class Commands:
             )
         return out
 
-    async def triggers(self, args: Mapping[str, Any], conn: Connection, rid: Any) -> Any:
-        return [self._trigger_row(state) for state in self._trigger_states()]
+    async def triggers(self, args: Args, conn: Connection, rid: RequestId) -> list[TriggerRow]:
+        return [_trigger_row(trig) for trig in self.daemon.triggers()]
 
-    async def schedules(self, args: Mapping[str, Any], conn: Connection, rid: Any) -> Any:
+    async def schedules(self, args: Args, conn: Connection, rid: RequestId) -> list[TriggerRow]:
         rows = []
-        for state in self._trigger_states():
-            if isinstance(state.cfg, CronTrigger | IntervalTrigger | DateTrigger):
-                row = self._trigger_row(state)
-                dynamic = self.daemon.schedules.schedules.get(state.cfg.name)
-                row["inputs"] = dict(state.cfg.inputs)
-                row["created_at"] = dynamic.created_at if dynamic else None
+        for trig in self.daemon.triggers():
+            if isinstance(trig.cfg, CronTrigger | IntervalTrigger | DateTrigger):
+                row = _trigger_row(trig)
+                row["inputs"] = dict(trig.cfg.inputs)
+                row["created_at"] = trig.created_at
                 rows.append(row)
         return rows
 
     # ------------------------------------------------------------------ runs
 
-    async def run(self, args: Mapping[str, Any], conn: Connection, rid: Any) -> Any:
+    async def run(self, args: Args, conn: Connection, rid: RequestId) -> RunAnswer:
+        a = cast(RunArgs, args)
         d = self.daemon
-        pipeline = args["pipeline"]
+        pipeline = a["pipeline"]
         if pipeline not in d.project.pipelines:
             raise PipelineNotFoundError(pipeline, d.project.pipelines)
-        final_vars = args.get("final_vars")
-        if final_vars is not None and not all(isinstance(v, str) for v in final_vars):
-            raise ProtocolError("bad_args", "run: 'final_vars' must be an array of strings")
-        if "run_in" in args and "run_at" in args:
+        if "run_in" in a and "run_at" in a:
             raise ProtocolError("bad_args", "run: give 'run_in' or 'run_at', not both")
         run_at = None
-        if "run_in" in args:
-            if args["run_in"] < 0:
+        if "run_in" in a:
+            if a["run_in"] < 0:
                 raise ProtocolError("invalid", "run: 'run_in' must be >= 0 seconds")
-            run_at = utcnow() + timedelta(seconds=args["run_in"])
-        elif "run_at" in args:
-            from ..project.schedule import parse_date
-
-            run_at = parse_date(args["run_at"])
-        wait = bool(args.get("wait"))
+            run_at = utcnow() + timedelta(seconds=a["run_in"])
+        elif "run_at" in a:
+            run_at = parse_date(a["run_at"])
+        wait = bool(a.get("wait"))
         if wait and d.settings.queue.is_redis:
             raise ProtocolError(
                 "conflict",
                 "run --wait needs queue.broker: memory (with Redis, a worker runs it; "
                 "follow it with 'flowerpowerctl job ID')",
             )
-        overrides: dict[str, Any] = {}
-        if final_vars is not None:
-            overrides["final_vars"] = list(final_vars)
-        if "config" in args:
-            overrides["config"] = dict(args["config"])
-        request = d.manual_request(pipeline, dict(args.get("inputs") or {}), overrides)
-        job = d.submit_run(request, run_at=run_at)
+        overrides = _run_overrides("run", a)
+        request = d.manual_request(pipeline, dict(a.get("inputs") or {}), overrides)
+        state = await d.submit_run(request, run_at=run_at)
         if not wait:
             return {
                 "run_id": request.run_id,
-                "state": job.state,
+                "state": state,
                 "run_at": run_at.isoformat() if run_at else None,
             }
-        result = await d.jobs.wait(request.run_id)
+        result = await d.wait_run(request.run_id)
         if result is None:
             record = await self._history_record(request.run_id)
             if record is None:
                 raise ProtocolError("internal", f"run {request.run_id} ended without a result")
-            return {"run_id": request.run_id, "state": record["state"], "result": record["result"]}
+            return {
+                "run_id": request.run_id,
+                "state": str(record["state"]),
+                "result": record["result"],
+            }
         return {"run_id": request.run_id, "state": result.status, "result": _result_json(result)}
 
-    async def jobs(self, args: Mapping[str, Any], conn: Connection, rid: Any) -> Any:
-        d = self.daemon
-        limit = args.get("limit", 20)
+    async def jobs(self, args: Args, conn: Connection, rid: RequestId) -> list[JobRow]:
+        a = cast(JobsArgs, args)
+        limit = a.get("limit", 20)
         if not 1 <= limit <= MAX_LIMIT:
             raise ProtocolError("invalid", f"jobs: 'limit' must be 1..{MAX_LIMIT}")
-        state = args.get("state")
+        state = a.get("state")
         known = (*ACTIVE_STATES, *FINISHED_STATES)
         if state is not None and state not in known:
             raise ProtocolError(
                 "invalid", f"jobs: unknown state {state!r} (states: {', '.join(known)})"
             )
-        pipeline = args.get("pipeline")
-        rows = [
+        pipeline = a.get("pipeline")
+        active: list[JobSummary] = [
             j.summary()
-            for j in d.jobs.active.values()
+            for j in self.daemon.active_runs().values()
             if (pipeline is None or j.request.pipeline == pipeline)
             and (state is None or j.state == state)
         ]
-        rows.sort(key=lambda r: r["queued_at"], reverse=True)
-        rows = rows[:limit]
-        if d.history is not None and len(rows) < limit and state not in ACTIVE_STATES:
-            rows += await d.history.recent(
+        active.sort(key=lambda r: r["queued_at"], reverse=True)
+        rows: list[JobRow] = [dict(r) for r in active[:limit]]
+        history = self.daemon.history
+        if history is not None and len(rows) < limit and state not in ACTIVE_STATES:
+            rows += await history.recent(
                 pipeline=pipeline, states=(state,) if state else (), limit=limit - len(rows)
             )
         return rows
 
-    async def job(self, args: Mapping[str, Any], conn: Connection, rid: Any) -> Any:
-        run_id = args["id"]
-        active = self.daemon.jobs.active.get(run_id)
+    async def job(self, args: Args, conn: Connection, rid: RequestId) -> JobRow:
+        run_id = cast(IdArgs, args)["id"]
+        active = self.daemon.active_runs().get(run_id)
         if active is not None:
             return {**active.summary(), "request": active.request.to_dict()}
         record = await self._history_record(run_id)
@@ -296,60 +259,54 @@ class Commands:
             raise ProtocolError("not_found", f"no job {run_id!r} (active or in the history)")
         return record
 
-    async def cancel(self, args: Mapping[str, Any], conn: Connection, rid: Any) -> Any:
+    async def cancel(self, args: Args, conn: Connection, rid: RequestId) -> object:
         d = self.daemon
-        run_id = args["id"]
-        if not d.jobs.cancel(run_id):
+        run_id = cast(IdArgs, args)["id"]
+        if not await d.cancel_run(run_id):
             record = await self._history_record(run_id)
             if record is not None:
                 raise ProtocolError("conflict", f"job {run_id} already finished: {record['state']}")
             raise ProtocolError("not_found", f"no active job {run_id!r}")
         with anyio.move_on_after(5):
-            await d.jobs.wait(run_id)
+            await d.wait_run(run_id)
         record = await self._history_record(run_id)
         return {"run_id": run_id, "state": record["state"] if record else "cancelling"}
 
     # ------------------------------------------------------------- schedules
 
-    async def schedule_add(self, args: Mapping[str, Any], conn: Connection, rid: Any) -> Any:
-        from ..state.schedules import Schedule
-
+    async def schedule_add(self, args: Args, conn: Connection, rid: RequestId) -> object:
+        a = cast(ScheduleAddArgs, args)
         d = self.daemon
-        kinds = [k for k in ("cron", "interval", "date") if k in args]
-        if len(kinds) != 1:
-            raise ProtocolError(
-                "bad_args", "schedule_add: give exactly one of cron, interval, date"
-            )
-        kind: Any = kinds[0]
-        pipeline = args["pipeline"]
+        kind, spec = _schedule_spec(a)
+        pipeline = a["pipeline"]
         if pipeline not in d.project.pipelines:
             raise PipelineNotFoundError(pipeline, d.project.pipelines)
-        sid = args.get("id") or f"{pipeline}-{uuid.uuid4().hex[:8]}"
-        exists = d.dispatcher is not None and sid in d.dispatcher.triggers
+        sid = a.get("id") or f"{pipeline}-{uuid.uuid4().hex[:8]}"
         if sid in d.schedules.schedules:
-            if not args.get("overwrite"):
+            if not a.get("overwrite"):
                 raise ProtocolError(
                     "conflict", f"schedule {sid!r} exists; use --overwrite to replace it"
                 )
-        elif exists:
+        elif any(t.cfg.name == sid for t in d.triggers()):
             raise ProtocolError(
                 "conflict", f"{sid!r} is a trigger from the config file or project; pick another id"
             )
-        inputs = dict(args.get("inputs") or {})
+        inputs = dict(a.get("inputs") or {})
+        overrides = _run_overrides("schedule_add", a)
         schedule = Schedule.new(
-            sid, pipeline, kind, str(args[kind]), timezone=args.get("timezone"), inputs=inputs
+            sid, pipeline, kind, spec, timezone=a.get("timezone"), inputs=inputs, run=overrides
         )
-        trigger = schedule.to_trigger()  # ValueError -> invalid
-        await self._check_inputs(pipeline, inputs)
-        await d.add_schedule(schedule, trigger)
-        state = d.dispatcher.triggers[sid] if d.dispatcher else None
-        return self._trigger_row(state) if state else schedule.to_dict()
+        schedule.to_trigger()  # ValueError -> invalid
+        await self._check_inputs(pipeline, inputs, overrides)
+        await d.add_schedule(schedule)
+        row = next((t for t in d.triggers() if t.cfg.name == sid), None)
+        return _trigger_row(row) if row is not None else schedule.to_dict()
 
-    async def schedule_rm(self, args: Mapping[str, Any], conn: Connection, rid: Any) -> Any:
+    async def schedule_rm(self, args: Args, conn: Connection, rid: RequestId) -> object:
         d = self.daemon
-        sid = args["id"]
+        sid = cast(IdArgs, args)["id"]
         if sid not in d.schedules.schedules:
-            if d.dispatcher is not None and sid in d.dispatcher.triggers:
+            if any(t.cfg.name == sid for t in d.triggers()):
                 raise ProtocolError(
                     "conflict", f"{sid!r} comes from the config file or project: edit it and reload"
                 )
@@ -357,15 +314,15 @@ class Commands:
         await d.remove_schedule(sid)
         return {"removed": sid}
 
-    async def pause(self, args: Mapping[str, Any], conn: Connection, rid: Any) -> Any:
+    async def pause(self, args: Args, conn: Connection, rid: RequestId) -> object:
         return {"paused": await self.daemon.set_paused(self._targets("pause", args), True)}
 
-    async def resume(self, args: Mapping[str, Any], conn: Connection, rid: Any) -> Any:
+    async def resume(self, args: Args, conn: Connection, rid: RequestId) -> object:
         return {"resumed": await self.daemon.set_paused(self._targets("resume", args), False)}
 
     # -------------------------------------------------------------- lifecycle
 
-    async def reload(self, args: Mapping[str, Any], conn: Connection, rid: Any) -> Any:
+    async def reload(self, args: Args, conn: Connection, rid: RequestId) -> ReloadReport:
         try:
             return await self.daemon.reload()
         except ConfigError as exc:
@@ -375,11 +332,11 @@ class Commands:
                 details=[p.as_dict() for p in exc.problems],
             ) from None
 
-    async def stop(self, args: Mapping[str, Any], conn: Connection, rid: Any) -> Any:
+    async def stop(self, args: Args, conn: Connection, rid: RequestId) -> object:
         self.daemon.request_stop()
         return {"stopping": True, "pid": os.getpid()}
 
-    async def events(self, args: Mapping[str, Any], conn: Connection, rid: Any) -> Any:
+    async def events(self, args: Args, conn: Connection, rid: RequestId) -> object:
         with self.daemon.events.subscribe() as events:
             await conn.send(ok_message(rid, {"stream": True}))
             async for event in events:
@@ -388,55 +345,31 @@ class Commands:
 
     # -------------------------------------------------------------- helpers
 
-    def _trigger_states(self) -> list[Any]:
-        d = self.daemon
-        return list(d.dispatcher.triggers.values()) if d.dispatcher else []
-
-    def _trigger_row(self, state: Any) -> dict[str, Any]:
-        from ..sources.timers import next_fire
-
-        d = self.daemon
-        cfg = state.cfg
-        spec = d.timer_specs.get(cfg.name)
-        nxt = next_fire(spec, utcnow()) if spec is not None else None
-        return {
-            "name": cfg.name,
-            "type": cfg.type,
-            "pipeline": cfg.pipeline,
-            "origin": d.trigger_origin(cfg.name),
-            "spec": _spec_text(cfg),
-            "enabled": cfg.enabled,
-            "paused": state.paused,
-            "next_fire": None if state.paused or nxt is None else nxt.isoformat(),
-            "fired": state.fired,
-            "ok": state.ok,
-            "failed": state.failed,
-            "skipped": state.skipped,
-            "running": len(state.running),
-        }
-
-    def _targets(self, cmd: str, args: Mapping[str, Any]) -> list[str]:
-        names = [s.cfg.name for s in self._trigger_states()]
-        if args.get("all"):
-            if "id" in args:
+    def _targets(self, cmd: str, args: Args) -> list[str]:
+        a = cast(TargetArgs, args)
+        names = [t.cfg.name for t in self.daemon.triggers()]
+        if a.get("all"):
+            if "id" in a:
                 raise ProtocolError("bad_args", f"{cmd}: give an id or all, not both")
             return names
-        if "id" not in args:
+        if "id" not in a:
             raise ProtocolError("bad_args", f"{cmd}: give an id or all: true")
-        if args["id"] not in names:
-            raise ProtocolError("not_found", f"no trigger or schedule {args['id']!r}")
-        return [args["id"]]
+        if a["id"] not in names:
+            raise ProtocolError("not_found", f"no trigger or schedule {a['id']!r}")
+        return [a["id"]]
 
-    async def _history_record(self, run_id: str) -> dict[str, Any] | None:
+    async def _history_record(self, run_id: str) -> JobRow | None:
         history = self.daemon.history
         return await history.get(run_id) if history is not None else None
 
-    async def _check_inputs(self, pipeline: str, inputs: Mapping[str, Any]) -> None:
+    async def _check_inputs(
+        self, pipeline: str, inputs: Mapping[str, object], overrides: Mapping[str, object]
+    ) -> None:
         """Inputs must be inputs of the pipeline's DAG (building it may import: a thread)."""
         if not inputs:
             return
         runner = self.daemon.project.runner
-        prepared = await anyio.to_thread.run_sync(runner.prepare, pipeline)
+        prepared = await anyio.to_thread.run_sync(runner.prepare, pipeline, overrides)
         unknown = sorted(set(inputs) - set(prepared.dag.inputs))
         if unknown:
             raise ProtocolError(
@@ -446,9 +379,74 @@ class Commands:
             )
 
 
-async def _until_closed(conn: Connection, call: Awaitable[Any]) -> Any:
+def _run_overrides(cmd: str, args: Mapping[str, object]) -> dict[str, object]:
+    """The ``run`` argument, validated like a trigger's ``run:``, plus ``final_vars``/``config``.
+
+    ``final_vars`` and ``config`` as top-level arguments win over the same keys in ``run``.
+    """
+    raw = args.get("run")
+    try:
+        overrides = validate_run_overrides(raw if isinstance(raw, dict) else {})
+    except ValueError as exc:
+        raise ProtocolError("invalid", f"{cmd}: 'run': {exc}") from None
+    final_vars = args.get("final_vars")
+    if final_vars is not None:
+        if not isinstance(final_vars, list) or not all(isinstance(v, str) for v in final_vars):
+            raise ProtocolError("bad_args", f"{cmd}: 'final_vars' must be an array of strings")
+        overrides["final_vars"] = list(final_vars)
+    config = args.get("config")
+    if isinstance(config, dict):
+        overrides["config"] = dict(config)
+    return overrides
+
+
+def _schedule_spec(a: ScheduleAddArgs) -> tuple[ScheduleKind, str]:
+    """The one schedule kind given and its spec as a string (FlowerPower's dict forms too)."""
+    given: list[ScheduleKind] = [k for k in ("cron", "interval", "date") if k in a]
+    if len(given) != 1:
+        raise ProtocolError("bad_args", "schedule_add: give exactly one of cron, interval, date")
+    kind = given[0]
+    try:
+        if kind == "cron":
+            cron = a["cron"]
+            return kind, parse_cron(cron) if isinstance(cron, dict) else cron
+        if kind == "interval":
+            every = a["interval"]
+            if isinstance(every, dict):
+                return kind, f"{parse_interval(every).total_seconds():g}"
+            return kind, str(every)
+        return kind, a["date"]
+    except ValueError as exc:
+        raise ProtocolError("invalid", f"schedule_add: '{kind}': {exc}") from None
+
+
+def _error(rid: RequestId, code: str, message: str, details: object = None) -> dict[str, object]:
+    """An error answer whose message holds no URL password (a Redis error may quote one)."""
+    return error_message(rid, code, redact_url(message), details)
+
+
+def _trigger_row(trig: TriggerStatus) -> TriggerRow:
+    cfg = trig.cfg
+    return {
+        "name": cfg.name,
+        "type": cfg.type,
+        "pipeline": cfg.pipeline,
+        "origin": trig.origin,
+        "spec": _spec_text(cfg),
+        "enabled": cfg.enabled,
+        "paused": trig.paused,
+        "next_fire": None if trig.paused or trig.next_fire is None else trig.next_fire.isoformat(),
+        "fired": trig.fired,
+        "ok": trig.ok,
+        "failed": trig.failed,
+        "skipped": trig.skipped,
+        "running": trig.running,
+    }
+
+
+async def _until_closed(conn: Connection, call: Awaitable[object]) -> object:
     """Await ``call`` unless the client closes its end first (then None); errors propagate."""
-    outcome: list[tuple[bool, Any]] = []
+    outcome: list[tuple[bool, object]] = []
     async with anyio.create_task_group() as tg:
 
         async def run() -> None:
@@ -470,17 +468,18 @@ async def _until_closed(conn: Connection, call: Awaitable[Any]) -> Any:
         return None
     ok, value = outcome[0]
     if not ok:
+        assert isinstance(value, Exception)
         raise value
     return value
 
 
-def _result_json(result: RunResult) -> Any:
+def _result_json(result: RunResult) -> orjson.Fragment:
     from ..project.encoding import encode_result
 
     return orjson.Fragment(encode_result(result, max_bytes=16 * 1024 * 1024))
 
 
-def _spec_text(cfg: Any) -> str:
+def _spec_text(cfg: Trigger) -> str:
     if isinstance(cfg, MqttTrigger):
         return cfg.topic
     if isinstance(cfg, CronTrigger):
@@ -489,15 +488,4 @@ def _spec_text(cfg: Any) -> str:
         return f"every {cfg.every}"
     if isinstance(cfg, DateTrigger):
         return f"at {cfg.at.isoformat()}"
-    if isinstance(cfg, FileTrigger):
-        return cfg.path
-    return ""
-
-
-def _redact(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+    return cfg.path

@@ -11,19 +11,21 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from ..project.models import utcnow
 
-__all__ = ["EventBus"]
+__all__ = ["Event", "EventBus"]
+
+#: One event: ``{"type": ..., "time": ..., **fields}`` (JSON-ready values).
+Event = dict[str, object]
 
 
 @dataclass(eq=False)
 class _Subscriber:
-    send: MemoryObjectSendStream[dict[str, Any]]
+    send: MemoryObjectSendStream[Event]
     dropped: int = field(default=0)
 
 
@@ -39,7 +41,7 @@ class EventBus:
     def subscribers(self) -> int:
         return len(self._subscribers)
 
-    def publish(self, kind: str, /, **fields: Any) -> None:
+    def publish(self, kind: str, /, **fields: object) -> None:
         """Send ``{"type": ..., "time": ..., **fields}`` to every subscriber, never waiting."""
         if not self._subscribers:
             return
@@ -57,9 +59,9 @@ class EventBus:
                 sub.dropped = 0
 
     @contextmanager
-    def subscribe(self) -> Iterator[MemoryObjectReceiveStream[dict[str, Any]]]:
+    def subscribe(self) -> Iterator[MemoryObjectReceiveStream[Event]]:
         """A receive stream of events from now on, until the ``with`` block ends."""
-        send, receive = anyio.create_memory_object_stream[dict[str, Any]](self.buffer)
+        send, receive = anyio.create_memory_object_stream[Event](self.buffer)
         sub = _Subscriber(send)
         self._subscribers.add(sub)
         try:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Final, Required, TypedDict
 
 import orjson
 
@@ -31,8 +31,15 @@ __all__ = [
     "ERROR_CODES",
     "PROTOCOL_VERSION",
     "ArgSpec",
+    "IdArgs",
+    "JobsArgs",
+    "Message",
     "ProtocolError",
     "Request",
+    "RequestId",
+    "RunArgs",
+    "ScheduleAddArgs",
+    "TargetArgs",
     "dump_line",
     "error_message",
     "event_message",
@@ -42,6 +49,11 @@ __all__ = [
 ]
 
 PROTOCOL_VERSION: Final = 1
+
+#: A request's ``id``: a JSON string or integer the client picks; ``None`` when unreadable.
+RequestId = str | int | None
+#: One protocol line, as sent (answers and events).
+Message = Mapping[str, object]
 
 #: Every error code an answer can carry, and what it means.
 ERROR_CODES: Final[Mapping[str, str]] = {
@@ -78,7 +90,7 @@ class ArgSpec:
     types: tuple[str, ...]
     required: bool = False
 
-    def accepts(self, value: Any) -> bool:
+    def accepts(self, value: object) -> bool:
         for name in self.types:
             tp = _JSON_TYPES[name]
             # bool is an int in Python, not in JSON; an int is a fine float.
@@ -104,6 +116,7 @@ COMMANDS: Final[Mapping[str, Mapping[str, ArgSpec]]] = {
         "inputs": _a("object", "null"),
         "final_vars": _a("array", "null"),
         "config": _a("object", "null"),
+        "run": _a("object", "null"),
         "run_in": _a("float", "null"),
         "run_at": _a("str", "null"),
         "wait": _a("bool"),
@@ -118,13 +131,14 @@ COMMANDS: Final[Mapping[str, Mapping[str, ArgSpec]]] = {
     "schedules": {},
     "schedule_add": {
         "pipeline": _a("str", required=True),
-        "cron": _a("str", "null"),
-        "interval": _a("str", "float", "null"),
+        "cron": _a("str", "object", "null"),
+        "interval": _a("str", "float", "object", "null"),
         "date": _a("str", "null"),
         "id": _a("str", "null"),
         "overwrite": _a("bool"),
         "inputs": _a("object", "null"),
         "timezone": _a("str", "null"),
+        "run": _a("object", "null"),
     },
     "schedule_rm": {"id": _a("str", required=True)},
     "pause": {"id": _a("str", "null"), "all": _a("bool")},
@@ -134,12 +148,53 @@ COMMANDS: Final[Mapping[str, Mapping[str, ArgSpec]]] = {
     "stop": {},
 }
 
+# The arguments of each command as its handler sees them once :func:`validate_args` has
+# checked them against :data:`COMMANDS` (absent optional arguments are missing keys).
+
+
+class RunArgs(TypedDict, total=False):
+    pipeline: Required[str]
+    inputs: dict[str, object]
+    final_vars: list[object]
+    config: dict[str, object]
+    run: dict[str, object]  # ``run:`` overrides, as a trigger's
+    run_in: float
+    run_at: str
+    wait: bool
+
+
+class JobsArgs(TypedDict, total=False):
+    pipeline: str
+    state: str
+    limit: int
+
+
+class IdArgs(TypedDict):
+    id: str
+
+
+class ScheduleAddArgs(TypedDict, total=False):
+    pipeline: Required[str]
+    cron: str | dict[str, object]  # a cron string or FlowerPower's field dict
+    interval: str | float | dict[str, object]  # seconds, "5m", or {"minutes": 5}
+    date: str
+    id: str
+    overwrite: bool
+    inputs: dict[str, object]
+    timezone: str
+    run: dict[str, object]
+
+
+class TargetArgs(TypedDict, total=False):
+    id: str
+    all: bool
+
 
 class ProtocolError(Exception):
     """A request that cannot be served; becomes an error answer with ``code``."""
 
     def __init__(
-        self, code: str, message: str, *, request_id: Any = None, details: Any = None
+        self, code: str, message: str, *, request_id: RequestId = None, details: object = None
     ) -> None:
         super().__init__(message)
         self.code = code
@@ -152,9 +207,9 @@ class ProtocolError(Exception):
 class Request:
     """One parsed request line."""
 
-    id: Any
+    id: RequestId
     cmd: str
-    args: Mapping[str, Any]
+    args: Mapping[str, object]
 
 
 def parse_request(line: bytes) -> Request:
@@ -165,11 +220,10 @@ def parse_request(line: bytes) -> Request:
         raise ProtocolError("bad_json", f"not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise ProtocolError("bad_json", f"expected a JSON object, got {type(data).__name__}")
-    request_id = data.get("id")
-    if request_id is not None and (
-        isinstance(request_id, bool) or not isinstance(request_id, str | int)
-    ):
+    raw_id = data.get("id")
+    if raw_id is not None and (isinstance(raw_id, bool) or not isinstance(raw_id, str | int)):
         raise ProtocolError("bad_request", "'id' must be a string or an integer")
+    request_id: RequestId = raw_id
     unknown = sorted(set(data) - {"id", "cmd", "args"})
     if unknown:
         raise ProtocolError(
@@ -186,7 +240,9 @@ def parse_request(line: bytes) -> Request:
     return Request(request_id, cmd, validate_args(cmd, args, request_id=request_id))
 
 
-def validate_args(cmd: str, args: Mapping[str, Any], *, request_id: Any = None) -> dict[str, Any]:
+def validate_args(
+    cmd: str, args: Mapping[str, object], *, request_id: RequestId = None
+) -> dict[str, object]:
     """Check ``args`` against :data:`COMMANDS`; missing optional ones are absent, not ``None``."""
     spec = COMMANDS.get(cmd)
     if spec is None:
@@ -208,28 +264,30 @@ def validate_args(cmd: str, args: Mapping[str, Any], *, request_id: Any = None) 
     return {k: v for k, v in args.items() if v is not None}
 
 
-def _json_type(value: Any) -> str:
+def _json_type(value: object) -> str:
     for name, tp in _JSON_TYPES.items():
         if isinstance(value, tp) and not (name == "int" and isinstance(value, bool)):
             return name
     return type(value).__name__
 
 
-def ok_message(request_id: Any, result: Any) -> dict[str, Any]:
+def ok_message(request_id: RequestId, result: object) -> dict[str, object]:
     return {"id": request_id, "ok": True, "result": result}
 
 
-def error_message(request_id: Any, code: str, message: str, details: Any = None) -> dict[str, Any]:
-    error: dict[str, Any] = {"code": code, "message": message}
+def error_message(
+    request_id: RequestId, code: str, message: str, details: object = None
+) -> dict[str, object]:
+    error: dict[str, object] = {"code": code, "message": message}
     if details is not None:
         error["details"] = details
     return {"id": request_id, "ok": False, "error": error}
 
 
-def event_message(request_id: Any, event: Mapping[str, Any]) -> dict[str, Any]:
+def event_message(request_id: RequestId, event: Mapping[str, object]) -> dict[str, object]:
     return {"id": request_id, "event": event}
 
 
-def dump_line(message: Any) -> bytes:
+def dump_line(message: object) -> bytes:
     """One protocol line (orjson; anything it cannot encode becomes its ``str``)."""
     return orjson.dumps(message, default=str, option=orjson.OPT_APPEND_NEWLINE)

@@ -3,8 +3,8 @@
 Where: ``control.socket`` from the settings; by default
 ``$RUNTIME_DIRECTORY/control.sock`` under systemd (``RuntimeDirectory=``),
 else ``<state_dir>/control.sock`` (``./.flowerpower/control.sock`` with the
-default state dir). A relative ``control.socket`` is relative to the working
-directory.
+default state dir). A relative ``control.socket`` in the config file is
+relative to the file's directory (see ``settings.py``).
 
 Who: the socket file is created ``0600`` (owner only), or ``0660`` owned by
 ``control.group`` when one is configured, without a moment at a wider mode
@@ -43,7 +43,6 @@ import struct
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import anyio
 import structlog
@@ -110,7 +109,7 @@ class Connection:
         self.peer = peer
         self.send_timeout = send_timeout
 
-    async def send(self, message: Any) -> None:
+    async def send(self, message: object) -> None:
         """Send one message line; a client that does not read within the timeout is dropped."""
         from ..project.encoding import dumps
 

@@ -28,16 +28,9 @@ import orjson
 
 from ..mqtt.sinks import Reply, reply_target
 from ..project.models import RunRequest
-from ..settings import (
-    CronTrigger,
-    DateTrigger,
-    FileTrigger,
-    IntervalTrigger,
-    MqttSettings,
-    MqttTrigger,
-)
+from ..settings import MqttSettings, Trigger
 from ..sources.base import TriggerEvent
-from ..sources.mqtt import TopicPattern
+from ..topics import TopicPattern
 
 __all__ = [
     "Admission",
@@ -52,11 +45,6 @@ __all__ = [
     "reply_for",
     "take",
 ]
-
-#: One configured trigger. settings.py has the pydantic union (``TriggerSettings``, with
-#: its discriminator); this is the plain union for type hints, kept here, in one place,
-#: until settings.py exports one.
-Trigger = MqttTrigger | CronTrigger | IntervalTrigger | DateTrigger | FileTrigger
 
 RejectKind = Literal["bad_input", "duplicate", "skipped", "coalesced"]
 

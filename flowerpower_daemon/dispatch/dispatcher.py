@@ -27,8 +27,9 @@ from ..project.models import ErrorInfo, RunRequest, RunResult, TriggerInfo, new_
 from ..retry import Backoff
 from ..settings import MqttTrigger, Settings
 from ..sources.base import TriggerEvent
-from ..sources.mqtt import PayloadError, compile_topic
+from ..sources.mqtt import PayloadError
 from ..state.dedup import DedupStore
+from ..topics import compile_topic
 from .chain import (
     Admission,
     KeySlot,

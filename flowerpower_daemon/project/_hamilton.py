@@ -341,9 +341,13 @@ def describe_nodes(dr: Any) -> list[dict[str, Any]]:
     """One row per DAG node: name, type, role, dependencies (for ``pipeline show``)."""
     rows = []
     for name, n in sorted(dr.graph.nodes.items()):
-        role = "input" if n.user_defined else (
-            "expand" if n.node_role == h_node.NodeType.EXPAND else (
-                "collect" if n.node_role == h_node.NodeType.COLLECT else "function"
+        role = (
+            "input"
+            if n.user_defined
+            else (
+                "expand"
+                if n.node_role == h_node.NodeType.EXPAND
+                else ("collect" if n.node_role == h_node.NodeType.COLLECT else "function")
             )
         )
         rows.append(

@@ -54,9 +54,7 @@ def import_pipeline_module(files: ProjectFiles, rel: str, module_name: str) -> t
         # into the pipeline module (its annotations would all become strings).
         code = compile(source, shown, "exec", dont_inherit=True)
     except SyntaxError as exc:
-        raise PipelineImportError(
-            f"{shown}:{exc.lineno}: syntax error: {exc.msg}"
-        ) from None
+        raise PipelineImportError(f"{shown}:{exc.lineno}: syntax error: {exc.msg}") from None
     linecache.cache[shown] = (len(source), None, source.splitlines(True), shown)
     module = types.ModuleType(module_name)
     module.__file__ = shown

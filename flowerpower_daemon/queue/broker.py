@@ -127,9 +127,7 @@ def create_broker(settings: QueueSettings, *, worker: bool = False) -> AsyncBrok
         # storing it in taskiq's result backend would only cost time per run. Its pool
         # for sync tasks stays unused (and so without threads): the task is async.
         memory = InMemoryBroker(await_inplace=True, cast_types=False, sync_tasks_pool_size=1)
-        return memory.with_result_backend(DummyResultBackend()).with_formatter(
-            InProcessFormatter()
-        )
+        return memory.with_result_backend(DummyResultBackend()).with_formatter(InProcessFormatter())
     from taskiq_redis import RedisAsyncResultBackend
 
     from .streams import ReclaimingStreamBroker

@@ -1,26 +1,82 @@
 """What ``flowerpower-daemon check`` and a reload validate: the project and every
 trigger against its pipeline, all problems at once.
 
+Only the pipelines the daemon's triggers use must be sound: a problem in
+``conf/pipelines/<name>.yml`` or ``pipelines/<name>.py`` of a pipeline no
+trigger names is a warning (:func:`split_problems`); anything else
+(``project.yml``, a triggered pipeline's files, the triggers) is an error.
+
 Apart from the daemon so that ``reload`` can use it without importing the daemon.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 from ..errors import ConfigError, ConfigProblem, FlowerPowerError
 from ..project.api import FlowerPowerProject
-from ..settings import CronTrigger, DateTrigger, FileTrigger, IntervalTrigger, Settings
+from ..settings import (
+    CronTrigger,
+    DateTrigger,
+    FileTrigger,
+    IntervalTrigger,
+    Settings,
+    TimerTrigger,
+    Trigger,
+)
 
-__all__ = ["check", "configured_triggers", "schedule_triggers"]
+__all__ = [
+    "CheckReport",
+    "check",
+    "check_report",
+    "configured_triggers",
+    "schedule_triggers",
+    "split_problems",
+    "used_pipelines",
+]
+
+# A pipeline's own files: its YAML under conf/pipelines/ or its module under pipelines/.
+_PIPELINE_FILE = re.compile(
+    r"(?:^|/)(?:conf/pipelines/(?P<conf>\w+)\.ya?ml|pipelines/(?P<mod>\w+)\.py)$"
+)
 
 
-def schedule_triggers(settings: Settings, project: FlowerPowerProject) -> list[Any]:
+@dataclass(frozen=True, slots=True)
+class CheckReport:
+    """``errors`` stop the daemon; ``warnings`` concern pipelines no trigger uses."""
+
+    errors: list[ConfigProblem] = field(default_factory=list)
+    warnings: list[ConfigProblem] = field(default_factory=list)
+
+
+def split_problems(
+    problems: Iterable[ConfigProblem], used: Iterable[str]
+) -> tuple[list[ConfigProblem], list[ConfigProblem]]:
+    """(errors, warnings): a problem in the own files of a pipeline not in ``used`` is a
+    warning; every other problem is an error."""
+    wanted = set(used)
+    errors: list[ConfigProblem] = []
+    warnings: list[ConfigProblem] = []
+    for problem in problems:
+        match = _PIPELINE_FILE.search(problem.file.replace("\\", "/"))
+        name = match and (match.group("conf") or match.group("mod"))
+        (warnings if name and name not in wanted else errors).append(problem)
+    return errors, warnings
+
+
+def used_pipelines(settings: Settings, dynamic: Iterable[str] = ()) -> set[str]:
+    """The pipelines the config's enabled triggers (and ``dynamic`` schedules) run."""
+    return {t.pipeline for t in settings.triggers if t.enabled} | set(dynamic)
+
+
+def schedule_triggers(settings: Settings, project: FlowerPowerProject) -> list[TimerTrigger]:
     """Every pipeline's ``schedule:`` as a timer trigger (FlowerPower's ``schedule_all``)."""
     if not settings.schedule_all:
         return []
-    out: list[Any] = []
+    out: list[TimerTrigger] = []
     for name, cfg in sorted(project.pipelines.items()):
         sched = cfg.schedule
         if not sched.enabled or sched.kind is None:
@@ -46,17 +102,22 @@ def schedule_triggers(settings: Settings, project: FlowerPowerProject) -> list[A
 
 
 def check(settings: Settings) -> list[ConfigProblem]:
-    """Validate the project and every trigger against its pipeline; return all problems."""
+    """Validate the project and every trigger against its pipeline; return the errors."""
+    return check_report(settings).errors
+
+
+def check_report(settings: Settings) -> CheckReport:
+    """Validate the project and every trigger against its pipeline: errors and warnings."""
     shown = "config"
     try:
         project = FlowerPowerProject.load(
             settings.project, storage_options=settings.storage_options
         )
-    except ConfigError as exc:
-        return exc.problems
+    except ConfigError as exc:  # project.yml itself: nothing runs
+        return CheckReport(list(exc.problems))
     except FlowerPowerError as exc:
-        return [ConfigProblem(shown, "project", str(exc))]
-    problems: list[ConfigProblem] = list(project.problems)
+        return CheckReport([ConfigProblem(shown, "project", str(exc))])
+    problems, warnings = split_problems(project.problems, used_pipelines(settings))
     for i, trig in enumerate(settings.triggers):
         key = f"triggers[{i}]"
         if trig.pipeline not in project.pipelines:
@@ -94,9 +155,9 @@ def check(settings: Settings) -> list[ConfigProblem]:
                         f"(inputs: {', '.join(sorted(known_inputs)) or 'none'})",
                     )
                 )
-    return problems
+    return CheckReport(problems, warnings)
 
 
-def configured_triggers(settings: Settings, project: FlowerPowerProject) -> list[Any]:
+def configured_triggers(settings: Settings, project: FlowerPowerProject) -> list[Trigger]:
     """The enabled triggers of the config file plus every pipeline's ``schedule:``."""
     return [t for t in settings.triggers if t.enabled] + schedule_triggers(settings, project)

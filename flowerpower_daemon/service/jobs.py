@@ -9,10 +9,11 @@ cancelled (``flowerpowerctl cancel``, overlap ``replace``, shutdown): it is
 recorded, published on MQTT and announced as ``cancelled``.
 
 Manual runs from the control socket (:meth:`JobTracker.submit`) may start
-later (``--run-in``/``--run-at``); they wait in the daemon's run task group,
-are cancellable while waiting, and are dropped (recorded as cancelled) when
-the daemon stops: a run that must survive a restart is a ``schedule add
---date``.
+later (``--run-in``/``--run-at``); they wait in the daemon's run task group
+and are cancellable while waiting. When the daemon stops, those still
+waiting are let go without a result (:meth:`JobTracker.suspend_scheduled`):
+the daemon keeps them in its state dir and submits them again at its next
+start (``service/controls.py``).
 """
 
 from __future__ import annotations
@@ -20,12 +21,13 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Literal, TypeVar
+from typing import Literal, TypeVar
 
 import anyio
 import structlog
 from anyio.abc import TaskGroup
 
+from ..control.api import JobSummary
 from ..control.events import EventBus
 from ..mqtt.sinks import ResultSink
 from ..project.models import ErrorInfo, RunRequest, RunResult, utcnow
@@ -50,12 +52,13 @@ class ActiveJob:
     scope: anyio.CancelScope | None = None  # the whole manual job (waiting included)
     run_scope: anyio.CancelScope | None = None  # the run itself
     cancelled_by: str | None = field(default=None)
+    suspended: bool = False  # let go at shutdown, to be submitted again at the next start
 
     @property
     def run_id(self) -> str:
         return self.request.run_id
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self) -> JobSummary:
         return {
             "run_id": self.run_id,
             "pipeline": self.request.pipeline,
@@ -201,7 +204,10 @@ class JobTracker:
             log.exception("manual_run_failed", run_id=job.run_id)
             job.cancelled_by = "the daemon failed to start the run (see its log)"
         finally:
-            await self.settle_cancelled(job.run_id)
+            if job.suspended:
+                self.active.pop(job.run_id, None)
+            else:
+                await self.settle_cancelled(job.run_id)
 
     def cancel(self, run_id: str, reason: str = "cancelled by flowerpowerctl") -> bool:
         """Cancel a scheduled, queued or running run; False when it is not active."""
@@ -214,11 +220,14 @@ class JobTracker:
                 scope.cancel()
         return True
 
-    def drop_scheduled(self) -> int:
-        """At shutdown: cancel manual runs still waiting for their time."""
+    def suspend_scheduled(self) -> int:
+        """At shutdown: stop waiting for manual runs whose time has not come, recording
+        nothing (they are kept in the state dir and come back at the next start)."""
         waiting = [j for j in self.active.values() if j.state == "scheduled"]
         for job in waiting:
-            self.cancel(job.run_id, "the daemon stopped before the run's time")
+            job.suspended = True
+            if job.scope is not None:
+                job.scope.cancel()
         return len(waiting)
 
     async def wait(self, run_id: str) -> RunResult | None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gc
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 import anyio
 
@@ -25,7 +24,7 @@ def freeze_heap() -> None:
     gc.freeze()
 
 
-async def shielded(fn: Callable[[], Awaitable[Any]]) -> None:
+async def shielded(fn: Callable[[], Awaitable[object]]) -> None:
     """``await fn()`` at shutdown: shielded from cancellation, for at most 5 s."""
     with anyio.move_on_after(5, shield=True):
         await fn()

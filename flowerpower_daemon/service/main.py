@@ -1,39 +1,29 @@
-"""``flowerpower-daemon run|check|worker``: load the settings, start the process,
-map errors to exit codes (2 = bad config)."""
+"""``flowerpower-daemon run|worker``: load the settings, start the process, map errors
+to exit codes (2 = bad config). ``check`` is the CLI's own (``cli._check``)."""
 
 from __future__ import annotations
-
-import sys
 
 import anyio
 
 from ..errors import ConfigError, FlowerPowerError
+from ..logs import print_error
+from ..redact import redact_url
 from ..settings import load_settings
-from .check import check
 from .daemon import Daemon
 
 __all__ = ["main"]
 
 
 def main(command: str, config: str | None, log_level: str | None) -> int:
-    """``run``, ``check`` and ``worker``; maps errors to exit codes (2 = bad config)."""
+    """``run`` and ``worker``; maps errors to exit codes (2 = bad config)."""
     from ..logs import configure_logging
 
     try:
         settings = load_settings(config)
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print_error(redact_url(str(exc)))
         return 2
     configure_logging(log_level or settings.log_level, settings.log_format)
-    if command == "check":
-        problems = check(settings)
-        if problems:
-            print(f"{len(problems)} problem(s):", file=sys.stderr)
-            for p in problems:
-                print(f"  - {p}", file=sys.stderr)
-            return 2
-        print(f"ok: {len(settings.triggers)} trigger(s), project {settings.project}")
-        return 0
     try:
         if command == "worker":
             from .worker import run_worker
@@ -41,11 +31,8 @@ def main(command: str, config: str | None, log_level: str | None) -> int:
             anyio.run(run_worker, settings)
         else:
             anyio.run(Daemon(settings, config_path=config).serve)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except FlowerPowerError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except FlowerPowerError as exc:  # ConfigError included
+        print_error(redact_url(str(exc)))
         return 2
     except KeyboardInterrupt:
         return 130

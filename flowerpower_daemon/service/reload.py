@@ -11,15 +11,26 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+
+import structlog
 
 from ..errors import ConfigError, ConfigProblem, FlowerPowerError
 from ..project.api import FlowerPowerProject
-from ..settings import Settings, load_settings
+from ..settings import Settings, Trigger, load_settings
 from ..state.schedules import Schedule
-from .check import check
+from .check import check_report, configured_triggers
 
-__all__ = ["RESTART_KEYS", "Prepared", "TriggerDiff", "diff", "prepare", "restart_required"]
+__all__ = [
+    "RESTART_KEYS",
+    "Prepared",
+    "TriggerDiff",
+    "diff",
+    "prepare",
+    "restart_required",
+    "warm_up",
+]
+
+log = structlog.get_logger("flowerpower_daemon.daemon")
 
 #: Settings a running daemon cannot change; a reload reports them, a restart applies them.
 RESTART_KEYS = ("mqtt", "queue", "control", "state_dir", "max_concurrent_runs")
@@ -31,7 +42,7 @@ class Prepared:
 
     settings: Settings
     project: FlowerPowerProject
-    triggers: list[Any]
+    triggers: list[Trigger]
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,21 +52,19 @@ class TriggerDiff:
     changed: list[str]
 
 
-def prepare(
-    config_path: str | None,
-    dynamic: Iterable[Schedule],
-    *,
-    make_triggers: Any,
-) -> Prepared:
+def prepare(config_path: str | None, dynamic: Iterable[Schedule]) -> Prepared:
     """Load and check config + project (blocking); raise ConfigError listing every problem.
 
-    ``make_triggers(settings, project)`` returns the configured triggers
-    (the daemon's rule: enabled config triggers plus pipeline schedules).
+    The triggers are the daemon's: enabled config triggers, pipeline schedules,
+    and the ``dynamic`` schedules (each must still find its pipeline).
     """
     settings = load_settings(config_path)  # ConfigError on a bad file
-    problems = check(settings)
-    if problems:
-        raise ConfigError(problems)
+    report = check_report(settings)
+    if report.errors:
+        raise ConfigError(report.errors)
+    problems: list[ConfigProblem] = []
+    for problem in report.warnings:
+        log.warning("pipeline_not_loaded", problem=str(problem), reason="no trigger runs it")
     try:
         project = FlowerPowerProject.load(
             settings.project, storage_options=settings.storage_options
@@ -64,7 +73,7 @@ def prepare(
         raise
     except FlowerPowerError as exc:
         raise ConfigError([ConfigProblem(config_path or "config", "project", str(exc))]) from None
-    triggers = list(make_triggers(settings, project))
+    triggers: list[Trigger] = list(configured_triggers(settings, project))
     names = {t.name for t in triggers}
     for schedule in dynamic:
         where = "schedules.json"
@@ -92,7 +101,7 @@ def prepare(
     return Prepared(settings, project, triggers)
 
 
-def diff(current: Mapping[str, Any], new: Iterable[Any]) -> TriggerDiff:
+def diff(current: Mapping[str, Trigger], new: Iterable[Trigger]) -> TriggerDiff:
     """Trigger names added, removed, and changed (same name, different settings)."""
     wanted = {t.name: t for t in new}
     return TriggerDiff(
@@ -105,3 +114,17 @@ def diff(current: Mapping[str, Any], new: Iterable[Any]) -> TriggerDiff:
 def restart_required(old: Settings, new: Settings) -> list[str]:
     """The :data:`RESTART_KEYS` whose value differs."""
     return [key for key in RESTART_KEYS if getattr(old, key) != getattr(new, key)]
+
+
+def warm_up(project: FlowerPowerProject, triggers: Iterable[Trigger]) -> None:
+    """Import modules and build drivers for the triggered pipelines (blocking: a thread).
+
+    A pipeline that cannot be prepared is logged; its trigger's runs fail with the reason.
+    """
+    for trig in triggers:
+        try:
+            project.runner.prepare(trig.pipeline, trig.run)
+        except FlowerPowerError as exc:
+            log.error(
+                "pipeline_not_ready", trigger=trig.name, pipeline=trig.pipeline, error=str(exc)
+            )

@@ -27,6 +27,7 @@ import structlog
 from ..errors import ConfigError, ConfigProblem
 from ..project.api import FlowerPowerProject
 from ..project.models import RunRequest, RunResult
+from ..redact import redact_url
 from ..settings import Settings
 from ..state.history import history_for
 from .lifecycle import freeze_heap, shielded
@@ -117,7 +118,9 @@ async def run_worker(settings: Settings) -> None:
             tg.start_soon(on_signals, name="signals")
             freeze_heap()  # as the daemon does: start-up objects out of the collector's way
             log.info(
-                "worker_ready", queue=settings.queue.broker, pipelines=sorted(project.pipelines)
+                "worker_ready",
+                queue=redact_url(settings.queue.broker),
+                pipelines=sorted(project.pipelines),
             )
             # taskiq's receiver (the loop of ``taskiq worker``), with its own graceful stop;
             # the pool is for sync tasks, which this worker has none of.

@@ -1,13 +1,15 @@
-"""Dynamic schedules and pause state, persisted in the state directory.
+"""Dynamic schedules, pause state and delayed runs, persisted in the state directory.
 
 ``flowerpowerctl schedule add`` creates a cron, interval or one-shot date
-schedule at run time; ``pause``/``resume`` switch any trigger off and on.
-Both survive a restart: they live in ``<state_dir>/schedules.json``::
+schedule at run time; ``pause``/``resume`` switch any trigger off and on;
+``run --run-in/--run-at`` waits for its time. All survive a restart: they
+live in ``<state_dir>/schedules.json``::
 
     {"version": 1,
      "schedules": [{"id": "...", "pipeline": "...", "kind": "cron", "spec": "*/5 * * * *",
-                    "timezone": null, "inputs": {}, "created_at": "..."}],
-     "paused": ["trigger-or-schedule-id", ...]}
+                    "timezone": null, "inputs": {}, "run": {}, "created_at": "..."}],
+     "paused": ["trigger-or-schedule-id", ...],
+     "delayed": [{"run_at": "...", "request": {...}}]}
 
 Writes are atomic (temporary file, fsync, rename, fsync of the directory)
 and run in a worker thread, so the event loop never waits for the disk. A
@@ -23,6 +25,7 @@ import os
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,15 +35,14 @@ import orjson
 import structlog
 from pydantic import ValidationError
 
-from ..project.models import utcnow
-from ..settings import CronTrigger, DateTrigger, IntervalTrigger
+from ..project.models import RunRequest, utcnow
+from ..settings import CronTrigger, DateTrigger, IntervalTrigger, TimerTrigger
 
-__all__ = ["Schedule", "ScheduleKind", "ScheduleStore"]
+__all__ = ["DelayedRun", "Schedule", "ScheduleKind", "ScheduleStore"]
 
 log = structlog.get_logger("flowerpower_daemon.schedules")
 
 ScheduleKind = Literal["cron", "interval", "date"]
-TimerTrigger = CronTrigger | IntervalTrigger | DateTrigger
 
 _VERSION = 1
 
@@ -56,6 +58,7 @@ class Schedule:
     timezone: str | None = None
     inputs: Mapping[str, Any] = field(default_factory=dict)
     created_at: str = ""
+    run: Mapping[str, Any] = field(default_factory=dict)  # ``run:`` overrides, as a trigger's
 
     def to_trigger(self) -> TimerTrigger:
         """The validated timer trigger; ``ValueError`` naming the bad value otherwise."""
@@ -63,6 +66,7 @@ class Schedule:
             "name": self.id,
             "pipeline": self.pipeline,
             "inputs": dict(self.inputs),
+            "run": dict(self.run),
         }
         try:
             if self.kind == "cron":
@@ -87,6 +91,7 @@ class Schedule:
             "spec": self.spec,
             "timezone": self.timezone,
             "inputs": dict(self.inputs),
+            "run": dict(self.run),
             "created_at": self.created_at,
         }
 
@@ -103,6 +108,7 @@ class Schedule:
             timezone=data.get("timezone"),
             inputs=dict(data.get("inputs") or {}),
             created_at=str(data.get("created_at") or ""),
+            run=dict(data.get("run") or {}),
         )
 
     @classmethod
@@ -115,8 +121,25 @@ class Schedule:
         *,
         timezone: str | None = None,
         inputs: Mapping[str, Any] | None = None,
+        run: Mapping[str, Any] | None = None,
     ) -> Schedule:
-        return cls(id, pipeline, kind, spec, timezone, dict(inputs or {}), utcnow().isoformat())
+        created = utcnow().isoformat()
+        return cls(id, pipeline, kind, spec, timezone, dict(inputs or {}), created, dict(run or {}))
+
+
+@dataclass(frozen=True, slots=True)
+class DelayedRun:
+    """A manual run waiting for its time (``flowerpowerctl run --run-in/--run-at``)."""
+
+    request: RunRequest
+    run_at: datetime
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"run_at": self.run_at.isoformat(), "request": self.request.to_dict()}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> DelayedRun:
+        return cls(RunRequest.from_dict(data["request"]), datetime.fromisoformat(data["run_at"]))
 
 
 class ScheduleStore:
@@ -126,6 +149,7 @@ class ScheduleStore:
         self.path = path
         self.schedules: dict[str, Schedule] = {}
         self.paused: set[str] = set()
+        self.delayed: dict[str, DelayedRun] = {}  # run id -> the run
         self._lock = anyio.Lock()
 
     @classmethod
@@ -138,6 +162,7 @@ class ScheduleStore:
                 raise ValueError(f"unsupported format (version {data.get('version')!r})")
             schedules = [Schedule.from_dict(s) for s in data.get("schedules") or []]
             paused = {str(p) for p in data.get("paused") or []}
+            delayed = [DelayedRun.from_dict(d) for d in data.get("delayed") or []]
         except FileNotFoundError:
             return store
         except (OSError, ValueError, KeyError, TypeError, orjson.JSONDecodeError) as exc:
@@ -153,6 +178,7 @@ class ScheduleStore:
             return store
         store.schedules = {s.id: s for s in schedules}
         store.paused = paused
+        store.delayed = {d.request.run_id: d for d in delayed}
         return store
 
     def triggers(self) -> list[TimerTrigger]:
@@ -173,6 +199,7 @@ class ScheduleStore:
                     "version": _VERSION,
                     "schedules": [s.to_dict() for s in self.schedules.values()],
                     "paused": sorted(self.paused),
+                    "delayed": [d.to_dict() for d in self.delayed.values()],
                 },
                 option=orjson.OPT_INDENT_2,
             )

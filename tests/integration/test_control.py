@@ -45,6 +45,10 @@ class Live:
     settings: dict[str, Any]
     port: int
 
+    @property
+    def settings_state(self) -> Path:
+        return Path(self.settings["state_dir"])
+
 
 def _settings(project: Path, tmp: Path, port: int) -> dict[str, Any]:
     settings = base_settings(project, tmp, port)
@@ -356,6 +360,67 @@ async def test_interval_schedule_fires_and_date_schedule_runs_once(live: Live) -
             await anyio.sleep(0.1)
 
 
+def test_run_and_schedule_add_take_run_options(live: Live) -> None:
+    """`run` and `schedule_add` take a `run` object of trigger-style overrides (validated
+    the same way, persisted with the schedule); `schedule_add` takes FlowerPower's cron and
+    interval dict forms and an interval in seconds."""
+    answer = request(
+        live.sock,
+        "run",
+        {
+            "pipeline": "stats",
+            "inputs": {"readings": [1, 3]},
+            "run": {"final_vars": ["mean"]},
+            "wait": True,
+        },
+        timeout=60,
+    )
+    assert answer["ok"], answer
+    assert answer["result"]["state"] == "success"
+    assert set(answer["result"]["result"]["outputs"]) == {"mean"}
+    # final_vars as its own argument wins over the one in `run`.
+    both = request(
+        live.sock,
+        "run",
+        {
+            "pipeline": "stats",
+            "run": {"final_vars": ["mean"], "max_retries": 1},
+            "final_vars": ["count"],
+            "wait": True,
+        },
+        timeout=60,
+    )
+    assert both["ok"] and set(both["result"]["result"]["outputs"]) == {"count"}, both
+    typo = request(live.sock, "run", {"pipeline": "stats", "run": {"finl_vars": ["mean"]}})
+    assert typo["error"]["code"] == "invalid"
+    assert "finl_vars" in typo["error"]["message"] and "final_vars" in typo["error"]["message"]
+    negative = request(live.sock, "run", {"pipeline": "stats", "run": {"max_retries": -1}})
+    assert negative["error"]["code"] == "invalid" and "max_retries" in negative["error"]["message"]
+
+    def add(**args: Any) -> Any:
+        return request(live.sock, "schedule_add", {"pipeline": "stats", **args})
+
+    cron = add(id="cron-dict", cron={"minute": "*/5", "hour": "3"}, run={"final_vars": ["count"]})
+    assert cron["ok"], cron
+    assert cron["result"]["spec"] == "0 */5 3 * * *" and cron["result"]["origin"] == "dynamic"
+    every = add(id="every-dict", interval={"minutes": 5})
+    assert every["ok"] and every["result"]["spec"] == "every 0:05:00", every
+    seconds = add(id="every-number", interval=90)
+    assert seconds["ok"] and seconds["result"]["spec"] == "every 0:01:30", seconds
+    bad_field = add(id="bad", cron={"minutes": "*/5"})
+    assert bad_field["error"]["code"] == "invalid" and "minutes" in bad_field["error"]["message"]
+    bad_run = add(id="bad", interval="1h", run={"executor": {"type": "nope"}})
+    assert bad_run["error"]["code"] == "invalid" and "executor" in bad_run["error"]["message"]
+    try:
+        stored = json.loads((live.settings_state / "schedules.json").read_text())
+        by_id = {row["id"]: row for row in stored["schedules"]}
+        assert by_id["cron-dict"]["run"] == {"final_vars": ["count"]}
+        assert by_id["every-dict"]["run"] == {}
+    finally:
+        for sid in ("cron-dict", "every-dict", "every-number"):
+            ok(live.sock, "schedule", "rm", sid)
+
+
 # --------------------------------------------------------------- reload etc
 
 
@@ -471,9 +536,7 @@ def test_events_streams_run_events_until_interrupted(live: Live) -> None:
 def _streamed_run(events: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The ``run_finished`` event of a run whose ``run_started`` was streamed too."""
     started = {e["run_id"] for e in events if e["type"] == "run_started"}
-    return next(
-        (e for e in events if e["type"] == "run_finished" and e["run_id"] in started), None
-    )
+    return next((e for e in events if e["type"] == "run_finished" and e["run_id"] in started), None)
 
 
 # ------------------------------------------------------------- the client
@@ -562,6 +625,7 @@ def test_ctl_answers_fast(live: Live, capsys: pytest.CaptureFixture[str]) -> Non
         "flowerpower_daemon.control.protocol",
         "flowerpower_daemon.control.render",
         "flowerpower_daemon.argtypes",  # stdlib + orjson argparse helpers shared with the CLI
+        "flowerpower_daemon.version",  # __version__ alone, readable from any layer
     }
     # Timings swing with the machine's load and page cache: reported, not asserted.
     floor_wall, floor_cpu = _timed([sys.executable, "-c", floor], 5)
@@ -637,3 +701,39 @@ def test_request_without_a_matching_trigger_says_so(live: Live) -> None:
     (line,) = proc.stderr.strip().splitlines()
     assert line.startswith("error: published to 'nobody/listens/here'")
     assert "no trigger matches" in line
+
+
+async def test_delayed_run_survives_a_restart(
+    mosquitto_session: MosquittoService, tmp_path: Path
+) -> None:
+    """A `run --run-in` whose daemon stops before its time is not recorded as cancelled: the
+    next daemon runs it (at once, its time having passed) and publishes its result."""
+    settings = _settings(make_project(tmp_path), tmp_path, mosquitto_session.port)
+    config = write_config(tmp_path, settings)
+    sock = socket_of(tmp_path / "state")
+    topic = settings["mqtt"]["result_topic"].format(pipeline="stats")
+    async with client(mosquitto_session.port) as c:
+        await c.subscribe(topic, qos=1)
+        with daemon(config, env=NO_SYSTEMD) as proc:
+            await anyio.to_thread.run_sync(wait_ready, sock, proc)
+            job = await anyio.to_thread.run_sync(
+                lambda: ok(sock, "run", "stats", "--inputs", '{"readings": [21]}', "--run-in", "5s")
+            )
+            assert job["state"] == "scheduled"
+            proc.signal(signal.SIGTERM)
+            assert await anyio.to_thread.run_sync(proc.wait, 60) == 0
+        with daemon(config, env=NO_SYSTEMD) as proc:
+            [(_, message, _)] = await collect(c, topic, 1, timeout=90)
+            assert message["run_id"] == job["run_id"], message
+            assert message["outputs"]["mean"] == 21.0
+            assert f'"run_id": "{job["run_id"]}"' in proc.log()  # delayed_run_resumed
+            assert "delayed_run_resumed" in proc.log()
+            await anyio.to_thread.run_sync(wait_ready, sock, proc)
+            record = await anyio.to_thread.run_sync(
+                lambda: _wait_state(sock, job["run_id"], ("success", "failed", "cancelled"))
+            )
+            assert record["state"] == "success"
+            stored = json.loads((tmp_path / "state" / "schedules.json").read_text())
+            assert stored["delayed"] == []
+            proc.signal(signal.SIGTERM)
+            assert await anyio.to_thread.run_sync(proc.wait, 60) == 0

@@ -8,12 +8,13 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from control_harness import NO_SYSTEMD, socket_of, wait_ready
+from control_harness import NO_SYSTEMD, request, socket_of, wait_ready
 from daemon_harness import base_settings, daemon, make_project, write_config
-from services import MosquittoService
+from services import MosquittoService, free_port
 
 REPO = Path(__file__).resolve().parents[2]
 UNIT = REPO / "systemd" / "flowerpower-daemon.service"
@@ -150,3 +151,42 @@ def test_unit_has_what_the_issue_asks_for() -> None:
         "Environment=HAMILTON_TELEMETRY_ENABLED=false",
     ):
         assert line in text, line
+
+
+def test_not_ready_until_mqtt_is_connected_and_subscribed(
+    mosquitto_factory: Callable[..., MosquittoService], tmp_path: Path
+) -> None:
+    """With the broker unreachable the daemon keeps trying and is not ready: no READY=1, no
+    daemon_ready, status 'starting'; once a broker listens on the port, all three follow."""
+    port = free_port()
+    settings = base_settings(make_project(tmp_path), tmp_path, port)
+    settings["mqtt"]["reconnect_max"] = 0.5
+    settings["triggers"] = [{"name": "t", "type": "interval", "every": "1h", "pipeline": "stats"}]
+    config = write_config(tmp_path, settings)
+    listener = NotifyListener(tmp_path / "notify.sock")
+    sock = socket_of(tmp_path / "state")
+    env = {**NO_SYSTEMD, "NOTIFY_SOCKET": str(listener.path)}
+    try:
+        with daemon(config, env=env) as proc:
+            deadline = time.monotonic() + 60
+            while "mqtt_disconnected" not in proc.log():  # it has tried, and failed
+                assert proc.proc.poll() is None, proc.log()[-3000:]
+                assert time.monotonic() < deadline, proc.log()[-3000:]
+                time.sleep(0.05)
+            with pytest.raises((AssertionError, TimeoutError)):  # nothing, or no READY
+                listener.wait_for("READY", 3.0)
+            assert "daemon_ready" not in proc.log()
+            status = request(sock, "status")
+            assert status["ok"] and status["result"]["state"] == "starting"
+            assert status["result"]["mqtt"]["connected"] is False
+            refused = request(sock, "triggers")
+            assert refused["error"]["code"] == "unavailable"
+            mosquitto_factory(port=port)
+            ready = listener.wait_for("READY", 60)
+            assert ready["READY"] == "1"
+            assert wait_ready(sock, proc)["mqtt"]["connected"] is True
+            assert "daemon_ready" in proc.log()
+            proc.signal(signal.SIGTERM)
+            assert proc.wait(60) == 0
+    finally:
+        listener.close()
