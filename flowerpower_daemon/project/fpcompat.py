@@ -30,9 +30,10 @@ import types
 from collections.abc import Iterator, KeysView, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from .registry import PROJECT_YML, ProjectFiles, ProjectSpec, load_spec
+
 if TYPE_CHECKING:
     from .config import PipelineConfig
-    from .registry import ProjectSpec
 
 __all__ = [
     "AttrDict",
@@ -201,8 +202,8 @@ class Config:
         spec = _spec_for(os.fspath(base_dir), storage_options)
         cfg = spec.pipeline(pipeline_name) if pipeline_name is not None else None
         project = _namespace(spec.project.model_dump(mode="python"))
-        if name is not None:
-            project.__dict__["name"] = name
+        if name is not None and not spec.files.exists(PROJECT_YML):
+            project.__dict__["name"] = name  # as FlowerPower: the name of a project without one
         return cls(os.fspath(base_dir), PipelineView(pipeline_name, cfg), project, fs)
 
 
@@ -237,8 +238,6 @@ def _spec_for(base_dir: str, storage_options: Mapping[str, Any] | None) -> Proje
     current = _IMPORTING.get()
     if current is not None and _same_project(current, base_dir):
         return current
-    from .registry import ProjectFiles, load_spec
-
     return load_spec(ProjectFiles(base_dir, storage_options))
 
 
