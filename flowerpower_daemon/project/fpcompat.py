@@ -184,7 +184,6 @@ class Config:
         storage_options: Mapping[str, Any] | None = None,
         cfg_dir: str | None = None,
         pipelines_dir: str | None = None,
-        **_ignored: Any,
     ) -> Config:
         """Read the project at ``base_dir`` with this daemon's loader (FlowerPower's arguments).
 
@@ -213,11 +212,12 @@ def load(
     pipeline_name: str | None = None,
     storage_options: Mapping[str, Any] | None = None,
     fs: Any = None,
-    **kwargs: Any,
+    cfg_dir: str | None = None,
+    pipelines_dir: str | None = None,
 ) -> Config:
     """``flowerpower.cfg.load``: a wrapper around :meth:`Config.load`."""
     return Config.load(
-        base_dir, name, pipeline_name, fs=fs, storage_options=storage_options, **kwargs
+        base_dir, name, pipeline_name, fs, storage_options, cfg_dir, pipelines_dir
     )
 
 

@@ -118,11 +118,10 @@ class Prepared:
         type does not admit it (Hamilton would pass it on).
         """
         problems: list[str] = []
-        if request.inputs and not request.ignores_unknown_inputs:
-            names = self.input_names
-            unknown = [n for n in request.inputs if n not in names]
-            if unknown:
-                problems.append(self.unknown_inputs_detail(unknown))
+        given = request.inputs
+        if given and not self.input_names.issuperset(given) and not request.ignores_unknown_inputs:
+            unknown = [n for n in given if n not in self.input_names]
+            problems.append(self.unknown_inputs_detail(unknown))
         checks = self.input_checks
         if checks:
             for name, value in inputs.items():
@@ -143,7 +142,8 @@ class Prepared:
         return InputError(f"pipeline {self.pipeline!r}: {self.unknown_inputs_detail(unknown)}")
 
     def unknown_inputs_detail(self, unknown: Sequence[str]) -> str:
-        """"no node takes input 'x' (did you mean 'y'?); its inputs: ..." for ``unknown``."""
+        """What is wrong with ``unknown``: "no node takes input 'x' (did you mean 'y'?); the
+        pipeline's inputs: ...", a Hamilton config key named as such."""
         known = sorted(self.input_names)
         config_keys = self.dag.config_keys
         named = []
