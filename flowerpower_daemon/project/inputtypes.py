@@ -7,7 +7,9 @@ annotation into a function, built once per pipeline, that walks a value
 and returns why it does not fit (``"got str"``, ``"item 0 is str"``) or
 ``None``. JSON integers are accepted for ``float`` (not booleans); what the
 checker cannot reason about (type variables, ``TypedDict``, protocols...)
-is accepted, so it is never stricter than the annotation says.
+is accepted. Two choices beyond the annotation: a string is never taken for
+a collection of items (``""`` for ``Sequence[float]``), and only lists,
+tuples and sets have their items walked (an iterator is not consumed).
 """
 
 from __future__ import annotations
@@ -23,17 +25,22 @@ __all__ = ["Check", "compile_check", "type_label"]
 #: ``check(value)`` -> ``None`` when ``value`` fits, else why not ("got str").
 Check = Callable[[Any], "str | None"]
 
+#: Collection annotations -> the classes a value may be. Only the concrete containers in
+#: ``_WALKED`` have their items checked: an iterator or generator is not consumed.
 _SEQUENCES: dict[Any, tuple[type, ...]] = {
     list: (list,),
-    cabc.Sequence: (list, tuple),
-    cabc.MutableSequence: (list,),
     set: (set,),
     frozenset: (frozenset,),
-    cabc.Set: (set, frozenset),
-    cabc.MutableSet: (set,),
-    cabc.Iterable: (list, tuple, set, frozenset),
-    cabc.Collection: (list, tuple, set, frozenset),
+    cabc.Sequence: (cabc.Sequence,),
+    cabc.MutableSequence: (cabc.MutableSequence,),
+    cabc.Set: (cabc.Set,),
+    cabc.MutableSet: (cabc.MutableSet,),
+    cabc.Iterable: (cabc.Iterable,),
+    cabc.Collection: (cabc.Collection,),
 }
+_WALKED = (list, tuple, set, frozenset)
+#: Text is never taken for a collection of items (``""`` for ``Sequence[float]``).
+_TEXT = (str, bytes, bytearray)
 _MAPPINGS = (dict, cabc.Mapping, cabc.MutableMapping)
 
 
@@ -170,9 +177,9 @@ def _items(kinds: tuple[type, ...], item: Check | None) -> Check:
     exact: frozenset[type] | None = getattr(item, "exact", None)
 
     def check(value: Any) -> str | None:
-        if not isinstance(value, kinds):
+        if not isinstance(value, kinds) or isinstance(value, _TEXT):
             return f"got {_got(value)}"
-        if item is None:
+        if item is None or not isinstance(value, _WALKED):
             return None
         values = typing.cast(cabc.Iterable[Any], value)
         # The set of item types, built in C, settles most lists without a Python loop.

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import typing
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal, Optional, Union
 
 import anyio
@@ -247,6 +247,8 @@ class _Point(typing.NamedTuple):
         (dict[str, int], {1: 1}, "has the wrong type: expected dict[str, int], key 1 is int"),
         (Mapping[str, Any], {"a": object()}, None),
         (Sequence[str], ("a", "b"), None),
+        (Sequence[float], "", "has the wrong type: expected Sequence[float], got str"),
+        (list[str], "ab", "has the wrong type: expected list[str], got str"),
         (list[list[float]], [[1.0], [2, "z"]], "has the wrong type: expected list[list[float]], item 1: item 1 is str"),
         (tuple[int, str], (1, 2), "has the wrong type: expected tuple[int, str], item 1 is int"),
         (tuple[int, ...], [1, 2], None),
@@ -264,6 +266,15 @@ def test_compile_check(tp: Any, value: Any, why: str | None) -> None:
     """What the checker says for each kind of annotation (no check at all: every value fits)."""
     check = compile_check(tp)
     assert (check(value) if check is not None else None) == why
+
+
+def test_iterators_are_not_consumed() -> None:
+    """An ``Iterable[int]`` input given a generator is accepted without walking it."""
+    check = compile_check(Iterable[int])
+    assert check is not None
+    items = (i for i in [1, 2])
+    assert check(items) is None
+    assert list(items) == [1, 2]
 
 
 def test_every_value_fits_any() -> None:
