@@ -155,6 +155,34 @@ def test_params_reach_nodes_by_name_and_through_params(
     assert cfg.project["name"] == "twoways"
 
 
+OLDER_FORMS = """
+from pathlib import Path
+
+from hamilton.function_modifiers import parameterize
+from flowerpower import cfg
+from flowerpower.cfg import Config
+
+PARAMS = Config.load(base_dir=str(Path(__file__).parents[1]), pipeline_name="old").pipeline.params
+FUNC_PARAMS = cfg.load(Path(__file__).parents[1], pipeline_name="old").pipeline.hamilton_func_params
+
+
+def exceeded(value: float) -> bool:
+    return value > PARAMS.limits["high"]
+
+
+@parameterize(**FUNC_PARAMS.limits)
+def limit(high: float, low: float) -> float:
+    return high - low
+"""
+
+
+def test_older_template_forms_work(projects: ProjectFactory) -> None:
+    """Earlier eras' forms: ``base_dir=``, ``.pipeline.params`` with attribute access,
+    ``cfg.load`` and ``hamilton_func_params``."""
+    project = projects.load({"old": OLDER_FORMS}, {"old": {"params": {"limits": {"high": 9, "low": 1}}}})
+    assert project.run("old", {"value": 10}) == {"exceeded": True, "limits": 8}
+
+
 def test_config_load_of_another_directory_reads_it(projects: ProjectFactory) -> None:
     """Outside an import, Config.load reads the project with this daemon's loader."""
     base = projects.make({"both": BOTH_WAYS}, {"both": BOTH_CONF})
