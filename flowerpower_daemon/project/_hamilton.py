@@ -26,6 +26,7 @@ from hamilton.execution.graph_functions import node_is_required_by_anything
 
 from ..errors import DependencyMissingError, InputError
 from .config import AdapterConfig, CacheConfig, ExecutorConfig, WithAdapterConfig
+from .inputtypes import Check, compile_check
 
 __all__ = [
     "DagInfo",
@@ -35,6 +36,7 @@ __all__ = [
     "init_async_driver",
     "is_async_modules",
     "is_input_validation_error",
+    "ray_executor_kwargs",
 ]
 
 _HAMILTON_FILES = (os.path.dirname(driver.__file__),)
@@ -151,6 +153,33 @@ def _adapters(
     return out
 
 
+def ray_executor_kwargs(executor: ExecutorConfig, settings: AdapterConfig) -> dict[str, Any]:
+    """Keyword arguments of Hamilton's ``RayTaskExecutor`` for this pipeline.
+
+    ``ray_init_config`` is ``adapter.ray.ray_init_config`` (``null`` is ``{}``;
+    ``executor.num_cpus`` wins over a ``num_cpus`` in it). The executor calls
+    ``ray.init`` before and ``ray.shutdown`` after every run unless ``skip_init``:
+    ``adapter.ray.shutdown_ray_on_completion: true`` keeps that; ``false``
+    (FlowerPower's default) sets ``skip_init`` and Ray is started once (see
+    :func:`_start_ray`) and left running for the next runs.
+    """
+    init = dict(settings.ray.ray_init_config or {})
+    in_config = init.pop("num_cpus", None)
+    num_cpus = executor.num_cpus if executor.num_cpus is not None else in_config
+    return {
+        "num_cpus": num_cpus,
+        "ray_init_config": init,
+        "skip_init": not settings.ray.shutdown_ray_on_completion,
+    }
+
+
+def _start_ray(kwargs: Mapping[str, Any]) -> None:
+    """``ray.init`` as the executor would call it, once per process."""
+    ray = importlib.import_module("ray")
+    if not ray.is_initialized():
+        ray.init(num_cpus=kwargs["num_cpus"], **kwargs["ray_init_config"])
+
+
 def _apply_executor(
     builder: driver.Builder,
     executor: ExecutorConfig,
@@ -176,12 +205,11 @@ def _apply_executor(
             from hamilton.plugins import h_ray
         except ImportError as exc:
             raise _extra("executor 'ray'", "ray", exc) from None
+        kwargs = ray_executor_kwargs(executor, settings)
+        if kwargs["skip_init"]:
+            _start_ray(kwargs)
         builder.enable_dynamic_execution(allow_experimental_mode=True)
-        builder.with_remote_executor(
-            h_ray.RayTaskExecutor(
-                num_cpus=executor.num_cpus, ray_init_config=dict(settings.ray.ray_init_config)
-            )
-        )
+        builder.with_remote_executor(h_ray.RayTaskExecutor(**kwargs))
     elif kind == "dask":
         try:
             distributed = importlib.import_module("dask.distributed")
@@ -296,28 +324,29 @@ class DagInfo:
                 missing[un.name] = sorted(d.name for d in un.depended_on_by if d in needed)
         return missing
 
-    def not_nullable(self) -> dict[str, str]:
-        """Inputs whose declared type does not admit ``None`` (name -> type name).
+    @property
+    def input_names(self) -> frozenset[str]:
+        """The inputs a request may give: user-defined nodes less Hamilton config keys."""
+        return frozenset(self.inputs) - self.config_keys
 
-        Hamilton lets ``None`` through for any input (it reads as "not
-        given"), so a JSON ``null`` for a ``float`` input would fail inside
-        the first node that uses it, as a retryable error.
+    def input_checks(self) -> dict[str, Check]:
+        """A deep type check per typed input (``inputtypes``; none for ``Any``/``object``).
+
+        Hamilton lets ``None`` through for any input and checks at most the
+        outer type: ``""`` or ``["x", 1]`` for ``list[float]`` would reach the
+        node and fail there (retryable), or succeed on the wrong data.
         """
-        return {
-            name: _type_name(tp)
-            for name, tp in self.inputs.items()
-            if not htypes.check_input_type(tp, None)
-        }
+        checks = {name: compile_check(tp) for name, tp in self.inputs.items()}
+        return {name: check for name, check in checks.items() if check is not None}
 
     def type_mismatches(self, inputs: Mapping[str, Any]) -> dict[str, str]:
-        """Inputs whose value does not fit the declared parameter type."""
+        """Inputs whose value does not fit the declared parameter type (name -> why)."""
         bad: dict[str, str] = {}
-        for name, value in inputs.items():
-            expected = self.inputs.get(name)
-            if expected is None or value is None:
-                continue
-            if not htypes.check_input_type(expected, value):
-                bad[name] = f"expected {_type_name(expected)}, got {type(value).__name__}"
+        for name, check in self.input_checks().items():
+            if name in inputs:
+                why = check(inputs[name])
+                if why is not None:
+                    bad[name] = why
         return bad
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from ..errors import ConfigProblem, FlowerPowerError
 from .config import PipelineConfig, ProjectConfig
-from .models import RunRequest, RunResult, TriggerInfo, new_run_id, utcnow
+from .models import RunRequest, RunResult, TriggerInfo, UnknownInputs, new_run_id, utcnow
 from .registry import (
     ProjectFiles,
     ProjectSpec,
@@ -163,11 +163,18 @@ class FlowerPowerProject:
         inputs: Mapping[str, Any] | None = None,
         *,
         trigger: TriggerInfo | None = None,
+        unknown_inputs: UnknownInputs | None = None,
+        traceback: bool = False,
         **run_options: Any,
     ) -> RunRequest:
-        """A :class:`RunRequest` for ``name`` with the given inputs and ``run:`` overrides."""
+        """A :class:`RunRequest` for ``name`` with the given inputs and ``run:`` overrides.
+
+        An input no node takes is an error unless ``unknown_inputs="ignore"``;
+        ``traceback=True`` keeps a failing node's traceback in
+        ``result.error.traceback``.
+        """
         self._spec.pipeline(name)
-        return RunRequest(
+        request = RunRequest(
             name,
             dict(inputs) if inputs else {},
             build_overrides(**run_options) if run_options else {},
@@ -175,6 +182,11 @@ class FlowerPowerProject:
             trigger or _MANUAL,
             utcnow(),
         )
+        if unknown_inputs is not None:
+            request.unknown_inputs = unknown_inputs
+        if traceback:
+            request.traceback = True
+        return request
 
     def execute(self, request: RunRequest) -> RunResult:
         """Run a request synchronously and return its full :class:`RunResult`."""

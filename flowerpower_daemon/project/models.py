@@ -24,6 +24,7 @@ __all__ = [
     "RunResult",
     "RunStatus",
     "TriggerInfo",
+    "UnknownInputs",
     "new_run_id",
     "utcnow",
 ]
@@ -32,6 +33,9 @@ _getrandbits = random.getrandbits
 
 RunStatus = Literal["success", "failed", "cancelled", "timeout"]
 TriggerType = Literal["mqtt", "cron", "interval", "date", "file", "manual"]
+UnknownInputs = Literal["error", "ignore"]
+#: Origins whose requests carry fields no pipeline need take (payload fields, file events).
+_LENIENT_TRIGGERS = frozenset(("mqtt", "file"))
 
 
 def new_run_id() -> str:
@@ -101,6 +105,13 @@ class RunRequest:
     (``final_vars``, ``config``, ``cache``, ``executor``, ``max_retries``,
     ``timeout`` ...) that replace the pipeline's YAML values for this run.
     ``reply`` carries where the result should go (a sink's business).
+
+    ``unknown_inputs`` says what an input no node takes does: ``"error"`` (an
+    InputError listing the pipeline's inputs) or ``"ignore"``; unset, MQTT
+    and file triggers ignore them (a payload carries more than a pipeline
+    needs) and every other origin (CLI, API, ``flowerpowerctl``, schedules)
+    errs. ``traceback`` asks for the failing node's traceback in
+    ``RunResult.error.traceback``.
     """
 
     pipeline: str
@@ -111,9 +122,18 @@ class RunRequest:
     queued_at: datetime = field(default_factory=utcnow)
     reply: Mapping[str, Any] = field(default_factory=dict)
     dedup_key: str | None = None
+    unknown_inputs: UnknownInputs | None = None
+    traceback: bool = False
+
+    @property
+    def ignores_unknown_inputs(self) -> bool:
+        """Whether inputs no node takes are dropped rather than an error (see the class doc)."""
+        if self.unknown_inputs is None:
+            return self.trigger.type in _LENIENT_TRIGGERS
+        return self.unknown_inputs == "ignore"
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "pipeline": self.pipeline,
             "inputs": _pack_inputs(self.inputs),
             "overrides": dict(self.overrides),
@@ -123,6 +143,11 @@ class RunRequest:
             "reply": dict(self.reply),
             "dedup_key": self.dedup_key,
         }
+        if self.unknown_inputs is not None:
+            out["unknown_inputs"] = self.unknown_inputs
+        if self.traceback:
+            out["traceback"] = True
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> RunRequest:
@@ -137,6 +162,8 @@ class RunRequest:
             else utcnow(),
             reply=dict(data.get("reply") or {}),
             dedup_key=data.get("dedup_key"),
+            unknown_inputs=data.get("unknown_inputs"),
+            traceback=bool(data.get("traceback", False)),
         )
 
 
@@ -167,17 +194,24 @@ def _unpack_inputs(inputs: Mapping[str, Any]) -> dict[str, Any]:
 
 @dataclass(slots=True)
 class ErrorInfo:
-    """Why a run failed: exception type, message and the DAG node that raised, if known."""
+    """Why a run failed: exception type, message and the DAG node that raised, if known.
+
+    ``traceback`` is the failing node's traceback text, kept only when the
+    request asked for it (``RunRequest.traceback``).
+    """
 
     type: str
     message: str
     node: str | None = None
     retryable: bool = True
+    traceback: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"type": self.type, "message": self.message}
         if self.node is not None:
             out["node"] = self.node
+        if self.traceback is not None:
+            out["traceback"] = self.traceback
         return out
 
     @classmethod

@@ -4,7 +4,9 @@ Modules are compiled from their source text (so ``memory://`` and remote
 projects work) under a unique name per project, registered in
 ``sys.modules`` (so process pools can pickle their functions by reference)
 and in ``linecache`` (so tracebacks, ``inspect.getsource`` and Hamilton's
-cache fingerprints see the real source).
+cache fingerprints see the real source). Importing one also makes
+``from flowerpower.cfg import Config`` work where FlowerPower is not
+installed (see :mod:`.fpcompat`).
 """
 
 from __future__ import annotations
@@ -15,10 +17,14 @@ import linecache
 import sys
 import traceback
 import types
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import PipelineImportError
+from . import fpcompat
 from .registry import ProjectFiles
+
+if TYPE_CHECKING:
+    from .registry import ProjectSpec
 
 __all__ = ["import_callable", "import_pipeline_module", "module_name_for"]
 
@@ -38,11 +44,15 @@ def _ensure_parents(dotted: str) -> None:
             sys.modules[parent] = pkg
 
 
-def import_pipeline_module(files: ProjectFiles, rel: str, module_name: str) -> types.ModuleType:
+def import_pipeline_module(
+    files: ProjectFiles, rel: str, module_name: str, spec: ProjectSpec | None = None
+) -> types.ModuleType:
     """Execute ``rel`` as a fresh module named ``module_name``.
 
-    Errors name the file and line: a syntax error, or the line of the module
-    that raised while importing.
+    ``spec`` is the loaded project the module belongs to: FlowerPower's
+    ``Config.load`` of that project in the module reads it. Errors name the
+    file and line: a syntax error, or the line of the module that raised
+    while importing.
     """
     shown = files.display(rel)
     try:
@@ -63,10 +73,12 @@ def import_pipeline_module(files: ProjectFiles, rel: str, module_name: str) -> t
         # Lets pipeline modules import their siblings (``from pipelines import util``),
         # as in FlowerPower.
         sys.path.insert(0, files.root)
+    fpcompat.install()
     previous = sys.modules.get(module_name)
     sys.modules[module_name] = module
     try:
-        exec(code, module.__dict__)
+        with fpcompat.importing(spec):
+            exec(code, module.__dict__)
     except Exception as exc:
         if previous is not None:
             sys.modules[module_name] = previous

@@ -22,7 +22,8 @@ import inspect
 import random
 import threading
 import time
-from collections.abc import Awaitable, Callable, Mapping
+import traceback
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Executor
 from contextlib import suppress
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ from ..errors import (
 )
 from ..retry import Backoff, exception_matches
 from .config import RunConfig, format_validation_error
+from .inputtypes import Check
 from .models import AttemptInfo, ErrorInfo, RunRequest, RunResult, RunStatus, utcnow
 from .modules import import_callable, import_pipeline_module, module_name_for
 from .registry import ProjectSpec
@@ -81,7 +83,10 @@ class Prepared:
     generation: int
     backoff: Backoff
     float_inputs: frozenset[str] = frozenset()
-    not_nullable: Mapping[str, str] = field(default_factory=dict)  # input -> its type
+    #: What a request may name: the DAG's inputs, less Hamilton config keys.
+    input_names: frozenset[str] = frozenset()
+    #: input -> its deep type check (inputtypes.compile_check), for typed inputs only.
+    input_checks: Mapping[str, Check] = field(default_factory=dict)
     on_success: Callable[..., Any] | None = None
     on_failure: Callable[..., Any] | None = None
     ready: list[bool] = field(default_factory=lambda: [False])
@@ -104,15 +109,55 @@ class Prepared:
                 del inputs[name]
         return inputs
 
-    def null_input_error(self, inputs: Mapping[str, Any]) -> InputError | None:
-        """An input given as ``None`` (JSON null) whose type does not admit it, if any."""
-        if not self.not_nullable or None not in inputs.values():
+    def input_error(self, request: RunRequest, inputs: Mapping[str, Any]) -> InputError | None:
+        """Why ``inputs`` (from :meth:`inputs_for`) cannot run, before any node does.
+
+        A request input no node takes (unless the request ignores those, see
+        :attr:`RunRequest.ignores_unknown_inputs`); a value that does not fit
+        its input's annotation, checked all the way down; ``None`` where the
+        type does not admit it (Hamilton would pass it on).
+        """
+        problems: list[str] = []
+        given = request.inputs
+        if given and not self.input_names.issuperset(given) and not request.ignores_unknown_inputs:
+            unknown = [n for n in given if n not in self.input_names]
+            problems.append(self.unknown_inputs_detail(unknown))
+        checks = self.input_checks
+        if checks:
+            for name, value in inputs.items():
+                check = checks.get(name)
+                if check is not None:
+                    why = check(value)
+                    if why is not None:
+                        problems.append(f"input {name!r} {why}")
+        if not problems:
             return None
-        nulls = [n for n, t in self.not_nullable.items() if n in inputs and inputs[n] is None]
-        if not nulls:
+        return InputError(f"pipeline {self.pipeline!r}: {'; '.join(problems)}")
+
+    def unknown_inputs_error(self, names: Iterable[str]) -> InputError | None:
+        """An InputError for the ``names`` no node of the pipeline takes, if any."""
+        unknown = [n for n in names if n not in self.input_names]
+        if not unknown:
             return None
-        detail = "; ".join(f"input {n!r} is null, expected {self.not_nullable[n]}" for n in nulls)
-        return InputError(f"pipeline {self.pipeline!r}: {detail}")
+        return InputError(f"pipeline {self.pipeline!r}: {self.unknown_inputs_detail(unknown)}")
+
+    def unknown_inputs_detail(self, unknown: Sequence[str]) -> str:
+        """What is wrong with ``unknown``: "no node takes input 'x' (did you mean 'y'?); the
+        pipeline's inputs: ...", a Hamilton config key named as such."""
+        known = sorted(self.input_names)
+        config_keys = self.dag.config_keys
+        named = []
+        for name in unknown:
+            if name in config_keys:
+                named.append(f"{name!r} (a Hamilton config key: set it in config)")
+                continue
+            close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+            hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
+            named.append(f"{name!r}{hint}")
+        return (
+            f"no node takes input{'s' if len(unknown) > 1 else ''} {', '.join(named)}; "
+            f"the pipeline's inputs: {', '.join(known) or 'none'}"
+        )
 
 
 class PipelineRunner:
@@ -228,7 +273,7 @@ class PipelineRunner:
             state.checked_at = now
             return state
         modules = [
-            import_pipeline_module(files, rel, module_name_for(files, name))
+            import_pipeline_module(files, rel, module_name_for(files, name), self._spec)
             for rel, name in zip(rels, (pipeline, *local_extra), strict=True)
         ]
         for name in run.additional_modules:
@@ -331,7 +376,8 @@ class PipelineRunner:
             module_files=frozenset(state.files),
             generation=state.generation,
             float_inputs=float_inputs,
-            not_nullable=dag.not_nullable(),
+            input_names=dag.input_names,
+            input_checks=dag.input_checks(),
             backoff=Backoff(run.retry_delay, run.retry_backoff, run.jitter_factor),
             on_success=_callback(pipeline, "on_success", run.on_success),
             on_failure=_callback(pipeline, "on_failure", run.on_failure),
@@ -359,14 +405,14 @@ class PipelineRunner:
         except FlowerPowerError as exc:
             return _failed_before_start(request, exc)
         inputs = prepared.inputs_for(request)
-        null = prepared.null_input_error(inputs)
+        bad = prepared.input_error(request, inputs)
         attempts = _Attempts(request, prepared, self._rng)
         timeout = prepared.run.timeout
         while True:
             started = utcnow()
             try:
-                if null is not None:
-                    raise null  # an attempt that fails at once, like a wrongly typed input
+                if bad is not None:
+                    raise bad  # an attempt that fails at once, without retries
                 if timeout is None:
                     # No cancel scope when there is nothing to time out: one less per run.
                     out = await self._attempt(prepared, inputs)
@@ -422,14 +468,14 @@ class PipelineRunner:
         if prepared.is_async or prepared.run.timeout:
             return anyio.run(self.run, request)
         inputs = prepared.inputs_for(request)
-        null = prepared.null_input_error(inputs)
+        bad = prepared.input_error(request, inputs)
         execute = prepared.driver.execute
         attempts: _Attempts | None = None  # made at the first failure: most runs need none
         while True:
             started = utcnow()
             try:
-                if null is not None:
-                    raise null
+                if bad is not None:
+                    raise bad
                 out = execute(list(prepared.final_vars), inputs=inputs)
                 if type(out) is not dict:
                     out = _as_mapping(out)
@@ -526,8 +572,10 @@ class _Attempts:
         if _hamilton.is_input_validation_error(exc):
             err = InputError(self._input_message(exc))
             return err, ErrorInfo("InputError", str(err), None, retryable=False)
-        node = _failing_node(exc.__traceback__, self.prepared.module_files)
-        return exc, ErrorInfo(type(exc).__name__, str(exc), node, True)
+        files = self.prepared.module_files
+        node = _failing_node(exc.__traceback__, files)
+        text = _node_traceback(exc, files) if self.request.traceback else None
+        return exc, ErrorInfo(type(exc).__name__, str(exc), node, True, text)
 
     def _input_message(self, exc: Exception) -> str:
         p = self.prepared
@@ -537,7 +585,7 @@ class _Attempts:
             for name, needed_by in p.dag.missing_inputs(p.driver, p.final_vars, inputs).items():
                 parts.append(f"missing required input {name!r} (needed by {', '.join(needed_by)})")
             for name, why in p.dag.type_mismatches(inputs).items():
-                parts.append(f"input {name!r} has the wrong type: {why}")
+                parts.append(f"input {name!r} {why}")
         detail = "; ".join(parts) or str(exc).replace("\n", " ")
         return f"pipeline {p.pipeline!r}: {detail}"
 
@@ -609,6 +657,17 @@ def _failing_node(tb: TracebackType | None, files: frozenset[str]) -> str | None
             node = code.co_name
         tb = tb.tb_next
     return node
+
+
+def _node_traceback(exc: BaseException, files: frozenset[str]) -> str:
+    """The traceback from the first frame in the pipeline's own modules (Hamilton's
+    frames above it cut), or the whole traceback when no frame is there."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_frame.f_code.co_filename not in files:
+        tb = tb.tb_next
+    return "".join(
+        traceback.format_exception(type(exc), exc, tb if tb is not None else exc.__traceback__)
+    )
 
 
 def _callback(pipeline: str, key: str, path: str | None) -> Callable[..., Any] | None:

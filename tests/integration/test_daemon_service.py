@@ -191,10 +191,10 @@ def test_check_warns_about_untriggered_pipelines_and_names_triggered_ones(
     assert _check(config).returncode == 0
     (project / "conf" / "pipelines" / "slow.yml").write_text("run:\n  finl_vars: [x]\n")
     untriggered = _check(config)
-    assert untriggered.returncode == 2  # the project still loads as a whole
+    assert untriggered.returncode == 0, untriggered.stderr  # nothing the daemon runs is broken
     warnings = [line for line in untriggered.stderr.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and "slow.yml" in warnings[0], untriggered.stderr
-    assert "does not load" in untriggered.stderr
+    assert "finl_vars" in warnings[0] and "error:" not in untriggered.stderr
     (project / "conf" / "pipelines" / "slow.yml").unlink()
     (project / "conf" / "pipelines" / "stats.yml").write_text("run:\n  finl_vars: [x]\n")
     triggered = _check(config)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import os
 import time
@@ -13,6 +14,7 @@ import pytest
 
 from flowerpower_daemon.errors import DependencyMissingError, InputError
 from flowerpower_daemon.project import FlowerPowerProject
+from flowerpower_daemon.project._hamilton import ray_executor_kwargs
 
 if TYPE_CHECKING:
     from conftest import CallLog, ProjectFactory
@@ -145,6 +147,50 @@ def test_missing_executor_extra_names_the_extra(projects: ProjectFactory, execut
         project.run("fan_out", {"n": 2})
     assert f"pip install 'flowerpower-daemon[{executor}]'" in str(info.value)
     assert isinstance(info.value, ImportError)
+
+
+def _ray_task_executor_parameters() -> list[str]:
+    """``RayTaskExecutor.__init__``'s parameters, read from Hamilton's source (ray may be absent)."""
+    spec = importlib.util.find_spec("hamilton.plugins.h_ray")
+    assert spec is not None and spec.origin is not None
+    tree = ast.parse(Path(spec.origin).read_text())
+    cls = next(
+        n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == "RayTaskExecutor"
+    )
+    init = next(n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == "__init__")
+    return [a.arg for a in init.args.args[1:]]
+
+
+@pytest.mark.parametrize(
+    ("ray", "executor", "expected"),
+    [
+        (
+            {"ray_init_config": {"address": "auto", "num_cpus": 8}, "shutdown_ray_on_completion": True},
+            {"type": "ray", "num_cpus": 2},
+            {"num_cpus": 2, "ray_init_config": {"address": "auto"}, "skip_init": False},
+        ),
+        (
+            {"ray_init_config": {"num_cpus": 4, "namespace": "fp"}},
+            "ray",
+            {"num_cpus": 4, "ray_init_config": {"namespace": "fp"}, "skip_init": True},
+        ),
+        ({}, "ray", {"num_cpus": None, "ray_init_config": {}, "skip_init": True}),
+    ],
+)
+def test_ray_settings_reach_hamiltons_ray_executor(
+    projects: ProjectFactory, ray: dict[str, object], executor: object, expected: dict[str, object]
+) -> None:
+    """adapter.ray.ray_init_config and shutdown_ray_on_completion become RayTaskExecutor's
+    arguments (ray.init's keywords; init and shutdown around every run only when asked)."""
+    project = projects.load(
+        {"fan_out": FAN_OUT},
+        {"fan_out": {"run": {"executor": executor}}},
+        project={"name": "rayproj", "adapter": {"ray": ray}},
+    )
+    cfg = project.pipelines["fan_out"]
+    kwargs = ray_executor_kwargs(cfg.run.executor, cfg.adapter)
+    assert kwargs == expected
+    assert list(kwargs) == _ray_task_executor_parameters()
 
 
 @pytest.mark.parametrize(
