@@ -10,7 +10,6 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
-from types import TracebackType
 from typing import Any
 
 import orjson
@@ -244,8 +243,8 @@ def _run(project: Any, args: argparse.Namespace) -> int:
     from .project.encoding import encode_result
 
     overrides = run_overrides(args)
-    log_level = overrides.get("log_level")
-    request = project.request(args.name, args.inputs, **overrides)
+    show_trace = args.traceback or overrides.get("log_level") == "DEBUG"
+    request = project.request(args.name, args.inputs, traceback=show_trace, **overrides)
     result = project.execute(request)
     if args.format == "json":
         sys.stdout.buffer.write(encode_result(result) + b"\n")
@@ -263,9 +262,9 @@ def _run(project: Any, args: argparse.Namespace) -> int:
     if result.ok or result.error is None:
         return EXIT_OK if result.ok else EXIT_RUN_FAILED
     error = result.error
-    if args.traceback or log_level == "DEBUG":
-        trace = _traceback_of(error) or _exception_trace(result.exception)
-        sys.stderr.write(trace or "(no traceback was recorded for this run)\n")
+    if show_trace:
+        trace = error.traceback or "(no traceback was recorded for this run)\n"
+        sys.stderr.write(trace if trace.endswith("\n") else trace + "\n")
     where = f" in node {error.node!r}" if error.node else ""
     print(f"error{where}: {error.type}: {clean_message(error.message)}", file=sys.stderr)
     # A bad override or input is the user's mistake, as the README says: exit 2.
@@ -274,38 +273,6 @@ def _run(project: Any, args: argparse.Namespace) -> int:
 
 #: Error types of a run that mean a bad command line, not a failing pipeline.
 _USAGE_ERRORS = frozenset({"ConfigError", "InputError", "UsageError"})
-
-
-def _traceback_of(error: Any) -> str:
-    """The failing node's traceback as the runner recorded it (``error.traceback``), or ""."""
-    trace = getattr(error, "traceback", None)
-    if not trace:
-        as_dict = error.to_dict() if hasattr(error, "to_dict") else {}
-        trace = as_dict.get("traceback") if isinstance(as_dict, dict) else None
-    if isinstance(trace, list):
-        trace = "".join(str(line) for line in trace)
-    if not isinstance(trace, str) or not trace:
-        return ""
-    return trace if trace.endswith("\n") else trace + "\n"
-
-
-def _exception_trace(exc: BaseException | None) -> str:
-    """The run's last exception with its traceback from the first frame of the pipeline's code.
-
-    Hamilton's and our own frames above the node are left out: they are the
-    same for every run and hide the line that failed.
-    """
-    if exc is None or exc.__traceback__ is None:
-        return ""
-    import traceback
-
-    import hamilton
-
-    ours = (os.path.dirname(hamilton.__file__), os.path.dirname(__file__))
-    tb: TracebackType | None = exc.__traceback__
-    while tb is not None and tb.tb_frame.f_code.co_filename.startswith(ours):
-        tb = tb.tb_next
-    return "".join(traceback.format_exception(type(exc), exc, tb or exc.__traceback__))
 
 
 def _short(value: Any, width: int = 80) -> str:

@@ -319,6 +319,13 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _with_run_options(out: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """``out`` plus the run options given, as the protocol's ``run`` object (validated by the
+    daemon like a trigger's ``run:``)."""
+    overrides = run_overrides(args)
+    return {**out, "run": overrides} if overrides else out
+
+
 def _request(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     """The protocol command and arguments for parsed command-line ``args``."""
     cmd = args.command
@@ -327,7 +334,7 @@ def _request(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
         for key in ("inputs", "run_in", "run_at"):
             if getattr(args, key) is not None:
                 out[key] = getattr(args, key)
-        return "run", {**out, **run_overrides(args)}
+        return "run", _with_run_options(out, args)
     if cmd == "jobs":
         return "jobs", {
             k: getattr(args, k)
@@ -343,7 +350,7 @@ def _request(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
         for key in ("cron", "interval", "date", "id", "inputs", "timezone"):
             if getattr(args, key) is not None:
                 out[key] = getattr(args, key)
-        return "schedule_add", {**out, **run_overrides(args)}
+        return "schedule_add", _with_run_options(out, args)
     if cmd in ("pause", "resume"):
         return cmd, {"all": True} if args.all else {"id": args.id}
     return cmd, {}

@@ -365,18 +365,14 @@ class Commands:
     async def _check_inputs(
         self, pipeline: str, inputs: Mapping[str, object], overrides: Mapping[str, object]
     ) -> None:
-        """Inputs must be inputs of the pipeline's DAG (building it may import: a thread)."""
+        """Inputs must be inputs of the pipeline (building its DAG may import: a thread)."""
         if not inputs:
             return
         runner = self.daemon.project.runner
         prepared = await anyio.to_thread.run_sync(runner.prepare, pipeline, overrides)
-        unknown = sorted(set(inputs) - set(prepared.dag.inputs))
-        if unknown:
-            raise ProtocolError(
-                "invalid",
-                f"{', '.join(map(repr, unknown))} not input(s) of pipeline {pipeline!r} "
-                f"(inputs: {', '.join(sorted(prepared.dag.inputs)) or 'none'})",
-            )
+        error = prepared.unknown_inputs_error(inputs)
+        if error is not None:
+            raise ProtocolError("invalid", str(error))
 
 
 def _run_overrides(cmd: str, args: Mapping[str, object]) -> dict[str, object]:

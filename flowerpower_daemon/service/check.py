@@ -137,24 +137,18 @@ def check_report(settings: Settings) -> CheckReport:
         except FlowerPowerError as exc:
             problems.append(ConfigProblem(shown, f"{key}.pipeline", str(exc)))
             continue
-        known_inputs = set(prepared.dag.inputs)
-        # Topic fields need not be inputs: they may only feed result-topic templates.
-        names = dict.fromkeys(trig.inputs, f"{key}.inputs")
         if isinstance(trig, FileTrigger):
             if not os.path.isdir(trig.path):
                 problems.append(
                     ConfigProblem(shown, f"{key}.path", f"directory {trig.path!r} does not exist")
                 )
-        for name, where in names.items():
-            if name not in known_inputs:
-                problems.append(
-                    ConfigProblem(
-                        shown,
-                        where,
-                        f"{name!r} is not an input of pipeline {trig.pipeline!r} "
-                        f"(inputs: {', '.join(sorted(known_inputs)) or 'none'})",
-                    )
-                )
+        # Topic fields need not be inputs: they may only feed result-topic templates.
+        unknown = [name for name in trig.inputs if name not in prepared.input_names]
+        if unknown:
+            detail = prepared.unknown_inputs_detail(unknown)
+            problems.append(
+                ConfigProblem(shown, f"{key}.inputs", f"pipeline {trig.pipeline!r}: {detail}")
+            )
     return CheckReport(problems, warnings)
 
 

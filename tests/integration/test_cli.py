@@ -216,7 +216,8 @@ def test_ctl_finds_the_socket_from_a_subdirectory_and_the_pointer(tmp_path: Path
 
 
 def test_ctl_run_options_become_request_args() -> None:
-    """``flowerpowerctl run`` and ``schedule add`` send pipeline run's options by override name."""
+    """``flowerpowerctl run`` and ``schedule add`` send pipeline run's options as the ``run``
+    object, by override name."""
     from flowerpower_daemon.control.client import _parser as ctl_parser
     from flowerpower_daemon.control.client import _request
 
@@ -229,13 +230,15 @@ def test_ctl_run_options_become_request_args() -> None:
             "pipeline": "p",
             "wait": False,
             "inputs": {"n": 2},
-            "final_vars": ["a", "b"],
-            "cache": True,
-            "with_adapter": {"progressbar": True},
-            "max_retries": 1,
-            "retry_exceptions": ["ValueError"],
-            "executor": {"type": "local", "max_workers": 3},
-            "log_level": "DEBUG",
+            "run": {
+                "final_vars": ["a", "b"],
+                "cache": True,
+                "with_adapter": {"progressbar": True},
+                "max_retries": 1,
+                "retry_exceptions": ["ValueError"],
+                "executor": {"type": "local", "max_workers": 3},
+                "log_level": "DEBUG",
+            },
         },
     )
     cron = ctl_parser().parse_args(
@@ -243,7 +246,7 @@ def test_ctl_run_options_become_request_args() -> None:
     )
     assert _request(cron) == (
         "schedule_add",
-        {"pipeline": "p", "overwrite": False, "cron": "0 */5 3 * * *", "timeout": 9.0},
+        {"pipeline": "p", "overwrite": False, "cron": "0 */5 3 * * *", "run": {"timeout": 9.0}},
     )
     every = ctl_parser().parse_args(["schedule", "add", "p", "--interval", '{"minutes": 5}'])
     assert _request(every)[1]["interval"] == 300.0

@@ -210,7 +210,8 @@ def test_check_lists_every_problem(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "triggers[0].pipeline: unknown pipeline 'nope'" in proc.stderr
     assert (
-        "triggers[1].inputs: 'temprature' is not an input of pipeline 'temperature'" in proc.stderr
+        "triggers[1].inputs: pipeline 'temperature': no node takes input 'temprature' "
+        "(did you mean 'temperature'?)" in proc.stderr
     )
 
 
