@@ -330,19 +330,20 @@ def _print_show(info: dict[str, Any], *, full: bool = False) -> None:
 def _request(args: argparse.Namespace) -> int:
     import anyio
 
-    from .mqtt.link import request_reply
+    from .mqtt.client import new_reply_topic, request_reply
 
+    reply_to = new_reply_topic()
     try:
 
         async def ask() -> bytes:
             with anyio.fail_after(args.timeout):
-                return await request_reply(args.url, args.topic, args.payload)
+                return await request_reply(args.url, args.topic, args.payload, reply_to=reply_to)
 
         reply = anyio.run(ask)
     except TimeoutError:
         print(
             f"error: published to {args.topic!r} on {redact_url(args.url)}, no reply within "
-            f"{args.timeout:g} s on its reply_to topic (flowerpower/replies/...): "
+            f"{args.timeout:g} s on its reply_to topic {reply_to!r}: "
             "maybe no trigger matches this topic (flowerpowerctl triggers lists them)",
             file=sys.stderr,
         )

@@ -307,16 +307,27 @@ async def publish_raw(
         pending.pop(info.mid, None)
 
 
+def new_reply_topic() -> str:
+    """A fresh topic for one request's reply."""
+    return f"flowerpower/replies/{uuid.uuid4().hex}"
+
+
 async def request_reply(
-    url: str, topic: str, payload: Mapping[str, object], *, protocol: str = "3.1.1"
+    url: str,
+    topic: str,
+    payload: Mapping[str, object],
+    *,
+    protocol: str = "3.1.1",
+    reply_to: str | None = None,
 ) -> bytes:
-    """Publish ``payload`` with a fresh ``reply_to`` topic and return the first reply (bound it).
+    """Publish ``payload`` with a ``reply_to`` topic (fresh unless given) and return the first
+    reply (bound it).
 
     Works with MQTT 3.1.1 brokers (the embedded one) because the reply target
     travels in the JSON payload, not in MQTT v5 properties.
     """
     parts = urlsplit(url)
-    reply_to = f"flowerpower/replies/{uuid.uuid4().hex}"
+    reply_to = reply_to or new_reply_topic()
     version = aiomqtt.ProtocolVersion.V5 if protocol == "5" else aiomqtt.ProtocolVersion.V311
     async with Client(
         parts.hostname or "127.0.0.1", parts.port or 1883, protocol=version, socket_options=_NODELAY

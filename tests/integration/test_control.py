@@ -700,7 +700,7 @@ def test_request_without_a_matching_trigger_says_so(live: Live) -> None:
     assert proc.returncode == 1
     (line,) = proc.stderr.strip().splitlines()
     assert line.startswith("error: published to 'nobody/listens/here'")
-    assert "no trigger matches" in line
+    assert "no trigger matches" in line and "reply_to topic 'flowerpower/replies/" in line
 
 
 async def test_delayed_run_survives_a_restart(
