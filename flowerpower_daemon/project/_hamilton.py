@@ -15,7 +15,7 @@ import typing
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import ModuleType, TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 os.environ.setdefault("HAMILTON_TELEMETRY_ENABLED", "false")
 
@@ -30,6 +30,7 @@ from .inputtypes import Check, compile_check
 
 __all__ = [
     "DagInfo",
+    "Driver",
     "build_driver",
     "describe_nodes",
     "execute_async",
@@ -40,6 +41,16 @@ __all__ = [
 ]
 
 _HAMILTON_FILES = (os.path.dirname(driver.__file__),)
+
+
+class Driver(Protocol):
+    """What the runner calls on a built driver (Hamilton's drivers are untyped).
+
+    The sync driver returns the outputs; the async one a coroutine of them
+    (the runner awaits it through :func:`execute_async`).
+    """
+
+    def execute(self, final_vars: list[str], *, inputs: dict[str, object]) -> object: ...
 
 
 class _DropHelpBanner(logging.Filter):

@@ -86,7 +86,7 @@ class ProjectFiles:
     def remove(self, rel: str) -> None:
         self.fs.rm(self.path(rel))
 
-    def signature(self, rel: str) -> tuple[Any, ...]:
+    def signature(self, rel: str) -> tuple[object, str]:
         """Cheap change detector for a file: size and modification time."""
         info = self.fs.info(self.path(rel))
         stamp = info.get("mtime") or info.get("created") or info.get("LastModified")
