@@ -114,6 +114,8 @@ class RetryPolicy(Frozen):
 
 
 class _RetryBlock(Frozen):
+    """FlowerPower's ``run.retry:`` block; its keys are read into ``run.*``."""
+
     max_retries: int | None = None
     retry_delay: float | None = None
     retry_backoff: float | None = None

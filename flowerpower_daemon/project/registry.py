@@ -158,7 +158,7 @@ def load_spec(files: ProjectFiles) -> ProjectSpec:
     A problem in ``project.yml`` stops the whole project: ConfigError lists it
     with every pipeline's problems. A pipeline's own problems only put it in
     :attr:`ProjectSpec.broken`. Keys accepted without effect are warned about
-    once per process (:func:`~.config.warn_no_effect`).
+    once per process (:func:`~.noeffect.warn_no_effect`).
     """
     if not files.exists(PROJECT_YML) and not files.exists(PIPELINES_DIR):
         raise ConfigError(
