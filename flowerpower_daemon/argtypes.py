@@ -11,7 +11,7 @@ import ast
 import re
 import sys
 from collections.abc import Callable
-from typing import Any, NoReturn
+from typing import NoReturn, TypeVar
 
 import orjson
 
@@ -65,7 +65,22 @@ class Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def json_arg(name: str, expected: type | tuple[type, ...]) -> Callable[[str], Any]:
+_T = TypeVar("_T")
+
+
+def _json_as(text: str, expected: type[_T] | tuple[type[_T], ...]) -> _T:
+    """``text`` parsed as JSON, which must be an ``expected`` (ArgumentTypeError otherwise)."""
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({exc})") from None
+    if not isinstance(value, expected):
+        kind = expected.__name__ if isinstance(expected, type) else "JSON value"
+        raise argparse.ArgumentTypeError(f"expected a JSON {kind}, got {text!r}")
+    return value
+
+
+def json_arg(name: str, expected: type | tuple[type, ...]) -> Callable[[str], object]:
     """An argparse ``type=`` that parses JSON and checks its type.
 
     argparse names the option in its message, so ``name`` is only used by
@@ -73,20 +88,13 @@ def json_arg(name: str, expected: type | tuple[type, ...]) -> Callable[[str], An
     """
     del name
 
-    def parse(text: str) -> Any:
-        try:
-            value = orjson.loads(text)
-        except orjson.JSONDecodeError as exc:
-            raise argparse.ArgumentTypeError(f"not valid JSON ({exc})") from None
-        if not isinstance(value, expected):
-            kind = expected.__name__ if isinstance(expected, type) else "JSON value"
-            raise argparse.ArgumentTypeError(f"expected a JSON {kind}, got {text!r}")
-        return value
+    def parse(text: str) -> object:
+        return _json_as(text, expected)
 
     return parse
 
 
-def _scalar(text: str) -> Any:
+def _scalar(text: str) -> object:
     """One ``key=value`` value: a JSON literal when it is one (5, 2.5, true, null, [1]), else text.
 
     FlowerPower keeps such values as strings except ``true``/``false`` (any
@@ -102,7 +110,7 @@ def _scalar(text: str) -> Any:
         return text
 
 
-def parse_inputs(text: str) -> dict[str, Any]:
+def parse_inputs(text: str) -> dict[str, object]:
     """``--inputs``: a JSON object, a Python dict literal, or ``key=value,key2=value2``.
 
     The same forms FlowerPower's CLI reads, tried in its order (ValueError).
@@ -123,7 +131,7 @@ def parse_inputs(text: str) -> dict[str, Any]:
         if isinstance(literal, dict) and all(isinstance(k, str) for k in literal):
             return literal
         raise ValueError(f"expected a JSON object, got {text!r}")
-    out: dict[str, Any] = {}
+    out: dict[str, object] = {}
     for pair in text.split(","):
         if not pair.strip():
             continue
@@ -137,7 +145,7 @@ def parse_inputs(text: str) -> dict[str, Any]:
     return out
 
 
-def inputs_arg(text: str) -> dict[str, Any]:
+def inputs_arg(text: str) -> dict[str, object]:
     """:func:`parse_inputs` as an argparse ``type=``."""
     try:
         return parse_inputs(text)
@@ -149,7 +157,7 @@ def names_arg(text: str) -> list[str]:
     """A list of names: a JSON array of strings or ``a,b,c`` (FlowerPower's ``--final-vars``)."""
     stripped = text.strip()
     if stripped.startswith("["):
-        value = json_arg("", list)(stripped)
+        value = _json_as(stripped, list)
         if not all(isinstance(v, str) for v in value):
             raise argparse.ArgumentTypeError(f"expected names (strings), got {text!r}")
         return list(value)
@@ -174,14 +182,14 @@ RUN_OVERRIDES = (
 )
 
 
-def run_overrides(args: argparse.Namespace) -> dict[str, Any]:
+def run_overrides(args: argparse.Namespace) -> dict[str, object]:
     """The run options given on the command line, named as ``FlowerPowerProject.request`` does.
 
     ``--max-workers`` is folded into ``executor``; ``--log-level`` becomes
     ``log_level`` (upper case). Options not given are left out.
     """
     out = {k: getattr(args, k) for k in RUN_OVERRIDES if getattr(args, k, None) is not None}
-    executor: dict[str, Any] | None = dict(args.executor) if args.executor else None
+    executor: dict[str, object] | None = dict(args.executor) if args.executor else None
     if args.max_workers is not None:
         executor = {"type": "local", **(executor or {}), "max_workers": args.max_workers}
     if executor is not None:
@@ -191,10 +199,14 @@ def run_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def cache_arg(text: str) -> Any:
+def cache_arg(text: str) -> bool | dict[str, object]:
+    """``--cache``: ``true``/``false`` (any case) or a JSON cache block."""
     if text.lower() in ("true", "false"):
         return text.lower() == "true"
-    return json_arg("--cache", (dict, bool))(text)
+    value = _json_as(text, (dict, bool))
+    if isinstance(value, dict):
+        return value
+    return bool(value)  # JSON true or false
 
 
 def add_run_options(run: argparse.ArgumentParser) -> None:
@@ -277,14 +289,14 @@ def add_run_options(run: argparse.ArgumentParser) -> None:
     )
 
 
-def executor_arg(text: str) -> dict[str, Any]:
+def executor_arg(text: str) -> dict[str, object]:
     """``--executor``: a type name (``threadpool``, FlowerPower's ``synchronous``) or a JSON object.
 
     Returns the executor block, e.g. ``{"type": "threadpool", "max_workers": 4}``.
     """
     stripped = text.strip()
     if stripped.startswith("{"):
-        value = json_arg("--executor", dict)(stripped)
+        value = _json_as(stripped, dict)
     else:
         value = {"type": stripped}
     kind = value.get("type")
@@ -305,7 +317,7 @@ def cron_arg(text: str) -> str:
     """
     if not text.strip().startswith("{"):
         return text
-    fields = json_arg("--cron", dict)(text)
+    fields = _json_as(text, dict)
     unknown = sorted(set(fields) - set(CRON_FIELDS))
     if unknown:
         raise argparse.ArgumentTypeError(
@@ -329,7 +341,7 @@ def interval_arg(text: str) -> str | float:
     """``--interval``: ``30s``, ``5m`` or seconds as is; ``{"minutes": 5}`` -> 300.0."""
     if not text.strip().startswith("{"):
         return text
-    fields = json_arg("--interval", dict)(text)
+    fields = _json_as(text, dict)
     unknown = sorted(set(fields) - set(_INTERVAL_UNITS))
     bad = [k for k, v in fields.items() if isinstance(v, bool) or not isinstance(v, int | float)]
     if unknown or bad or not fields:

@@ -35,7 +35,6 @@ import itertools
 import os
 import sys
 from collections.abc import AsyncIterator, Mapping, Sequence
-from typing import Any
 
 import anyio
 import orjson
@@ -75,7 +74,7 @@ MAX_ANSWER_BYTES = 256 * 1024 * 1024
 class CommandError(Exception):
     """The daemon answered with an error."""
 
-    def __init__(self, code: str, message: str, details: Any = None) -> None:
+    def __init__(self, code: str, message: str, details: object = None) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
@@ -169,7 +168,7 @@ class ControlClient:
             await self._stream.aclose()
             self._stream = None
 
-    async def _send(self, cmd: str, args: Mapping[str, Any] | None) -> int:
+    async def _send(self, cmd: str, args: Mapping[str, object] | None) -> int:
         assert self._stream is not None
         request_id = next(self._ids)
         message = {"id": request_id, "cmd": cmd, "args": dict(args or {})}
@@ -179,7 +178,7 @@ class ControlClient:
             raise UnreachableError(f"the daemon closed the connection: {exc}") from None
         return request_id
 
-    async def _receive(self) -> dict[str, Any]:
+    async def _receive(self) -> dict[str, object]:
         assert self._reader is not None
         try:
             line = await self._reader.receive_until(b"\n", MAX_ANSWER_BYTES)
@@ -190,12 +189,14 @@ class ControlClient:
             raise UnreachableError(f"not a protocol answer: {line[:200]!r}")
         return message
 
-    async def _answer(self, request_id: int) -> Any:
+    async def _answer(self, request_id: int) -> object:
         message = await self._receive()
         if message.get("ok") is False:
-            error = message.get("error") or {}
+            error = message.get("error")
+            if not isinstance(error, dict):
+                error = {}
             raise CommandError(
-                error.get("code", "?"), error.get("message", ""), error.get("details")
+                str(error.get("code", "?")), str(error.get("message", "")), error.get("details")
             )
         if message.get("id") != request_id:
             raise UnreachableError(
@@ -203,11 +204,17 @@ class ControlClient:
             )
         return message.get("result")
 
-    async def call(self, cmd: str, args: Mapping[str, Any] | None = None) -> Any:
-        """Send one request and return its result (raises :class:`CommandError`)."""
+    async def call(self, cmd: str, args: Mapping[str, object] | None = None) -> object:
+        """Send one request and return its result (raises :class:`CommandError`).
+
+        The result is the answer's JSON value, as DESIGN.md's protocol describes it per
+        command; narrow it (``isinstance``) before use.
+        """
         return await self._answer(await self._send(cmd, args))
 
-    async def stream(self, cmd: str, args: Mapping[str, Any] | None = None) -> AsyncIterator[Any]:
+    async def stream(
+        self, cmd: str, args: Mapping[str, object] | None = None
+    ) -> AsyncIterator[Mapping[str, object]]:
         """Send a streaming request and yield each event until the daemon closes."""
         request_id = await self._send(cmd, args)
         await self._answer(request_id)
@@ -216,8 +223,9 @@ class ControlClient:
                 message = await self._receive()
             except UnreachableError:
                 return
-            if "event" in message:
-                yield message["event"]
+            event = message.get("event")
+            if isinstance(event, Mapping):
+                yield event
 
 
 # ---------------------------------------------------------------- the command
@@ -289,12 +297,12 @@ def _parser() -> argparse.ArgumentParser:
     kind.add_argument(
         "--cron",
         type=cron_arg,
-        help="cron expression, e.g. '*/5 * * * *', or FlowerPower's \'{\"minute\": \"*/5\"}\'",
+        help="cron expression, e.g. '*/5 * * * *', or FlowerPower's '{\"minute\": \"*/5\"}'",
     )
     kind.add_argument(
         "--interval",
         type=interval_arg,
-        help="interval, e.g. 30s, 5m, 1h, or FlowerPower's \'{\"minutes\": 5}\'",
+        help="interval, e.g. 30s, 5m, 1h, or FlowerPower's '{\"minutes\": 5}'",
     )
     kind.add_argument("--date", help="one-shot ISO 8601 time")
     add.add_argument("--id", default=None, help="schedule id (default: PIPELINE-<random>)")
@@ -319,18 +327,18 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _with_run_options(out: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+def _with_run_options(out: dict[str, object], args: argparse.Namespace) -> dict[str, object]:
     """``out`` plus the run options given, as the protocol's ``run`` object (validated by the
     daemon like a trigger's ``run:``)."""
     overrides = run_overrides(args)
     return {**out, "run": overrides} if overrides else out
 
 
-def _request(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+def _request(args: argparse.Namespace) -> tuple[str, dict[str, object]]:
     """The protocol command and arguments for parsed command-line ``args``."""
     cmd = args.command
     if cmd == "run":
-        out: dict[str, Any] = {"pipeline": args.pipeline, "wait": args.wait}
+        out: dict[str, object] = {"pipeline": args.pipeline, "wait": args.wait}
         for key in ("inputs", "run_in", "run_at"):
             if getattr(args, key) is not None:
                 out[key] = getattr(args, key)
@@ -378,7 +386,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 async def _main(
-    path: str, cmd: str, args: dict[str, Any], as_json: bool, limit_s: float | None
+    path: str, cmd: str, args: dict[str, object], as_json: bool, limit_s: float | None
 ) -> int:
     from . import render
 

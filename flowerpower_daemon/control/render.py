@@ -7,8 +7,7 @@ install and start fast. ``flowerpower-daemon``'s tables use :func:`text_table` t
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
 
 import orjson
 
@@ -25,19 +24,19 @@ def _err(text: str) -> None:
     sys.stderr.write(text + "\n")
 
 
-def dump(value: Any) -> None:
+def dump(value: object) -> None:
     sys.stdout.buffer.write(orjson.dumps(value, option=orjson.OPT_INDENT_2) + b"\n")
     sys.stdout.flush()
 
 
-def problem(item: Any) -> str:
+def problem(item: object) -> str:
     if isinstance(item, Mapping):
         where = ": ".join(str(item[k]) for k in ("file", "key") if item.get(k))
         return f"{where}: {item.get('message', '')}" if where else str(item.get("message", item))
     return str(item)
 
 
-def event(item: Mapping[str, Any], as_json: bool) -> None:
+def event(item: Mapping[str, object], as_json: bool) -> None:
     """One line per event."""
     if as_json:
         sys.stdout.buffer.write(orjson.dumps(item) + b"\n")
@@ -51,25 +50,31 @@ def event(item: Mapping[str, Any], as_json: bool) -> None:
     sys.stdout.flush()
 
 
-def result(cmd: str, args: Mapping[str, Any], value: Any, as_json: bool) -> int:
-    """Print one command's result; the exit code follows a waited run's status."""
+def result(cmd: str, args: Mapping[str, object], value: object, as_json: bool) -> int:
+    """Print one command's result; the exit code follows a waited run's status.
+
+    An answer of another shape than the command's printer expects is printed
+    as :func:`_generic` does.
+    """
     code = _RUN_OK
     if cmd == "run" and isinstance(value, Mapping) and "result" in value:
         code = _RUN_OK if value.get("state") == "success" else _RUN_FAILED
     if as_json:
         dump(value)
         return code
-    printer = _PRINTERS.get(cmd, _generic)
-    printer(value)
+    if isinstance(value, Mapping) and cmd in _OBJECT_PRINTERS:
+        _OBJECT_PRINTERS[cmd](value)
+    elif isinstance(value, list) and cmd in _LIST_PRINTERS:
+        _LIST_PRINTERS[cmd](_rows(value))
+    else:
+        _generic(value)
     return code
 
 
 # ----------------------------------------------------------------- printers
 
 
-def text_table(
-    rows: Sequence[Sequence[str]], headers: Sequence[str], indent: str = ""
-) -> str:
+def text_table(rows: Sequence[Sequence[str]], headers: Sequence[str], indent: str = "") -> str:
     """Rows of cells as aligned columns under upper-case ``headers`` (one string, final newline)."""
     widths = [max([len(h), *(len(row[i]) for row in rows)]) for i, h in enumerate(headers)]
     lines = [[h.upper() for h in headers], *rows]
@@ -83,7 +88,7 @@ def text_table(
     )
 
 
-def _table(rows: Sequence[Mapping[str, Any]], columns: Sequence[tuple[str, str]]) -> None:
+def _table(rows: Sequence[Mapping[str, object]], columns: Sequence[tuple[str, str]]) -> None:
     if not rows:
         _out("(none)")
         return
@@ -91,7 +96,7 @@ def _table(rows: Sequence[Mapping[str, Any]], columns: Sequence[tuple[str, str]]
     sys.stdout.write(text_table(cells, [header for _, header in columns]))
 
 
-def _cell(value: Any) -> str:
+def _cell(value: object) -> str:
     if value is None:
         return "-"
     if isinstance(value, bool):
@@ -105,8 +110,23 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def _status(v: Mapping[str, Any]) -> None:
-    mqtt, queue, counters = v["mqtt"], v["queue"], v["counters"]
+def _mapping(value: object) -> Mapping[str, object]:
+    """A nested object of an answer (empty when it is not one)."""
+    return value if isinstance(value, Mapping) else {}
+
+
+def _rows(value: object) -> list[Mapping[str, object]]:
+    """The objects of a list in an answer (other items left out)."""
+    return [r for r in value if isinstance(r, Mapping)] if isinstance(value, list) else []
+
+
+def _names(value: object) -> str:
+    """A list of names as ``a, b`` (empty when there are none)."""
+    return ", ".join(map(str, value)) if isinstance(value, list) else ""
+
+
+def _status(v: Mapping[str, object]) -> None:
+    mqtt, queue, counters = _mapping(v["mqtt"]), _mapping(v["queue"]), _mapping(v["counters"])
     lines = [
         f"flowerpower-daemon {v['version']}  pid {v['pid']}  {v['state']}, "
         f"up {_duration(v['uptime_s'])}",
@@ -116,24 +136,24 @@ def _status(v: Mapping[str, Any]) -> None:
         f"  (connects {mqtt['connects']}, outbox {mqtt['outbox']}, published {mqtt['published']})",
         f"queue      {queue['backend']}  {queue['broker']}",
         f"pipelines  {v['pipelines']}   triggers {v['triggers']}   paused "
-        f"{', '.join(v['paused']) or '-'}",
+        f"{_names(v['paused']) or '-'}",
         "counters   " + "  ".join(f"{k} {n}" for k, n in counters.items()),
         f"in flight  {v['in_flight']}",
     ]
     _out("\n".join(lines))
     if v["active"]:
-        _jobs(v["active"])
+        _jobs(_rows(v["active"]))
 
 
-def _duration(seconds: float) -> str:
-    s = int(seconds)
+def _duration(seconds: object) -> str:
+    s = int(seconds) if isinstance(seconds, int | float) else 0
     d, s = divmod(s, 86400)
     h, s = divmod(s, 3600)
     m, s = divmod(s, 60)
     return (f"{d}d " if d else "") + f"{h:02d}:{m:02d}:{s:02d}"
 
 
-def _pipelines(v: Sequence[Mapping[str, Any]]) -> None:
+def _pipelines(v: Sequence[Mapping[str, object]]) -> None:
     _table(
         v,
         [
@@ -146,7 +166,7 @@ def _pipelines(v: Sequence[Mapping[str, Any]]) -> None:
     )
 
 
-def _triggers(v: Sequence[Mapping[str, Any]]) -> None:
+def _triggers(v: Sequence[Mapping[str, object]]) -> None:
     _table(
         v,
         [
@@ -165,7 +185,7 @@ def _triggers(v: Sequence[Mapping[str, Any]]) -> None:
     )
 
 
-def _schedules(v: Sequence[Mapping[str, Any]]) -> None:
+def _schedules(v: Sequence[Mapping[str, object]]) -> None:
     _table(
         v,
         [
@@ -181,7 +201,7 @@ def _schedules(v: Sequence[Mapping[str, Any]]) -> None:
     )
 
 
-def _jobs(v: Sequence[Mapping[str, Any]]) -> None:
+def _jobs(v: Sequence[Mapping[str, object]]) -> None:
     rows = [{**r, "when": r.get("finished_at") or r.get("run_at") or r.get("queued_at")} for r in v]
     _table(
         rows,
@@ -198,7 +218,7 @@ def _jobs(v: Sequence[Mapping[str, Any]]) -> None:
     )
 
 
-def _job(v: Mapping[str, Any]) -> None:
+def _job(v: Mapping[str, object]) -> None:
     for key in (
         "run_id",
         "pipeline",
@@ -219,14 +239,14 @@ def _job(v: Mapping[str, Any]) -> None:
         _outputs(res["outputs"])
 
 
-def _outputs(outputs: Mapping[str, Any]) -> None:
+def _outputs(outputs: Mapping[str, object]) -> None:
     _table(
         [{"output": k, "value": _cell(val)} for k, val in outputs.items()],
         [("output", "OUTPUT"), ("value", "VALUE")],
     )
 
 
-def _run(v: Mapping[str, Any]) -> None:
+def _run(v: Mapping[str, object]) -> None:
     res = v.get("result")
     if not isinstance(res, Mapping):
         when = f" at {v['run_at']}" if v.get("run_at") else ""
@@ -242,7 +262,7 @@ def _run(v: Mapping[str, Any]) -> None:
         _err(f"error: {_cell(res['error'])}")
 
 
-def _generic(v: Any) -> None:
+def _generic(v: object) -> None:
     if (
         isinstance(v, Mapping)
         and len(v) <= 4
@@ -253,35 +273,37 @@ def _generic(v: Any) -> None:
         dump(v)
 
 
-def _reload(v: Mapping[str, Any]) -> None:
+def _reload(v: Mapping[str, object]) -> None:
     _out(
         "reloaded: "
-        + "  ".join(
-            f"{k} {', '.join(v.get(k) or []) or '-'}" for k in ("added", "removed", "changed")
-        )
+        + "  ".join(f"{k} {_names(v.get(k)) or '-'}" for k in ("added", "removed", "changed"))
     )
     if v.get("restart_required"):
-        _out(f"restart needed for: {', '.join(v['restart_required'])}")
+        _out(f"restart needed for: {_names(v['restart_required'])}")
 
 
-def _paused(verb: str) -> Any:
-    def show(v: Mapping[str, Any]) -> None:
-        names = v.get(verb) or []
-        _out(f"{verb}: {', '.join(names)}" if names else f"{verb}: nothing (no such trigger)")
+def _paused(verb: str) -> Callable[[Mapping[str, object]], None]:
+    def show(v: Mapping[str, object]) -> None:
+        names = _names(v.get(verb))
+        _out(f"{verb}: {names}" if names else f"{verb}: nothing (no such trigger)")
 
     return show
 
 
-_PRINTERS: dict[str, Any] = {
+#: Printers of the commands that answer with one object.
+_OBJECT_PRINTERS: dict[str, Callable[[Mapping[str, object]], None]] = {
     "pause": _paused("paused"),
     "resume": _paused("resumed"),
     "status": _status,
-    "pipelines": _pipelines,
-    "triggers": _triggers,
-    "schedules": _schedules,
-    "jobs": _jobs,
     "job": _job,
     "run": _run,
     "reload": _reload,
     "schedule_add": lambda v: _schedules([v]),
+}
+#: Printers of the commands that answer with a list of objects.
+_LIST_PRINTERS: dict[str, Callable[[Sequence[Mapping[str, object]]], None]] = {
+    "pipelines": _pipelines,
+    "triggers": _triggers,
+    "schedules": _schedules,
+    "jobs": _jobs,
 }

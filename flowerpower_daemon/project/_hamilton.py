@@ -12,10 +12,10 @@ import inspect
 import logging
 import os
 import typing
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import ModuleType, TracebackType
-from typing import Any
+from typing import Any, Protocol, TypedDict
 
 os.environ.setdefault("HAMILTON_TELEMETRY_ENABLED", "false")
 
@@ -30,6 +30,9 @@ from .inputtypes import Check, compile_check
 
 __all__ = [
     "DagInfo",
+    "Driver",
+    "NodeRow",
+    "RayKwargs",
     "build_driver",
     "describe_nodes",
     "execute_async",
@@ -40,6 +43,34 @@ __all__ = [
 ]
 
 _HAMILTON_FILES = (os.path.dirname(driver.__file__),)
+
+
+class Driver(Protocol):
+    """What the runner calls on a built driver (Hamilton's drivers are untyped).
+
+    The sync driver returns the outputs; the async one a coroutine of them
+    (the runner awaits it through :func:`execute_async`).
+    """
+
+    def execute(self, final_vars: list[str], *, inputs: dict[str, object]) -> object: ...
+
+
+class RayKwargs(TypedDict):
+    """The keyword arguments of Hamilton's ``RayTaskExecutor`` (:func:`ray_executor_kwargs`)."""
+
+    num_cpus: object  # executor.num_cpus, else ray_init_config's (Ray checks it)
+    ray_init_config: dict[str, object]
+    skip_init: bool
+
+
+class NodeRow(TypedDict):
+    """One DAG node as ``pipeline show`` lists it (:func:`describe_nodes`)."""
+
+    name: str
+    type: str
+    role: str
+    depends_on: list[str]
+    doc: str
 
 
 class _DropHelpBanner(logging.Filter):
@@ -72,7 +103,7 @@ def is_async_modules(modules: Iterable[ModuleType]) -> bool:
     return False
 
 
-def _return_type(fn: Any) -> Any:
+def _return_type(fn: Callable[..., object]) -> object:
     """``fn``'s return annotation, resolved when it is a string (PEP 563 modules)."""
     try:
         return typing.get_type_hints(fn).get("return", inspect.Signature.empty)
@@ -95,8 +126,8 @@ def _has_parallelizable(modules: Iterable[ModuleType]) -> bool:
 
 def _adapters(
     flags: WithAdapterConfig, settings: AdapterConfig, pipeline: str, is_async: bool
-) -> list[Any]:
-    out: list[Any] = []
+) -> list[object]:
+    out: list[object] = []
     if flags.progressbar and not is_async:
         try:
             from hamilton.plugins import h_tqdm
@@ -153,7 +184,7 @@ def _adapters(
     return out
 
 
-def ray_executor_kwargs(executor: ExecutorConfig, settings: AdapterConfig) -> dict[str, Any]:
+def ray_executor_kwargs(executor: ExecutorConfig, settings: AdapterConfig) -> RayKwargs:
     """Keyword arguments of Hamilton's ``RayTaskExecutor`` for this pipeline.
 
     ``ray_init_config`` is ``adapter.ray.ray_init_config`` (``null`` is ``{}``;
@@ -173,7 +204,7 @@ def ray_executor_kwargs(executor: ExecutorConfig, settings: AdapterConfig) -> di
     }
 
 
-def _start_ray(kwargs: Mapping[str, Any]) -> None:
+def _start_ray(kwargs: RayKwargs) -> None:
     """``ray.init`` as the executor would call it, once per process."""
     ray = importlib.import_module("ray")
     if not ray.is_initialized():
@@ -225,14 +256,14 @@ def build_driver(
     *,
     pipeline: str,
     modules: Sequence[ModuleType],
-    config: Mapping[str, Any],
+    config: Mapping[str, object],
     executor: ExecutorConfig,
     with_adapter: WithAdapterConfig,
     adapter_settings: AdapterConfig,
     cache: CacheConfig,
     cache_dir: str,
     is_async: bool,
-) -> Any:
+) -> Driver:
     """Build a Hamilton driver (sync, or async without its ``ainit``) for one pipeline setup."""
     adapters = _adapters(with_adapter, adapter_settings, pipeline, is_async)
     if is_async:
@@ -248,7 +279,8 @@ def build_driver(
             raise InputError(
                 f"pipeline {pipeline!r}: Hamilton's async driver does not support cache"
             )
-        return ab.build_without_init()
+        built: Driver = ab.build_without_init()
+        return built
     builder = driver.Builder().with_modules(*modules).with_config(dict(config))
     builder.allow_module_overrides()
     _apply_executor(builder, executor, modules, adapter_settings, with_adapter.future)
@@ -262,15 +294,16 @@ def build_driver(
             disable=list(cache.disable) or None,
             default_behavior=cache.default_behavior,
         )
-    return builder.build()
+    dr: Driver = builder.build()
+    return dr
 
 
-async def init_async_driver(dr: Any) -> Any:
+async def init_async_driver(dr: Any) -> object:
     """Run the async driver's ``ainit`` (its adapters' async set-up)."""
     return await dr.ainit()
 
 
-async def execute_async(dr: Any, final_vars: list[str], inputs: dict[str, Any]) -> Any:
+async def execute_async(dr: Any, final_vars: list[str], inputs: dict[str, object]) -> object:
     """Execute on the async driver, validating inputs first as the sync driver does.
 
     Hamilton's async driver skips ``validate_inputs``: a missing input would
@@ -288,7 +321,8 @@ class DagInfo:
 
     nodes: frozenset[str]
     terminal: tuple[str, ...]
-    inputs: Mapping[str, Any]
+    #: input name -> its annotation
+    inputs: Mapping[str, object]
     config_keys: frozenset[str]
 
     @classmethod
@@ -311,7 +345,7 @@ class DagInfo:
         )
 
     def missing_inputs(
-        self, dr: Any, final_vars: Sequence[str], inputs: Mapping[str, Any]
+        self, dr: Any, final_vars: Sequence[str], inputs: Mapping[str, object]
     ) -> dict[str, list[str]]:
         """Required inputs absent from ``inputs``, each with the nodes that need it."""
         graph = dr.graph
@@ -339,7 +373,7 @@ class DagInfo:
         checks = {name: compile_check(tp) for name, tp in self.inputs.items()}
         return {name: check for name, check in checks.items() if check is not None}
 
-    def type_mismatches(self, inputs: Mapping[str, Any]) -> dict[str, str]:
+    def type_mismatches(self, inputs: Mapping[str, object]) -> dict[str, str]:
         """Inputs whose value does not fit the declared parameter type (name -> why)."""
         bad: dict[str, str] = {}
         for name, check in self.input_checks().items():
@@ -350,7 +384,7 @@ class DagInfo:
         return bad
 
 
-def _type_name(tp: Any) -> str:
+def _type_name(tp: object) -> str:
     return getattr(tp, "__name__", None) or str(tp)
 
 
@@ -366,9 +400,9 @@ def is_input_validation_error(exc: BaseException) -> bool:
     return last_ours
 
 
-def describe_nodes(dr: Any) -> list[dict[str, Any]]:
+def describe_nodes(dr: Any) -> list[NodeRow]:
     """One row per DAG node: name, type, role, dependencies (for ``pipeline show``)."""
-    rows = []
+    rows: list[NodeRow] = []
     for name, n in sorted(dr.graph.nodes.items()):
         role = (
             "input"

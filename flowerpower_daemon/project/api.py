@@ -41,7 +41,7 @@ _OVERRIDE_KEY_SET = frozenset(_OVERRIDE_KEYS)
 _MANUAL = TriggerInfo()
 
 
-def build_overrides(**values: Any) -> dict[str, Any]:
+def build_overrides(**values: object) -> dict[str, object]:
     """Keep the ``run:`` overrides that were actually given (``None`` means 'from YAML')."""
     if not values:
         return {}
@@ -67,7 +67,7 @@ class FlowerPowerProject:
         cls,
         base_dir: str = ".",
         *,
-        storage_options: Mapping[str, Any] | None = None,
+        storage_options: Mapping[str, object] | None = None,
         cache_dir: str | None = None,
     ) -> FlowerPowerProject:
         """Read and validate the project at ``base_dir`` (a path or fsspec URL).
@@ -87,7 +87,7 @@ class FlowerPowerProject:
         name: str | None = None,
         base_dir: str = ".",
         *,
-        storage_options: Mapping[str, Any] | None = None,
+        storage_options: Mapping[str, object] | None = None,
     ) -> FlowerPowerProject:
         """Scaffold a project in ``base_dir/name`` and load it."""
         files = init_project(name, base_dir, storage_options)
@@ -142,7 +142,7 @@ class FlowerPowerProject:
         self.reload()
         return removed
 
-    def show(self, name: str) -> dict[str, Any]:
+    def show(self, name: str) -> dict[str, object]:
         """A pipeline's config and the nodes of its DAG."""
         from . import _hamilton
 
@@ -160,12 +160,12 @@ class FlowerPowerProject:
     def request(
         self,
         name: str,
-        inputs: Mapping[str, Any] | None = None,
+        inputs: Mapping[str, object] | None = None,
         *,
         trigger: TriggerInfo | None = None,
         unknown_inputs: UnknownInputs | None = None,
         traceback: bool = False,
-        **run_options: Any,
+        **run_options: object,
     ) -> RunRequest:
         """A :class:`RunRequest` for ``name`` with the given inputs and ``run:`` overrides.
 
@@ -199,7 +199,7 @@ class FlowerPowerProject:
     def run(
         self,
         name: str,
-        inputs: Mapping[str, Any] | None = None,
+        inputs: Mapping[str, object] | None = None,
         *,
         final_vars: Sequence[str] | None = None,
         **run_options: Any,
@@ -213,7 +213,7 @@ class FlowerPowerProject:
     async def arun(
         self,
         name: str,
-        inputs: Mapping[str, Any] | None = None,
+        inputs: Mapping[str, object] | None = None,
         *,
         final_vars: Sequence[str] | None = None,
         **run_options: Any,

@@ -499,7 +499,7 @@ def encode_result(
 
     message = result.to_dict()
     # outputs encoded once each, spliced in as fragments: sizes known, no re-encoding
-    encoded = {name: dumps(value) for name, value in message["outputs"].items()}
+    encoded = {name: dumps(value) for name, value in result.outputs.items()}
     fragments: dict[str, orjson.Fragment] = {
         name: orjson.Fragment(b) for name, b in encoded.items()
     }

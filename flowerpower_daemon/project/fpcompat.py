@@ -72,7 +72,7 @@ class DictNamespace(types.SimpleNamespace, Mapping[str, Any]):
     def keys(self) -> KeysView[str]:
         return self.__dict__.keys()
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, object]:
         """A plain, recursively converted dict."""
         return {k: _plain(v) for k, v in self.__dict__.items()}
 
@@ -94,7 +94,7 @@ class AttrDict(dict[str, Any]):
             raise AttributeError(key) from None
 
 
-def _plain(value: Any) -> Any:
+def _plain(value: object) -> object:
     if isinstance(value, DictNamespace):
         return value.to_dict()
     if isinstance(value, list):
@@ -102,30 +102,38 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _namespace(value: Any) -> Any:
+def _namespace_of(data: Mapping[str, object]) -> DictNamespace:
+    ns = DictNamespace()
+    for key, item in data.items():
+        ns.__dict__[key] = _namespace(item)
+    return ns
+
+
+def _namespace(value: object) -> object:
     if isinstance(value, Mapping):
-        ns = DictNamespace()
-        for key, item in value.items():
-            ns.__dict__[key] = _namespace(item)
-        return ns
+        return _namespace_of(value)
     if isinstance(value, list):
         return [_namespace(v) for v in value]
     return value
 
 
-def _attrdict(value: Any) -> Any:
+def _attrdict_of(data: Mapping[str, object]) -> AttrDict:
+    return AttrDict({k: _attrdict(v) for k, v in data.items()})
+
+
+def _attrdict(value: object) -> object:
     if isinstance(value, Mapping):
-        return AttrDict({k: _attrdict(v) for k, v in value.items()})
+        return _attrdict_of(value)
     if isinstance(value, list):
         return [_attrdict(v) for v in value]
     return value
 
 
-def to_h_params(params: Mapping[str, Any]) -> DictNamespace:
+def to_h_params(params: Mapping[str, object]) -> DictNamespace:
     """FlowerPower 0.37's ``PipelineConfig.to_h_params``: params in ``@parameterize`` form."""
     from hamilton.function_modifiers import source, value
 
-    def transform(val: Any, depth: int) -> Any:
+    def transform(val: object, depth: int) -> object:
         if isinstance(val, Mapping):
             if depth == 3:
                 return value(val)
@@ -136,8 +144,7 @@ def to_h_params(params: Mapping[str, Any]) -> DictNamespace:
             return value(val)
         return val
 
-    result: DictNamespace = _namespace({k: transform({k: v}, 1) for k, v in params.items()})
-    return result
+    return _namespace_of({k: transform({k: v}, 1) for k, v in params.items()})
 
 
 class PipelineView:
@@ -149,15 +156,15 @@ class PipelineView:
     """
 
     def __init__(self, name: str | None, cfg: PipelineConfig | None) -> None:
-        params: Mapping[str, Any] = cfg.params if cfg is not None else {}
+        params: Mapping[str, object] = cfg.params if cfg is not None else {}
         self.name = name
-        self.params: AttrDict = _attrdict(params)
+        self.params = _attrdict_of(params)
         self.h_params = to_h_params(params)
         self.hamilton_func_params = self.h_params
         dumped = cfg.model_dump(mode="python") if cfg is not None else {}
-        self.run = _namespace(dumped.get("run", {}))
-        self.schedule = _namespace(dumped.get("schedule", {}))
-        self.adapter = _namespace(dumped.get("adapter", {}))
+        self.run = _namespace_of(dumped.get("run", {}))
+        self.schedule = _namespace_of(dumped.get("schedule", {}))
+        self.adapter = _namespace_of(dumped.get("adapter", {}))
 
     def __repr__(self) -> str:
         return f"PipelineView(name={self.name!r}, params={dict(self.params)!r})"
@@ -167,7 +174,7 @@ class Config:
     """``flowerpower.cfg.Config``: ``.pipeline`` and ``.project`` of a project's config."""
 
     def __init__(
-        self, base_dir: str, pipeline: PipelineView, project: DictNamespace, fs: Any = None
+        self, base_dir: str, pipeline: PipelineView, project: DictNamespace, fs: object = None
     ) -> None:
         self.base_dir = base_dir
         self.pipeline = pipeline
@@ -180,8 +187,8 @@ class Config:
         base_dir: str | os.PathLike[str] = ".",
         name: str | None = None,
         pipeline_name: str | None = None,
-        fs: Any = None,
-        storage_options: Mapping[str, Any] | None = None,
+        fs: object = None,
+        storage_options: Mapping[str, object] | None = None,
         cfg_dir: str | None = None,
         pipelines_dir: str | None = None,
     ) -> Config:
@@ -200,7 +207,7 @@ class Config:
                 )
         spec = _spec_for(os.fspath(base_dir), storage_options)
         cfg = spec.pipeline(pipeline_name) if pipeline_name is not None else None
-        project = _namespace(spec.project.model_dump(mode="python"))
+        project = _namespace_of(spec.project.model_dump(mode="python"))
         if name is not None and not spec.files.exists(PROJECT_YML):
             project.__dict__["name"] = name  # as FlowerPower: the name of a project without one
         return cls(os.fspath(base_dir), PipelineView(pipeline_name, cfg), project, fs)
@@ -210,8 +217,8 @@ def load(
     base_dir: str | os.PathLike[str],
     name: str | None = None,
     pipeline_name: str | None = None,
-    storage_options: Mapping[str, Any] | None = None,
-    fs: Any = None,
+    storage_options: Mapping[str, object] | None = None,
+    fs: object = None,
     cfg_dir: str | None = None,
     pipelines_dir: str | None = None,
 ) -> Config:
@@ -234,7 +241,7 @@ def _same_project(spec: ProjectSpec, base_dir: str) -> bool:
     return _norm(base_dir) == _norm(files.display(""))
 
 
-def _spec_for(base_dir: str, storage_options: Mapping[str, Any] | None) -> ProjectSpec:
+def _spec_for(base_dir: str, storage_options: Mapping[str, object] | None) -> ProjectSpec:
     current = _IMPORTING.get()
     if current is not None and _same_project(current, base_dir):
         return current

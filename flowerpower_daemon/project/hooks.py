@@ -9,7 +9,6 @@ message's config leaked into the next; here it travels in the run request.)
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 from ..errors import PipelineImportError
 from .modules import import_pipeline_module, module_name_for
@@ -19,7 +18,8 @@ __all__ = ["MQTT_BUILD_CONFIG", "load_mqtt_build_config"]
 
 MQTT_BUILD_CONFIG = "mqtt_build_config"
 
-ConfigHook = Callable[[Any, str], dict[str, Any]]
+#: ``mqtt_build_config(payload, topic)``: the Hamilton config for a message (user code).
+ConfigHook = Callable[[object, str], dict[str, object]]
 
 
 def load_mqtt_build_config(files: ProjectFiles, pipeline: str) -> ConfigHook | None:

@@ -23,11 +23,11 @@ from typing import Any
 __all__ = ["Check", "compile_check", "type_label"]
 
 #: ``check(value)`` -> ``None`` when ``value`` fits, else why not ("got str").
-Check = Callable[[Any], "str | None"]
+Check = Callable[[object], "str | None"]
 
 #: Collection annotations -> the classes a value may be. Only the concrete containers in
 #: ``_WALKED`` have their items checked: an iterator or generator is not consumed.
-_SEQUENCES: dict[Any, tuple[type, ...]] = {
+_SEQUENCES: dict[object, tuple[type, ...]] = {
     list: (list,),
     set: (set,),
     frozenset: (frozenset,),
@@ -44,7 +44,7 @@ _TEXT = (str, bytes, bytearray)
 _MAPPINGS = (dict, cabc.Mapping, cabc.MutableMapping)
 
 
-def type_label(tp: Any) -> str:
+def type_label(tp: object) -> str:
     """``list[float]``, ``float``, ``Optional[int]``: an annotation as a user wrote it."""
     if tp is type(None):
         return "None"
@@ -53,11 +53,11 @@ def type_label(tp: Any) -> str:
     return str(tp).replace("typing.", "").replace("collections.abc.", "")
 
 
-def _got(value: Any) -> str:
+def _got(value: object) -> str:
     return "None" if value is None else type(value).__name__
 
 
-def _accepts_none(tp: Any) -> bool:
+def _accepts_none(tp: object) -> bool:
     if tp is Any or tp is object or tp is type(None) or tp is None:
         return True
     if isinstance(tp, typing.TypeVar):
@@ -72,7 +72,7 @@ def _accepts_none(tp: Any) -> bool:
     return False
 
 
-def compile_check(tp: Any) -> Check | None:
+def compile_check(tp: object) -> Check | None:
     """The check for annotation ``tp``, or ``None`` when every value fits it."""
     inner = _compile(tp)
     label = type_label(tp)
@@ -83,7 +83,7 @@ def compile_check(tp: Any) -> Check | None:
         return lambda value: f"is null, expected {label}" if value is None else None
     exact: frozenset[type] = getattr(inner, "exact", frozenset())
 
-    def check(value: Any) -> str | None:
+    def check(value: object) -> str | None:
         if type(value) in exact:
             return None
         if value is None:
@@ -96,7 +96,7 @@ def compile_check(tp: Any) -> Check | None:
     return check
 
 
-def _compile(tp: Any) -> Check | None:
+def _compile(tp: object) -> Check | None:
     """Why a value does not fit ``tp`` (``None``: anything fits)."""
     if tp is Any or tp is object or isinstance(tp, typing.TypeVar | str):
         return None
@@ -134,7 +134,7 @@ class _Float:
     __slots__ = ()
     exact = frozenset((float, int))
 
-    def __call__(self, value: Any) -> str | None:
+    def __call__(self, value: object) -> str | None:
         if isinstance(value, int | float) and type(value) is not bool:
             return None
         return f"got {_got(value)}"
@@ -149,7 +149,7 @@ class _Instance:
         self.cls = cls
         self.exact = frozenset((cls,))
 
-    def __call__(self, value: Any) -> str | None:
+    def __call__(self, value: object) -> str | None:
         try:
             ok = isinstance(value, self.cls)
         except TypeError:  # TypedDict, non-runtime protocols: cannot tell
@@ -157,14 +157,14 @@ class _Instance:
         return None if ok else f"got {_got(value)}"
 
 
-def _union(args: tuple[Any, ...]) -> Check | None:
+def _union(args: tuple[object, ...]) -> Check | None:
     options = [_compile(a) for a in args]
     if any(o is None for o in options):
         return None
     checks = [o for o in options if o is not None]
     named = [c for a, c in zip(args, checks, strict=True) if a is not type(None)]
 
-    def check(value: Any) -> str | None:
+    def check(value: object) -> str | None:
         whys = [c(value) for c in checks]
         if any(w is None for w in whys):
             return None
@@ -176,12 +176,12 @@ def _union(args: tuple[Any, ...]) -> Check | None:
 def _items(kinds: tuple[type, ...], item: Check | None) -> Check:
     exact: frozenset[type] | None = getattr(item, "exact", None)
 
-    def check(value: Any) -> str | None:
+    def check(value: object) -> str | None:
         if not isinstance(value, kinds) or isinstance(value, _TEXT):
             return f"got {_got(value)}"
         if item is None or not isinstance(value, _WALKED):
             return None
-        values = typing.cast(cabc.Iterable[Any], value)
+        values = typing.cast(cabc.Iterable[object], value)
         # The set of item types, built in C, settles most lists without a Python loop.
         if exact is not None and {type(v) for v in values} <= exact:
             return None
@@ -199,12 +199,12 @@ def _sep(why: str) -> str:
     return " is " + why[4:] if why.startswith("got ") else ": " + why
 
 
-def _tuple(args: tuple[Any, ...]) -> Check:
+def _tuple(args: tuple[object, ...]) -> Check:
     if not args or (len(args) == 2 and args[1] is Ellipsis):
         return _items((tuple, list), _compile(args[0]) if args else None)
     checks = [_compile(a) for a in args]
 
-    def check(value: Any) -> str | None:
+    def check(value: object) -> str | None:
         if not isinstance(value, tuple | list):
             return f"got {_got(value)}"
         if len(value) != len(checks):
@@ -219,7 +219,7 @@ def _tuple(args: tuple[Any, ...]) -> Check:
 
 
 def _mapping(keys: Check | None, values: Check | None) -> Check:
-    def check(value: Any) -> str | None:
+    def check(value: object) -> str | None:
         if not isinstance(value, cabc.Mapping):
             return f"got {_got(value)}"
         if keys is None and values is None:

@@ -69,8 +69,8 @@ class TriggerInfo:
     scheduled: str | None = None
     catch_up: bool = False
 
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"name": self.name, "type": self.type}
+    def to_dict(self) -> dict[str, object]:
+        out: dict[str, object] = {"name": self.name, "type": self.type}
         if self.topic is not None:
             out["topic"] = self.topic
         if self.fields:
@@ -115,12 +115,12 @@ class RunRequest:
     """
 
     pipeline: str
-    inputs: Mapping[str, Any] = field(default_factory=dict)
-    overrides: Mapping[str, Any] = field(default_factory=dict)
+    inputs: Mapping[str, object] = field(default_factory=dict)
+    overrides: Mapping[str, object] = field(default_factory=dict)
     run_id: str = field(default_factory=new_run_id)
     trigger: TriggerInfo = field(default_factory=TriggerInfo)
     queued_at: datetime = field(default_factory=utcnow)
-    reply: Mapping[str, Any] = field(default_factory=dict)
+    reply: Mapping[str, object] = field(default_factory=dict)
     dedup_key: str | None = None
     unknown_inputs: UnknownInputs | None = None
     traceback: bool = False
@@ -132,8 +132,8 @@ class RunRequest:
             return self.trigger.type in _LENIENT_TRIGGERS
         return self.unknown_inputs == "ignore"
 
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
+    def to_dict(self) -> dict[str, object]:
+        out: dict[str, object] = {
             "pipeline": self.pipeline,
             "inputs": _pack_inputs(self.inputs),
             "overrides": dict(self.overrides),
@@ -170,7 +170,7 @@ class RunRequest:
 _BYTES = "__fp_bytes_b64__"
 
 
-def _pack_inputs(inputs: Mapping[str, Any]) -> dict[str, Any]:
+def _pack_inputs(inputs: Mapping[str, object]) -> dict[str, object]:
     """The inputs, JSON-ready: a ``bytes`` value (an MQTT ``payload: bytes|auto`` input)
     becomes ``{"__fp_bytes_b64__": …}`` so it reaches the runner as the same bytes.
 
@@ -184,7 +184,7 @@ def _pack_inputs(inputs: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _unpack_inputs(inputs: Mapping[str, Any]) -> dict[str, Any]:
+def _unpack_inputs(inputs: Mapping[str, object]) -> dict[str, object]:
     out = dict(inputs)
     for key, value in out.items():
         if type(value) is dict and len(value) == 1 and _BYTES in value:
@@ -206,8 +206,8 @@ class ErrorInfo:
     retryable: bool = True
     traceback: str | None = None
 
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"type": self.type, "message": self.message}
+    def to_dict(self) -> dict[str, object]:
+        out: dict[str, object] = {"type": self.type, "message": self.message}
         if self.node is not None:
             out["node"] = self.node
         if self.traceback is not None:
@@ -233,8 +233,8 @@ class AttemptInfo:
     def duration_ms(self) -> float:
         return (self.finished_at - self.started_at).total_seconds() * 1000.0
 
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
+    def to_dict(self) -> dict[str, object]:
+        out: dict[str, object] = {
             "number": self.number,
             "status": self.status,
             "started_at": self.started_at.isoformat(),
@@ -253,7 +253,7 @@ class RunResult:
     run_id: str
     pipeline: str
     status: RunStatus
-    outputs: Mapping[str, Any]
+    outputs: Mapping[str, object]
     error: ErrorInfo | None
     attempts: tuple[AttemptInfo, ...]
     queued_at: datetime
@@ -300,9 +300,9 @@ class RunResult:
     def duration_ms(self) -> float:
         return (self.finished_at - self.started_at).total_seconds() * 1000.0
 
-    def to_dict(self, *, include_attempts: bool = False) -> dict[str, Any]:
+    def to_dict(self, *, include_attempts: bool = False) -> dict[str, object]:
         """The JSON message of DESIGN.md (outputs still raw: encode with ``encoding``)."""
-        out: dict[str, Any] = {
+        out: dict[str, object] = {
             "run_id": self.run_id,
             "pipeline": self.pipeline,
             "status": self.status,

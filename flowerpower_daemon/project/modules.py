@@ -17,7 +17,7 @@ import linecache
 import sys
 import traceback
 import types
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ..errors import PipelineImportError
 from . import fpcompat
@@ -92,7 +92,7 @@ def import_pipeline_module(
     return module
 
 
-def import_callable(path: str) -> Any:
+def import_callable(path: str) -> object:
     """Resolve ``package.module.function`` or ``package.module:function``."""
     module_path, sep, attr = path.partition(":")
     if not sep:

@@ -52,7 +52,7 @@ def validate_pipeline_name(name: str) -> str:
 class ProjectFiles:
     """The files of one project, addressed relative to its root."""
 
-    def __init__(self, base_dir: str, storage_options: Mapping[str, Any] | None = None) -> None:
+    def __init__(self, base_dir: str, storage_options: Mapping[str, object] | None = None) -> None:
         self.base_dir = base_dir
         self.fs, root = fsspec.core.url_to_fs(base_dir, **dict(storage_options or {}))
         self.root = root.rstrip("/") or "/"
@@ -86,7 +86,7 @@ class ProjectFiles:
     def remove(self, rel: str) -> None:
         self.fs.rm(self.path(rel))
 
-    def signature(self, rel: str) -> tuple[Any, ...]:
+    def signature(self, rel: str) -> tuple[object, str]:
         """Cheap change detector for a file: size and modification time."""
         info = self.fs.info(self.path(rel))
         stamp = info.get("mtime") or info.get("created") or info.get("LastModified")
@@ -158,7 +158,7 @@ def load_spec(files: ProjectFiles) -> ProjectSpec:
     A problem in ``project.yml`` stops the whole project: ConfigError lists it
     with every pipeline's problems. A pipeline's own problems only put it in
     :attr:`ProjectSpec.broken`. Keys accepted without effect are warned about
-    once per process (:func:`~.config.warn_no_effect`).
+    once per process (:func:`~.noeffect.warn_no_effect`).
     """
     if not files.exists(PROJECT_YML) and not files.exists(PIPELINES_DIR):
         raise ConfigError(
@@ -173,7 +173,7 @@ def load_spec(files: ProjectFiles) -> ProjectSpec:
         )
     project_problems: list[ConfigProblem] = []
     project = ProjectConfig()
-    project_data: dict[str, Any] = {}
+    project_data: dict[str, object] = {}
     if files.exists(PROJECT_YML):
         shown = files.display(PROJECT_YML)
         project_data, found = load_yaml_text(files.read_text(PROJECT_YML), shown)
@@ -183,7 +183,7 @@ def load_spec(files: ProjectFiles) -> ProjectSpec:
         project = project_model or project
     pipelines: dict[str, PipelineConfig] = {}
     broken: dict[str, tuple[ConfigProblem, ...]] = {}
-    valid_data: dict[str, tuple[str, dict[str, Any]]] = {}
+    valid_data: dict[str, tuple[str, dict[str, object]]] = {}
     modules = set(files.pipeline_names())
     for name in sorted(modules | set(files.names(PIPELINES_CONF, ".yml"))):
         rel = files.config_rel(name)
@@ -193,7 +193,7 @@ def load_spec(files: ProjectFiles) -> ProjectSpec:
             broken[name] = (ConfigProblem(shown, "", missing),)
             continue
         own: list[ConfigProblem] = []
-        data: dict[str, Any] = {}
+        data: dict[str, object] = {}
         if files.exists(rel):
             data, own = load_yaml_text(files.read_text(rel), shown)
         model, found = validate_model(PipelineConfig, {**data, "name": name}, shown)
@@ -213,7 +213,9 @@ def load_spec(files: ProjectFiles) -> ProjectSpec:
 
 
 def init_project(
-    name: str | None = None, base_dir: str = ".", storage_options: Mapping[str, Any] | None = None
+    name: str | None = None,
+    base_dir: str = ".",
+    storage_options: Mapping[str, object] | None = None,
 ) -> ProjectFiles:
     """Scaffold a project in ``base_dir/name`` (reusing an existing directory).
 

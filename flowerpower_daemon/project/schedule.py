@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta, tzinfo
-from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from croniter import croniter
@@ -34,7 +33,7 @@ _INTERVAL_KEYS = {"weeks", "days", "hours", "minutes", "seconds", "milliseconds"
 _MAX_CRON_CANDIDATES = 1000
 
 
-def cron_from_fields(fields: Mapping[str, Any]) -> str:
+def cron_from_fields(fields: Mapping[str, object]) -> str:
     """Turn FlowerPower's ``{minute: "0", hour: "3", day_of_week: "mon-fri"}`` into a cron string.
 
     The result has six fields (seconds first, as croniter's ``second_at_beginning``).
@@ -52,7 +51,7 @@ def cron_from_fields(fields: Mapping[str, Any]) -> str:
     return " ".join(parts)
 
 
-def parse_cron(value: str | Mapping[str, Any]) -> str:
+def parse_cron(value: object) -> str:
     """Validate a 5- or 6-field cron string (or a field dict) and return it normalised.
 
     A 6-field string has seconds first. The returned string always has six
@@ -70,7 +69,7 @@ def parse_cron(value: str | Mapping[str, Any]) -> str:
     return normalised
 
 
-def parse_interval(value: float | int | str | Mapping[str, Any] | timedelta) -> timedelta:
+def parse_interval(value: object) -> timedelta:
     """Parse ``30``, ``"30s"``, ``"1h30m"``, ``"250ms"`` or ``{hours: 1, minutes: 30}``."""
     if isinstance(value, timedelta):
         result = value
@@ -113,7 +112,7 @@ def parse_timezone(name: str | None) -> tzinfo:
         ) from None
 
 
-def parse_date(value: str | datetime, tz: tzinfo | None = None) -> datetime:
+def parse_date(value: object, tz: tzinfo | None = None) -> datetime:
     """Parse an ISO 8601 time; a naive value is taken in ``tz`` (UTC by default)."""
     if isinstance(value, datetime):
         result = value

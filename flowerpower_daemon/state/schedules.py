@@ -27,7 +27,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import anyio
 import anyio.to_thread
@@ -45,6 +45,7 @@ log = structlog.get_logger("flowerpower_daemon.schedules")
 ScheduleKind = Literal["cron", "interval", "date"]
 
 _VERSION = 1
+_KINDS: dict[str, ScheduleKind] = {"cron": "cron", "interval": "interval", "date": "date"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,13 +57,13 @@ class Schedule:
     kind: ScheduleKind
     spec: str
     timezone: str | None = None
-    inputs: Mapping[str, Any] = field(default_factory=dict)
+    inputs: Mapping[str, object] = field(default_factory=dict)
     created_at: str = ""
-    run: Mapping[str, Any] = field(default_factory=dict)  # ``run:`` overrides, as a trigger's
+    run: Mapping[str, object] = field(default_factory=dict)  # ``run:`` overrides, as a trigger's
 
     def to_trigger(self) -> TimerTrigger:
         """The validated timer trigger; ``ValueError`` naming the bad value otherwise."""
-        base: dict[str, Any] = {
+        base: dict[str, object] = {
             "name": self.id,
             "pipeline": self.pipeline,
             "inputs": dict(self.inputs),
@@ -70,7 +71,9 @@ class Schedule:
         }
         try:
             if self.kind == "cron":
-                return CronTrigger(type="cron", cron=self.spec, timezone=self.timezone, **base)
+                return CronTrigger.model_validate(
+                    {"type": "cron", "cron": self.spec, "timezone": self.timezone, **base}
+                )
             if self.kind == "interval":
                 return IntervalTrigger.model_validate(
                     {"type": "interval", "every": self.spec, **base}
@@ -78,12 +81,12 @@ class Schedule:
             from ..project.schedule import parse_date, parse_timezone
 
             at = parse_date(self.spec, parse_timezone(self.timezone))
-            return DateTrigger(type="date", at=at, **base)
+            return DateTrigger.model_validate({"type": "date", "at": at, **base})
         except ValidationError as exc:
             messages = "; ".join(str(e.get("msg", e)) for e in exc.errors())
             raise ValueError(f"schedule {self.id!r}: {messages}") from None
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, object]:
         return {
             "id": self.id,
             "pipeline": self.pipeline,
@@ -96,19 +99,22 @@ class Schedule:
         }
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Schedule:
-        kind = data["kind"]
-        if kind not in ("cron", "interval", "date"):
-            raise ValueError(f"unknown schedule kind {kind!r}")
+    def from_dict(cls, data: Mapping[str, object]) -> Schedule:
+        """A schedule as :meth:`to_dict` wrote it (ValueError/KeyError/TypeError otherwise)."""
+        raw = data["kind"]
+        kind = _KINDS.get(raw) if isinstance(raw, str) else None
+        if kind is None:
+            raise ValueError(f"unknown schedule kind {raw!r}")
+        zone = data.get("timezone")
         return cls(
             id=str(data["id"]),
             pipeline=str(data["pipeline"]),
             kind=kind,
             spec=str(data["spec"]),
-            timezone=data.get("timezone"),
-            inputs=dict(data.get("inputs") or {}),
+            timezone=None if zone is None else str(zone),
+            inputs=_object(data.get("inputs")),
             created_at=str(data.get("created_at") or ""),
-            run=dict(data.get("run") or {}),
+            run=_object(data.get("run")),
         )
 
     @classmethod
@@ -120,8 +126,8 @@ class Schedule:
         spec: str,
         *,
         timezone: str | None = None,
-        inputs: Mapping[str, Any] | None = None,
-        run: Mapping[str, Any] | None = None,
+        inputs: Mapping[str, object] | None = None,
+        run: Mapping[str, object] | None = None,
     ) -> Schedule:
         created = utcnow().isoformat()
         return cls(id, pipeline, kind, spec, timezone, dict(inputs or {}), created, dict(run or {}))
@@ -134,12 +140,25 @@ class DelayedRun:
     request: RunRequest
     run_at: datetime
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, object]:
         return {"run_at": self.run_at.isoformat(), "request": self.request.to_dict()}
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> DelayedRun:
-        return cls(RunRequest.from_dict(data["request"]), datetime.fromisoformat(data["run_at"]))
+    def from_dict(cls, data: Mapping[str, object]) -> DelayedRun:
+        """A delayed run as :meth:`to_dict` wrote it (ValueError/KeyError/TypeError otherwise)."""
+        run_at = data["run_at"]
+        if not isinstance(run_at, str):
+            raise TypeError(f"run_at: expected an ISO 8601 string, got {run_at!r}")
+        return cls(RunRequest.from_dict(_object(data["request"])), datetime.fromisoformat(run_at))
+
+
+def _object(value: object) -> dict[str, object]:
+    """A JSON object of the file as a dict (``null`` is empty); TypeError for anything else."""
+    if not value:
+        return {}
+    if not isinstance(value, Mapping):
+        raise TypeError(f"expected an object, got {type(value).__name__}")
+    return dict(value)
 
 
 class ScheduleStore:

@@ -20,12 +20,8 @@ import structlog
 import yaml
 
 from flowerpower_daemon.project import FlowerPowerProject, PipelineConfig, ProjectConfig
-from flowerpower_daemon.project.config import (
-    NO_EFFECT,
-    _forget_warnings,
-    validate_model,
-    warn_no_effect,
-)
+from flowerpower_daemon.project.config import NO_EFFECT, validate_model, warn_no_effect
+from flowerpower_daemon.project.noeffect import _forget_warnings
 
 if TYPE_CHECKING:
     from conftest import ProjectFactory

@@ -1,0 +1,171 @@
+"""The FlowerPower keys accepted here without effect, and the one warning each gets.
+
+A file FlowerPower wrote validates here whole (see :mod:`.fpkeys`), but a
+few of its keys ask for something this daemon does not do. :data:`NO_EFFECT`
+names each with the reason (the README's table mirrors it);
+:func:`warn_no_effect` logs one warning per process for each such key a
+file sets to anything but a harmless value.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+
+import structlog
+
+__all__ = ["NO_EFFECT", "NoEffect", "no_effect_keys", "warn_no_effect"]
+
+log = structlog.get_logger("flowerpower_daemon.project.config")
+
+
+def _is(*values: object) -> Callable[[object], bool]:
+    """A test for values that ask for nothing this daemon does not do anyway."""
+    return lambda value: any(value == v and type(value) is type(v) for v in values)
+
+
+def _empty(value: object) -> bool:
+    return value is None or value == "" or value == {} or value == []
+
+
+@dataclass(frozen=True, slots=True)
+class NoEffect:
+    """A FlowerPower key accepted here without effect, and why.
+
+    ``key`` is the dotted path in the file (an ``adapter.*`` key is also
+    looked up under ``run.pipeline_adapter_cfg`` / ``run.project_adapter_cfg``
+    and, for ``hamilton_tracker``, under the older name ``tracker``).
+    ``harmless`` tells the values that ask for nothing we do not do anyway
+    (the defaults FlowerPower writes): those stay silent.
+    """
+
+    key: str
+    reason: str
+    harmless: Callable[[object], bool] = _empty
+
+
+_TRACKER_LIMITS = (
+    "the Hamilton UI tracker's capture settings are not passed on yet "
+    "(the SDK's defaults apply: statistics on, 50 list items, 10 dict items)"
+)
+_NO_EXPORTER = (
+    "no OpenTelemetry exporter is set up here (spans go to the process's global tracer provider)"
+)
+
+#: Every FlowerPower key accepted without effect (the README's table mirrors this).
+NO_EFFECT: tuple[NoEffect, ...] = (
+    NoEffect(
+        "hooks_dir",
+        "hooks are read from hooks/<pipeline>/hook.py here",
+        lambda v: v is None or str(v).strip("/") in ("hooks", "./hooks"),
+    ),
+    NoEffect(
+        "job_queue",
+        "the daemon queues runs itself (queue: in its config); FlowerPower's "
+        "RQ/APScheduler job queue is not used",
+        lambda v: (
+            _empty(v)
+            or (isinstance(v, Mapping) and set(v) <= {"type"} and v.get("type") in (None, "taskiq"))
+        ),
+    ),
+    NoEffect("adapter.opentelemetry.host", _NO_EXPORTER),
+    NoEffect("adapter.opentelemetry.port", _NO_EXPORTER),
+    NoEffect(
+        "adapter.mlflow.autolog",
+        "MLflow autologging is not switched on here",
+        lambda v: _empty(v) or v is False,
+    ),
+    NoEffect(
+        "adapter.mlflow.run_name",
+        "placeholders such as {timestamp} are not filled in here: the name is used as written",
+        lambda v: _empty(v) or "{" not in str(v),
+    ),
+    NoEffect("adapter.mlflow.experiment_description", "not passed on to MLflow yet"),
+    NoEffect("adapter.mlflow.run_description", "not passed on to MLflow yet"),
+    NoEffect(
+        "adapter.hamilton_tracker.capture_data_statistics",
+        _TRACKER_LIMITS,
+        lambda v: _empty(v) or v is True,
+    ),
+    NoEffect(
+        "adapter.hamilton_tracker.max_list_length_capture",
+        _TRACKER_LIMITS,
+        lambda v: _empty(v) or _is(50)(v),
+    ),
+    NoEffect(
+        "adapter.hamilton_tracker.max_dict_length_capture",
+        _TRACKER_LIMITS,
+        lambda v: _empty(v) or _is(10)(v),
+    ),
+    NoEffect(
+        "run.with_adapter.ray",
+        "the flag adds no adapter here; run on Ray with run.executor.type: ray",
+        lambda v: _empty(v) or v is False,
+    ),
+    NoEffect(
+        "run.adapter",
+        "adapter objects can only be passed from Python (FlowerPower's run(adapter=...))",
+    ),
+    NoEffect(
+        "run.async_driver",
+        "the driver is chosen from the module here (async when it has async def nodes)",
+    ),
+)
+
+_ADAPTER_BLOCKS = (("adapter",), ("run", "pipeline_adapter_cfg"), ("run", "project_adapter_cfg"))
+
+
+def _places(key: str) -> Iterator[tuple[str, ...]]:
+    parts = tuple(key.split("."))
+    if parts[0] != "adapter":
+        yield parts
+        return
+    section, rest = parts[1], parts[2:]
+    names = (section, "tracker") if section == "hamilton_tracker" else (section,)
+    for block in _ADAPTER_BLOCKS:
+        for name in names:
+            yield (*block, name, *rest)
+
+
+def _lookup(data: object, path: tuple[str, ...]) -> tuple[bool, object]:
+    for part in path:
+        if not isinstance(data, Mapping) or part not in data:
+            return False, None
+        data = data[part]
+    return True, data
+
+
+def no_effect_keys(data: Mapping[str, object]) -> Iterator[tuple[str, str]]:
+    """``(key path, reason)`` of each key of one file's YAML that is accepted without effect."""
+    for entry in NO_EFFECT:
+        for path in _places(entry.key):
+            found, value = _lookup(data, path)
+            if found and not entry.harmless(value):
+                yield ".".join(path), entry.reason
+
+
+_warned: set[tuple[str, str]] = set()
+_warned_lock = threading.Lock()
+
+
+def warn_no_effect(data: Mapping[str, object], file: str) -> None:
+    """Log one warning per process for each key of ``data`` without effect here."""
+    for key, reason in no_effect_keys(data):
+        with _warned_lock:
+            if (key, reason) in _warned:
+                continue
+            _warned.add((key, reason))
+        log.warning(
+            "config_key_has_no_effect",
+            message=f"{file}: {key}: accepted, has no effect here: {reason}",
+            file=file,
+            key=key,
+            reason=reason,
+        )
+
+
+def _forget_warnings() -> None:
+    """Let every warning of :func:`warn_no_effect` be logged again (for tests)."""
+    with _warned_lock:
+        _warned.clear()
