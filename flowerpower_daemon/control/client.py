@@ -207,7 +207,7 @@ class ControlClient:
     async def call(self, cmd: str, args: Mapping[str, object] | None = None) -> object:
         """Send one request and return its result (raises :class:`CommandError`).
 
-        The result is the answer's JSON value, as DESIGN.md's protocol describes it per
+        The result is the answer's JSON value, as control/protocol.py describes it per
         command; narrow it (``isinstance``) before use.
         """
         return await self._answer(await self._send(cmd, args))

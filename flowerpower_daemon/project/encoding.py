@@ -1,6 +1,6 @@
 """Pipeline outputs and result messages as JSON bytes (orjson, with documented forms).
 
-Result messages (DESIGN.md, "Messages") are encoded with orjson, about 20x
+Result messages (README, "Results") are encoded with orjson, about 20x
 faster than the stdlib ``json``. Values that JSON cannot hold natively have
 one documented form each, so a subscriber in any language can decode them:
 

@@ -301,7 +301,7 @@ class RunResult:
         return (self.finished_at - self.started_at).total_seconds() * 1000.0
 
     def to_dict(self, *, include_attempts: bool = False) -> dict[str, object]:
-        """The JSON message of DESIGN.md (outputs still raw: encode with ``encoding``)."""
+        """The result message (README, "Results") (outputs still raw: encode with ``encoding``)."""
         out: dict[str, object] = {
             "run_id": self.run_id,
             "pipeline": self.pipeline,

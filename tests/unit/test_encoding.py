@@ -500,7 +500,7 @@ def test_small_result_skips_default_hook(monkeypatch: pytest.MonkeyPatch) -> Non
 
 
 def test_result_round_trips_through_loads() -> None:
-    """A normal result encodes to the DESIGN.md message and parses back equal to to_dict()."""
+    """A normal result encodes to the result message of the README and parses back equal to to_dict()."""
     result = make_result({"total": 12.5, "count": 3, "label": "ok"})
     message = loads(encode_result(result))
     assert message == result.to_dict()
