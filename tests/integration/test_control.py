@@ -23,15 +23,14 @@ from typing import Any
 import anyio
 import pytest
 import yaml
-from control_harness import CTL, NO_SYSTEMD, ctl, ok, request, socket_of, wait_ready
+from control_harness import CTL, ctl, ok, ready_daemon, request
 from daemon_harness import (
+    Config,
     DaemonProcess,
-    base_settings,
     client,
     collect,
-    daemon,
-    make_project,
-    write_config,
+    configure,
+    unique,
 )
 from services import MosquittoService
 
@@ -45,18 +44,18 @@ class Live:
     port: int
 
 
-def _settings(project: Path, tmp: Path, port: int) -> dict[str, Any]:
-    settings = base_settings(project, tmp, port)
-    settings["triggers"] = [
+def _config(tmp: Path, port: int) -> Config:
+    """An MQTT trigger ``temp`` and an hourly ``tick`` on the test project."""
+    triggers = [
         {
             "name": "temp",
             "type": "mqtt",
-            "topic": f"{settings['mqtt']['client_id']}/+/t",
+            "topic": f"{unique('ctl')}/+/t",
             "pipeline": "temperature",
         },
         {"name": "tick", "type": "interval", "every": "1h", "pipeline": "stats"},
     ]
-    return settings
+    return configure(tmp, port, triggers)
 
 
 @pytest.fixture(scope="module")
@@ -64,14 +63,10 @@ def live(
     mosquitto_session: MosquittoService, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Live]:
     """A running daemon with a control socket, shared by this module's read-mostly tests."""
-    tmp = tmp_path_factory.mktemp("ctl")
-    settings = _settings(make_project(tmp), tmp, mosquitto_session.port)
-    config = write_config(tmp, settings)
-    with daemon(config, env=NO_SYSTEMD) as proc:
-        sock = socket_of(tmp / "state")
-        wait_ready(sock, proc)
-        yield Live(sock, proc, config, settings, mosquitto_session.port)
-        assert proc.proc.poll() is None, proc.log()[-3000:]
+    config = _config(tmp_path_factory.mktemp("ctl"), mosquitto_session.port)
+    with ready_daemon(config) as run:
+        yield Live(config.sock, run.proc, config.path, config.settings, config.port)
+        assert run.proc.proc.poll() is None, run.proc.log()[-3000:]
 
 
 def _wait_state(sock: Path, run_id: str, states: tuple[str, ...], timeout: float = 60) -> Any:
@@ -310,34 +305,14 @@ async def test_interval_schedule_fires_and_date_schedule_runs_once(live: Live) -
     means: list[float] = []
     async with client(live.port) as c:
         await c.subscribe(topic, qos=1)
-        await anyio.to_thread.run_sync(
-            lambda: ok(
-                live.sock,
-                "schedule",
-                "add",
-                "stats",
-                "--interval",
-                "1s",
-                "--id",
-                "fast",
-                "--inputs",
-                '{"readings": [100]}',
-            )
-        )
-        await anyio.to_thread.run_sync(
-            lambda: ok(
-                live.sock,
-                "schedule",
-                "add",
-                "stats",
-                "--date",
-                soon,
-                "--id",
-                "once",
-                "--inputs",
-                '{"readings": [200]}',
-            )
-        )
+        # An interval schedule `fast` with readings [100], a one-shot date `once` with [200].
+        for kind, when, name, reading in (
+            ("--interval", "1s", "fast", 100),
+            ("--date", soon, "once", 200),
+        ):
+            inputs = f'{{"readings": [{reading}]}}'
+            add = ("schedule", "add", "stats", kind, when, "--id", name, "--inputs", inputs)
+            await anyio.to_thread.run_sync(ok, live.sock, *add)
         try:
             with anyio.fail_after(60):
                 while not (100.0 in means and 200.0 in means):
@@ -466,9 +441,7 @@ def test_events_streams_run_events_until_interrupted(live: Live) -> None:
 def _streamed_run(events: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The ``run_finished`` event of a run whose ``run_started`` was streamed too."""
     started = {e["run_id"] for e in events if e["type"] == "run_started"}
-    return next(
-        (e for e in events if e["type"] == "run_finished" and e["run_id"] in started), None
-    )
+    return next((e for e in events if e["type"] == "run_finished" and e["run_id"] in started), None)
 
 
 # ------------------------------------------------------------- the client
@@ -576,11 +549,9 @@ def test_schedule_and_pause_survive_a_restart(
     mosquitto_session: MosquittoService, tmp_path: Path
 ) -> None:
     """Dynamic schedules and pause state live in the state dir and come back after a restart."""
-    settings = _settings(make_project(tmp_path), tmp_path, mosquitto_session.port)
-    config = write_config(tmp_path, settings)
-    sock = socket_of(tmp_path / "state")
-    with daemon(config, env=NO_SYSTEMD) as proc:
-        wait_ready(sock, proc)
+    config = _config(tmp_path, mosquitto_session.port)
+    sock = config.sock
+    with ready_daemon(config) as run:
         ok(
             sock,
             "schedule",
@@ -596,15 +567,14 @@ def test_schedule_and_pause_survive_a_restart(
         ok(sock, "pause", "keep")
         ok(sock, "pause", "tick")
         job = ok(sock, "run", "stats", "--wait")
-        assert ok(sock, "stop") == {"stopping": True, "pid": proc.proc.pid}
-        assert proc.wait(60) == 0
+        assert ok(sock, "stop") == {"stopping": True, "pid": run.proc.proc.pid}
+        assert run.proc.wait(60) == 0
     assert not sock.exists()
-    with daemon(config, env=NO_SYSTEMD) as proc:
-        wait_ready(sock, proc)
+    with ready_daemon(config) as run:
         rows = {r["name"]: r for r in ok(sock, "schedules")}
         assert rows["keep"]["origin"] == "dynamic" and rows["keep"]["spec"] == "0 */5 * * * *"
         assert rows["keep"]["paused"] is True and rows["tick"]["paused"] is True
         assert rows["keep"]["inputs"] == {"readings": [1]}
         assert ok(sock, "job", job["run_id"])["state"] == "success"  # history survived too
-        proc.signal(signal.SIGTERM)
-        assert proc.wait(60) == 0
+        run.proc.signal(signal.SIGTERM)
+        assert run.proc.wait(60) == 0
