@@ -5,12 +5,14 @@ from __future__ import annotations
 import socket
 import subprocess
 import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import orjson
-from daemon_harness import BIN, DaemonProcess
+from daemon_harness import BIN, Config, DaemonProcess, Running, started
 
 CTL = BIN / "flowerpowerctl"
 
@@ -98,3 +100,18 @@ NO_SYSTEMD = {
     "RUNTIME_DIRECTORY": "",
     "STATE_DIRECTORY": "",
 }
+
+
+@contextmanager
+def ready_daemon(
+    config: Config,
+    *,
+    workers: int = 0,
+    env: Mapping[str, str] = NO_SYSTEMD,
+    timeout: float = 120,
+) -> Iterator[Running]:
+    """The daemon of ``config`` (and ``workers`` workers), once its control socket says
+    ``running``; stopped on exit."""
+    with started(config, workers=workers, env=env) as run:
+        wait_ready(config.sock, run.proc, timeout)
+        yield run

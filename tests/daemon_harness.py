@@ -9,11 +9,11 @@ import socket
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator, Iterator, Mapping
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from contextlib import AsyncExitStack, ExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import aiomqtt
 import anyio
@@ -144,14 +144,23 @@ def daemon(
         proc.close()
 
 
-def client(port: int, *, v5: bool = True, identifier: str | None = None) -> aiomqtt.Client:
+def client(
+    port: int, *, v5: bool = True, identifier: str | None = None, clean_session: bool = True
+) -> aiomqtt.Client:
+    """A test MQTT client; ``clean_session=False`` (MQTT 3.1.1) keeps what it missed while away."""
     return aiomqtt.Client(
         "127.0.0.1",
         port,
         identifier=identifier or unique("test"),
         protocol=aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311,
+        clean_session=None if clean_session else False,
         socket_options=NODELAY,
     )
+
+
+def watcher(port: int, identifier: str) -> aiomqtt.Client:
+    """A persistent session (MQTT 3.1.1): what is published while it is away is kept for it."""
+    return client(port, v5=False, identifier=identifier, clean_session=False)
 
 
 async def wait_online(
@@ -173,17 +182,25 @@ async def wait_online(
     raise AssertionError("message stream ended")
 
 
+class Message(NamedTuple):
+    """One received message: its topic, its JSON payload, its MQTT properties."""
+
+    topic: str
+    data: dict[str, Any]
+    properties: Any
+
+
 async def collect(
     c: aiomqtt.Client, topic_filter: str, count: int, timeout: float
-) -> list[tuple[str, dict[str, Any], Any]]:
-    """The next ``count`` messages matching ``topic_filter`` (topic, JSON, properties)."""
-    out: list[tuple[str, dict[str, Any], Any]] = []
+) -> list[Message]:
+    """The next ``count`` messages matching ``topic_filter``."""
+    out: list[Message] = []
     if count == 0:
         return out
     with anyio.fail_after(timeout):
         async for msg in c.messages:
             if msg.topic.matches(topic_filter):
-                out.append((msg.topic.value, orjson.loads(msg.payload), msg.properties))  # type: ignore[arg-type]
+                out.append(Message(msg.topic.value, orjson.loads(msg.payload), msg.properties))  # type: ignore[arg-type]
                 if len(out) >= count:
                     break
     return out
@@ -201,9 +218,12 @@ async def collect_for(
     return out
 
 
-def base_settings(project: Path, tmp: Path, mqtt_port: int, **extra: Any) -> dict[str, Any]:
-    """A daemon config for tests: unique client id and topics, quick shutdown."""
-    tag = unique("fp")
+def base_settings(
+    project: Path, tmp: Path, mqtt_port: int, *, tag: str | None = None, **extra: Any
+) -> dict[str, Any]:
+    """A daemon config for tests: a unique client id (or ``tag``) that starts its topics,
+    quick shutdown."""
+    tag = tag or unique("fp")
     settings: dict[str, Any] = {
         "project": str(project),
         "state_dir": str(tmp / "state"),
@@ -228,24 +248,138 @@ def mqtt_trigger(name: str, pipeline: str, topic: str, **options: Any) -> dict[s
     return {"name": name, "type": "mqtt", "pipeline": pipeline, "topic": topic, **options}
 
 
-@dataclass
-class Online:
-    """A running daemon, a client that saw its retained ``online``, and its topic prefix."""
+@dataclass(frozen=True)
+class Config:
+    """A test config written to ``path``: its settings and the names tests take from them."""
 
-    proc: DaemonProcess
+    path: Path
+    settings: dict[str, Any]
+    port: int  # the MQTT broker's
+
+    @property
+    def tag(self) -> str:
+        """The daemon's client id; its status, results and errors topics start with it."""
+        return str(self.settings["mqtt"]["client_id"])
+
+    @property
+    def status_topic(self) -> str:
+        return str(self.settings["mqtt"]["status_topic"])
+
+    @property
+    def results(self) -> str:
+        """The filter for every result topic (``{pipeline}`` as ``#``)."""
+        return str(self.settings["mqtt"]["result_topic"]).replace("{pipeline}", "#")
+
+    @property
+    def errors(self) -> str:
+        """The filter for every error topic (``{pipeline}`` as ``#``)."""
+        return str(self.settings["mqtt"]["error_topic"]).replace("{pipeline}", "#")
+
+    @property
+    def sock(self) -> Path:
+        """The control socket: ``control.socket`` or the default in the state directory."""
+        configured = self.settings.get("control", {}).get("socket")
+        return Path(configured) if configured else Path(self.settings["state_dir"]) / "control.sock"
+
+
+def configure(
+    tmp: Path,
+    mqtt_port: int,
+    triggers: Sequence[Mapping[str, Any]] = (),
+    *,
+    project: Path | None = None,
+    tag: str | None = None,
+    mqtt: Mapping[str, Any] | None = None,
+    **extra: Any,
+) -> Config:
+    """Write a test config into ``tmp``: ``triggers`` on the test project (a fresh copy
+    unless ``project`` is given), with settings ``extra`` and keys ``mqtt`` over the
+    defaults of ``base_settings`` (client id ``tag`` if given, else a unique one)."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    settings = base_settings(project or make_project(tmp), tmp, mqtt_port, tag=tag, **extra)
+    settings["triggers"] = [dict(t) for t in triggers]
+    settings["mqtt"].update(mqtt or {})
+    return Config(write_config(tmp, settings), settings, mqtt_port)
+
+
+@dataclass
+class Running:
+    """Daemon processes (one per config, in order) and worker processes (on the first config)."""
+
+    config: Config
+    procs: list[DaemonProcess]
+    workers: list[DaemonProcess]
+
+    @property
+    def proc(self) -> DaemonProcess:
+        """The first config's daemon."""
+        return self.procs[0]
+
+    @property
+    def tag(self) -> str:
+        return self.config.tag
+
+
+@contextmanager
+def started(
+    config: Config, *more: Config, workers: int = 0, env: Mapping[str, str] | None = None
+) -> Iterator[Running]:
+    """Start a daemon per config and ``workers`` workers on ``config``; stop them all on exit."""
+    with ExitStack() as stack:
+        procs = [stack.enter_context(daemon(c.path, env=env)) for c in (config, *more)]
+        crew = [stack.enter_context(daemon(config.path, "worker", env)) for _ in range(workers)]
+        yield Running(config, procs, crew)
+
+
+@dataclass
+class Online(Running):
+    """Running daemons that said ``online``, and the client that saw it (the subscriber)."""
+
     client: aiomqtt.Client
-    tag: str  # the daemon's client id; its status, results and errors topics start with it
+
+    async def next_message(self, topic_filter: str, timeout: float = 30) -> Message:
+        """The next message on ``topic_filter``; fails after ``timeout`` s with the log."""
+        [message] = await self.collect(topic_filter, 1, timeout)
+        return message
+
+    async def collect(self, topic_filter: str, count: int, timeout: float) -> list[Message]:
+        """The next ``count`` messages on ``topic_filter``; fails after ``timeout`` s with the log."""
+        try:
+            return await collect(self.client, topic_filter, count, timeout)
+        except TimeoutError:
+            raise AssertionError(
+                f"not {count} messages on {topic_filter} in {timeout} s; "
+                f"log:\n{self.proc.log()[-3000:]}"
+            ) from None
+
+    async def collect_for(
+        self, topic_filter: str, seconds: float
+    ) -> list[tuple[str, dict[str, Any]]]:
+        """Every message on ``topic_filter`` within ``seconds`` (``collect_for`` on the subscriber)."""
+        return await collect_for(self.client, topic_filter, seconds)
 
 
 @asynccontextmanager
 async def online_daemon(
-    tmp: Path, mqtt_port: int, triggers: list[dict[str, Any]], *, v5: bool = True, **extra: Any
+    config: Config,
+    *more: Config,
+    subscribe: Sequence[str] = (),
+    workers: int = 0,
+    subscriber: aiomqtt.Client | None = None,
+    v5: bool = True,
+    env: Mapping[str, str] | None = None,
+    timeout: float = 120,
 ) -> AsyncIterator[Online]:
-    """The daemon on the test project with ``triggers`` (and settings ``extra``), ready."""
-    settings = base_settings(make_project(tmp), tmp, mqtt_port, **extra)
-    settings["triggers"] = triggers
-    tag = settings["mqtt"]["client_id"]
-    with daemon(write_config(tmp, settings)) as proc:
-        async with client(mqtt_port, v5=v5) as c:
-            await wait_online(c, f"{tag}/status", proc)
-            yield Online(proc, c, tag)
+    """The daemons of ``config`` and ``more`` (and ``workers`` workers), each ``online``.
+
+    The subscriber (a new client, or ``subscriber``) subscribes to ``subscribe`` before
+    the wait: messages that arrive before ``online`` are dropped, the rest are for the test.
+    """
+    with started(config, *more, workers=workers, env=env) as run:
+        async with AsyncExitStack() as stack:
+            c = subscriber or await stack.enter_async_context(client(config.port, v5=v5))
+            for topic in subscribe:
+                await c.subscribe(topic, qos=1)
+            for cfg, proc in zip((config, *more), run.procs, strict=True):
+                await wait_online(c, cfg.status_topic, proc, timeout)
+            yield Online(run.config, run.procs, run.workers, c)

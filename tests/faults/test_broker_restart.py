@@ -27,37 +27,24 @@ import pytest
 from tests.control_harness import request
 from tests.daemon_harness import (
     NODELAY,
-    base_settings,
+    Config,
+    configure,
     daemon,
-    make_project,
+    mqtt_trigger,
+    started,
     unique,
     wait_online,
-    write_config,
+    watcher,
 )
 
 pytestmark = pytest.mark.timeout(300)
 
 
-def _settings(tmp_path: Path, port: int, topic: str, **extra: Any) -> dict[str, Any]:
-    s = base_settings(make_project(tmp_path), tmp_path, port, **extra)
-    s["mqtt"]["reconnect_max"] = 2.0
-    s["triggers"] = [
-        {
-            "name": "tagged",
-            "type": "mqtt",
-            "pipeline": "tagged",
-            "topic": topic,
-            "dedup_key": "{payload.msg_id}",
-        }
-    ]
-    return s
-
-
-def _watcher(port: int, identifier: str) -> aiomqtt.Client:
-    """A persistent session: results published while it is away are kept for it."""
-    return aiomqtt.Client(
-        "127.0.0.1", port, identifier=identifier, clean_session=False, socket_options=NODELAY
-    )
+def _config(tmp_path: Path, port: int, topic: str, qos: int = 1, **extra: Any) -> Config:
+    """One MQTT trigger ``tagged`` on ``topic`` (with ``dedup_key`` at QoS 1); quick reconnects."""
+    options: dict[str, Any] = {"dedup_key": "{payload.msg_id}"} if qos else {"qos": 0}
+    trigger = mqtt_trigger("tagged", "tagged", topic, **options)
+    return configure(tmp_path, port, [trigger], mqtt={"reconnect_max": 2.0}, **extra)
 
 
 async def _results(
@@ -106,18 +93,19 @@ async def test_mosquitto_restart_mid_stream_runs_every_message_once(
 ) -> None:
     """500 QoS 1 messages; Mosquitto restarts while ~half are queued or running."""
     topic = unique("stream")
-    s = _settings(tmp_path, mosquitto.port, topic, max_concurrent_runs=8)
-    tag = s["mqtt"]["client_id"]
-    results = f"{tag}/results/#"
+    config = _config(tmp_path, mosquitto.port, topic, max_concurrent_runs=8)
+    results = config.results
     n = 500
     half = n // 2
-    watcher = unique("watcher")
+    me = unique("watcher")
     seen: Counter[int] = Counter()
     runs: dict[int, set[str]] = {}
     t0 = time.monotonic()
-    with daemon(write_config(tmp_path, s)) as proc:
-        async with _watcher(mosquitto.port, watcher) as c:
-            await wait_online(c, f"{tag}/status", proc)
+    # The watcher comes and goes with the broker; the daemon stays up throughout.
+    with started(config) as run:
+        proc = run.proc
+        async with watcher(mosquitto.port, me) as c:
+            await wait_online(c, config.status_topic, proc)
             await c.subscribe(results, qos=1)
             async with aiomqtt.Client("127.0.0.1", mosquitto.port, socket_options=NODELAY) as p:
                 with anyio.fail_after(30):
@@ -134,7 +122,7 @@ async def test_mosquitto_restart_mid_stream_runs_every_message_once(
             with anyio.fail_after(30):
                 for i in range(half, n):
                     await p.publish(topic, orjson.dumps({"msg_id": i, "seconds": 0.05}), qos=1)
-        async with _watcher(mosquitto.port, watcher) as c:
+        async with watcher(mosquitto.port, me) as c:
             await c.subscribe(results, qos=1)
             with anyio.move_on_after(90):
                 await _results(c, results, set(range(n)), seen, runs)
@@ -160,26 +148,23 @@ async def test_results_made_while_broker_is_down_survive_a_daemon_restart(
 ) -> None:
     """Broker down, runs finish (results to the outbox), SIGTERM; then broker + daemon back."""
     topic = unique("offline")
-    s = _settings(tmp_path, mosquitto.port, topic, max_concurrent_runs=10)
     # QoS 0 and no dedup: nothing is redelivered or re-published, only the outbox can deliver.
-    s["triggers"][0]["qos"] = 0
-    del s["triggers"][0]["dedup_key"]
-    tag = s["mqtt"]["client_id"]
-    results = f"{tag}/results/#"
-    config = write_config(tmp_path, s)
-    sock = tmp_path / "state" / "control.sock"
+    config = _config(tmp_path, mosquitto.port, topic, qos=0, max_concurrent_runs=10)
+    results = config.results
+    sock = config.sock
     outbox_db = tmp_path / "state" / "outbox.sqlite3"
     n = 5
-    watcher = unique("watcher")
+    me = unique("watcher")
 
     async def status() -> dict[str, Any]:
         answer = await anyio.to_thread.run_sync(request, sock, "status")
         assert answer["ok"], answer
         return answer["result"]  # type: ignore[no-any-return]
 
-    with daemon(config) as first:
-        async with _watcher(mosquitto.port, watcher) as c:
-            await wait_online(c, f"{tag}/status", first)
+    with started(config) as run:
+        first = run.proc
+        async with watcher(mosquitto.port, me) as c:
+            await wait_online(c, config.status_topic, first)
             await c.subscribe(results, qos=1)
             for i in range(n):
                 # Finishing 0.4 s apart, in msg id order, all after the broker is gone.
@@ -200,8 +185,8 @@ async def test_results_made_while_broker_is_down_survive_a_daemon_restart(
     seen: Counter[int] = Counter()
     runs: dict[int, set[str]] = {}
     order: list[int] = []
-    with daemon(config) as second:
-        async with _watcher(mosquitto.port, watcher) as c:
+    with daemon(config.path) as second:
+        async with watcher(mosquitto.port, me) as c:
             await c.subscribe(results, qos=1)
             with anyio.move_on_after(90):
                 await _results(c, results, set(range(n)), seen, runs, order)

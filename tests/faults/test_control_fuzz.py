@@ -21,8 +21,8 @@ from typing import Any
 
 import orjson
 import pytest
-from control_harness import NO_SYSTEMD, ctl, read_line, request, socket_of, wait_ready
-from daemon_harness import DaemonProcess, base_settings, daemon, make_project, write_config
+from control_harness import ctl, read_line, ready_daemon, request
+from daemon_harness import DaemonProcess, configure
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from services import MosquittoService
@@ -46,18 +46,12 @@ SAFE_COMMANDS = sorted(set(COMMANDS) - {"stop", "reload", "pause", "resume", "ev
 def served(
     mosquitto_session: MosquittoService, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[Path, DaemonProcess]]:
+    control = {"max_line_bytes": MAX_LINE, "idle_timeout": IDLE_TIMEOUT, "max_clients": MAX_CLIENTS}
     tmp = tmp_path_factory.mktemp("ctlfuzz")
-    s = base_settings(make_project(tmp), tmp, mosquitto_session.port, log_level="WARNING")
-    s["control"] = {
-        "max_line_bytes": MAX_LINE,
-        "idle_timeout": IDLE_TIMEOUT,
-        "max_clients": MAX_CLIENTS,
-    }
-    with daemon(write_config(tmp, s), env=NO_SYSTEMD) as proc:
-        sock = socket_of(tmp / "state")
-        wait_ready(sock, proc)
-        yield sock, proc
-        assert proc.proc.poll() is None, proc.log()[-3000:]
+    config = configure(tmp, mosquitto_session.port, log_level="WARNING", control=control)
+    with ready_daemon(config) as run:
+        yield config.sock, run.proc
+        assert run.proc.proc.poll() is None, run.proc.log()[-3000:]
 
 
 def fds(pid: int) -> int:

@@ -12,16 +12,8 @@ import anyio
 import orjson
 import pytest
 
-from tests.control_harness import request, socket_of, wait_ready
-from tests.daemon_harness import (
-    base_settings,
-    client,
-    daemon,
-    make_project,
-    mqtt_trigger,
-    unique,
-    write_config,
-)
+from tests.control_harness import request
+from tests.daemon_harness import configure, mqtt_trigger, online_daemon, unique
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -32,47 +24,47 @@ N_SLOW = 40
 
 def _tagged(name: str, prefix: str) -> dict[str, Any]:
     """The trigger both floods use: `tagged` runs from <prefix>/in, results to <prefix>/out."""
-    return mqtt_trigger(
-        name, "tagged", f"{prefix}/in", result_topic=f"{prefix}/out", qos=1
-    )
+    return mqtt_trigger(name, "tagged", f"{prefix}/in", result_topic=f"{prefix}/out", qos=1)
 
 
 async def test_flood_is_held_to_a_bound_and_every_message_answered(
     tmp_path: Path, mosquitto: Any
 ) -> None:
     prefix = unique("flood")
-    s = base_settings(
-        make_project(tmp_path), tmp_path, mosquitto.port, max_concurrent_runs=RUNS
+    config = configure(
+        tmp_path,
+        mosquitto.port,
+        [_tagged("flood", prefix)],
+        max_concurrent_runs=RUNS,
+        log_level="WARNING",
     )
-    s["log_level"] = "WARNING"
-    s["triggers"] = [_tagged("flood", prefix)]
-    sock = socket_of(tmp_path / "state")
-    with daemon(write_config(tmp_path, s)) as proc:
-        await anyio.to_thread.run_sync(wait_ready, sock, proc)
+    sock = config.sock
+    async with online_daemon(config, subscribe=[f"{prefix}/out"]) as d:
+        c = d.client
         seen: Counter[int] = Counter()
         held: list[int] = []
-        async with client(mosquitto.port) as c:
-            await c.subscribe(f"{prefix}/out", qos=1)
 
-            async def watch() -> None:
-                while True:
-                    status = await anyio.to_thread.run_sync(request, sock, "status")
-                    held.append(status["result"]["mqtt"]["held"])
-                    await anyio.sleep(0.05)
+        async def watch() -> None:
+            while True:
+                status = await anyio.to_thread.run_sync(request, sock, "status")
+                held.append(status["result"]["mqtt"]["held"])
+                await anyio.sleep(0.05)
 
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(watch)
-                for i in range(MESSAGES):
-                    body = orjson.dumps({"msg_id": i, "seconds": 0.01})
-                    await c.publish(f"{prefix}/in", body, qos=1)
-                with anyio.fail_after(180):
-                    async for msg in c.messages:
-                        seen[orjson.loads(msg.payload)["outputs"]["msg"]] += 1  # type: ignore[arg-type]
-                        if len(seen) == MESSAGES:
-                            break
-                tg.cancel_scope.cancel()
-            status = request(sock, "status")["result"]
-        assert proc.proc.poll() is None, proc.log()[-3000:]
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(watch)
+            for i in range(MESSAGES):
+                body = orjson.dumps({"msg_id": i, "seconds": 0.01})
+                await c.publish(f"{prefix}/in", body, qos=1)
+            with anyio.fail_after(180):
+                async for msg in c.messages:
+                    if not msg.topic.matches(f"{prefix}/out"):
+                        continue  # the subscriber also has the daemon's status topic
+                    seen[orjson.loads(msg.payload)["outputs"]["msg"]] += 1  # type: ignore[arg-type]
+                    if len(seen) == MESSAGES:
+                        break
+            tg.cancel_scope.cancel()
+        status = request(sock, "status")["result"]
+        assert d.proc.proc.poll() is None, d.proc.log()[-3000:]
     assert sorted(seen) == list(range(MESSAGES))
     assert set(seen.values()) == {1}, [k for k, n in seen.items() if n > 1]
     assert status["mqtt"]["connects"] == 1, status["mqtt"]  # no reconnect was needed
@@ -88,27 +80,30 @@ async def test_paused_intake_keeps_the_connection_alive_through_slow_runs(
     """Paused longer than the keepalive (runs slower than it, a backlog waiting): the
     link still reads now and then, so the broker does not drop it and nothing runs twice."""
     prefix = unique("slowflood")
-    s = base_settings(make_project(tmp_path), tmp_path, mosquitto.port, max_concurrent_runs=2)
-    s["mqtt"]["keepalive"] = 5
-    s["triggers"] = [_tagged("slow", prefix)]
-    sock = socket_of(tmp_path / "state")
-    with daemon(write_config(tmp_path, s)) as proc:
-        await anyio.to_thread.run_sync(wait_ready, sock, proc)
-        async with client(mosquitto.port) as c:
-            await c.subscribe(f"{prefix}/out", qos=1)
-            # Quick runs fill the window (the broker over-sends as they are acked), then
-            # two 14 s runs take both slots: the intake stays paused longer than keepalive.
-            for i in range(N_SLOW):
-                seconds = 14.0 if i in (8, 9) else 0.0
-                body = orjson.dumps({"msg_id": i, "seconds": seconds})
-                await c.publish(f"{prefix}/in", body, qos=1)
-            got: list[int] = []
-            with anyio.fail_after(90):
-                async for msg in c.messages:
-                    got.append(orjson.loads(msg.payload)["outputs"]["msg"])  # type: ignore[arg-type]
-                    if len(got) == N_SLOW:
-                        break
-        status = request(sock, "status")["result"]
+    config = configure(
+        tmp_path,
+        mosquitto.port,
+        [_tagged("slow", prefix)],
+        max_concurrent_runs=2,
+        mqtt={"keepalive": 5},
+    )
+    async with online_daemon(config, subscribe=[f"{prefix}/out"]) as d:
+        c, proc = d.client, d.proc
+        # Quick runs fill the window (the broker over-sends as they are acked), then
+        # two 14 s runs take both slots: the intake stays paused longer than keepalive.
+        for i in range(N_SLOW):
+            seconds = 14.0 if i in (8, 9) else 0.0
+            body = orjson.dumps({"msg_id": i, "seconds": seconds})
+            await c.publish(f"{prefix}/in", body, qos=1)
+        got: list[int] = []
+        with anyio.fail_after(90):
+            async for msg in c.messages:
+                if not msg.topic.matches(f"{prefix}/out"):
+                    continue  # the subscriber also has the daemon's status topic
+                got.append(orjson.loads(msg.payload)["outputs"]["msg"])  # type: ignore[arg-type]
+                if len(got) == N_SLOW:
+                    break
+        status = request(config.sock, "status")["result"]
         assert proc.proc.poll() is None, proc.log()[-3000:]
     assert sorted(got) == list(range(N_SLOW)), got
     assert status["mqtt"]["intake_pauses"] >= 1, status["mqtt"]

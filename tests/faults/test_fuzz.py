@@ -21,8 +21,8 @@ from typing import Any
 import orjson
 import paho.mqtt.client as mqtt
 import pytest
-from control_harness import NO_SYSTEMD, request, socket_of, wait_ready
-from daemon_harness import DaemonProcess, base_settings, daemon, make_project, write_config
+from control_harness import ready_daemon, request
+from daemon_harness import DaemonProcess, configure, unique
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from paho.mqtt.packettypes import PacketTypes
@@ -304,12 +304,8 @@ class Served:
 
 @pytest.fixture
 def served(mosquitto: MosquittoService, tmp_path: Path) -> Iterator[Served]:
-    s = base_settings(make_project(tmp_path), tmp_path, mosquitto.port, log_level="WARNING")
-    tag = s["mqtt"]["client_id"]
-    s["mqtt"]["max_payload_bytes"] = MAX_BYTES
-    s["mqtt"]["max_payload_depth"] = MAX_DEPTH
-    s["max_concurrent_runs"] = 16
-    s["triggers"] = [
+    tag = unique("fp")  # the daemon's client id: its topics and the triggers' start with it
+    triggers = [
         {
             "name": name,
             "type": "mqtt",
@@ -321,12 +317,19 @@ def served(mosquitto: MosquittoService, tmp_path: Path) -> Iterator[Served]:
         }
         for name, (mode, payload_input) in TRIGGERS.items()
     ]
-    with daemon(write_config(tmp_path, s), env=NO_SYSTEMD) as proc:
-        sock = socket_of(tmp_path / "state")
-        wait_ready(sock, proc)
+    config = configure(
+        tmp_path,
+        mosquitto.port,
+        triggers,
+        tag=tag,
+        log_level="WARNING",
+        max_concurrent_runs=16,
+        mqtt={"max_payload_bytes": MAX_BYTES, "max_payload_depth": MAX_DEPTH},
+    )
+    with ready_daemon(config) as run:
         fuzzer = Fuzzer(mosquitto.port, tag)
         try:
-            yield Served(proc, sock, fuzzer)
+            yield Served(run.proc, config.sock, fuzzer)
         finally:
             fuzzer.close()
 

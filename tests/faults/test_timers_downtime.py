@@ -24,16 +24,7 @@ import anyio.to_thread
 import orjson
 import pytest
 
-from tests.daemon_harness import (
-    base_settings,
-    client,
-    collect_for,
-    daemon,
-    make_project,
-    unique,
-    wait_online,
-    write_config,
-)
+from tests.daemon_harness import client, collect_for, configure, make_project, online_daemon, unique
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -81,24 +72,22 @@ async def test_restart_across_two_cron_fires_catches_up_per_policy(
     start = (_now() + 8 * S).replace(microsecond=0)
     seconds = sorted({(start + k * S).second for k in (0, 5, 10)})
     cron = f"{','.join(map(str, seconds))} * * * * *"
-    s = base_settings(make_project(tmp_path), tmp_path, mosquitto.port)
-    s["triggers"] = [
+    triggers = [
         {"name": f"tick-{p}", "type": "cron", "pipeline": "stats", "cron": cron, "catch_up": p}
         for p in POLICIES
     ]
-    tag = s["mqtt"]["client_id"]
-    results = f"{tag}/results/#"
-    config = write_config(tmp_path, s)
+    config = configure(tmp_path, mosquitto.port, triggers)
+    results = config.results
 
     def cluster_start_seen(rs: list[dict[str, Any]]) -> bool:
         names = {r["trigger"]["name"] for r in rs if _scheduled(r).second == start.second}
         return len(names) == len(POLICIES)
 
-    # Results on one client, the status on another: waiting for `online` drops no result.
-    async with client(mosquitto.port) as c, client(mosquitto.port) as status:
+    # Results on one client, the status on the harness's own: waiting for `online` drops no result.
+    async with client(mosquitto.port) as c:
         await c.subscribe(results, qos=1)
-        with daemon(config) as first:
-            await wait_online(status, f"{tag}/status", first, timeout=60)
+        async with online_daemon(config, timeout=60) as d:
+            first = d.proc
             before = await _results_until(c, results, cluster_start_seen, timeout=80)
             assert cluster_start_seen(before), f"no cluster start fired: {before}\n{first.log()}"
             # Stop before the cluster's second fire (5 s later).
@@ -118,8 +107,8 @@ async def test_restart_across_two_cron_fires_catches_up_per_policy(
         next_regular = fired + 60 * S
         # Restart once both fires have passed; it must be up before the next cluster.
         await _sleep_until(missed[-1] + 0.5 * S)
-        with daemon(config) as second:
-            await wait_online(status, f"{tag}/status", second, timeout=40)
+        async with online_daemon(config, timeout=40) as d:
+            second = d.proc
             assert _now() < next_regular - 5 * S, "restart too slow for this test"
 
             def caught_up(rs: list[dict[str, Any]]) -> bool:
@@ -155,30 +144,26 @@ async def test_two_daemons_on_one_redis_fire_each_tick_once(
         {"name": "cron-tick", "type": "cron", "pipeline": "stats", "cron": "* * * * * *"},
         {"name": "interval-tick", "type": "interval", "pipeline": "stats", "every": "1s"},
     ]
-    configs, tags = [], []
-    for i in range(2):
-        home = tmp_path / f"daemon{i}"
-        home.mkdir()
-        s = base_settings(project, home, mosquitto.port, log_level="DEBUG")
-        s["queue"] = queue
-        s["triggers"] = triggers
-        s["mqtt"]["result_topic"] = result_topic
-        configs.append(write_config(home, s))
-        tags.append(s["mqtt"]["client_id"])
+    one, two = (
+        configure(
+            tmp_path / f"daemon{i}",
+            mosquitto.port,
+            triggers,
+            project=project,
+            queue=queue,
+            log_level="DEBUG",
+            mqtt={"result_topic": result_topic},
+        )
+        for i in range(2)
+    )
     results = result_topic.format(pipeline="stats")
-    async with client(mosquitto.port) as c, client(mosquitto.port) as status:
+    async with client(mosquitto.port) as c:
         await c.subscribe(results, qos=1)
-        with (
-            daemon(configs[0], command="worker") as worker,
-            daemon(configs[0]) as one,
-            daemon(configs[1]) as two,
-        ):
-            await wait_online(status, f"{tags[0]}/status", one, timeout=60)
-            await wait_online(status, f"{tags[1]}/status", two, timeout=60)
+        async with online_daemon(one, two, workers=1, timeout=60) as d:
             got = await collect_for_results(c, results, 8.0)
-            for proc in (worker, one, two):
+            for proc in (*d.workers, *d.procs):
                 assert proc.proc.poll() is None, proc.log()[-3000:]
-            taken = sum(p.log().count("timer_tick_taken") for p in (one, two))
+            taken = sum(p.log().count("timer_tick_taken") for p in d.procs)
     runs = Counter((r["trigger"]["name"], r["trigger"]["scheduled"]) for r in got)
     twice = {tick: n for tick, n in runs.items() if n > 1}
     assert not twice, f"ticks run more than once: {twice}"

@@ -24,15 +24,14 @@ import redis.asyncio as aioredis
 
 from flowerpower_daemon.state.history import RedisHistory
 from tests.daemon_harness import (
+    Config,
     DaemonProcess,
-    base_settings,
-    client,
     collect_for,
+    configure,
     daemon,
     make_project,
+    online_daemon,
     unique,
-    wait_online,
-    write_config,
 )
 
 pytestmark = pytest.mark.timeout(300)
@@ -46,13 +45,22 @@ CRASHER = (
 )
 
 
-def _settings(tmp_path: Path, port: int, redis_url: str, trigger: dict[str, Any], **queue: Any) -> dict[str, Any]:
+def _config(
+    tmp_path: Path,
+    port: int,
+    redis_url: str,
+    trigger: dict[str, Any],
+    shutdown_timeout: float = 10,
+    **queue: Any,
+) -> Config:
+    """One MQTT trigger ``t``, the queue on Redis (``queue`` options), the crasher pipeline."""
     project = make_project(tmp_path)
     (project / "pipelines" / "crasher.py").write_text(CRASHER)
-    s = base_settings(project, tmp_path, port)
-    s["queue"] = {"broker": redis_url, "queue_name": unique("q"), **queue}
-    s["triggers"] = [{"name": "t", "type": "mqtt", **trigger}]
-    return s
+    redis = {"broker": redis_url, "queue_name": unique("q"), **queue}
+    trigger = {"name": "t", "type": "mqtt", **trigger}
+    return configure(
+        tmp_path, port, [trigger], project=project, queue=redis, shutdown_timeout=shutdown_timeout
+    )
 
 
 @asynccontextmanager
@@ -79,7 +87,9 @@ async def _unacked(r: Any, queue: str, group: str = "flowerpower-workers") -> in
     return int((await r.xpending(queue, group))["pending"])
 
 
-async def _results(c: aiomqtt.Client, topic_filter: str, want: int, settle: float, timeout: float) -> list[dict[str, Any]]:
+async def _results(
+    c: aiomqtt.Client, topic_filter: str, want: int, settle: float, timeout: float
+) -> list[dict[str, Any]]:
     """Results until ``want`` arrived (bounded by ``timeout``), then ``settle`` s more for extras."""
     out: list[dict[str, Any]] = []
     with anyio.move_on_after(timeout):
@@ -99,29 +109,25 @@ async def test_sigkill_worker_mid_run_another_worker_finishes(
     one success per message id, each saying attempts 2 (the lost one plus the rerun)."""
     topic = unique("slow")
     trigger = {"pipeline": "tagged", "topic": topic, "dedup_key": "{payload.msg_id}"}
-    s = _settings(tmp_path, mosquitto.port, redis_server.url, trigger, reclaim_after=2)
-    tag, queue = s["mqtt"]["client_id"], s["queue"]["queue_name"]
-    config = write_config(tmp_path, s)
-    results = f"{tag}/results/#"
+    config = _config(tmp_path, mosquitto.port, redis_server.url, trigger, reclaim_after=2)
+    queue, results = config.settings["queue"]["queue_name"], config.results
     async with _redis(redis_server.url) as r:
-        with daemon(config) as proc, daemon(config, "worker") as a:
-            async with client(mosquitto.port) as c:
-                await wait_online(c, f"{tag}/status", proc)
-                await c.subscribe(results, qos=1)
-                for i in range(3):
-                    await c.publish(topic, orjson.dumps({"msg_id": i, "seconds": 4.0}), qos=1)
-                await _wait_started(r, queue, 3, a)
-                a.signal(signal.SIGKILL)
-                a.wait(10)
-                assert "run_finished" not in a.log()
-                with daemon(config, "worker") as b, daemon(config, "worker") as w3:
-                    # Runs take 4 s > reclaim_after: B's and C's heartbeats keep them theirs,
-                    # so the settle time also catches a second, concurrent rerun.
-                    got = await _results(c, results, 3, settle=6.0, timeout=60)
-                    assert b.proc.poll() is None and w3.proc.poll() is None
-                    reclaimed = b.log().count("run_reclaimed_runs_again") + w3.log().count(
-                        "run_reclaimed_runs_again"
-                    )
+        async with online_daemon(config, subscribe=[results], workers=1) as d:
+            [a] = d.workers
+            for i in range(3):
+                await d.client.publish(topic, orjson.dumps({"msg_id": i, "seconds": 4.0}), qos=1)
+            await _wait_started(r, queue, 3, a)
+            a.signal(signal.SIGKILL)
+            a.wait(10)
+            assert "run_finished" not in a.log()
+            with daemon(config.path, "worker") as b, daemon(config.path, "worker") as w3:
+                # Runs take 4 s > reclaim_after: B's and C's heartbeats keep them theirs,
+                # so the settle time also catches a second, concurrent rerun.
+                got = await _results(d.client, results, 3, settle=6.0, timeout=60)
+                assert b.proc.poll() is None and w3.proc.poll() is None
+                reclaimed = b.log().count("run_reclaimed_runs_again") + w3.log().count(
+                    "run_reclaimed_runs_again"
+                )
             assert await _unacked(r, queue) == 0
         async with RedisHistory(redis_server.url, prefix=f"{queue}:history") as history:
             stored = {res["run_id"]: await history.get(res["run_id"]) for res in got}
@@ -147,16 +153,13 @@ async def test_poison_run_failing_every_attempt_is_acked_and_recorded_failed(
         "topic": topic,
         "run": {"max_retries": 2, "retry_delay": 0.1},
     }
-    s = _settings(tmp_path, mosquitto.port, redis_server.url, trigger, reclaim_after=1)
-    tag, queue = s["mqtt"]["client_id"], s["queue"]["queue_name"]
-    config = write_config(tmp_path, s)
+    config = _config(tmp_path, mosquitto.port, redis_server.url, trigger, reclaim_after=1)
+    queue = config.settings["queue"]["queue_name"]
     async with _redis(redis_server.url) as r:
-        with daemon(config) as proc, daemon(config, "worker") as w:
-            async with client(mosquitto.port) as c:
-                await wait_online(c, f"{tag}/status", proc)
-                await c.subscribe(f"{tag}/errors/#", qos=1)
-                await c.publish(topic, b'{"x": 7}', qos=1)
-                got = await _results(c, f"{tag}/errors/#", 1, settle=3.5, timeout=60)
+        async with online_daemon(config, subscribe=[config.errors], workers=1) as d:
+            [w] = d.workers
+            await d.client.publish(topic, b'{"x": 7}', qos=1)
+            got = await _results(d.client, config.errors, 1, settle=3.5, timeout=60)
             assert w.proc.poll() is None, w.log()
             assert await _unacked(r, queue) == 0
             assert [k async for k in r.scan_iter(f"{queue}:started:*")] == []
@@ -166,7 +169,9 @@ async def test_poison_run_failing_every_attempt_is_acked_and_recorded_failed(
     [res] = got
     assert res["status"] == "failed" and res["attempts"] == 3
     assert res["error"]["message"] == "boom 7"
-    assert [(j["run_id"], j["state"], j["attempts"]) for j in jobs] == [(res["run_id"], "failed", 3)]
+    assert [(j["run_id"], j["state"], j["attempts"]) for j in jobs] == [
+        (res["run_id"], "failed", 3)
+    ]
 
 
 async def test_run_that_kills_every_worker_is_given_up_after_max_deliveries(
@@ -176,25 +181,21 @@ async def test_run_that_kills_every_worker_is_given_up_after_max_deliveries(
     failed (WorkerLost, attempts 2) instead of running it, and nothing is redelivered."""
     topic = unique("crash")
     trigger = {"pipeline": "crasher", "topic": topic}
-    s = _settings(
+    config = _config(
         tmp_path, mosquitto.port, redis_server.url, trigger, reclaim_after=1, max_deliveries=2
     )
-    tag, queue = s["mqtt"]["client_id"], s["queue"]["queue_name"]
-    config = write_config(tmp_path, s)
+    queue = config.settings["queue"]["queue_name"]
     async with _redis(redis_server.url) as r:
-        with daemon(config) as proc:
-            async with client(mosquitto.port) as c:
-                await wait_online(c, f"{tag}/status", proc)
-                await c.subscribe(f"{tag}/errors/#", qos=1)
-                await c.publish(topic, b'{"x": 1}', qos=1)
-                for _ in range(2):
-                    with daemon(config, "worker") as doomed:
-                        code = await anyio.to_thread.run_sync(doomed.wait, 60)  # bounded
-                        assert code == -signal.SIGKILL, doomed.log()[-3000:]
-                with daemon(config, "worker") as survivor:
-                    got = await _results(c, f"{tag}/errors/#", 1, settle=3.5, timeout=60)
-                    assert survivor.proc.poll() is None, survivor.log()[-3000:]
-                    assert "run_given_up_workers_lost" in survivor.log()
+        async with online_daemon(config, subscribe=[config.errors]) as d:
+            await d.client.publish(topic, b'{"x": 1}', qos=1)
+            for _ in range(2):
+                with daemon(config.path, "worker") as doomed:
+                    code = await anyio.to_thread.run_sync(doomed.wait, 60)  # bounded
+                    assert code == -signal.SIGKILL, doomed.log()[-3000:]
+            with daemon(config.path, "worker") as survivor:
+                got = await _results(d.client, config.errors, 1, settle=3.5, timeout=60)
+                assert survivor.proc.poll() is None, survivor.log()[-3000:]
+                assert "run_given_up_workers_lost" in survivor.log()
             assert await _unacked(r, queue) == 0
     assert len(got) == 1, got
     [res] = got
@@ -218,27 +219,26 @@ async def _sigterm_worker_during(
 ) -> _Stopped:
     """One run per entry of ``seconds`` (as long); SIGTERM to the worker once all are under way."""
     prefix = unique("stop")
-    s = _settings(
-        tmp_path, mosquitto.port, redis_server.url, {"pipeline": "tagged", "topic": f"{prefix}/in"}
-    )
-    s["shutdown_timeout"] = timeout
-    queue = s["queue"]["queue_name"]
-    tag = s["mqtt"]["client_id"]
-    config = write_config(tmp_path, s)
-    with daemon(config) as proc, daemon(config, command="worker") as worker:
-        async with client(mosquitto.port) as c, _redis(redis_server.url) as r:
-            await wait_online(c, f"{tag}/status", proc)
-            await c.subscribe(f"{tag}/results/#", qos=1)
-            for i, sec in enumerate(seconds):
-                await c.publish(f"{prefix}/in", orjson.dumps({"msg_id": i, "seconds": sec}), qos=1)
-            await _wait_started(r, queue, len(seconds), worker)
-            worker.signal(signal.SIGTERM)
-            code = await anyio.to_thread.run_sync(worker.wait, timeout + 20)
-            # Published before the worker exited: waiting in the client's queue by now.
-            results = await _results(c, f"{tag}/results/#", len(seconds), settle=0.5, timeout=3)
-            started = [k async for k in r.scan_iter(f"{queue}:started:*")]
-            unacked = await _unacked(r, queue)
-        return _Stopped(results, code, unacked, started, worker.log())
+    trigger = {"pipeline": "tagged", "topic": f"{prefix}/in"}
+    config = _config(tmp_path, mosquitto.port, redis_server.url, trigger, shutdown_timeout=timeout)
+    queue = config.settings["queue"]["queue_name"]
+    async with (
+        online_daemon(config, subscribe=[config.results], workers=1) as d,
+        _redis(redis_server.url) as r,
+    ):
+        [worker] = d.workers
+        for i, sec in enumerate(seconds):
+            await d.client.publish(
+                f"{prefix}/in", orjson.dumps({"msg_id": i, "seconds": sec}), qos=1
+            )
+        await _wait_started(r, queue, len(seconds), worker)
+        worker.signal(signal.SIGTERM)
+        code = await anyio.to_thread.run_sync(worker.wait, timeout + 20)
+        # Published before the worker exited: waiting in the client's queue by now.
+        results = await _results(d.client, config.results, len(seconds), settle=0.5, timeout=3)
+        started = [k async for k in r.scan_iter(f"{queue}:started:*")]
+        unacked = await _unacked(r, queue)
+    return _Stopped(results, code, unacked, started, worker.log())
 
 
 async def test_sigterm_worker_finishes_its_runs_and_exits_0(
@@ -274,22 +274,17 @@ async def test_daemon_and_worker_carry_on_after_redis_restarts(
     (a stale connection) and is tried again, the worker listens again, and a message sent
     afterwards gets its result; nothing stays unacked in the stream."""
     prefix = unique("rr")
-    s = _settings(
-        tmp_path, mosquitto.port, redis_server.url, {"pipeline": "tagged", "topic": f"{prefix}/in"}
-    )
-    tag = s["mqtt"]["client_id"]
-    queue = s["queue"]["queue_name"]
-    config = write_config(tmp_path, s)
-    with daemon(config) as proc, daemon(config, command="worker") as worker:
-        async with client(mosquitto.port) as c:
-            await wait_online(c, f"{tag}/status", proc)
-            await c.subscribe(f"{tag}/results/#", qos=1)
-            body = {"msg_id": 1, "seconds": 0}
-            await c.publish(f"{prefix}/in", orjson.dumps(body), qos=1)
-            before = await _results(c, f"{tag}/results/#", 1, settle=0, timeout=30)
-            await redis_server.arestart()
-            await c.publish(f"{prefix}/in", orjson.dumps({**body, "msg_id": 2}), qos=1)
-            after = await _results(c, f"{tag}/results/#", 1, settle=0.5, timeout=60)
+    trigger = {"pipeline": "tagged", "topic": f"{prefix}/in"}
+    config = _config(tmp_path, mosquitto.port, redis_server.url, trigger)
+    queue = config.settings["queue"]["queue_name"]
+    async with online_daemon(config, subscribe=[config.results], workers=1) as d:
+        proc, [worker] = d.proc, d.workers
+        body = {"msg_id": 1, "seconds": 0}
+        await d.client.publish(f"{prefix}/in", orjson.dumps(body), qos=1)
+        before = await _results(d.client, config.results, 1, settle=0, timeout=30)
+        await redis_server.arestart()
+        await d.client.publish(f"{prefix}/in", orjson.dumps({**body, "msg_id": 2}), qos=1)
+        after = await _results(d.client, config.results, 1, settle=0.5, timeout=60)
         async with _redis(redis_server.url) as r:
             unacked = await _unacked(r, queue)
         assert worker.proc.poll() is None, worker.log()[-3000:]

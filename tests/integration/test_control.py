@@ -23,16 +23,16 @@ from typing import Any
 import anyio
 import pytest
 import yaml
-from control_harness import CTL, NO_SYSTEMD, ctl, ok, request, socket_of, wait_ready
+from control_harness import CTL, NO_SYSTEMD, ctl, ok, ready_daemon, request, wait_ready
 from daemon_harness import (
     BIN,
+    Config,
     DaemonProcess,
-    base_settings,
     client,
     collect,
-    daemon,
-    make_project,
-    write_config,
+    configure,
+    started,
+    unique,
 )
 from services import MosquittoService
 
@@ -50,18 +50,18 @@ class Live:
         return Path(self.settings["state_dir"])
 
 
-def _settings(project: Path, tmp: Path, port: int) -> dict[str, Any]:
-    settings = base_settings(project, tmp, port)
-    settings["triggers"] = [
+def _config(tmp: Path, port: int) -> Config:
+    """An MQTT trigger ``temp`` and an hourly ``tick`` on the test project."""
+    triggers = [
         {
             "name": "temp",
             "type": "mqtt",
-            "topic": f"{settings['mqtt']['client_id']}/+/t",
+            "topic": f"{unique('ctl')}/+/t",
             "pipeline": "temperature",
         },
         {"name": "tick", "type": "interval", "every": "1h", "pipeline": "stats"},
     ]
-    return settings
+    return configure(tmp, port, triggers)
 
 
 @pytest.fixture(scope="module")
@@ -69,14 +69,10 @@ def live(
     mosquitto_session: MosquittoService, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Live]:
     """A running daemon with a control socket, shared by this module's read-mostly tests."""
-    tmp = tmp_path_factory.mktemp("ctl")
-    settings = _settings(make_project(tmp), tmp, mosquitto_session.port)
-    config = write_config(tmp, settings)
-    with daemon(config, env=NO_SYSTEMD) as proc:
-        sock = socket_of(tmp / "state")
-        wait_ready(sock, proc)
-        yield Live(sock, proc, config, settings, mosquitto_session.port)
-        assert proc.proc.poll() is None, proc.log()[-3000:]
+    config = _config(tmp_path_factory.mktemp("ctl"), mosquitto_session.port)
+    with ready_daemon(config) as run:
+        yield Live(config.sock, run.proc, config.path, config.settings, config.port)
+        assert run.proc.proc.poll() is None, run.proc.log()[-3000:]
 
 
 def _wait_state(sock: Path, run_id: str, states: tuple[str, ...], timeout: float = 60) -> Any:
@@ -319,34 +315,14 @@ async def test_interval_schedule_fires_and_date_schedule_runs_once(live: Live) -
     means: list[float] = []
     async with client(live.port) as c:
         await c.subscribe(topic, qos=1)
-        await anyio.to_thread.run_sync(
-            lambda: ok(
-                live.sock,
-                "schedule",
-                "add",
-                "stats",
-                "--interval",
-                "1s",
-                "--id",
-                "fast",
-                "--inputs",
-                '{"readings": [100]}',
-            )
-        )
-        await anyio.to_thread.run_sync(
-            lambda: ok(
-                live.sock,
-                "schedule",
-                "add",
-                "stats",
-                "--date",
-                soon,
-                "--id",
-                "once",
-                "--inputs",
-                '{"readings": [200]}',
-            )
-        )
+        # An interval schedule `fast` with readings [100], a one-shot date `once` with [200].
+        for kind, when, name, reading in (
+            ("--interval", "1s", "fast", 100),
+            ("--date", soon, "once", 200),
+        ):
+            inputs = f'{{"readings": [{reading}]}}'
+            add = ("schedule", "add", "stats", kind, when, "--id", name, "--inputs", inputs)
+            await anyio.to_thread.run_sync(ok, live.sock, *add)
         try:
             with anyio.fail_after(60):
                 while not (100.0 in means and 200.0 in means):
@@ -646,11 +622,9 @@ def test_schedule_and_pause_survive_a_restart(
     mosquitto_session: MosquittoService, tmp_path: Path
 ) -> None:
     """Dynamic schedules and pause state live in the state dir and come back after a restart."""
-    settings = _settings(make_project(tmp_path), tmp_path, mosquitto_session.port)
-    config = write_config(tmp_path, settings)
-    sock = socket_of(tmp_path / "state")
-    with daemon(config, env=NO_SYSTEMD) as proc:
-        wait_ready(sock, proc)
+    config = _config(tmp_path, mosquitto_session.port)
+    sock = config.sock
+    with ready_daemon(config) as run:
         ok(
             sock,
             "schedule",
@@ -666,18 +640,17 @@ def test_schedule_and_pause_survive_a_restart(
         ok(sock, "pause", "keep")
         ok(sock, "pause", "tick")
         job = ok(sock, "run", "stats", "--wait")
-        assert ok(sock, "stop") == {"stopping": True, "pid": proc.proc.pid}
-        assert proc.wait(60) == 0
+        assert ok(sock, "stop") == {"stopping": True, "pid": run.proc.proc.pid}
+        assert run.proc.wait(60) == 0
     assert not sock.exists()
-    with daemon(config, env=NO_SYSTEMD) as proc:
-        wait_ready(sock, proc)
+    with ready_daemon(config) as run:
         rows = {r["name"]: r for r in ok(sock, "schedules")}
         assert rows["keep"]["origin"] == "dynamic" and rows["keep"]["spec"] == "0 */5 * * * *"
         assert rows["keep"]["paused"] is True and rows["tick"]["paused"] is True
         assert rows["keep"]["inputs"] == {"readings": [1]}
         assert ok(sock, "job", job["run_id"])["state"] == "success"  # history survived too
-        proc.signal(signal.SIGTERM)
-        assert proc.wait(60) == 0
+        run.proc.signal(signal.SIGTERM)
+        assert run.proc.wait(60) == 0
 
 
 def test_request_without_a_matching_trigger_says_so(live: Live) -> None:
@@ -708,32 +681,31 @@ async def test_delayed_run_survives_a_restart(
 ) -> None:
     """A `run --run-in` whose daemon stops before its time is not recorded as cancelled: the
     next daemon runs it (at once, its time having passed) and publishes its result."""
-    settings = _settings(make_project(tmp_path), tmp_path, mosquitto_session.port)
-    config = write_config(tmp_path, settings)
-    sock = socket_of(tmp_path / "state")
-    topic = settings["mqtt"]["result_topic"].format(pipeline="stats")
+    config = _config(tmp_path, mosquitto_session.port)
+    sock = config.sock
+    topic = config.settings["mqtt"]["result_topic"].format(pipeline="stats")
     async with client(mosquitto_session.port) as c:
         await c.subscribe(topic, qos=1)
-        with daemon(config, env=NO_SYSTEMD) as proc:
-            await anyio.to_thread.run_sync(wait_ready, sock, proc)
+        with started(config, env=NO_SYSTEMD) as run:
+            await anyio.to_thread.run_sync(wait_ready, sock, run.proc)
             job = await anyio.to_thread.run_sync(
                 lambda: ok(sock, "run", "stats", "--inputs", '{"readings": [21]}', "--run-in", "5s")
             )
             assert job["state"] == "scheduled"
-            proc.signal(signal.SIGTERM)
-            assert await anyio.to_thread.run_sync(proc.wait, 60) == 0
-        with daemon(config, env=NO_SYSTEMD) as proc:
+            run.proc.signal(signal.SIGTERM)
+            assert await anyio.to_thread.run_sync(run.proc.wait, 60) == 0
+        with started(config, env=NO_SYSTEMD) as run:
             [(_, message, _)] = await collect(c, topic, 1, timeout=90)
             assert message["run_id"] == job["run_id"], message
             assert message["outputs"]["mean"] == 21.0
-            assert f'"run_id": "{job["run_id"]}"' in proc.log()  # delayed_run_resumed
-            assert "delayed_run_resumed" in proc.log()
-            await anyio.to_thread.run_sync(wait_ready, sock, proc)
+            assert "delayed_run_resumed" in run.proc.log()
+            assert f'"run_id": "{job["run_id"]}"' in run.proc.log()
+            await anyio.to_thread.run_sync(wait_ready, sock, run.proc)
             record = await anyio.to_thread.run_sync(
                 lambda: _wait_state(sock, job["run_id"], ("success", "failed", "cancelled"))
             )
             assert record["state"] == "success"
             stored = json.loads((tmp_path / "state" / "schedules.json").read_text())
             assert stored["delayed"] == []
-            proc.signal(signal.SIGTERM)
-            assert await anyio.to_thread.run_sync(proc.wait, 60) == 0
+            run.proc.signal(signal.SIGTERM)
+            assert await anyio.to_thread.run_sync(run.proc.wait, 60) == 0

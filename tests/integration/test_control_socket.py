@@ -16,8 +16,8 @@ import anyio
 import orjson
 import pytest
 from anyio.streams.buffered import BufferedByteReceiveStream
-from control_harness import NO_SYSTEMD, read_line, request, socket_of, wait_ready
-from daemon_harness import DaemonProcess, base_settings, daemon, make_project, write_config
+from control_harness import NO_SYSTEMD, read_line, ready_daemon, request, wait_ready
+from daemon_harness import DaemonProcess, configure, daemon, started
 from services import MosquittoService
 
 MAX_LINE = 4096
@@ -29,22 +29,19 @@ def served(
 ) -> Iterator[tuple[Path, DaemonProcess, Path]]:
     """One daemon with a small line limit: (socket, process, config)."""
     tmp = tmp_path_factory.mktemp("sock")
-    settings = base_settings(make_project(tmp), tmp, mosquitto_session.port)
-    settings["control"] = {"max_line_bytes": MAX_LINE}
-    config = write_config(tmp, settings)
+    config = configure(tmp, mosquitto_session.port, control={"max_line_bytes": MAX_LINE})
     old = os.umask(0)  # the socket must be owner-only whatever the umask
     try:
-        proc_cm = daemon(config, env=NO_SYSTEMD)
-        proc = proc_cm.__enter__()
+        running = started(config, env=NO_SYSTEMD)
+        proc = running.__enter__().proc
     finally:
         os.umask(old)
     try:
-        sock = socket_of(tmp / "state")
-        wait_ready(sock, proc)
-        yield sock, proc, config
+        wait_ready(config.sock, proc)
+        yield config.sock, proc, config.path
         assert proc.proc.poll() is None, proc.log()[-3000:]
     finally:
-        proc_cm.__exit__(None, None, None)
+        running.__exit__(None, None, None)
 
 
 def _talk(sock: Path, *lines: bytes, timeout: float = 10) -> list[Any]:
@@ -193,21 +190,18 @@ def test_stale_socket_is_replaced_but_a_plain_file_is_not(
     mosquitto_session: MosquittoService, tmp_path: Path
 ) -> None:
     """A dead daemon's socket file is replaced; a regular file in its place is left alone."""
-    settings = base_settings(make_project(tmp_path), tmp_path, mosquitto_session.port)
-    config = write_config(tmp_path, settings)
-    state = tmp_path / "state"
-    state.mkdir(mode=0o700)
-    sock = socket_of(state)
+    config = configure(tmp_path, mosquitto_session.port)
+    sock = config.sock
+    sock.parent.mkdir(mode=0o700)
     dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     dead.bind(str(sock))  # bound, never listening, then gone: what a crash leaves
     dead.close()
-    with daemon(config, env=NO_SYSTEMD) as proc:
-        wait_ready(sock, proc)
-        assert "stale_control_socket_replaced" in proc.log()
+    with ready_daemon(config) as run:
+        assert "stale_control_socket_replaced" in run.proc.log()
         assert request(sock, "ping")["ok"]
     sock.unlink(missing_ok=True)
     sock.write_text("not a socket")
-    with daemon(config, env=NO_SYSTEMD) as proc:
+    with daemon(config.path, env=NO_SYSTEMD) as proc:
         assert proc.wait(120) == 2
         assert "is not a socket" in proc.log()
     assert sock.read_text() == "not a socket"
@@ -242,11 +236,10 @@ def test_peer_credentials_are_checked(mosquitto_session: MosquittoService, tmp_p
     try:
         os.chmod(sock_dir, 0o711)
         sock = sock_dir / "ctl.sock"
-        settings = base_settings(make_project(tmp_path), tmp_path, mosquitto_session.port)
-        settings["control"] = {"socket": str(sock), "group": str(nogroup), "allowed_gids": [4242]}
-        config = write_config(tmp_path, settings)
-        with daemon(config, env=NO_SYSTEMD) as proc:
-            wait_ready(sock, proc)
+        control = {"socket": str(sock), "group": str(nogroup), "allowed_gids": [4242]}
+        config = configure(tmp_path, mosquitto_session.port, control=control)
+        with ready_daemon(config) as run:
+            proc = run.proc
             st = os.stat(sock)
             assert stat.S_IMODE(st.st_mode) == 0o660 and st.st_gid == nogroup
 

@@ -11,18 +11,8 @@ from typing import Any
 import orjson
 import pytest
 
-from tests.control_harness import request, socket_of
-from tests.daemon_harness import (
-    base_settings,
-    client,
-    collect,
-    collect_for,
-    daemon,
-    make_project,
-    unique,
-    wait_online,
-    write_config,
-)
+from tests.control_harness import request
+from tests.daemon_harness import configure, online_daemon, unique
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -43,36 +33,33 @@ async def test_per_key_limit_coalesce_and_debounce(tmp_path: Path, mosquitto: An
     """Per key: runs one at a time while other keys go on; coalesce keeps the newest
     waiting message; debounce runs only the last of a burst."""
     prefix = unique("keys")
-    s = base_settings(make_project(tmp_path), tmp_path, mosquitto.port, max_concurrent_runs=8)
-    s["triggers"] = [
+    triggers = [
         _keyed(prefix, "limited", max_concurrent_per_key=1),
         _keyed(prefix, "coalesced", coalesce=True),
         _keyed(prefix, "debounced", debounce=0.5),
     ]
-    tag = s["mqtt"]["client_id"]
+    config = configure(tmp_path, mosquitto.port, triggers, max_concurrent_runs=8)
 
     def body(i: int, seconds: float) -> bytes:
         return orjson.dumps({"msg_id": i, "seconds": seconds})
 
-    with daemon(write_config(tmp_path, s)) as proc:
-        async with client(mosquitto.port) as c:
-            await wait_online(c, f"{tag}/status", proc)
-            await c.subscribe(f"{prefix}/out/#", qos=1)
-            # limited: three slow runs for the noisy device, one quick for the quiet one
-            for i in (1, 2, 3):
-                await c.publish(f"{prefix}/limited/noisy", body(i, 0.6), qos=1)
-            await c.publish(f"{prefix}/limited/quiet", body(9, 0.0), qos=1)
-            # coalesced: 1 runs, 2..4 wait in turn and give way, 5 runs after 1
-            for i in (1, 2, 3, 4, 5):
-                await c.publish(f"{prefix}/coalesced/dev", body(i, 0.8), qos=1)
-            # debounced: a burst of five, then quiet: only the last runs
-            for i in (1, 2, 3, 4, 5):
-                await c.publish(f"{prefix}/debounced/dev", body(i, 0.0), qos=1)
-            got = [(t, r) for t, r, _ in await collect(c, f"{prefix}/out/#", 7, timeout=90)]
-            got += await collect_for(c, f"{prefix}/out/#", 2.0)
-        assert proc.proc.poll() is None, proc.log()
-        log = proc.log()
-        status = request(socket_of(tmp_path / "state"), "status")["result"]
+    async with online_daemon(config, subscribe=[f"{prefix}/out/#"]) as d:
+        c = d.client
+        # limited: three slow runs for the noisy device, one quick for the quiet one
+        for i in (1, 2, 3):
+            await c.publish(f"{prefix}/limited/noisy", body(i, 0.6), qos=1)
+        await c.publish(f"{prefix}/limited/quiet", body(9, 0.0), qos=1)
+        # coalesced: 1 runs, 2..4 wait in turn and give way, 5 runs after 1
+        for i in (1, 2, 3, 4, 5):
+            await c.publish(f"{prefix}/coalesced/dev", body(i, 0.8), qos=1)
+        # debounced: a burst of five, then quiet: only the last runs
+        for i in (1, 2, 3, 4, 5):
+            await c.publish(f"{prefix}/debounced/dev", body(i, 0.0), qos=1)
+        got = [(t, r) for t, r, _ in await d.collect(f"{prefix}/out/#", 7, timeout=90)]
+        got += await d.collect_for(f"{prefix}/out/#", 2.0)
+        assert d.proc.proc.poll() is None, d.proc.log()
+        log = d.proc.log()
+        status = request(config.sock, "status")["result"]
 
     def results(name: str, device: str) -> list[dict[str, Any]]:
         return [r for t, r in got if t == f"{prefix}/out/{name}/{device}"]

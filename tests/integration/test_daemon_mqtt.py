@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import sqlite3
+import subprocess
 from contextlib import closing
 from pathlib import Path
 from typing import Any
@@ -15,16 +16,14 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from tests.daemon_harness import (
+    BIN,
     base_settings,
-    client,
-    collect,
-    collect_for,
+    configure,
     daemon,
     make_project,
     mqtt_trigger,
     online_daemon,
     unique,
-    wait_online,
     write_config,
 )
 from tests.services import free_port
@@ -39,10 +38,10 @@ async def test_json_message_gives_result_with_outputs_and_topic_field(
     """A JSON reading on sensors/dev1/temperature yields a result with outputs and device dev1."""
     prefix = unique("sensors")
     temp = mqtt_trigger("temp", "temperature", f"{prefix}/{{device}}/temperature")
-    async with online_daemon(tmp_path, mosquitto.port, [temp]) as d:
-        await d.client.subscribe(f"{d.tag}/results/#", qos=1)
+    config = configure(tmp_path, mosquitto.port, [temp])
+    async with online_daemon(config, subscribe=[config.results]) as d:
         await d.client.publish(f"{prefix}/dev1/temperature", b'{"temperature": 31.5}', qos=1)
-        [(topic, result, _)] = await collect(d.client, f"{d.tag}/results/#", 1, timeout=20)
+        topic, result, _ = await d.next_message(config.results, timeout=20)
     assert topic == f"{d.tag}/results/temperature"
     assert result["status"] == "success"
     assert result["outputs"]["device_id"] == "dev1"
@@ -64,13 +63,13 @@ async def test_v5_response_topic_gets_reply_with_same_correlation(
     prefix = unique("req")
     reply_topic = unique("replies")
     temp = mqtt_trigger("temp", "temperature", f"{prefix}/{{device}}")
-    async with online_daemon(tmp_path, mosquitto.port, [temp]) as d:
-        await d.client.subscribe(reply_topic, qos=1)
+    config = configure(tmp_path, mosquitto.port, [temp])
+    async with online_daemon(config, subscribe=[reply_topic]) as d:
         props = Properties(PacketTypes.PUBLISH)
         props.ResponseTopic = reply_topic
         props.CorrelationData = b"corr-42"
         await d.client.publish(f"{prefix}/dev9", b'{"temperature": 10}', qos=1, properties=props)
-        [(topic, result, rprops)] = await collect(d.client, reply_topic, 1, timeout=20)
+        topic, result, rprops = await d.next_message(reply_topic, timeout=20)
     assert topic == reply_topic
     assert result["outputs"]["device_id"] == "dev9"
     assert rprops.CorrelationData == b"corr-42"
@@ -81,11 +80,11 @@ async def test_reply_to_field_of_json_payload(tmp_path: Path, mosquitto: Any) ->
     prefix = unique("rt")
     reply_topic = unique("mine")
     temp = mqtt_trigger("temp", "temperature", f"{prefix}/{{device}}")
-    async with online_daemon(tmp_path, mosquitto.port, [temp], v5=False) as d:
-        await d.client.subscribe(reply_topic, qos=1)
+    config = configure(tmp_path, mosquitto.port, [temp])
+    async with online_daemon(config, subscribe=[reply_topic], v5=False) as d:
         body = orjson.dumps({"temperature": 5, "reply_to": reply_topic})
         await d.client.publish(f"{prefix}/d", body, qos=1)
-        [(_, result, _)] = await collect(d.client, reply_topic, 1, timeout=20)
+        _, result, _ = await d.next_message(reply_topic, timeout=20)
     assert result["outputs"]["celsius"] == 5.0
 
 
@@ -98,14 +97,13 @@ async def test_bad_payload_and_failing_pipeline_give_errors_and_daemon_goes_on(
         mqtt_trigger("temp", "temperature", f"{prefix}/t/{{device}}", payload="json"),
         mqtt_trigger("boom", "broken", f"{prefix}/b"),
     ]
-    async with online_daemon(tmp_path, mosquitto.port, triggers) as d:
+    config = configure(tmp_path, mosquitto.port, triggers)
+    async with online_daemon(config, subscribe=[config.errors, config.results]) as d:
         c, tag = d.client, d.tag
-        await c.subscribe(f"{tag}/errors/#", qos=1)
-        await c.subscribe(f"{tag}/results/#", qos=1)
         await c.publish(f"{prefix}/t/x", b"{not json", qos=1)
         await c.publish(f"{prefix}/b", b'{"x": 7}', qos=1)
         await c.publish(f"{prefix}/t/y", b'{"temperature": 1}', qos=1)
-        got = await collect_for(c, f"{tag}/#", 6.0)
+        got = await d.collect_for(f"{tag}/#", 6.0)
         assert d.proc.proc.poll() is None, d.proc.log()
     errors = [r for t, r in got if t.startswith(f"{tag}/errors/")]
     results = [r for t, r in got if t.startswith(f"{tag}/results/")]
@@ -126,17 +124,16 @@ async def test_sigterm_during_slow_run_publishes_result_and_exits_zero(
     """SIGTERM while a 2 s run is in flight: its result is still published and the exit code is 0."""
     prefix = unique("slow")
     slow = mqtt_trigger("slow", "slow", prefix, inputs={"seconds": 2.0})
-    async with online_daemon(tmp_path, mosquitto.port, [slow]) as d:
-        c, tag = d.client, d.tag
-        await c.subscribe(f"{tag}/results/#", qos=1)
-        await c.publish(prefix, b"{}", qos=1)
-        got = await collect_for(c, f"{tag}/results/#", 0.7)
+    config = configure(tmp_path, mosquitto.port, [slow])
+    async with online_daemon(config, subscribe=[config.results]) as d:
+        await d.client.publish(prefix, b"{}", qos=1)
+        got = await d.collect_for(config.results, 0.7)
         assert got == []
         d.proc.signal(signal.SIGTERM)
-        [(_, result, _)] = await collect(c, f"{tag}/results/#", 1, timeout=15)
+        _, result, _ = await d.next_message(config.results, timeout=15)
         assert result["status"] == "success"
         assert result["outputs"] == {"waited": 2.0}
-        [(_, status, _)] = await collect(c, f"{tag}/status", 1, timeout=15)
+        _, status, _ = await d.next_message(config.status_topic, timeout=15)
         assert status["status"] == "offline", status
         assert d.proc.wait(15) == 0
 
@@ -147,22 +144,28 @@ async def test_mqtt_build_config_hook_applies_to_its_message_only(
     """The hooks/<pipeline>/hook.py config of one message does not leak into the next."""
     prefix = unique("hook")
     modal = mqtt_trigger("modal", "modal", prefix, overlap="queue")
-    async with online_daemon(tmp_path, mosquitto.port, [modal]) as d:
-        await d.client.subscribe(f"{d.tag}/results/#", qos=1)
+    config = configure(tmp_path, mosquitto.port, [modal])
+    async with online_daemon(config, subscribe=[config.results]) as d:
         await d.client.publish(prefix, b'{"name": "Ab", "mode": "loud"}', qos=1)
-        [(_, first, _)] = await collect(d.client, f"{d.tag}/results/#", 1, timeout=20)
+        _, first, _ = await d.next_message(config.results, timeout=20)
         await d.client.publish(prefix, b'{"name": "Ab"}', qos=1)
-        [(_, second, _)] = await collect(d.client, f"{d.tag}/results/#", 1, timeout=20)
+        _, second, _ = await d.next_message(config.results, timeout=20)
     assert first["outputs"] == {"greeting": "AB"}
     assert second["outputs"] == {"greeting": "ab"}
 
 
+def _check(config: Path) -> subprocess.CompletedProcess[str]:
+    """``flowerpower-daemon check -c CONFIG``, its output as text."""
+    return subprocess.run(
+        [str(BIN / "flowerpower-daemon"), "check", "-c", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
 def test_check_lists_every_problem(tmp_path: Path) -> None:
     """`flowerpower-daemon check` on a broken config prints each problem with its key path, exit 2."""
-    import subprocess
-
-    from tests.daemon_harness import BIN
-
     project = make_project(tmp_path)
     config = tmp_path / "broken.yml"
     config.write_text(
@@ -174,12 +177,7 @@ def test_check_lists_every_problem(tmp_path: Path) -> None:
         "  - {type: cron, pipeline: stats, cron: '61 * * * *'}\n"
         "  - {type: interval, pipeline: stats, every: 1h30x, run: {max_retry: 2}}\n"
     )
-    proc = subprocess.run(
-        [str(BIN / "flowerpower-daemon"), "check", "-c", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = _check(config)
     assert proc.returncode == 2
     err = proc.stderr
     assert "Traceback" not in err
@@ -201,12 +199,7 @@ def test_check_lists_every_problem(tmp_path: Path) -> None:
         "  - {type: mqtt, pipeline: nope, topic: 'a/b'}\n"
         "  - {type: mqtt, pipeline: temperature, topic: 'a/c', inputs: {temprature: 1}}\n"
     )
-    proc = subprocess.run(
-        [str(BIN / "flowerpower-daemon"), "check", "-c", str(good)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = _check(good)
     assert proc.returncode == 2
     assert "triggers[0].pipeline: unknown pipeline 'nope'" in proc.stderr
     assert (
@@ -221,16 +214,14 @@ async def test_object_only_trigger_refuses_empty_payload_and_ignores_extra_field
     """payload_input: null: an empty or blank payload is an error result; extra JSON fields are ignored."""
     prefix = unique("obj")
     temp = mqtt_trigger("temp", "temperature", f"{prefix}/{{device}}", payload_input=None)
-    async with online_daemon(tmp_path, mosquitto.port, [temp]) as d:
-        c, tag = d.client, d.tag
-        await c.subscribe(f"{tag}/errors/#", qos=1)
-        await c.subscribe(f"{tag}/results/#", qos=1)
-        await c.publish(f"{prefix}/empty", b"", qos=1)
-        [(_, empty, _)] = await collect(c, f"{tag}/errors/#", 1, timeout=20)
-        await c.publish(f"{prefix}/blank", b" \n ", qos=1)
-        [(_, blank, _)] = await collect(c, f"{tag}/errors/#", 1, timeout=20)
-        await c.publish(f"{prefix}/dev1", b'{"temperature": 20, "extra": 1}', qos=1)
-        [(_, good, _)] = await collect(c, f"{tag}/results/#", 1, timeout=20)
+    config = configure(tmp_path, mosquitto.port, [temp])
+    async with online_daemon(config, subscribe=[config.errors, config.results]) as d:
+        await d.client.publish(f"{prefix}/empty", b"", qos=1)
+        _, empty, _ = await d.next_message(config.errors, 20)
+        await d.client.publish(f"{prefix}/blank", b" \n ", qos=1)
+        _, blank, _ = await d.next_message(config.errors, 20)
+        await d.client.publish(f"{prefix}/dev1", b'{"temperature": 20, "extra": 1}', qos=1)
+        _, good, _ = await d.next_message(config.results, 20)
         assert d.proc.proc.poll() is None, d.proc.log()
     assert empty["status"] == blank["status"] == "failed"
     assert empty["error"] == {
@@ -259,22 +250,23 @@ async def test_result_store_keeps_large_result_whole_and_publishes_reference(
     (project / "pipelines" / "big.py").write_text(BIG_PIPELINE)
     prefix = unique("big")
     store = tmp_path / "results"
-    s = base_settings(project, tmp_path, mosquitto.port)
-    s["mqtt"].update(
-        max_result_bytes=1024, result_store=f"file://{store}/{{pipeline}}/{{run_id}}.json"
+    config = configure(
+        tmp_path,
+        mosquitto.port,
+        [mqtt_trigger("big", "big", prefix)],
+        project=project,
+        mqtt={
+            "max_result_bytes": 1024,
+            "result_store": f"file://{store}/{{pipeline}}/{{run_id}}.json",
+        },
     )
-    s["triggers"] = [mqtt_trigger("big", "big", prefix)]
-    tag = s["mqtt"]["client_id"]
-    with daemon(write_config(tmp_path, s)) as proc:
-        async with client(mosquitto.port) as c:
-            await wait_online(c, f"{tag}/status", proc)
-            await c.subscribe(f"{tag}/results/#", qos=1)
-            await c.publish(prefix, b'{"size": 5000}', qos=1)
-            [(_, large, _)] = await collect(c, f"{tag}/results/#", 1, timeout=20)
-            await c.publish(prefix, b'{"size": 10}', qos=1)
-            [(_, small, _)] = await collect(c, f"{tag}/results/#", 1, timeout=20)
-        proc.signal(signal.SIGTERM)
-        assert proc.wait(30) == 0, proc.log()
+    async with online_daemon(config, subscribe=[config.results]) as d:
+        await d.client.publish(prefix, b'{"size": 5000}', qos=1)
+        _, large, _ = await d.next_message(config.results, 20)
+        await d.client.publish(prefix, b'{"size": 10}', qos=1)
+        _, small, _ = await d.next_message(config.results, 20)
+        d.proc.signal(signal.SIGTERM)
+        assert d.proc.wait(30) == 0, d.proc.log()
     run_id = large["run_id"]
     path = store / "big" / f"{run_id}.json"
     assert large["status"] == "success"

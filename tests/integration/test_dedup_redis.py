@@ -15,16 +15,7 @@ from taskiq.message import BrokerMessage
 from flowerpower_daemon.queue.broker import RunLedger
 from flowerpower_daemon.queue.streams import ReclaimingStreamBroker
 from flowerpower_daemon.state.dedup import RedisDedupLookup, RedisDedupStore
-from tests.daemon_harness import (
-    base_settings,
-    client,
-    collect_for,
-    daemon,
-    make_project,
-    unique,
-    wait_online,
-    write_config,
-)
+from tests.daemon_harness import configure, make_project, online_daemon, unique
 from tests.services import RedisService
 
 pytestmark = pytest.mark.timeout(300)
@@ -169,27 +160,26 @@ async def test_two_daemons_on_one_redis_run_a_duplicated_message_once(
         "dedup_key": "{payload.msg_id}",
     }
     project = make_project(tmp_path)
-    one = base_settings(project, tmp_path / "one", mosquitto.port, queue=queue, triggers=[trigger])
-    two = base_settings(project, tmp_path / "two", mosquitto.port, queue=queue, triggers=[trigger])
+    one = configure(tmp_path / "one", mosquitto.port, [trigger], project=project, queue=queue)
     # One result topic for both (the worker publishes to the daemon's reply target).
-    two["mqtt"] = {**two["mqtt"], "result_topic": one["mqtt"]["result_topic"]}
-    results = one["mqtt"]["result_topic"].replace("{pipeline}", "#")
-    first_cfg, second_cfg = write_config(tmp_path, one), write_config(tmp_path, two)
-    with (
-        daemon(first_cfg) as d1,
-        daemon(second_cfg) as d2,
-        daemon(first_cfg, command="worker") as worker,
-    ):
-        async with client(mosquitto.port) as c:
-            await wait_online(c, one["mqtt"]["status_topic"], d1)
-            await wait_online(c, two["mqtt"]["status_topic"], d2)
-            await c.subscribe(results, qos=1)
-            await c.publish(topic, orjson.dumps({"msg_id": 1, "seconds": 0.5}), qos=1)
-            await c.publish(topic, orjson.dumps({"msg_id": 2, "seconds": 0.5}), qos=1)
-            got = await collect_for(c, results, 8.0)
-            # Later: both daemons answer from the stored result, nothing is enqueued.
-            await c.publish(topic, orjson.dumps({"msg_id": 1, "seconds": 0.5}), qos=1)
-            again = await collect_for(c, results, 4.0)
+    result_topic = one.settings["mqtt"]["result_topic"]
+    two = configure(
+        tmp_path / "two",
+        mosquitto.port,
+        [trigger],
+        project=project,
+        queue=queue,
+        mqtt={"result_topic": result_topic},
+    )
+    results = one.results
+    async with online_daemon(one, two, subscribe=[results], workers=1) as d:
+        c, [worker] = d.client, d.workers
+        await c.publish(topic, orjson.dumps({"msg_id": 1, "seconds": 0.5}), qos=1)
+        await c.publish(topic, orjson.dumps({"msg_id": 2, "seconds": 0.5}), qos=1)
+        got = await d.collect_for(results, 8.0)
+        # Later: both daemons answer from the stored result, nothing is enqueued.
+        await c.publish(topic, orjson.dumps({"msg_id": 1, "seconds": 0.5}), qos=1)
+        again = await d.collect_for(results, 4.0)
         assert worker.proc.poll() is None, worker.log()
         log = worker.log()
     runs: dict[int, set[str]] = {}

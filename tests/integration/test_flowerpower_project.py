@@ -15,15 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.daemon_harness import (
-    base_settings,
-    client,
-    collect,
-    daemon,
-    mqtt_trigger,
-    wait_online,
-    write_config,
-)
+from tests.daemon_harness import configure, mqtt_trigger, online_daemon, unique
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "flowerpower037"
 EXPECTED = json.loads((FIXTURES / "expected_outputs.json").read_text())
@@ -37,24 +29,17 @@ async def test_flowerpower_made_project_runs_in_the_daemon(
 ) -> None:
     """Both pipelines of a FlowerPower-made project answer MQTT messages with the outputs
     FlowerPower's own run gave (the template's PARAMS included)."""
-    project = tmp_path / "project"
+    project = tmp_path / "fp"
     shutil.copytree(FIXTURES / variant, project)
-    settings = base_settings(project, tmp_path, mosquitto.port)
-    tag = settings["mqtt"]["client_id"]
-    settings["triggers"] = [
-        mqtt_trigger(name, name, f"{tag}/in/{name}", result_topic=f"{tag}/out/{name}")
-        for name in ("hello", "plain")
-    ]
-    with daemon(write_config(tmp_path, settings)) as proc:
-        async with client(mosquitto.port) as c:
-            await wait_online(c, f"{tag}/status", proc)
-            await c.subscribe(f"{tag}/out/#", qos=1)
-            for name in ("hello", "plain"):
-                await c.publish(f"{tag}/in/{name}", b"{}", qos=1)
-            got = {
-                msg["pipeline"]: msg for _, msg, _ in await collect(c, f"{tag}/out/#", 2, 60)
-            }
+    prefix = unique("fp")
+    triggers = [mqtt_trigger(name, name, f"{prefix}/{name}") for name in ("hello", "plain")]
+    config = configure(tmp_path, mosquitto.port, triggers, project=project)
+    async with online_daemon(config, subscribe=[config.results]) as d:
+        for name in ("hello", "plain"):
+            await d.client.publish(f"{prefix}/{name}", b"{}", qos=1)
+        got = {m.data["pipeline"]: m.data for m in await d.collect(config.results, 2, 60)}
+        log = d.proc.log()
     for name in ("hello", "plain"):
         assert got[name]["status"] == "success", got[name]
         assert got[name]["outputs"] == EXPECTED[name], (name, got[name])
-    assert "config_key_has_no_effect" not in proc.log()  # FlowerPower's defaults stay silent
+    assert "config_key_has_no_effect" not in log  # FlowerPower's defaults stay silent

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import anyio
 import pytest
-from control_harness import NO_SYSTEMD, ctl, ok, socket_of, wait_ready
-from daemon_harness import base_settings, daemon, make_project, unique, write_config
+from control_harness import ctl, ok, ready_daemon
+from daemon_harness import configure, unique
 from services import MosquittoService, RedisService
 
 from flowerpower_daemon.project.models import AttemptInfo, ErrorInfo, RunResult, TriggerInfo
@@ -63,12 +63,11 @@ def test_ctl_sees_runs_that_a_redis_worker_executed(
     mosquitto_session: MosquittoService, redis_session: RedisService, tmp_path: Path
 ) -> None:
     """With the queue on Redis, `run` goes to a worker and `job`/`jobs` show its result."""
-    settings = base_settings(make_project(tmp_path), tmp_path, mosquitto_session.port)
-    settings["queue"] = {"broker": redis_session.url, "queue_name": unique("q")}
-    config = write_config(tmp_path, settings)
-    sock = socket_of(tmp_path / "state")
-    with daemon(config, env=NO_SYSTEMD) as proc, daemon(config, "worker", env=NO_SYSTEMD) as w:
-        wait_ready(sock, proc)
+    queue = {"broker": redis_session.url, "queue_name": unique("q")}
+    config = configure(tmp_path, mosquitto_session.port, queue=queue)
+    sock = config.sock
+    with ready_daemon(config, workers=1) as run:
+        [w] = run.workers
         assert ok(sock, "status")["queue"]["backend"] == "redis"
         job = ok(sock, "run", "stats", "--inputs", '{"readings": [2, 4]}')
         deadline = time.monotonic() + 120

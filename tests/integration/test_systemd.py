@@ -12,8 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from control_harness import NO_SYSTEMD, request, socket_of, wait_ready
-from daemon_harness import base_settings, daemon, make_project, write_config
+from control_harness import NO_SYSTEMD, request, wait_ready
+from daemon_harness import configure, started
 from services import MosquittoService, free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -50,16 +50,16 @@ def test_notify_ready_watchdog_reloading_stopping_in_order(
     mosquitto_session: MosquittoService, tmp_path: Path
 ) -> None:
     """The daemon tells systemd READY, then WATCHDOG pings, RELOADING+READY on SIGHUP, STOPPING."""
-    settings = base_settings(make_project(tmp_path), tmp_path, mosquitto_session.port)
-    settings["triggers"] = [{"name": "t", "type": "interval", "every": "1h", "pipeline": "stats"}]
-    config = write_config(tmp_path, settings)
+    hourly = {"name": "t", "type": "interval", "every": "1h", "pipeline": "stats"}
+    config = configure(tmp_path, mosquitto_session.port, [hourly])
     listener = NotifyListener(tmp_path / "notify.sock")
     env = {**NO_SYSTEMD, "NOTIFY_SOCKET": str(listener.path), "WATCHDOG_USEC": "400000"}
     try:
-        with daemon(config, env=env) as proc:
+        with started(config, env=env) as run:
+            proc = run.proc
             ready = listener.wait_for("READY", 120)
             assert "triggers" in ready.get("STATUS", "") or ready["READY"] == "1"
-            status = wait_ready(socket_of(tmp_path / "state"), proc)
+            status = wait_ready(config.sock, proc)
             assert status["state"] == "running"
             listener.wait_for("WATCHDOG", 10)
             listener.wait_for("WATCHDOG", 10)  # a steady ping, not a one-off
@@ -159,15 +159,18 @@ def test_not_ready_until_mqtt_is_connected_and_subscribed(
     """With the broker unreachable the daemon keeps trying and is not ready: no READY=1, no
     daemon_ready, status 'starting'; once a broker listens on the port, all three follow."""
     port = free_port()
-    settings = base_settings(make_project(tmp_path), tmp_path, port)
-    settings["mqtt"]["reconnect_max"] = 0.5
-    settings["triggers"] = [{"name": "t", "type": "interval", "every": "1h", "pipeline": "stats"}]
-    config = write_config(tmp_path, settings)
+    config = configure(
+        tmp_path,
+        port,
+        [{"name": "t", "type": "interval", "every": "1h", "pipeline": "stats"}],
+        mqtt={"reconnect_max": 0.5},
+    )
     listener = NotifyListener(tmp_path / "notify.sock")
-    sock = socket_of(tmp_path / "state")
+    sock = config.sock
     env = {**NO_SYSTEMD, "NOTIFY_SOCKET": str(listener.path)}
     try:
-        with daemon(config, env=env) as proc:
+        with started(config, env=env) as run:
+            proc = run.proc
             deadline = time.monotonic() + 60
             while "mqtt_disconnected" not in proc.log():  # it has tried, and failed
                 assert proc.proc.poll() is None, proc.log()[-3000:]
