@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+
 import pytest
 from services import (
     mosquitto,
@@ -33,3 +36,16 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.mqtt)
         if names & _REDIS_FIXTURES:
             item.add_marker(pytest.mark.redis)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _own_runtime_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Daemons started by the tests remember their socket under a runtime dir of the test
+    session, not the user's (``$XDG_RUNTIME_DIR/flowerpower-daemon/socket``)."""
+    old = os.environ.get("XDG_RUNTIME_DIR")
+    os.environ["XDG_RUNTIME_DIR"] = str(tmp_path_factory.mktemp("runtime"))
+    yield
+    if old is None:
+        os.environ.pop("XDG_RUNTIME_DIR", None)
+    else:
+        os.environ["XDG_RUNTIME_DIR"] = old

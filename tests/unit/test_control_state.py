@@ -213,12 +213,16 @@ def test_ctl_parses_durations_and_builds_requests() -> None:
     assert _request(_parser().parse_args(["schedule", "rm", "x"])) == ("schedule_rm", {"id": "x"})
 
 
-def test_ctl_default_socket() -> None:
+def test_ctl_default_socket(tmp_path: Path) -> None:
     """--socket, then $FLOWERPOWER_CONTROL__SOCKET, then $RUNTIME_DIRECTORY, then ./.flowerpower."""
     assert default_socket({"FLOWERPOWER_CONTROL__SOCKET": "/x.sock"}) == "/x.sock"
     assert default_socket({"RUNTIME_DIRECTORY": "/run/fp"}) == "/run/fp/control.sock"
     if not os.path.exists("/run/flowerpower-daemon/control.sock"):
-        assert default_socket({}) == os.path.join(".flowerpower", "control.sock")
+        # A home without a remembered socket (a daemon of another test may have left one).
+        nothing = {"HOME": str(tmp_path)}
+        assert default_socket(nothing, cwd=str(tmp_path)) == os.path.join(
+            ".flowerpower", "control.sock"
+        )
 
 
 def test_history_bounds_come_from_settings(tmp_path: Path) -> None:
