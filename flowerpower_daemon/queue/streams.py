@@ -48,8 +48,8 @@ class ReclaimingStreamBroker(RedisStreamBroker):
     #: taskiq acks a cancelled task like a failed one, which would lose the run; with
     #: acks withheld its message stays in the stream and another worker reclaims it.
     withhold_acks = False
-    #: Called once, after the first read of the stream returned: this consumer is in
-    #: the consumer group and consuming (a worker tells systemd READY=1 then).
+    #: Called once this consumer is in the consumer group, as it starts reading the
+    #: stream (a worker tells systemd READY=1 then).
     on_listening: Callable[[], object] | None = None
 
     def _ack_generator(self, id: str, queue_name: str) -> Callable[[], Awaitable[None]]:
@@ -76,6 +76,14 @@ class ReclaimingStreamBroker(RedisStreamBroker):
     async def listen(self) -> AsyncGenerator[AckableMessage, None]:
         conn: Any  # redis-py types the stream commands' replies too loosely to unpack
         async with Redis(connection_pool=self.connection_pool) as conn:
+            # Joined explicitly: a blocking XREADGROUP on an empty stream does not list the
+            # consumer (Redis 7.0), and "consuming" should mean "a member of the group".
+            await conn.xgroup_createconsumer(
+                self.queue_name, self.consumer_group_name, self.consumer_name
+            )
+            if self.on_listening is not None:
+                listening, self.on_listening = self.on_listening, None
+                listening()
             while True:
                 fetched = await conn.xreadgroup(
                     self.consumer_group_name,
@@ -85,9 +93,6 @@ class ReclaimingStreamBroker(RedisStreamBroker):
                     noack=False,
                     count=self.count,
                 )
-                if self.on_listening is not None:
-                    listening, self.on_listening = self.on_listening, None
-                    listening()
                 for stream, messages in fetched or ():
                     for msg_id, msg in messages:
                         yield AckableMessage(
