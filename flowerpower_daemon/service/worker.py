@@ -139,16 +139,19 @@ async def run_worker(settings: Settings) -> None:
         running = sum(1 for t in executor.running if not t.done())
         return f"{running} running, {executor.done} done"
 
+    beating = anyio.CancelScope()  # cancelled before the worker leaves the listing
+
     async def beat() -> None:
-        while True:
-            await presence.beat(
-                who,
-                in_flight=sum(1 for t in executor.running if not t.done()),
-                done=executor.done,
-                concurrency=queue.worker_concurrency,
-                started_at=started_at,
-            )
-            await anyio.sleep(BEAT_EVERY)
+        with beating:
+            while True:
+                await presence.beat(
+                    who,
+                    in_flight=sum(1 for t in executor.running if not t.done()),
+                    done=executor.done,
+                    concurrency=queue.worker_concurrency,
+                    started_at=started_at,
+                )
+                await anyio.sleep(BEAT_EVERY)
 
     def consuming() -> None:
         log.info("worker_consuming", consumer=getattr(broker, "consumer_name", who))
@@ -221,6 +224,7 @@ async def run_worker(settings: Settings) -> None:
                 with anyio.move_on_after(10):
                     await asyncio.gather(*leftover, return_exceptions=True)
             log.info("worker_runs_done")
+            beating.cancel()
             with anyio.move_on_after(5):
                 await presence.leave(who)
             with anyio.move_on_after(5):
