@@ -122,6 +122,15 @@ def _parser() -> argparse.ArgumentParser:
     ):
         d = sub.add_parser(name, help=text)
         d.add_argument("--config", "-c", default=None, help="daemon config YAML")
+        if name == "worker":
+            d.add_argument(
+                "--processes",
+                "-p",
+                type=int,
+                default=1,
+                metavar="N",
+                help="run N worker processes under one supervising parent (default 1)",
+            )
     return p
 
 
@@ -381,5 +390,13 @@ def _check(config: str | None, log_level: str | None) -> int:
 
 def _daemon_command(args: argparse.Namespace) -> int:
     from .service.main import main as daemon_main
+
+    if args.command == "worker" and args.processes != 1:
+        if args.processes < 1:
+            print("error: --processes: N must be 1 or more", file=sys.stderr)
+            return EXIT_USAGE
+        from .service.worker import supervise
+
+        return supervise(args.config, args.log_level, args.processes)
 
     return daemon_main(args.command, args.config, args.log_level)

@@ -32,6 +32,7 @@ __all__ = [
     "TriggerOrigin",
     "TriggerRow",
     "TriggerStatus",
+    "WorkerInfo",
 ]
 
 #: Where a trigger comes from: the config file, a pipeline's ``schedule:``, ``schedule add``.
@@ -164,6 +165,18 @@ class ClientsInfo(TypedDict):
     requests: int
 
 
+class WorkerInfo(TypedDict):
+    """A live ``flowerpower-daemon worker`` of the Redis queue (``status``'s ``workers``)."""
+
+    name: str  # <hostname>:<pid>, as results name it in "worker"
+    in_flight: int  # runs it executes now
+    done: int  # runs it finished since it started
+    concurrency: int  # queue.worker_concurrency
+    started_at: str  # ISO 8601
+    last_seen: str  # ISO 8601, its last beat (every 2 s)
+    age_s: float  # seconds since last_seen when the daemon read it
+
+
 class StatusInfo(TypedDict):
     """The answer of ``status``."""
 
@@ -186,6 +199,7 @@ class StatusInfo(TypedDict):
     paused: list[str]
     history: HistoryInfo
     control: ClientsInfo
+    workers: list[WorkerInfo]  # Redis queue: the live workers (read every 2 s); memory: []
 
 
 class DaemonControl(Protocol):

@@ -264,6 +264,8 @@ class RunResult:
     #: The whole message as JSON, kept by ``encoding.encode_result`` so that the MQTT
     #: sink, the job history and the dedup store do not each encode it again.
     encoded: bytes | None = field(default=None, repr=False, compare=False)
+    #: Where the run executed: ``<hostname>:<pid>`` of the worker (or of the daemon itself).
+    worker: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -315,6 +317,8 @@ class RunResult:
             "finished_at": self.finished_at.isoformat(),
             "duration_ms": round(self.duration_ms, 3),
         }
+        if self.worker is not None:
+            out["worker"] = self.worker
         if include_attempts:
             out["attempt_log"] = [a.to_dict() for a in self.attempts]
         return out

@@ -69,6 +69,7 @@ __all__ = [
     "TaskResult",
     "create_broker",
     "register_run_task",
+    "worker_name",
 ]
 
 TASK_NAME = "flowerpower.run_pipeline"
@@ -111,6 +112,11 @@ class InProcessRequest:
 
     def __init__(self, request: RunRequest) -> None:
         self.request = request
+
+
+def worker_name() -> str:
+    """This process as results, the run ledger and the workers listing name it."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 TaskArg = InProcessRequest | Mapping[str, object]
@@ -171,7 +177,7 @@ class RunLedger(RedisStore):
     ) -> None:
         self.url = url
         self.prefix = prefix
-        self.who = who or f"{socket.gethostname()}:{os.getpid()}"
+        self.who = who or worker_name()
         self.ttl = ttl
 
     # Registered on each new client by _scripts.
@@ -219,6 +225,9 @@ class RunExecutor:
     claims the key itself before running, and a ``ledger``, so that a run
     reclaimed from a dead worker reports the lost attempts and is given up
     (recorded as failed) after ``max_deliveries`` lost ones.
+
+    Every result names where it ran (``RunResult.worker``): ``who``, by default
+    this process's ``<hostname>:<pid>``. ``done`` counts the finished runs.
     """
 
     def __init__(
@@ -232,8 +241,11 @@ class RunExecutor:
         ledger: RunLedger | None = None,
         max_deliveries: int = 3,
         track_running: bool = False,
+        who: str | None = None,
     ) -> None:
         self.runner = runner
+        self.who = who or worker_name()
+        self.done = 0
         self.sink = sink
         self.on_result = on_result
         self.dedup = dedup
@@ -274,6 +286,7 @@ class RunExecutor:
                 if shared is None:
                     return {"run_id": request.run_id, "status": "duplicate"}
                 result = shared
+            result.worker = self.who
             if self.dedup is not None and request.dedup_key is not None:
                 # Stored before publishing: a crash after publishing re-publishes, never reruns.
                 try:
@@ -285,6 +298,7 @@ class RunExecutor:
                 await self.on_result(request, result)
             if self.ledger is not None:
                 await self.ledger.finished(request.run_id)
+            self.done += 1
             log.info(
                 "run_finished",
                 status=result.status,

@@ -10,12 +10,20 @@ reclaims, and :meth:`ReclaimingStreamBroker.keep_claimed` (run by
 ``flowerpower-daemon worker``) resets the idle time of everything this
 consumer holds, every third of ``idle_timeout``: only a worker that stopped
 loses its runs.
+
+:class:`WorkerPresence` is the live workers' listing (``flowerpowerctl
+status``): each worker keeps a hash of its name, runs in flight, runs done
+and last beat, with an expiry, and its name in an index; the daemon reads
+the fresh ones. Keys carry the queue name as a hash tag (``{queue}:...``),
+so that they share a Redis Cluster slot.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
-from typing import Any, NoReturn
+from datetime import UTC, datetime
+from typing import Any, NoReturn, TypedDict
 
 import anyio
 import structlog
@@ -24,7 +32,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from taskiq import AckableMessage
 from taskiq_redis import RedisStreamBroker
 
-__all__ = ["ReclaimingStreamBroker"]
+from ..state.stores import RedisStore
+
+__all__ = ["ReclaimingStreamBroker", "WorkerBeat", "WorkerPresence", "hash_tagged"]
 
 log = structlog.get_logger("flowerpower_daemon.streams")
 
@@ -38,6 +48,9 @@ class ReclaimingStreamBroker(RedisStreamBroker):
     #: taskiq acks a cancelled task like a failed one, which would lose the run; with
     #: acks withheld its message stays in the stream and another worker reclaims it.
     withhold_acks = False
+    #: Called once this consumer is in the consumer group, as it starts reading the
+    #: stream (a worker tells systemd READY=1 then).
+    on_listening: Callable[[], object] | None = None
 
     def _ack_generator(self, id: str, queue_name: str) -> Callable[[], Awaitable[None]]:
         ack = super()._ack_generator(id, queue_name)
@@ -63,6 +76,14 @@ class ReclaimingStreamBroker(RedisStreamBroker):
     async def listen(self) -> AsyncGenerator[AckableMessage, None]:
         conn: Any  # redis-py types the stream commands' replies too loosely to unpack
         async with Redis(connection_pool=self.connection_pool) as conn:
+            # Joined explicitly: a blocking XREADGROUP on an empty stream does not list the
+            # consumer (Redis 7.0), and "consuming" should mean "a member of the group".
+            await conn.xgroup_createconsumer(
+                self.queue_name, self.consumer_group_name, self.consumer_name
+            )
+            if self.on_listening is not None:
+                listening, self.on_listening = self.on_listening, None
+                listening()
             while True:
                 fetched = await conn.xreadgroup(
                     self.consumer_group_name,
@@ -124,3 +145,109 @@ class ReclaimingStreamBroker(RedisStreamBroker):
 
 def _text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def hash_tagged(queue_name: str) -> str:
+    """``queue_name`` as a Redis Cluster hash tag: ``{name}``, or as is when it has one."""
+    start = queue_name.find("{")
+    if start != -1 and queue_name.find("}", start + 2) != -1:
+        return queue_name
+    return f"{{{queue_name}}}"
+
+
+class WorkerBeat(TypedDict):
+    """One live worker, as ``status`` lists it."""
+
+    name: str
+    in_flight: int
+    done: int
+    concurrency: int
+    started_at: str
+    last_seen: str
+    age_s: float
+
+
+class WorkerPresence(RedisStore):
+    """The live workers of one queue: a hash per worker (with an expiry) plus an index.
+
+    ``{queue}:worker:<name>`` holds the worker's fields and expires ``ttl``
+    seconds after its last beat; ``{queue}:workers`` (a sorted set, score: the
+    last beat) names them, stale entries pruned on each beat and read. A
+    worker that stops leaves (:meth:`leave`); one that died drops out after ``ttl``.
+    """
+
+    def __init__(self, url: str, queue_name: str, *, ttl: float = 10.0) -> None:
+        self.url = url
+        self.prefix = hash_tagged(queue_name)
+        self.ttl = ttl
+
+    def _key(self, name: str) -> str:
+        return f"{self.prefix}:worker:{name}"
+
+    async def beat(
+        self, name: str, *, in_flight: int, done: int, concurrency: int, started_at: str
+    ) -> None:
+        """Record this worker as alive now; a Redis error is logged (the next beat retries)."""
+        now = time.time()
+        index = f"{self.prefix}:workers"
+        try:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.hset(
+                    self._key(name),
+                    mapping={
+                        "name": name,
+                        "in_flight": in_flight,
+                        "done": done,
+                        "concurrency": concurrency,
+                        "started_at": started_at,
+                        "last_seen": repr(now),
+                    },
+                )
+                pipe.expire(self._key(name), max(1, int(self.ttl)))
+                pipe.zadd(index, {name: now})
+                pipe.zremrangebyscore(index, "-inf", now - self.ttl)
+                pipe.expire(index, max(1, int(self.ttl)))
+                await pipe.execute()
+        except Exception as exc:  # redis.RedisError, OSError ...
+            log.warning("worker_beat_failed", error=str(exc))
+
+    async def leave(self, name: str) -> None:
+        try:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.delete(self._key(name))
+                pipe.zrem(f"{self.prefix}:workers", name)
+                await pipe.execute()
+        except Exception as exc:
+            log.warning("worker_beat_failed", error=str(exc))
+
+    async def live(self) -> list[WorkerBeat]:
+        """The workers seen within ``ttl``, by name (raises the Redis error)."""
+        now = time.time()
+        names = await self._redis.zrangebyscore(f"{self.prefix}:workers", now - self.ttl, "+inf")
+        if not names:
+            return []
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.hgetall(self._key(_text(name)))
+            rows: list[dict[bytes, bytes]] = await pipe.execute()
+        out: list[WorkerBeat] = []
+        for row in rows:
+            if not row:
+                continue  # expired meanwhile
+            f = {_text(k): _text(v) for k, v in row.items()}
+            try:
+                seen = float(f["last_seen"])
+                out.append(
+                    {
+                        "name": f["name"],
+                        "in_flight": int(f["in_flight"]),
+                        "done": int(f["done"]),
+                        "concurrency": int(f.get("concurrency", "0")),
+                        "started_at": f.get("started_at", ""),
+                        "last_seen": datetime.fromtimestamp(seen, UTC).isoformat(),
+                        "age_s": round(max(0.0, now - seen), 3),
+                    }
+                )
+            except (KeyError, ValueError):
+                continue  # written by something else
+        return sorted(out, key=lambda w: w["name"])

@@ -17,6 +17,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING
 
 import anyio
+import anyio.abc
 import anyio.to_thread
 import structlog
 from anyio.abc import TaskGroup
@@ -28,6 +29,7 @@ from ..control.api import (
     StatusInfo,
     TriggerOrigin,
     TriggerStatus,
+    WorkerInfo,
 )
 from ..control.events import EventBus
 from ..control.protocol import ProtocolError
@@ -98,6 +100,8 @@ class Controls:
         self.sink: MqttResultSink | None = None
         self.server: ControlServer | None = None
         self.executor: RunExecutor | None = None
+        #: Redis queue: the live workers, as :meth:`watch_workers` last read them.
+        self.workers: list[WorkerInfo] = []
 
     # ------------------------------------------------------------ wiring
 
@@ -211,7 +215,31 @@ class Controls:
                 "clients": server.clients if server else 0,
                 "requests": server.requests if server else 0,
             },
+            "workers": self.workers,
         }
+
+    async def watch_workers(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Redis queue: read the live workers for ``status`` every 2 s (``status`` is sync)."""
+        queue = self._settings.queue
+        if not queue.is_redis:
+            task_status.started()
+            return
+        from ..queue.streams import WorkerPresence
+
+        failing = False
+        async with WorkerPresence(queue.broker, queue.queue_name) as presence:
+            task_status.started()
+            while True:
+                try:
+                    self.workers = list(await presence.live())
+                    failing = False
+                except Exception as exc:  # redis.RedisError, OSError: keep the last listing
+                    if not failing:
+                        log.warning("workers_listing_failed", error=str(exc))
+                    failing = True
+                await anyio.sleep(2.0)
 
     def status_line(self) -> str:
         """One line for systemd's ``STATUS=``."""

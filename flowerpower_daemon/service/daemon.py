@@ -227,6 +227,7 @@ class Daemon:
                 await root.start(server.serve, name="control")
                 await root.start(self.history.run, name="history")
                 root.start_soon(self.notifier.watchdog, controls.status_line, name="watchdog")
+                await root.start(controls.watch_workers, name="workers")
                 await root.start(publisher.run, name="mqtt-results")
                 await root.start(link.run, name="mqtt-link")
                 async with anyio.create_task_group() as runs:
