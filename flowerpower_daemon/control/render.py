@@ -140,9 +140,27 @@ def _status(v: Mapping[str, object]) -> None:
         "counters   " + "  ".join(f"{k} {n}" for k, n in counters.items()),
         f"in flight  {v['in_flight']}",
     ]
+    workers = _rows(v.get("workers"))
+    if queue.get("backend") == "redis" and not workers:
+        lines.append("workers    none live")
     _out("\n".join(lines))
+    if workers:
+        _table(
+            [{**w, "last_seen": f"{_number(w.get('age_s')):.1f} s ago"} for w in workers],
+            [
+                ("name", "WORKER"),
+                ("in_flight", "IN FLIGHT"),
+                ("done", "DONE"),
+                ("concurrency", "CONC"),
+                ("last_seen", "LAST SEEN"),
+            ],
+        )
     if v["active"]:
         _jobs(_rows(v["active"]))
+
+
+def _number(value: object) -> float:
+    return float(value) if isinstance(value, int | float) else 0.0
 
 
 def _duration(seconds: object) -> str:

@@ -11,36 +11,24 @@ from __future__ import annotations
 
 import signal
 import socket
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from control_harness import NO_SYSTEMD, request, socket_of, wait_ready
-from daemon_harness import (
-    DaemonProcess,
-    base_settings,
-    client,
-    collect,
-    daemon,
-    make_project,
-    unique,
-    wait_online,
-    write_config,
-)
+from control_harness import CTL, NO_SYSTEMD, request, wait_ready
+from daemon_harness import DaemonProcess, configure, online_daemon, unique
 
 pytestmark = pytest.mark.timeout(180)
 
 HOST = socket.gethostname()
 
 
-def _settings(tmp_path: Path, port: int, **extra: Any) -> tuple[dict[str, Any], str]:
+def _temp_trigger() -> tuple[list[dict[str, Any]], str]:
     prefix = unique("w")
-    s = base_settings(make_project(tmp_path), tmp_path, port, **extra)
-    s["triggers"] = [
-        {"name": "temp", "type": "mqtt", "pipeline": "temperature", "topic": f"{prefix}/{{device}}"}
-    ]
-    return s, prefix
+    topic = f"{prefix}/{{device}}"
+    return [{"name": "temp", "type": "mqtt", "pipeline": "temperature", "topic": topic}], prefix
 
 
 def _job(sock: Path, run_id: str) -> dict[str, Any]:
@@ -70,19 +58,16 @@ def _workers_until(
 
 async def test_in_process_result_names_the_daemon(tmp_path: Path, mosquitto: Any) -> None:
     """Memory queue: the result and its history entry name the daemon; no workers listed."""
-    s, prefix = _settings(tmp_path, mosquitto.port)
-    tag = s["mqtt"]["client_id"]
-    with daemon(write_config(tmp_path, s), env=NO_SYSTEMD) as proc:
-        async with client(mosquitto.port) as c:
-            await wait_online(c, f"{tag}/status", proc)
-            await c.subscribe(f"{tag}/results/#", qos=1)
-            await c.publish(f"{prefix}/dev1", b'{"temperature": 12}', qos=1)
-            [(_, result, _)] = await collect(c, f"{tag}/results/temperature", 1, timeout=60)
-        sock = socket_of(tmp_path / "state")
-        status = wait_ready(sock, proc)
-        job = _job(sock, result["run_id"])
+    triggers, prefix = _temp_trigger()
+    config = configure(tmp_path, mosquitto.port, triggers)
+    async with online_daemon(config, subscribe=[config.results], env=NO_SYSTEMD) as d:
+        await d.client.publish(f"{prefix}/dev1", b'{"temperature": 12}', qos=1)
+        _, result, _ = await d.next_message(f"{d.tag}/results/temperature", 60)
+        status = wait_ready(config.sock, d.proc)
+        job = _job(config.sock, result["run_id"])
+        pid = d.proc.proc.pid
     assert result["status"] == "success"
-    assert result["worker"] == f"{HOST}:{proc.proc.pid}"
+    assert result["worker"] == f"{HOST}:{pid}"
     assert job["result"]["worker"] == result["worker"]
     assert status["workers"] == []
 
@@ -90,27 +75,26 @@ async def test_in_process_result_names_the_daemon(tmp_path: Path, mosquitto: Any
 async def test_redis_worker_named_in_result_history_and_status(
     tmp_path: Path, mosquitto: Any, redis_server: Any
 ) -> None:
-    """Redis queue: the result names the worker, status lists it live with its counts, it
-    leaves the listing when it stops; its log has no "Can't parse argument" warning."""
-    s, prefix = _settings(tmp_path, mosquitto.port)
-    s["queue"] = {"broker": redis_server.url, "queue_name": unique("q")}
-    tag = s["mqtt"]["client_id"]
-    config = write_config(tmp_path, s)
-    sock = socket_of(tmp_path / "state")
-    with daemon(config, env=NO_SYSTEMD) as proc, daemon(
-        config, command="worker", env=NO_SYSTEMD
-    ) as worker:
+    """Redis queue: the result names the worker, status (and `flowerpowerctl status`) lists it
+    live with its counts, it leaves the listing when it stops; its log has no "Can't parse
+    argument" warning."""
+    triggers, prefix = _temp_trigger()
+    queue = {"broker": redis_server.url, "queue_name": unique("q")}
+    config = configure(tmp_path, mosquitto.port, triggers, queue=queue)
+    sock = config.sock
+    async with online_daemon(
+        config, subscribe=[config.results], workers=1, env=NO_SYSTEMD
+    ) as d:
+        proc, [worker] = d.proc, d.workers
         name = f"{HOST}:{worker.proc.pid}"
-        async with client(mosquitto.port) as c:
-            await wait_online(c, f"{tag}/status", proc)
-            await c.subscribe(f"{tag}/results/#", qos=1)
-            for i in range(2):
-                await c.publish(f"{prefix}/dev{i}", b'{"temperature": 12}', qos=1)
-            results = await collect(c, f"{tag}/results/temperature", 2, timeout=60)
+        for i in range(2):
+            await d.client.publish(f"{prefix}/dev{i}", b'{"temperature": 12}', qos=1)
+        results = await d.collect(f"{d.tag}/results/temperature", 2, 60)
         wait_ready(sock, proc)
         job = _job(sock, results[0][1]["run_id"])
-        [listed] = _workers_until(
-            sock, proc, lambda ws: len(ws) == 1 and ws[0]["done"] >= 2
+        [listed] = _workers_until(sock, proc, lambda ws: len(ws) == 1 and ws[0]["done"] >= 2)
+        shown = subprocess.run(
+            [str(CTL), "--socket", str(sock), "status"], capture_output=True, text=True, timeout=30
         )
         worker.signal(signal.SIGTERM)
         assert worker.wait(30) == 0
@@ -122,5 +106,7 @@ async def test_redis_worker_named_in_result_history_and_status(
     assert listed["name"] == name
     assert listed["in_flight"] == 0 and listed["concurrency"] == 4
     assert listed["age_s"] < 10 and listed["last_seen"] and listed["started_at"]
+    assert shown.returncode == 0, shown.stderr
+    assert "WORKER" in shown.stdout and name in shown.stdout, shown.stdout
     assert "run_finished" in log
     assert "Can't parse argument" not in log
