@@ -78,8 +78,8 @@ async def run_worker(settings: Settings) -> None:
     queue = settings.queue
     # Shared with every daemon and worker: dedup keys (claimed here, as runs start) and
     # the starts of unfinished runs (so that a reclaimed run knows its lost attempts).
-    dedup = RedisDedupStore(queue.broker, dedup_prefix(queue))
-    ledger = RunLedger(queue.broker, f"{queue.queue_name}:started")
+    dedup = RedisDedupStore(queue.redis, dedup_prefix(queue))
+    ledger = RunLedger(queue.redis, f"{queue.queue_name}:started")
     executor = RunExecutor(
         project.runner,
         sink,
