@@ -255,12 +255,8 @@ def parse_broker(value: str, *, sentinel_password: str | None = None) -> RedisTa
             raise ValueError(f"invalid queue.broker {redact_url(value)!r}: no host")
         _check_options(value, value)
         return RedisTarget("server", value)
-    netloc, slash, path_query = rest.partition("/")
-    if not slash:
-        netloc, _, query = rest.partition("?")
-        path = ""
-    else:
-        path, _, query = path_query.partition("?")
+    rest, _, query = rest.partition("?")
+    netloc, _, path = rest.partition("/")
     userinfo, at, hosts = netloc.rpartition("@")
     default_port = 26379 if mode == "sentinel" else 6379
     nodes = tuple(_host_port(h.strip(), default_port, value) for h in hosts.split(",") if h.strip())

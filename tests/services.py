@@ -19,6 +19,10 @@ Fixtures (registered in ``tests/conftest.py``):
     A 3-master Redis Cluster (no replicas) on three loopback ports, slots
     assigned by ``redis-cli --cluster create``; ``.url`` is
     ``redis+cluster://127.0.0.1:P1,127.0.0.1:P2,127.0.0.1:P3``.
+``redis_tls``
+    A redis-server that speaks only TLS, with a self-signed certificate for
+    127.0.0.1 made by ``openssl``; ``.url`` is ``rediss://127.0.0.1:PORT/0``
+    and ``.ca_file`` the certificate to trust.
 ``redis_sentinel``
     A redis-server master and one ``redis-server --sentinel`` monitoring it
     as ``mymaster``; ``.url`` is ``redis+sentinel://127.0.0.1:SP/mymaster/0``.
@@ -59,6 +63,7 @@ __all__ = [
     "RedisClusterNodes",
     "RedisSentinelService",
     "RedisService",
+    "RedisTlsService",
     "Service",
     "ServiceStartError",
     "find_binary",
@@ -73,6 +78,7 @@ __all__ = [
     "redis_sentinel",
     "redis_server",
     "redis_session",
+    "redis_tls",
     "require_binary",
 ]
 
@@ -871,3 +877,56 @@ def redis_sentinel(
         yield service
     finally:
         service.close()
+
+
+class RedisTlsService(RedisService):
+    """A redis-server on a TLS port only (``tls-port``; the plain port is off)."""
+
+    scheme = "rediss"
+
+    def __init__(self, binary: str, base_dir: Path, **kwargs: Any) -> None:
+        self.ca_file = base_dir / "cert.pem"
+        key = base_dir / "key.pem"
+        subprocess.run(
+            [
+                require_binary("openssl", "openssl"),
+                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                "-keyout", str(key), "-out", str(self.ca_file),
+            ],
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )  # fmt: skip
+        super().__init__(binary, base_dir, appendonly=False, **kwargs)
+        self.overrides.update(
+            {
+                "tls-cert-file": self.ca_file,
+                "tls-key-file": key,
+                "tls-ca-cert-file": self.ca_file,
+                "tls-auth-clients": "no",
+            }
+        )
+
+    @property
+    def url(self) -> str:
+        return f"rediss://{self.host}:{self.port}/0"
+
+    def render_config(self) -> str:
+        text = redis_config(self.port, self.data_dir, appendonly=False, overrides=self.overrides)
+        return text.replace(f"port {self.port}\n", f"port 0\ntls-port {self.port}\n", 1)
+
+    def _probe(self, sock: socket.socket) -> bool:
+        import ssl
+
+        context = ssl.create_default_context(cafile=str(self.ca_file))
+        with context.wrap_socket(sock, server_hostname=self.host) as tls:
+            tls.sendall(b"PING\r\n")
+            return _recv_exact(tls, 7) == b"+PONG\r\n"
+
+
+@pytest.fixture
+def redis_tls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisTlsService]:
+    """A TLS-only redis-server of its own (``.url`` rediss://, ``.ca_file`` to trust)."""
+    with _factory(RedisTlsService, tmp_path_factory) as make:
+        yield make()
