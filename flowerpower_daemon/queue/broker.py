@@ -16,6 +16,10 @@
   unfinished run, so the run a worker reclaims reports the lost attempts in
   ``attempts``, and a run whose workers died ``queue.max_deliveries`` times
   is recorded as failed instead of killing the next worker too.
+- ``redis+sentinel://`` (or ``queue.sentinel``) and ``redis+cluster://`` (or
+  ``queue.cluster``): the same over taskiq-redis's Sentinel and Cluster stream
+  brokers and result backends, with the same reclaim and heartbeat
+  (:mod:`.streams`); every client comes from :mod:`..state.stores`.
 
 In memory mode the request object itself goes through taskiq
 (:class:`InProcessFormatter`): serialising it to hand it to the same process

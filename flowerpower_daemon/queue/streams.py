@@ -36,7 +36,7 @@ from taskiq import AckableMessage, AsyncBroker
 from taskiq_redis import RedisStreamBroker, RedisStreamClusterBroker, RedisStreamSentinelBroker
 
 from ..settings import RedisTarget
-from ..state.stores import RedisClient, cluster_for, sentinel_for
+from ..state.stores import cluster_for, sentinel_for
 
 __all__ = [
     "ReclaimingClusterStreamBroker",
@@ -168,20 +168,28 @@ class ReclaimingSentinelStreamBroker(_Reclaiming, RedisStreamSentinelBroker):
         self,
         target: RedisTarget,
         *,
+        queue_name: str,
+        consumer_group_name: str,
         idle_timeout: int,
+        xread_block: int,
         unacknowledged_batch_size: int = 100,
         xread_count: int | None = 100,
-        **stream_kwargs: Any,  # taskiq-redis's own stream arguments (queue_name, xread_block ...)
     ) -> None:
-        super().__init__(sentinels=list(target.nodes), master_name=target.master, **stream_kwargs)
+        super().__init__(
+            sentinels=list(target.nodes),
+            master_name=target.master,
+            queue_name=queue_name,
+            consumer_group_name=consumer_group_name,
+            xread_block=xread_block,
+        )
         self.sentinel = sentinel_for(target)
         self.idle_timeout = idle_timeout
         self.unacknowledged_batch_size = unacknowledged_batch_size
         self.count = xread_count
-        self._master: RedisClient | None = None
+        self._master: Redis | None = None
 
     @asynccontextmanager
-    async def _acquire_master_conn(self) -> AsyncIterator[Any]:
+    async def _acquire_master_conn(self) -> AsyncIterator[Redis]:
         # taskiq-redis makes a client (a pool, a master lookup, a connection) per command.
         if self._master is None:
             self._master = self.sentinel.master_for(self.master_name)
@@ -206,12 +214,19 @@ class ReclaimingClusterStreamBroker(_Reclaiming, RedisStreamClusterBroker):
         self,
         target: RedisTarget,
         *,
+        queue_name: str,
+        consumer_group_name: str,
         idle_timeout: int,
+        xread_block: int,
         unacknowledged_batch_size: int = 100,
         xread_count: int | None = 100,
-        **stream_kwargs: Any,  # taskiq-redis's own stream arguments (queue_name, xread_block ...)
     ) -> None:
-        super().__init__(target.url, **stream_kwargs)
+        super().__init__(
+            target.url,
+            queue_name=queue_name,
+            consumer_group_name=consumer_group_name,
+            xread_block=xread_block,
+        )
         self.redis = cluster_for(target)  # every start-up node, not only the URL's
         self.idle_timeout = idle_timeout
         self.unacknowledged_batch_size = unacknowledged_batch_size
