@@ -2,30 +2,40 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 
 import pytest
+import structlog
 from services import (
     mosquitto,
     mosquitto_factory,
     mosquitto_session,
+    redis_cluster,
     redis_factory,
+    redis_sentinel,
     redis_server,
     redis_session,
+    redis_tls,
 )
 
 __all__ = [
     "mosquitto",
     "mosquitto_factory",
     "mosquitto_session",
+    "redis_cluster",
     "redis_factory",
+    "redis_sentinel",
     "redis_server",
     "redis_session",
+    "redis_tls",
 ]
 
 _MQTT_FIXTURES = frozenset({"mosquitto", "mosquitto_factory", "mosquitto_session"})
-_REDIS_FIXTURES = frozenset({"redis_server", "redis_factory", "redis_session"})
+_REDIS_FIXTURES = frozenset(
+    {"redis_server", "redis_factory", "redis_session", "redis_cluster", "redis_sentinel", "redis_tls"}
+)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -49,3 +59,15 @@ def _own_runtime_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]
         os.environ.pop("XDG_RUNTIME_DIR", None)
     else:
         os.environ["XDG_RUNTIME_DIR"] = old
+
+
+@pytest.fixture(autouse=True)
+def _logging_reset() -> Iterator[None]:
+    """A test that runs an entry point in-process configures logging onto its captured
+    stderr; the next test must not write to that closed stream."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    structlog.reset_defaults()
+    root.handlers[:] = handlers
+    root.setLevel(level)

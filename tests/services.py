@@ -15,6 +15,17 @@ Fixtures (registered in ``tests/conftest.py``):
 ``mosquitto_factory`` / ``redis_factory``
     Function-scoped callables that start extra servers, optionally with
     config overrides, e.g. ``mosquitto_factory(max_queued_messages=10)``.
+``redis_cluster``
+    A 3-master Redis Cluster (no replicas) on three loopback ports, slots
+    assigned by ``redis-cli --cluster create``; ``.url`` is
+    ``redis+cluster://127.0.0.1:P1,127.0.0.1:P2,127.0.0.1:P3``.
+``redis_tls``
+    A redis-server that speaks only TLS, with a self-signed certificate for
+    127.0.0.1 made by ``openssl``; ``.url`` is ``rediss://127.0.0.1:PORT/0``
+    and ``.ca_file`` the certificate to trust.
+``redis_sentinel``
+    A redis-server master and one ``redis-server --sentinel`` monitoring it
+    as ``mymaster``; ``.url`` is ``redis+sentinel://127.0.0.1:SP/mymaster/0``.
 
 The broker config is derived from ``deploy/mosquitto.conf`` (the one we
 recommend for production): its global part is kept, persistence location,
@@ -49,7 +60,10 @@ __all__ = [
     "DEPLOY_MOSQUITTO_CONF",
     "REQUIRED_MOSQUITTO_SETTINGS",
     "MosquittoService",
+    "RedisClusterNodes",
+    "RedisSentinelService",
     "RedisService",
+    "RedisTlsService",
     "Service",
     "ServiceStartError",
     "find_binary",
@@ -58,10 +72,13 @@ __all__ = [
     "mosquitto_config",
     "mosquitto_factory",
     "mosquitto_session",
+    "redis_cluster",
     "redis_config",
     "redis_factory",
+    "redis_sentinel",
     "redis_server",
     "redis_session",
+    "redis_tls",
     "require_binary",
 ]
 
@@ -744,3 +761,172 @@ def redis_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisSer
         yield service
     finally:
         service.close()
+
+
+# ------------------------------------------------- Redis Cluster and Sentinel
+
+
+class RedisClusterNodes:
+    """Three cluster-enabled redis-servers made one cluster (every slot assigned, state ok)."""
+
+    def __init__(self, nodes: list[RedisService]) -> None:
+        self.nodes = nodes
+
+    @property
+    def url(self) -> str:
+        hosts = ",".join(f"{n.host}:{n.port}" for n in self.nodes)
+        return f"redis+cluster://{hosts}"
+
+    def create(self, timeout: float = START_TIMEOUT) -> None:
+        cli = require_binary("redis-cli", "redis-tools")
+        addresses = [f"{n.host}:{n.port}" for n in self.nodes]
+        subprocess.run(
+            [cli, "--cluster", "create", *addresses, "--cluster-replicas", "0", "--cluster-yes"],
+            check=True,
+            capture_output=True,
+            timeout=timeout,
+        )
+        deadline = time.monotonic() + timeout
+        while True:
+            states = [
+                subprocess.run(
+                    [cli, "-h", n.host, "-p", str(n.port), "cluster", "info"],
+                    capture_output=True,
+                    text=True,
+                    timeout=timeout,
+                ).stdout
+                for n in self.nodes
+            ]
+            if all("cluster_state:ok" in s for s in states):
+                return
+            if time.monotonic() >= deadline:
+                raise ServiceStartError(f"cluster not ok within {timeout} s: {states}")
+            time.sleep(0.05)
+
+
+class RedisSentinelService(Service):
+    """``redis-server --sentinel`` monitoring ``master`` (a RedisService) as ``master_name``."""
+
+    binary_name = "redis-server"
+    package = "redis-server"
+    scheme = "redis+sentinel"
+    config_name = "sentinel.conf"
+    ready_log_line = "+monitor master"
+
+    def __init__(
+        self, binary: str, base_dir: Path, *, master: RedisService, master_name: str, **kwargs: Any
+    ) -> None:
+        self.master = master
+        self.master_name = master_name
+        super().__init__(binary, base_dir, **kwargs)
+
+    @property
+    def url(self) -> str:
+        return f"redis+sentinel://{self.host}:{self.port}/{self.master_name}/0"
+
+    def render_config(self) -> str:
+        name = self.master_name
+        return (
+            f"port {self.port}\nbind {LOOPBACK}\ndaemonize no\ndir {self.data_dir}\n"
+            'logfile ""\n'
+            f"sentinel monitor {name} {self.master.host} {self.master.port} 1\n"
+            f"sentinel down-after-milliseconds {name} 1000\n"
+            f"sentinel failover-timeout {name} 5000\n"
+        )
+
+    def command(self) -> list[str]:
+        return [self.binary, str(self.config_path), "--sentinel"]
+
+    def _probe(self, sock: socket.socket) -> bool:
+        sock.sendall(b"PING\r\n")
+        return _recv_exact(sock, 7) == b"+PONG\r\n"
+
+
+@pytest.fixture
+def redis_cluster(
+    redis_factory: Callable[..., RedisService],
+) -> RedisClusterNodes:
+    """A 3-node Redis Cluster of our own (stopped with the test's redis_factory)."""
+    nodes = [
+        redis_factory(
+            appendonly=False,
+            overrides={
+                "cluster-enabled": "yes",
+                "cluster-config-file": "nodes.conf",
+                # The bus on a port of its own: the default, port + 10000, may be taken
+                # (or above 65535).
+                "cluster-port": free_port(),
+                "cluster-node-timeout": 2000,
+            },
+        )
+        for _ in range(3)
+    ]
+    cluster = RedisClusterNodes(nodes)
+    cluster.create()
+    return cluster
+
+
+@pytest.fixture
+def redis_sentinel(
+    redis_factory: Callable[..., RedisService], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RedisSentinelService]:
+    """A master and one sentinel monitoring it as ``mymaster``; ``.master`` is the master."""
+    master = redis_factory(appendonly=False)
+    service = _make(RedisSentinelService, tmp_path_factory, master=master, master_name="mymaster")
+    try:
+        yield service
+    finally:
+        service.close()
+
+
+class RedisTlsService(RedisService):
+    """A redis-server on a TLS port only (``tls-port``; the plain port is off)."""
+
+    scheme = "rediss"
+
+    def __init__(self, binary: str, base_dir: Path, **kwargs: Any) -> None:
+        self.ca_file = base_dir / "cert.pem"
+        key = base_dir / "key.pem"
+        subprocess.run(
+            [
+                require_binary("openssl", "openssl"),
+                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                "-keyout", str(key), "-out", str(self.ca_file),
+            ],
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )  # fmt: skip
+        super().__init__(binary, base_dir, appendonly=False, **kwargs)
+        self.overrides.update(
+            {
+                "tls-cert-file": self.ca_file,
+                "tls-key-file": key,
+                "tls-ca-cert-file": self.ca_file,
+                "tls-auth-clients": "no",
+            }
+        )
+
+    @property
+    def url(self) -> str:
+        return f"rediss://{self.host}:{self.port}/0"
+
+    def render_config(self) -> str:
+        text = redis_config(self.port, self.data_dir, appendonly=False, overrides=self.overrides)
+        return text.replace(f"port {self.port}\n", f"port 0\ntls-port {self.port}\n", 1)
+
+    def _probe(self, sock: socket.socket) -> bool:
+        import ssl
+
+        context = ssl.create_default_context(cafile=str(self.ca_file))
+        with context.wrap_socket(sock, server_hostname=self.host) as tls:
+            tls.sendall(b"PING\r\n")
+            return _recv_exact(tls, 7) == b"+PONG\r\n"
+
+
+@pytest.fixture
+def redis_tls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisTlsService]:
+    """A TLS-only redis-server of its own (``.url`` rediss://, ``.ca_file`` to trust)."""
+    with _factory(RedisTlsService, tmp_path_factory) as make:
+        yield make()

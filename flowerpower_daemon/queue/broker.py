@@ -16,6 +16,10 @@
   unfinished run, so the run a worker reclaims reports the lost attempts in
   ``attempts``, and a run whose workers died ``queue.max_deliveries`` times
   is recorded as failed instead of killing the next worker too.
+- ``redis+sentinel://`` (or ``queue.sentinel``) and ``redis+cluster://`` (or
+  ``queue.cluster``): the same over taskiq-redis's Sentinel and Cluster stream
+  brokers and result backends, with the same reclaim and heartbeat
+  (:mod:`.streams`); every client comes from :mod:`..state.stores`.
 
 In memory mode the request object itself goes through taskiq
 (:class:`InProcessFormatter`): serialising it to hand it to the same process
@@ -51,12 +55,11 @@ from ..mqtt.sinks import MqttResultSink, ResultSink
 from ..project.encoding import encode_result
 from ..project.models import AttemptInfo, ErrorInfo, RunRequest, RunResult, utcnow
 from ..project.runner import PipelineRunner
-from ..settings import QueueSettings
+from ..settings import QueueSettings, RedisTarget
 from ..state.dedup import DEFAULT_TTL, DedupStore
-from ..state.stores import RedisStore
+from ..state.stores import RedisClient, RedisStore
 
 if TYPE_CHECKING:
-    from redis.asyncio import Redis
     from redis.commands.core import AsyncScript
 
 __all__ = [
@@ -134,20 +137,58 @@ def create_broker(settings: QueueSettings, *, worker: bool = False) -> AsyncBrok
         # for sync tasks stays unused (and so without threads): the task is async.
         memory = InMemoryBroker(await_inplace=True, cast_types=False, sync_tasks_pool_size=1)
         return memory.with_result_backend(DummyResultBackend()).with_formatter(InProcessFormatter())
-    from taskiq_redis import RedisAsyncResultBackend
-
-    from .streams import ReclaimingStreamBroker
-
-    backend: RedisAsyncResultBackend[object] = RedisAsyncResultBackend(
-        settings.broker, result_ex_time=86400
+    from taskiq.abc.result_backend import AsyncResultBackend
+    from taskiq_redis import (
+        RedisAsyncClusterResultBackend,
+        RedisAsyncResultBackend,
+        RedisAsyncSentinelResultBackend,
     )
-    broker = ReclaimingStreamBroker(
-        settings.broker,
-        queue_name=settings.queue_name,
-        consumer_group_name=settings.consumer_group,
-        idle_timeout=int(settings.reclaim_after * 1000),
-        xread_block=1000,
+
+    from ..state.stores import cluster_for, sentinel_for
+    from .streams import (
+        ReclaimingClusterStreamBroker,
+        ReclaimingSentinelStreamBroker,
+        ReclaimingStreamBroker,
     )
+
+    target = settings.redis
+    idle_timeout = int(settings.reclaim_after * 1000)
+    queue, group = settings.queue_name, settings.consumer_group
+    broker: AsyncBroker
+    backend: AsyncResultBackend[object]
+    if target.mode == "sentinel":
+        broker = ReclaimingSentinelStreamBroker(
+            target,
+            idle_timeout=idle_timeout,
+            queue_name=queue,
+            consumer_group_name=group,
+            xread_block=1000,
+        )
+        sentinel = RedisAsyncSentinelResultBackend[object](
+            list(target.nodes), target.master, result_ex_time=86400
+        )
+        sentinel.sentinel = sentinel_for(target)  # with the credentials, db and TLS
+        backend = sentinel
+    elif target.mode == "cluster":
+        broker = ReclaimingClusterStreamBroker(
+            target,
+            idle_timeout=idle_timeout,
+            queue_name=queue,
+            consumer_group_name=group,
+            xread_block=1000,
+        )
+        cluster = RedisAsyncClusterResultBackend[object](target.url, result_ex_time=86400)
+        cluster.redis = cluster_for(target)  # every start-up node, not only the URL's
+        backend = cluster
+    else:
+        broker = ReclaimingStreamBroker(
+            target.url,
+            queue_name=queue,
+            consumer_group_name=group,
+            idle_timeout=idle_timeout,
+            xread_block=1000,
+        )
+        backend = RedisAsyncResultBackend(target.url, result_ex_time=86400)
     return broker.with_result_backend(backend).with_serializer(ORJSONSerializer())
 
 
@@ -173,7 +214,12 @@ class RunLedger(RedisStore):
     """
 
     def __init__(
-        self, url: str, prefix: str, *, who: str | None = None, ttl: float = 86400.0
+        self,
+        url: RedisTarget | str,
+        prefix: str,
+        *,
+        who: str | None = None,
+        ttl: float = 86400.0,
     ) -> None:
         self.url = url
         self.prefix = prefix
@@ -183,7 +229,7 @@ class RunLedger(RedisStore):
     # Registered on each new client by _scripts.
     _started: AsyncScript
 
-    def _scripts(self, redis: Redis) -> None:
+    def _scripts(self, redis: RedisClient) -> None:
         self._started = redis.register_script(_STARTED)
 
     async def started(self, run_id: str) -> tuple[list[Lost], str]:

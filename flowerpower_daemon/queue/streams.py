@@ -16,12 +16,23 @@ status``): each worker keeps a hash of its name, runs in flight, runs done
 and last beat, with an expiry, and its name in an index; the daemon reads
 the fresh ones. Keys carry the queue name as a hash tag (``{queue}:...``),
 so that they share a Redis Cluster slot.
+
+The same on a Sentinel-managed master (:class:`ReclaimingSentinelStreamBroker`,
+over taskiq-redis's ``RedisStreamSentinelBroker``) and on a Redis Cluster
+(:class:`ReclaimingClusterStreamBroker`, over ``RedisStreamClusterBroker``):
+taskiq-redis 1.2's versions of those never reclaim at all (no
+``XAUTOCLAIM``, no ``idle_timeout``); here they share this module's
+reclaim, heartbeat and ack handling (:class:`_Reclaiming`), and take their
+clients from :mod:`flowerpower_daemon.state.stores` (one long-lived master
+client that follows a failover, instead of taskiq's new client per command).
+The stream is one key, so every stream command goes to one Cluster node.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from datetime import UTC, datetime
 from typing import Any, NoReturn, TypedDict
 
@@ -29,20 +40,40 @@ import anyio
 import structlog
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from taskiq import AckableMessage
-from taskiq_redis import RedisStreamBroker
+from taskiq import AckableMessage, AsyncBroker
+from taskiq_redis import RedisStreamBroker, RedisStreamClusterBroker, RedisStreamSentinelBroker
 
-from ..state.stores import RedisStore
+from ..settings import RedisTarget
+from ..state.stores import RedisStore, cluster_for, sentinel_for
 
-__all__ = ["ReclaimingStreamBroker", "WorkerBeat", "WorkerPresence", "hash_tagged"]
+__all__ = [
+    "ReclaimingClusterStreamBroker",
+    "ReclaimingSentinelStreamBroker",
+    "ReclaimingStreamBroker",
+    "WorkerBeat",
+    "WorkerPresence",
+    "hash_tagged",
+]
 
 log = structlog.get_logger("flowerpower_daemon.streams")
 
 _ACK_TRIES = 5  # over about 2 s
 
 
-class ReclaimingStreamBroker(RedisStreamBroker):
-    """One stream, one consumer group; reclaims on every read round; see the module doc."""
+class _Reclaiming(AsyncBroker):
+    """Reclaim, heartbeat and acks of a stream broker; :meth:`_connection` lends a client."""
+
+    queue_name: str
+    consumer_group_name: str
+    consumer_name: str
+    block: int
+    count: int | None
+    idle_timeout: int
+    unacknowledged_batch_size: int
+
+    def _connection(self) -> AbstractAsyncContextManager[Any]:
+        """A client for one use (``async with``); ``Any``: redis-py's stream replies are untyped."""
+        raise NotImplementedError
 
     #: Set by a stopping worker before it cancels the runs still going at its deadline:
     #: taskiq acks a cancelled task like a failed one, which would lose the run; with
@@ -53,7 +84,9 @@ class ReclaimingStreamBroker(RedisStreamBroker):
     on_listening: Callable[[], object] | None = None
 
     def _ack_generator(self, id: str, queue_name: str) -> Callable[[], Awaitable[None]]:
-        ack = super()._ack_generator(id, queue_name)
+        async def ack() -> None:
+            async with self._connection() as conn:
+                await conn.xack(queue_name, self.consumer_group_name, id)
 
         async def guarded() -> None:
             if self.withhold_acks:
@@ -75,7 +108,7 @@ class ReclaimingStreamBroker(RedisStreamBroker):
 
     async def listen(self) -> AsyncGenerator[AckableMessage, None]:
         conn: Any  # redis-py types the stream commands' replies too loosely to unpack
-        async with Redis(connection_pool=self.connection_pool) as conn:
+        async with self._connection() as conn:
             # Joined explicitly: a blocking XREADGROUP on an empty stream does not list the
             # consumer (Redis 7.0), and "consuming" should mean "a member of the group".
             await conn.xgroup_createconsumer(
@@ -117,7 +150,7 @@ class ReclaimingStreamBroker(RedisStreamBroker):
         """Reset the idle time of this consumer's unacknowledged messages, forever."""
         interval = max(0.05, self.idle_timeout / 3000)
         conn: Any  # redis-py types the stream commands' replies too loosely to unpack
-        async with Redis(connection_pool=self.connection_pool) as conn:
+        async with self._connection() as conn:
             while True:
                 await anyio.sleep(interval)
                 try:
@@ -141,6 +174,88 @@ class ReclaimingStreamBroker(RedisStreamBroker):
                         )
                 except Exception as exc:  # redis.RedisError, OSError: try again next round
                     log.warning("stream_heartbeat_failed", error=str(exc))
+
+
+class ReclaimingStreamBroker(_Reclaiming, RedisStreamBroker):
+    """One stream on one Redis server, one consumer group; reclaims on every read round."""
+
+    def _connection(self) -> AbstractAsyncContextManager[Any]:
+        return Redis(connection_pool=self.connection_pool)
+
+
+class ReclaimingSentinelStreamBroker(_Reclaiming, RedisStreamSentinelBroker):
+    """The stream on the master that Redis Sentinel names; one client that follows failovers."""
+
+    def __init__(
+        self,
+        target: RedisTarget,
+        *,
+        queue_name: str,
+        consumer_group_name: str,
+        idle_timeout: int,
+        xread_block: int,
+        unacknowledged_batch_size: int = 100,
+        xread_count: int | None = 100,
+    ) -> None:
+        super().__init__(
+            sentinels=list(target.nodes),
+            master_name=target.master,
+            queue_name=queue_name,
+            consumer_group_name=consumer_group_name,
+            xread_block=xread_block,
+        )
+        self.sentinel = sentinel_for(target)
+        self.idle_timeout = idle_timeout
+        self.unacknowledged_batch_size = unacknowledged_batch_size
+        self.count = xread_count
+        self._master: Redis | None = None
+
+    @asynccontextmanager
+    async def _acquire_master_conn(self) -> AsyncIterator[Redis]:
+        # taskiq-redis makes a client (a pool, a master lookup, a connection) per command.
+        if self._master is None:
+            self._master = self.sentinel.master_for(self.master_name)
+        yield self._master
+
+    def _connection(self) -> AbstractAsyncContextManager[Any]:
+        return self._acquire_master_conn()
+
+    async def shutdown(self) -> None:
+        await super().shutdown()
+        if self._master is not None:
+            await self._master.aclose()
+            self._master = None
+        for node in self.sentinel.sentinels:
+            await node.aclose()
+
+
+class ReclaimingClusterStreamBroker(_Reclaiming, RedisStreamClusterBroker):
+    """The stream on a Redis Cluster (one key: one node serves it); one cluster client."""
+
+    def __init__(
+        self,
+        target: RedisTarget,
+        *,
+        queue_name: str,
+        consumer_group_name: str,
+        idle_timeout: int,
+        xread_block: int,
+        unacknowledged_batch_size: int = 100,
+        xread_count: int | None = 100,
+    ) -> None:
+        super().__init__(
+            target.url,
+            queue_name=queue_name,
+            consumer_group_name=consumer_group_name,
+            xread_block=xread_block,
+        )
+        self.redis = cluster_for(target)  # every start-up node, not only the URL's
+        self.idle_timeout = idle_timeout
+        self.unacknowledged_batch_size = unacknowledged_batch_size
+        self.count = xread_count
+
+    def _connection(self) -> AbstractAsyncContextManager[Any]:
+        return nullcontext(self.redis)  # shared; closed by shutdown
 
 
 def _text(value: object) -> str:
@@ -176,7 +291,7 @@ class WorkerPresence(RedisStore):
     worker that stops leaves (:meth:`leave`); one that died drops out after ``ttl``.
     """
 
-    def __init__(self, url: str, queue_name: str, *, ttl: float = 10.0) -> None:
+    def __init__(self, url: RedisTarget | str, queue_name: str, *, ttl: float = 10.0) -> None:
         self.url = url
         self.prefix = hash_tagged(queue_name)
         self.ttl = ttl

@@ -229,7 +229,7 @@ class Controls:
         from ..queue.streams import WorkerPresence
 
         failing = False
-        async with WorkerPresence(queue.broker, queue.queue_name) as presence:
+        async with WorkerPresence(queue.redis, queue.queue_name) as presence:
             task_status.started()
             while True:
                 try:

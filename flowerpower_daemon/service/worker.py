@@ -112,9 +112,9 @@ async def run_worker(settings: Settings) -> None:
     queue = settings.queue
     # Shared with every daemon and worker: dedup keys (claimed here, as runs start) and
     # the starts of unfinished runs (so that a reclaimed run knows its lost attempts).
-    dedup = RedisDedupStore(queue.broker, dedup_prefix(queue))
-    ledger = RunLedger(queue.broker, f"{queue.queue_name}:started", who=who)
-    presence = WorkerPresence(queue.broker, queue.queue_name, ttl=5 * BEAT_EVERY)
+    dedup = RedisDedupStore(queue.redis, dedup_prefix(queue))
+    ledger = RunLedger(queue.redis, f"{queue.queue_name}:started", who=who)
+    presence = WorkerPresence(queue.redis, queue.queue_name, ttl=5 * BEAT_EVERY)
     executor = RunExecutor(
         project.runner,
         sink,

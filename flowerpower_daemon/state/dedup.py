@@ -34,11 +34,10 @@ import anyio
 import anyio.to_thread
 import structlog
 
-from ..settings import QueueSettings, Settings
-from .stores import RedisStore, SqliteStore, open_sqlite
+from ..settings import QueueSettings, RedisTarget, Settings
+from .stores import RedisClient, RedisStore, SqliteStore, open_sqlite
 
 if TYPE_CHECKING:
-    from redis.asyncio import Redis
     from redis.commands.core import AsyncScript
 
 __all__ = [
@@ -198,7 +197,9 @@ class RedisDedupStore(RedisStore):
     Errors are the caller's (``redis.RedisError``, ``OSError``).
     """
 
-    def __init__(self, url: str, prefix: str, *, default_ttl: float = DEFAULT_TTL) -> None:
+    def __init__(
+        self, url: RedisTarget | str, prefix: str, *, default_ttl: float = DEFAULT_TTL
+    ) -> None:
         self.url = url
         self.prefix = prefix
         self.default_ttl = default_ttl
@@ -208,7 +209,7 @@ class RedisDedupStore(RedisStore):
     _complete: AsyncScript
     _forget: AsyncScript
 
-    def _scripts(self, redis: Redis) -> None:
+    def _scripts(self, redis: RedisClient) -> None:
         self._claim = redis.register_script(_CLAIM)
         self._complete = redis.register_script(_COMPLETE)
         self._forget = redis.register_script(_FORGET)
@@ -262,7 +263,7 @@ class RedisDedupLookup(RedisDedupStore):
 def dedup_store_for(settings: Settings) -> AbstractAsyncContextManager[DedupStore]:
     """The daemon's store: SQLite in the state dir, or a Redis lookup when workers run the runs."""
     if settings.queue.is_redis:
-        return RedisDedupLookup(settings.queue.broker, dedup_prefix(settings.queue))
+        return RedisDedupLookup(settings.queue.redis, dedup_prefix(settings.queue))
     return SqliteDedupStore(settings.state_path / "dedup.sqlite3")
 
 

@@ -15,7 +15,10 @@ not here; the daemon's job tracker knows them.
 
 With ``queue.broker`` on Redis the history is :class:`RedisHistory` instead,
 so the runs that ``flowerpower-daemon worker`` processes execute on other
-machines are visible to ``flowerpowerctl`` too.
+machines are visible to ``flowerpowerctl`` too. Its keys start with
+``<queue_name>:history``; on a Redis Cluster with ``{<queue_name>}:history``
+(a hash tag: one write touches the run's key and the index in one ``MULTI``,
+one read ``MGET``s many runs, so they must all live in one hash slot).
 """
 
 from __future__ import annotations
@@ -35,8 +38,8 @@ from anyio.abc import TaskStatus
 
 from ..project.encoding import encode_result
 from ..project.models import RunResult
-from ..settings import Settings
-from .stores import RedisStore, open_sqlite
+from ..settings import QueueSettings, RedisTarget, Settings
+from .stores import RedisStore, open_sqlite, redis_target
 
 __all__ = [
     "FINISHED_STATES",
@@ -45,6 +48,7 @@ __all__ = [
     "RedisHistory",
     "SqliteHistory",
     "history_for",
+    "history_prefix",
 ]
 
 log = structlog.get_logger("flowerpower_daemon.history")
@@ -347,7 +351,7 @@ class RedisHistory(RedisStore):
 
     def __init__(
         self,
-        url: str,
+        url: RedisTarget | str,
         *,
         prefix: str = "flowerpower:history",
         max_jobs: int = 10_000,
@@ -363,10 +367,7 @@ class RedisHistory(RedisStore):
 
     @property
     def location(self) -> str:
-        from urllib.parse import urlsplit
-
-        parts = urlsplit(self.url)
-        return f"{parts.scheme}://{parts.hostname}:{parts.port or 6379}{parts.path} ({self.prefix})"
+        return f"{redis_target(self.url).display} ({self.prefix})"
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Nothing to write in the background (writes are direct); kept for symmetry."""
@@ -424,13 +425,21 @@ class RedisHistory(RedisStore):
         return int(await self._redis.zcard(f"{self.prefix}:jobs"))
 
 
+def history_prefix(queue: QueueSettings) -> str:
+    """``<queue_name>:history``; ``{<queue_name>}:history`` on a Redis Cluster (a hash
+    tag: every history key in one hash slot)."""
+    if queue.redis.mode == "cluster":
+        return f"{{{queue.queue_name}}}:history"
+    return f"{queue.queue_name}:history"
+
+
 def history_for(settings: Settings) -> JobHistory:
     """SQLite in the state dir, or Redis next to the queue when ``queue.broker`` is Redis."""
     h = settings.history
     if settings.queue.is_redis:
         return RedisHistory(
-            settings.queue.broker,
-            prefix=f"{settings.queue.queue_name}:history",
+            settings.queue.redis,
+            prefix=history_prefix(settings.queue),
             max_jobs=h.max_jobs,
             max_age=h.max_age,
             max_result_bytes=h.max_result_bytes,

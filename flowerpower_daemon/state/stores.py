@@ -6,7 +6,15 @@ journal (readers never block the writer), a busy timeout, the schema created
 if missing. The
 Redis stores (dedup keys, timer state, run ledger, history) each hold one
 client, opened by ``async with`` and closed, shielded from cancellation, on
-the way out.
+the way out. :func:`open_redis` makes every Redis client of the daemon from
+``queue.broker`` (one server, a Sentinel-managed master, a Cluster); the
+stream broker's clients come from :func:`connection_kwargs`,
+:func:`sentinel_for` and :func:`cluster_for` too.
+
+Redis Cluster: a command, ``MULTI`` or Lua script that touches several keys
+needs them in one hash slot. Each store's script touches one key; the
+history's keys share the hash tag ``{<queue_name>}`` (see
+:mod:`.history`).
 """
 
 from __future__ import annotations
@@ -14,14 +22,31 @@ from __future__ import annotations
 import os
 import sqlite3
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Self
+from typing import TYPE_CHECKING, Literal, Self, Union
 
 import anyio
 
-if TYPE_CHECKING:
-    from redis.asyncio import Redis
+from ..settings import RedisTarget, parse_broker
 
-__all__ = ["RedisStore", "SqliteStore", "open_sqlite"]
+if TYPE_CHECKING:
+    from redis.asyncio import Redis, RedisCluster
+    from redis.asyncio.sentinel import Sentinel
+
+#: A client of ``queue.broker``: one server's or a Sentinel-managed master's, or a Cluster's.
+RedisClient = Union["Redis", "RedisCluster"]
+
+__all__ = [
+    "RedisClient",
+    "RedisConnection",
+    "RedisStore",
+    "SqliteStore",
+    "cluster_for",
+    "connection_kwargs",
+    "open_redis",
+    "open_sqlite",
+    "redis_target",
+    "sentinel_for",
+]
 
 
 def open_sqlite(
@@ -75,15 +100,94 @@ class SqliteStore:
         raise NotImplementedError
 
 
-class RedisStore:
-    """One Redis client for ``url``, opened by ``async with``; :meth:`_scripts` registers
-    a subclass's Lua scripts on it."""
+def redis_target(where: RedisTarget | str) -> RedisTarget:
+    """``where`` itself, or the target of a broker URL (``queue.broker``)."""
+    return where if isinstance(where, RedisTarget) else parse_broker(where)
 
-    url: str
-    _client: Redis | None = None
+
+def connection_kwargs(target: RedisTarget) -> dict[str, object]:
+    """redis-py's connection arguments from ``target.url`` (credentials, db, TLS, options),
+    without the address: for a Sentinel-managed master (``ssl`` instead of a connection class)."""
+    from redis.asyncio.connection import parse_url
+
+    kwargs: dict[str, object] = dict(parse_url(target.url))
+    for key in ("host", "port", "path", "connection_class"):
+        kwargs.pop(key, None)
+    if target.tls:
+        kwargs["ssl"] = True
+    return kwargs
+
+
+def sentinel_for(target: RedisTarget) -> Sentinel:
+    """A Sentinel client over ``target.nodes``; ``master_for(target.master)`` is the master."""
+    from redis.asyncio.sentinel import Sentinel
+
+    kwargs = connection_kwargs(target)
+    sentinel_kwargs: dict[str, object] = {
+        k: v for k, v in kwargs.items() if k.startswith(("socket_", "ssl"))
+    }
+    if target.sentinel_password is not None:
+        sentinel_kwargs["password"] = target.sentinel_password
+    return Sentinel(
+        sentinels=list(target.nodes),
+        min_other_sentinels=0,
+        sentinel_kwargs=sentinel_kwargs,
+        force_master_ip=None,
+        **kwargs,
+    )
+
+
+def cluster_for(target: RedisTarget) -> RedisCluster:
+    """A Redis Cluster client that starts from any of ``target.nodes``."""
+    from redis.asyncio import RedisCluster
+    from redis.asyncio.cluster import ClusterNode
+
+    others = [ClusterNode(host, port) for host, port in target.nodes[1:]]
+    return RedisCluster.from_url(target.url, startup_nodes=others or None)
+
+
+class RedisConnection:
+    """One client for ``queue.broker`` and what :meth:`aclose` must close with it."""
+
+    def __init__(self, client: RedisClient, sentinel: Sentinel | None = None) -> None:
+        self.client = client
+        self._sentinel = sentinel
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+        if self._sentinel is not None:
+            for node in self._sentinel.sentinels:
+                await node.aclose()
+
+
+def open_redis(where: RedisTarget | str) -> RedisConnection:
+    """The client for ``where``: one server, the Sentinel-managed master, or a Cluster.
+
+    Nothing is connected yet (redis-py connects on the first command); a
+    Sentinel client asks the sentinels for the master on every new connection,
+    so it follows a failover.
+    """
+    target = redis_target(where)
+    if target.mode == "cluster":
+        return RedisConnection(cluster_for(target))
+    if target.mode == "sentinel":
+        sentinel = sentinel_for(target)
+        return RedisConnection(sentinel.master_for(target.master), sentinel)
+    import redis.asyncio as aioredis
+
+    return RedisConnection(aioredis.Redis.from_url(target.url))
+
+
+class RedisStore:
+    """One Redis client for ``url`` (a :class:`RedisTarget` or a broker URL), opened by
+    ``async with``; :meth:`_scripts` registers a subclass's Lua scripts on it."""
+
+    url: RedisTarget | str
+    _client: RedisClient | None = None
+    _connection: RedisConnection | None = None
 
     @property
-    def _redis(self) -> Redis:
+    def _redis(self) -> RedisClient:
         """The open client (only inside ``async with``)."""
         client = self._client
         if client is None:
@@ -91,17 +195,16 @@ class RedisStore:
         return client
 
     async def __aenter__(self) -> Self:
-        import redis.asyncio as aioredis
-
-        self._client = aioredis.Redis.from_url(self.url)
+        self._connection = open_redis(self.url)
+        self._client = self._connection.client
         self._scripts(self._client)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        if self._client is not None:
+        if self._connection is not None:
             with anyio.move_on_after(5, shield=True):
-                await self._client.aclose()
-            self._client = None
+                await self._connection.aclose()
+            self._connection = self._client = None
 
-    def _scripts(self, redis: Redis) -> None:
+    def _scripts(self, redis: RedisClient) -> None:
         """Register Lua scripts on a new client (none by default)."""

@@ -33,11 +33,10 @@ import anyio
 import anyio.to_thread
 import structlog
 
-from ..settings import Settings
-from .stores import RedisStore, SqliteStore, open_sqlite
+from ..settings import RedisTarget, Settings
+from .stores import RedisClient, RedisStore, SqliteStore, open_sqlite
 
 if TYPE_CHECKING:
-    from redis.asyncio import Redis
     from redis.commands.core import AsyncScript
 
 __all__ = ["RedisTimerState", "SqliteTimerState", "TimerState", "lock_ttl", "timer_state_for"]
@@ -143,7 +142,7 @@ class SqliteTimerState(SqliteStore):
 class RedisTimerState(RedisStore):
     """Last fire times in the hash ``<prefix>``, tick locks at ``<prefix>:lock:<name>:<time>``."""
 
-    def __init__(self, url: str, prefix: str, owner: str | None = None) -> None:
+    def __init__(self, url: RedisTarget | str, prefix: str, owner: str | None = None) -> None:
         self.url = url
         self.prefix = prefix
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}"
@@ -151,7 +150,7 @@ class RedisTimerState(RedisStore):
     # Registered on each new client by _scripts.
     _record: AsyncScript
 
-    def _scripts(self, redis: Redis) -> None:
+    def _scripts(self, redis: RedisClient) -> None:
         self._record = redis.register_script(_RECORD_MAX)
 
     async def last_fire(self, name: str) -> datetime | None:
@@ -191,5 +190,5 @@ class RedisTimerState(RedisStore):
 def timer_state_for(settings: Settings) -> AbstractAsyncContextManager[TimerState]:
     """SQLite in the state dir, or Redis next to the queue when ``queue.broker`` is Redis."""
     if settings.queue.is_redis:
-        return RedisTimerState(settings.queue.broker, prefix=f"{settings.queue.queue_name}:timers")
+        return RedisTimerState(settings.queue.redis, prefix=f"{settings.queue.queue_name}:timers")
     return SqliteTimerState(settings.state_path / "timers.sqlite3")
