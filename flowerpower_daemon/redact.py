@@ -16,7 +16,10 @@ from collections.abc import MutableMapping
 __all__ = ["redact_event", "redact_url"]
 
 # scheme://[user]:password@ -- the password ends at the last "@" before the host part.
-_CREDENTIALS = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:/?#@\s]*):[^/?#\s]*@")
+# Mistyped URLs too (``mqtt:/u:pw@h``, ``redis//:pw@h``): they end up in error messages.
+_CREDENTIALS = re.compile(
+    r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*(?::/{0,2}|//)[^:/?#@\s]*):[^/?#\s]*@"
+)
 
 
 def redact_url(text: str) -> str:
@@ -30,7 +33,7 @@ def redact_event(
 ) -> MutableMapping[str, object]:
     """structlog processor: :func:`redact_url` on each string field (a cheap ``@`` test first)."""
     for key, value in event.items():
-        if type(value) is str and "@" in value and "://" in value:
+        if type(value) is str and "@" in value:
             event[key] = redact_url(value)
         elif type(value) is list:
             event[key] = [redact_url(v) if type(v) is str and "@" in v else v for v in value]

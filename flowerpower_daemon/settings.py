@@ -109,6 +109,10 @@ class MqttSettings(_Frozen):
                 f"invalid MQTT url {redact_url(value)!r}: "
                 "use mqtt://host:port, mqtts://host:port or 'embedded'"
             )
+        try:
+            parts.port  # noqa: B018 (urlsplit checks the port only when asked)
+        except ValueError as exc:
+            raise ValueError(f"invalid MQTT url {redact_url(value)!r}: {exc}") from None
         return value
 
     @field_validator("result_store")

@@ -257,6 +257,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the daemon's JSON answer")
     p.add_argument(
         "--timeout",
+        dest="answer_timeout",
         type=parse_duration,
         default=None,
         help="give up after this long (default 30s; none for run --wait and events)",
@@ -374,7 +375,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cmd, cmd_args = _request(args)
     path = args.socket or default_socket()
     long = cmd == "events" or (cmd == "run" and args.wait)
-    timeout = args.timeout if args.timeout is not None else (None if long else 30.0)
+    timeout = args.answer_timeout if args.answer_timeout is not None else (None if long else 30.0)
     try:
         return anyio.run(_main, path, cmd, cmd_args, args.json, timeout)
     except KeyboardInterrupt:

@@ -87,6 +87,11 @@ def test_redact_url_forms() -> None:
         redact_url("Error connecting to rediss://:x@10.0.0.1:6380/1: refused")
         == "Error connecting to rediss://:***@10.0.0.1:6380/1: refused"
     )
+    # Mistyped URLs are quoted by the errors that refuse them: their passwords go too.
+    assert redact_url("mqtt:/u:pw@h:1883") == "mqtt:/u:***@h:1883"
+    assert redact_url("redis//:pw@h:6379/0") == "redis//:***@h:6379/0"
+    assert redact_url("rediss:/:pw@h") == "rediss:/:***@h"
+    assert redact_url("mail me at a@b.com") == "mail me at a@b.com"
 
 
 def test_a_refused_url_is_quoted_without_its_password(tmp_path: Path) -> None:
@@ -99,6 +104,11 @@ def test_a_refused_url_is_quoted_without_its_password(tmp_path: Path) -> None:
     assert refused.returncode == 2
     assert "queue.broker" in refused.stderr and "http://:***@127.0.0.1:6379/0" in refused.stderr
     assert password not in refused.stderr + refused.stdout
+    s["queue"] = {"broker": f"redis//:{password}@127.0.0.1:6379/0"}
+    s["mqtt"]["url"] = f"mqtt:/fp:{password}@127.0.0.1:1883"
+    mistyped = _check(write_config(tmp_path, s))
+    assert mistyped.returncode == 2 and "mqtt.url" in mistyped.stderr, mistyped.stderr
+    assert password not in mistyped.stderr + mistyped.stdout
 
 
 def _relative_config(tmp_path: Path, port: int) -> Path:
