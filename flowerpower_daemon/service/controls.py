@@ -23,6 +23,7 @@ from anyio.abc import TaskGroup
 
 from ..control.api import (
     ActiveRun,
+    FleetDaemon,
     JobState,
     ReloadReport,
     StatusInfo,
@@ -213,6 +214,24 @@ class Controls:
             },
         }
 
+    async def fleet_status(self, wait: float) -> list[FleetDaemon]:
+        from ..mqtt.client import MqttError, retained_messages
+
+        # The link's settings: with the embedded broker they name where it listens.
+        mqtt = self.link.settings if self.link is not None else self._settings.mqtt
+        if not mqtt.status_topic:
+            return []
+        try:
+            with anyio.fail_after(wait + 10):  # + connecting (the client's own 10 s bound)
+                found = await retained_messages(mqtt, mqtt.fleet_status_filter, wait)
+        except (MqttError, TimeoutError, OSError) as exc:
+            raise ConnectionError(f"broker {mqtt.host}:{mqtt.port}: {exc}") from None
+        own = mqtt.own_status_topic
+        return sorted(
+            (fleet_daemon(topic, payload, own) for topic, payload in found.items()),
+            key=lambda d: (d["client_id"], d["topic"]),
+        )
+
     def status_line(self) -> str:
         """One line for systemd's ``STATUS=``."""
         st = self.stats
@@ -399,3 +418,31 @@ def _merge(configured: list[Trigger], dynamic: Sequence[Trigger]) -> list[Trigge
         if trig.name in names:
             log.error("dynamic_schedule_shadowed", schedule=trig.name)
     return configured + [t for t in dynamic if t.name not in names]
+
+
+def fleet_daemon(topic: str, payload: bytes, own_topic: str) -> FleetDaemon:
+    """One retained status message as a :class:`FleetDaemon` row (any payload)."""
+    import orjson
+
+    try:
+        data: object = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        data = payload.decode("utf-8", "replace")
+    row: FleetDaemon = {"topic": topic, "client_id": "", "status": "", "self": topic == own_topic}
+    if isinstance(data, dict):
+        status, client_id = data.get("status"), data.get("client_id")
+        row["status"] = str(status) if status is not None else ""
+        row["client_id"] = str(client_id) if client_id is not None else ""
+        version, host, pid = data.get("version"), data.get("host"), data.get("pid")
+        pipelines = data.get("pipelines")
+        if isinstance(version, str):
+            row["version"] = version
+        if isinstance(host, str):
+            row["host"] = host
+        if isinstance(pid, int):
+            row["pid"] = pid
+        if isinstance(pipelines, list):
+            row["pipelines"] = [str(p) for p in pipelines]
+    else:
+        row["status"] = str(data)
+    return row
