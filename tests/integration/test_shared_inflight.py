@@ -81,7 +81,10 @@ class Member:
         stdout = self.proc.stdout
         task_status.started()
         while True:
-            line = await anyio.to_thread.run_sync(stdout.readline, abandon_on_cancel=True)
+            try:
+                line = await anyio.to_thread.run_sync(stdout.readline, abandon_on_cancel=True)
+            except ValueError:  # closed by member() once the process is gone
+                return
             if not line:
                 return
             self.lines.append(line.strip())
