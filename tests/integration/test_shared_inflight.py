@@ -164,7 +164,9 @@ async def test_mosquitto_shared_subscription_inflight_on_member_death(mosquitto:
                     await tg.start(back.read)
                     await back.wait_line("connected")
                     with anyio.move_on_after(2.0):
-                        await back.wait_for(lambda: len(back.received) >= len(held) + 20 - len(away))
+                        await back.wait_for(
+                            lambda: len(back.received) >= len(held) + 20 - len(away)
+                        )
                     returned = back.received
                     session_present = back.lines[0]
         tg.cancel_scope.cancel()
