@@ -6,7 +6,9 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from daemon_harness import BIN, base_settings, make_project, write_config
+import yaml
+from control_harness import NO_SYSTEMD, request, socket_of, wait_ready
+from daemon_harness import BIN, base_settings, daemon, make_project, unique, write_config
 
 from flowerpower_daemon.service.check import redis_policy_problems
 from flowerpower_daemon.settings import Settings
@@ -99,3 +101,28 @@ def test_every_unenforced_policy_is_named(tmp_path: Path) -> None:
         "triggers[2].coalesce",
         "triggers[5].overlap",
     ]
+
+
+async def test_reload_refuses_the_same_and_keeps_running(
+    tmp_path: Path, mosquitto: Any, redis_server: Any
+) -> None:
+    """A reload that adds `overlap: skip` in Redis mode is refused; the old config stays."""
+    settings = base_settings(make_project(tmp_path), tmp_path, mosquitto.port)
+    settings["queue"] = {"broker": redis_server.url, "queue_name": unique("q")}
+    trigger = {"name": "temp", "type": "mqtt", "pipeline": "temperature", "topic": "x/{device}"}
+    settings["triggers"] = [trigger]
+    config = write_config(tmp_path, settings)
+    with daemon(config, env=NO_SYSTEMD) as proc:
+        sock = socket_of(tmp_path / "state")
+        wait_ready(sock, proc)
+        settings["triggers"] = [{**trigger, "overlap": "skip"}]
+        config.write_text(yaml.safe_dump(settings))
+        answer = request(sock, "reload", timeout=60)
+        assert not answer["ok"], answer
+        error = answer["error"]
+        assert error["code"] == "reload_failed", error
+        [problem] = error["details"]
+        assert problem["key"] == "triggers[0].overlap", problem
+        assert problem["message"].startswith(f"'skip' {WHY}"), problem
+        assert request(sock, "status")["result"]["state"] == "running"
+        assert proc.proc.poll() is None
