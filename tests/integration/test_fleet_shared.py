@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.abc
 import orjson
 import pytest
 from daemon_harness import (
@@ -58,29 +59,30 @@ class Results:
     def __init__(self, tags: list[str]) -> None:
         self.tags = tags
         self.by_msg: defaultdict[int, list[tuple[str, str]]] = defaultdict(list)
+        self._changed = anyio.Event()  # set (and replaced) at every message
 
-    async def collect(self, c: Any, until: int, timeout: float, proc: DaemonProcess) -> None:
+    async def read(self, c: Any, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+        """Every message of ``c``, for the whole test: cancelling an iteration of aiomqtt's
+        ``messages`` mid-stream can drop the message being handed over, so it runs once."""
+        task_status.started()
+        async for msg in c.messages:
+            self._add(msg)
+            self._changed.set()
+            self._changed = anyio.Event()
+
+    async def wait_all(self, until: int, timeout: float, proc: DaemonProcess) -> None:
         """Until ``until`` distinct messages are answered, then 1 s more (late duplicates)."""
         try:
             with anyio.fail_after(timeout):
-                async for msg in c.messages:
-                    self._add(msg)
-                    if len(self.by_msg) >= until:
-                        break
+                while len(self.by_msg) < until:
+                    await self._changed.wait()
         except TimeoutError:
             missing = sorted(set(range(COUNT)) - set(self.by_msg))[:20]
             raise AssertionError(
                 f"{len(self.by_msg)} of {until} answered; missing e.g. {missing}\n"
                 f"{proc.log()[-3000:]}"
             ) from None
-        with anyio.move_on_after(1.0):
-            async for msg in c.messages:
-                self._add(msg)
-
-    async def collect_for(self, c: Any, seconds: float) -> None:
-        with anyio.move_on_after(seconds):
-            async for msg in c.messages:
-                self._add(msg)
+        await anyio.sleep(1.0)
 
     def _add(self, msg: Any) -> None:
         tag, _, rest = msg.topic.value.partition("/")
@@ -115,8 +117,11 @@ async def test_two_daemons_split_a_shared_topic(tmp_path: Path, mosquitto: Any) 
             await wait_online(c, f"{tag_b}/status", b)
             await c.subscribe(f"{tag_a}/results/#", qos=1)
             await c.subscribe(f"{tag_b}/results/#", qos=1)
-            await _publish(mosquitto.port, prefix, range(COUNT))
-            await results.collect(c, COUNT, 60, a)
+            async with anyio.create_task_group() as tg:
+                await tg.start(results.read, c)
+                await _publish(mosquitto.port, prefix, range(COUNT))
+                await results.wait_all(COUNT, 60, a)
+                tg.cancel_scope.cancel()
     assert set(results.by_msg) == set(range(COUNT))
     twice = {i: r for i, r in results.by_msg.items() if len(r) != 1}
     assert not twice, twice
@@ -143,16 +148,19 @@ async def test_sigkill_of_one_member_loses_nothing(
                 await wait_online(c, f"{tag_b}/status", b)
                 await c.subscribe(f"{tag_a}/results/#", qos=1)
                 await c.subscribe(f"{tag_b}/results/#", qos=1)
-                # Runs of 0.2 s: b holds runs in flight and messages unacked when killed.
-                await _publish(mosquitto.port, prefix, range(COUNT // 2), 0.2)
-                b.signal(signal.SIGKILL)
-                b.wait(10)
-                await results.collect_for(c, 0.2)
-                before_kill = results.per_daemon()
-                await _publish(mosquitto.port, prefix, range(COUNT // 2, COUNT), 0.2)
-                b.close()
-                b = DaemonProcess(config_b)  # same client id and state dir
-                await results.collect(c, COUNT, 90, b)
+                async with anyio.create_task_group() as tg:
+                    await tg.start(results.read, c)
+                    # Runs of 0.2 s: b holds runs in flight and messages unacked when killed.
+                    await _publish(mosquitto.port, prefix, range(COUNT // 2), 0.2)
+                    b.signal(signal.SIGKILL)
+                    b.wait(10)
+                    await anyio.sleep(0.2)
+                    before_kill = results.per_daemon()
+                    await _publish(mosquitto.port, prefix, range(COUNT // 2, COUNT), 0.2)
+                    b.close()
+                    b = DaemonProcess(config_b)  # same client id and state dir
+                    await results.wait_all(COUNT, 90, b)
+                    tg.cancel_scope.cancel()
         finally:
             b.close()
     assert set(results.by_msg) == set(range(COUNT))
