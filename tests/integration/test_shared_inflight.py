@@ -12,6 +12,9 @@ is dead): it held 10 unacked; none went to the live member; of the 20
 published while it was away the live member got 10 and 10 were queued for
 the dead member's session; back (same client id, session present) it got
 all 20: its 10 unacked again with DUP set, then the 10 queued.
+With a session expiry of 1 s and the member never back: its unacked
+messages and its queued share are dropped at expiry (the live member gets
+none of them), and every later message goes to the live member.
 """
 
 from __future__ import annotations
@@ -39,10 +42,11 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 port, cid, filt, subscribe = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4] == "1"
+expiry = int(sys.argv[5])
 c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=cid, protocol=mqtt.MQTTv5)
 c.manual_ack_set(True)
 props = Properties(PacketTypes.CONNECT)
-props.SessionExpiryInterval = 300
+props.SessionExpiryInterval = expiry
 props.ReceiveMaximum = 100
 
 def on_connect(c, u, flags, rc, p):
@@ -67,9 +71,10 @@ c.loop_forever()
 class Member:
     """The never-acking member as a child process; its lines are read by a thread."""
 
-    def __init__(self, port: int, cid: str, filt: str, subscribe: bool) -> None:
+    def __init__(self, port: int, cid: str, filt: str, subscribe: bool, expiry: int) -> None:
+        args = [str(port), cid, filt, "1" if subscribe else "0", str(expiry)]
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", _MEMBER, str(port), cid, filt, "1" if subscribe else "0"],
+            [sys.executable, "-c", _MEMBER, *args],
             stdout=subprocess.PIPE,
             text=True,
         )
@@ -116,8 +121,10 @@ class Member:
 
 
 @contextmanager
-def member(port: int, cid: str, filt: str, *, subscribe: bool) -> Iterator[Member]:
-    m = Member(port, cid, filt, subscribe)
+def member(
+    port: int, cid: str, filt: str, *, subscribe: bool, expiry: int = 300
+) -> Iterator[Member]:
+    m = Member(port, cid, filt, subscribe, expiry)
     try:
         yield m
     finally:
@@ -193,3 +200,45 @@ async def test_mosquitto_shared_subscription_inflight_on_member_death(mosquitto:
     assert set(returned) == held | (b_all - away)
     assert all(returned[p] == 0 for p in b_all - away)
     assert session_present == "connected session_present=1"
+
+
+async def test_mosquitto_drops_a_dead_members_messages_when_its_session_expires(
+    mosquitto: Any,
+) -> None:
+    """Mosquitto 2.0: when the dead member's session expires, its unacked and queued
+    messages are gone; the live member does not get them."""
+    topic = unique("shared")
+    filt = f"$share/{unique('g')}/{topic}"
+    cid = unique("member")
+    got: set[str] = set()
+    async with anyio.create_task_group() as tg:
+        with member(mosquitto.port, cid, filt, subscribe=True, expiry=1) as m1:
+            await tg.start(m1.read)
+            await m1.wait_line("subscribed")
+            async with client(mosquitto.port) as m2, client(mosquitto.port) as pub:
+                await m2.subscribe(filt, qos=1)
+                async with anyio.create_task_group() as reading:
+                    await reading.start(_read, m2, got)
+                    for i in range(20):
+                        await pub.publish(topic, f"a{i}".encode(), qos=1)
+                    await anyio.sleep(1.0)
+                    held = set(m1.received)
+                    assert held and got
+                    m1.kill()
+                    for i in range(20):  # at once: some are queued for the dead member
+                        await pub.publish(topic, f"b{i}".encode(), qos=1)
+                    await anyio.sleep(3.0)  # its session (1 s) has expired
+                    for i in range(20):
+                        await pub.publish(topic, f"c{i}".encode(), qos=1)
+                    await anyio.sleep(1.0)
+                    reading.cancel_scope.cancel()
+        tg.cancel_scope.cancel()
+    lost = {f"b{i}" for i in range(20)} - got
+    print(
+        f"held by the dead member: {len(held)}, to the live member after expiry: "
+        f"{len(held & got)}; published while it was away (before expiry): 20, to the live "
+        f"member: {20 - len(lost)}; after expiry: {len({p for p in got if p[0] == 'c'})} of 20"
+    )
+    assert not held & got  # its unacked messages never reach the live member
+    assert lost  # nor does its share of those published before the session expired
+    assert {f"c{i}" for i in range(20)} <= got  # after expiry the live member gets all
