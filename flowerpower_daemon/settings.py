@@ -160,6 +160,15 @@ class MqttSettings(_Frozen):
         return value
 
     @model_validator(mode="after")
+    def _status_level(self) -> MqttSettings:
+        if "{client_id}" in self.status_topic and any(c in self.client_id for c in "/+#"):
+            raise ValueError(
+                f"client_id {self.client_id!r} cannot fill status_topic's {{client_id}} "
+                "(one topic level: no /, + or #); change one of them"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _secret_file(self) -> MqttSettings:
         if self.password_file and self.password is None:
             try:

@@ -94,3 +94,6 @@ def test_status_topic_keeps_a_literal_topic(tmp_path: Path) -> None:
         MqttSettings(status_topic="s/{host}")
     with pytest.raises(ValueError, match="no wildcards"):
         MqttSettings(status_topic="s/+/x")
+    with pytest.raises(ValueError, match="one topic level"):
+        MqttSettings(client_id="site/d1")
+    assert MqttSettings(client_id="site/d1", status_topic="s").own_status_topic == "s"
