@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 import anyio.to_thread
+import orjson
 import structlog
 from anyio.abc import TaskGroup
 
@@ -228,7 +229,10 @@ class Controls:
             raise ConnectionError(f"broker {mqtt.host}:{mqtt.port}: {exc}") from None
         own = mqtt.own_status_topic
         return sorted(
-            (fleet_daemon(topic, payload, own) for topic, payload in found.items()),
+            (
+                fleet_daemon(topic, payload, own, mqtt.status_topic)
+                for topic, payload in found.items()
+            ),
             key=lambda d: (d["client_id"], d["topic"]),
         )
 
@@ -420,10 +424,11 @@ def _merge(configured: list[Trigger], dynamic: Sequence[Trigger]) -> list[Trigge
     return configured + [t for t in dynamic if t.name not in names]
 
 
-def fleet_daemon(topic: str, payload: bytes, own_topic: str) -> FleetDaemon:
-    """One retained status message as a :class:`FleetDaemon` row (any payload)."""
-    import orjson
-
+def fleet_daemon(
+    topic: str, payload: bytes, own_topic: str, template: str = "{client_id}"
+) -> FleetDaemon:
+    """One retained status message as a :class:`FleetDaemon` row (any payload); without a
+    ``client_id`` in the payload, the one the topic has where ``template`` says."""
     try:
         data: object = orjson.loads(payload)
     except orjson.JSONDecodeError:
@@ -432,7 +437,8 @@ def fleet_daemon(topic: str, payload: bytes, own_topic: str) -> FleetDaemon:
     if isinstance(data, dict):
         status, client_id = data.get("status"), data.get("client_id")
         row["status"] = str(status) if status is not None else ""
-        row["client_id"] = str(client_id) if client_id is not None else ""
+        if client_id is not None:
+            row["client_id"] = str(client_id)
         version, host, pid = data.get("version"), data.get("host"), data.get("pid")
         pipelines = data.get("pipelines")
         if isinstance(version, str):
@@ -445,4 +451,19 @@ def fleet_daemon(topic: str, payload: bytes, own_topic: str) -> FleetDaemon:
             row["pipelines"] = [str(p) for p in pipelines]
     else:
         row["status"] = str(data)
+    if not row["client_id"]:
+        row["client_id"] = _client_id_in(topic, template)
     return row
+
+
+def _client_id_in(topic: str, template: str) -> str:
+    """What stands for ``{client_id}`` in ``topic`` (status topic ``template``), or ''."""
+    levels, parts = template.split("/"), topic.split("/")
+    if len(levels) != len(parts):
+        return ""
+    for level, part in zip(levels, parts, strict=True):
+        if "{client_id}" in level:
+            before, _, after = level.partition("{client_id}")
+            if part.startswith(before) and part.endswith(after):
+                return part[len(before) : len(part) - len(after)]
+    return ""

@@ -43,14 +43,18 @@ def test_fleet_row_from_our_payload() -> None:
 
 def test_fleet_row_from_other_payloads() -> None:
     """A plain-text or partial payload is shown as it is, without made-up fields."""
-    assert fleet_daemon("t", b"offline", "x") == {
-        "topic": "t",
-        "client_id": "",
+    assert fleet_daemon("fp/status/d1", b"offline", "x", "fp/status/{client_id}") == {
+        "topic": "fp/status/d1",
+        "client_id": "d1",
         "status": "offline",
         "self": False,
     }
     row = fleet_daemon("t", b'{"status": "online", "pid": "nope"}', "x")
     assert row["status"] == "online" and "pid" not in row
+    # No client_id in the payload: the topic's {client_id} part.
+    row = fleet_daemon("fp/status/d-7/x", b"online", "x", "fp/status/d-{client_id}/x")
+    assert row["client_id"] == "7"
+    assert fleet_daemon("fp/other", b"online", "x", "fp/status/{client_id}")["client_id"] == ""
 
 
 class _Daemon:
