@@ -199,7 +199,7 @@ class FleetDaemon(TypedDict, total=False):
     """
 
     topic: str
-    client_id: str
+    client_id: str  # the payload's, else the topic's {client_id} part ("" if neither)
     status: str  # "online" | "offline" (or the raw payload when it is not our JSON)
     self: bool  # the daemon that answers
     version: str
