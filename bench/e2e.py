@@ -720,7 +720,8 @@ def main(argv: list[str] | None = None) -> int:
         config.write_text(
             f"project: {json.dumps(str(PROJECT))}\n"
             f"state_dir: {json.dumps(str(state))}\n"
-            f"mqtt: {{url: 'mqtt://{HOST}:{port}', client_id: bench-daemon}}\n"
+            f"mqtt: {{url: 'mqtt://{HOST}:{port}', client_id: bench-daemon, "
+            f"status_topic: {STATUS_TOPIC}}}\n"
             "log_level: WARNING\n"
             + (f"max_concurrent_runs: {args.max_concurrent_runs}\n"
                if args.max_concurrent_runs else "")

@@ -486,6 +486,7 @@ def main(argv: list[str] | None = None) -> int:
                     "mqtt": {
                         "url": f"mqtt://{HOST}:{port}",
                         "client_id": "soak-daemon",
+                        "status_topic": STATUS_TOPIC,
                         "max_payload_bytes": MAX_PAYLOAD,
                     },
                     "triggers": triggers,

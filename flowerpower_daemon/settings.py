@@ -83,7 +83,9 @@ class MqttSettings(_Frozen):
     session_expiry: int = Field(default=86400, ge=0)
     keepalive: int = Field(default=60, ge=5)
     tls: TlsSettings | None = None
-    status_topic: str = "flowerpower/status"
+    # A template: ``{client_id}`` is this daemon's client id, so each daemon of a fleet
+    # has its own retained status (a literal topic, without placeholders, works too).
+    status_topic: str = "flowerpower/status/{client_id}"
     result_topic: str = "flowerpower/results/{pipeline}"
     error_topic: str = "flowerpower/errors/{pipeline}"
     result_qos: Literal[0, 1, 2] = 1
@@ -113,6 +115,24 @@ class MqttSettings(_Frozen):
             parts.port  # noqa: B018 (urlsplit checks the port only when asked)
         except ValueError as exc:
             raise ValueError(f"invalid MQTT url {redact_url(value)!r}: {exc}") from None
+        return value
+
+    @field_validator("status_topic")
+    @classmethod
+    def _status_topic(cls, value: str) -> str:
+        if not value:
+            return value
+        if "+" in value or "#" in value:
+            raise ValueError(f"status_topic {value!r}: no wildcards (+, #) in a published topic")
+        try:
+            names = {f for _, f, _, _ in string.Formatter().parse(value) if f is not None}
+        except ValueError as exc:
+            raise ValueError(f"status_topic {value!r}: {exc}") from None
+        unknown = sorted(names - {"client_id"})
+        if unknown:
+            raise ValueError(
+                f"status_topic {value!r}: unknown field(s) {', '.join(unknown)}; use {{client_id}}"
+            )
         return value
 
     @field_validator("result_store")
@@ -148,6 +168,15 @@ class MqttSettings(_Frozen):
         return value
 
     @model_validator(mode="after")
+    def _status_level(self) -> MqttSettings:
+        if "{client_id}" in self.status_topic and any(c in self.client_id for c in "/+#"):
+            raise ValueError(
+                f"client_id {self.client_id!r} cannot fill status_topic's {{client_id}} "
+                "(one topic level: no /, + or #); change one of them"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _secret_file(self) -> MqttSettings:
         if self.password_file and self.password is None:
             try:
@@ -169,6 +198,16 @@ class MqttSettings(_Frozen):
     @property
     def use_tls(self) -> bool:
         return self.tls is not None or urlsplit(self.url).scheme in ("mqtts", "ssl")
+
+    @property
+    def own_status_topic(self) -> str:
+        """This daemon's status topic: ``status_topic`` with its ``{client_id}``."""
+        return self.status_topic.replace("{client_id}", self.client_id)
+
+    @property
+    def fleet_status_filter(self) -> str:
+        """Every daemon's status topic: ``status_topic`` with ``+`` for ``{client_id}``."""
+        return self.status_topic.replace("{client_id}", "+")
 
 
 RedisMode = Literal["server", "sentinel", "cluster"]

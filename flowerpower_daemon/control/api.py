@@ -24,6 +24,9 @@ __all__ = [
     "ActiveRun",
     "CountersInfo",
     "DaemonControl",
+    "FleetDaemon",
+    "FleetInfo",
+    "FleetStatusInfo",
     "JobState",
     "JobSummary",
     "ReloadReport",
@@ -202,6 +205,38 @@ class StatusInfo(TypedDict):
     workers: list[WorkerInfo]  # Redis queue: the live workers (read every 2 s); memory: []
 
 
+class FleetDaemon(TypedDict, total=False):
+    """One daemon's retained status message, as ``status`` with ``fleet`` lists it.
+
+    ``topic``, ``client_id``, ``status`` and ``self`` are always there; the
+    others are what the daemon published (an older daemon's payload may lack some).
+    """
+
+    topic: str
+    client_id: str  # the payload's, else the topic's {client_id} part ("" if neither)
+    status: str  # "online" | "offline" (or the raw payload when it is not our JSON)
+    self: bool  # the daemon that answers
+    version: str
+    pipelines: list[str]
+    host: str
+    pid: int
+
+
+class FleetInfo(TypedDict):
+    """Every daemon's retained status from the broker, and the live workers (Redis mode)."""
+
+    topic: str  # the filter subscribed to: ``mqtt.status_topic`` with ``+`` for ``{client_id}``
+    wait_s: float  # how long retained messages were collected
+    daemons: list[FleetDaemon]  # sorted by client_id
+    workers: list[Mapping[str, object]]  # the status answer's ``workers`` ([] without)
+
+
+class FleetStatusInfo(StatusInfo):
+    """The answer of ``status`` with ``fleet: true``: this daemon's status plus ``fleet``."""
+
+    fleet: FleetInfo
+
+
 class DaemonControl(Protocol):
     """The running daemon as the control commands see it: state to read, verbs to call."""
 
@@ -229,6 +264,11 @@ class DaemonControl(Protocol):
     def schedules(self) -> ScheduleStore: ...
 
     def status(self) -> StatusInfo: ...
+
+    async def fleet_status(self, wait: float) -> list[FleetDaemon]:
+        """Every daemon's retained status on the broker, collected for ``wait`` seconds
+        (ConnectionError when the broker cannot be asked)."""
+        ...
 
     def triggers(self) -> list[TriggerStatus]:
         """Every active trigger (config, project schedules, dynamic schedules)."""

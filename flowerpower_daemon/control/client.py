@@ -263,7 +263,14 @@ def _parser() -> argparse.ArgumentParser:
         help="give up after this long (default 30s; none for run --wait and events)",
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    sub.add_parser("status", help="version, uptime, MQTT and queue state, counters, active runs")
+    status = sub.add_parser(
+        "status", help="version, uptime, MQTT and queue state, counters, active runs"
+    )
+    status.add_argument(
+        "--fleet",
+        action="store_true",
+        help="also every daemon's retained status on the broker and the live workers",
+    )
     sub.add_parser("ping", help="check that the daemon answers")
     sub.add_parser("pipelines", help="the project's pipelines and their triggers")
     sub.add_parser("triggers", help="every trigger with next fire time, paused state, counters")
@@ -360,6 +367,8 @@ def _request(args: argparse.Namespace) -> tuple[str, dict[str, object]]:
             if getattr(args, key) is not None:
                 out[key] = getattr(args, key)
         return "schedule_add", _with_run_options(out, args)
+    if cmd == "status":
+        return "status", {"fleet": True} if args.fleet else {}
     if cmd in ("pause", "resume"):
         return cmd, {"all": True} if args.all else {"id": args.id}
     return cmd, {}

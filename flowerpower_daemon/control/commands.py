@@ -40,6 +40,7 @@ from ..state.schedules import Schedule, ScheduleKind
 from ..version import __version__
 from .api import (
     DaemonControl,
+    FleetStatusInfo,
     JobSummary,
     ReloadReport,
     RunAnswer,
@@ -77,6 +78,8 @@ JobRow = Mapping[str, object]
 _STREAMED = object()
 #: Commands that make sense before the daemon is ready.
 _ALWAYS = frozenset({"ping", "status", "stop", "events"})
+#: How long ``status`` with ``fleet`` collects the daemons' retained status messages.
+FLEET_WAIT = 0.5
 
 
 class Commands:
@@ -138,8 +141,26 @@ class Commands:
     async def ping(self, args: Args, conn: Connection, rid: RequestId) -> object:
         return {"pong": True, "version": __version__, "protocol": PROTOCOL_VERSION}
 
-    async def status(self, args: Args, conn: Connection, rid: RequestId) -> StatusInfo:
-        return self.daemon.status()
+    async def status(
+        self, args: Args, conn: Connection, rid: RequestId
+    ) -> StatusInfo | FleetStatusInfo:
+        info = self.daemon.status()
+        if not args.get("fleet"):
+            return info
+        try:
+            daemons = await self.daemon.fleet_status(FLEET_WAIT)
+        except ConnectionError as exc:
+            raise ProtocolError("unavailable", f"fleet status: {exc}") from None
+        workers = cast(Mapping[str, object], info).get("workers")
+        return {
+            **info,
+            "fleet": {
+                "topic": self.daemon.settings.mqtt.fleet_status_filter,
+                "wait_s": FLEET_WAIT,
+                "daemons": daemons,
+                "workers": list(workers) if isinstance(workers, list) else [],
+            },
+        }
 
     async def pipelines(self, args: Args, conn: Connection, rid: RequestId) -> object:
         by_pipeline: dict[str, list[str]] = {}

@@ -108,7 +108,7 @@ def _a(*types: str, required: bool = False) -> ArgSpec:
 #: Command -> its arguments. The daemon rejects anything else with ``bad_args``.
 COMMANDS: Final[Mapping[str, Mapping[str, ArgSpec]]] = {
     "ping": {},
-    "status": {},
+    "status": {"fleet": _a("bool")},
     "pipelines": {},
     "triggers": {},
     "run": {

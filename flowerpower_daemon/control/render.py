@@ -157,6 +157,23 @@ def _status(v: Mapping[str, object]) -> None:
         )
     if v["active"]:
         _jobs(_rows(v["active"]))
+    fleet = _mapping(v.get("fleet"))
+    if fleet:
+        _out(f"fleet      {fleet.get('topic')} (retained statuses)")
+        daemons = [
+            {**d, "client_id": f"{d.get('client_id')}{' (this)' if d.get('self') else ''}"}
+            for d in _rows(fleet.get("daemons"))
+        ]
+        _table(
+            daemons,
+            [
+                ("client_id", "DAEMON"),
+                ("status", "STATUS"),
+                ("host", "HOST"),
+                ("pid", "PID"),
+                ("version", "VERSION"),
+            ],
+        )
 
 
 def _number(value: object) -> float:

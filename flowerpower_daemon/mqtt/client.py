@@ -26,6 +26,7 @@ from typing import cast
 from urllib.parse import urlsplit
 
 import aiomqtt
+import anyio
 import orjson
 import structlog
 from aiomqtt import Client, MqttError
@@ -49,6 +50,7 @@ __all__ = [
     "publish_properties",
     "publish_raw",
     "request_reply",
+    "retained_messages",
     "socket_of",
 ]
 
@@ -130,7 +132,7 @@ def new_client(
     """A client for ``s``'s broker with manual acks (a message is acked only when told)."""
     will = None
     if s.status_topic and will_payload is not None:
-        will = aiomqtt.Will(s.status_topic, will_payload, qos=1, retain=True)
+        will = aiomqtt.Will(s.own_status_topic, will_payload, qos=1, retain=True)
     props = None
     clean_start: paho_mqtt.CleanStartOption = paho_mqtt.MQTT_CLEAN_START_FIRST_ONLY
     clean_session: bool | None = None
@@ -338,3 +340,29 @@ async def request_reply(
             data = message.payload
             return data if isinstance(data, bytes) else str(data).encode()
     raise TimeoutError(f"no reply on {reply_to}")
+
+
+async def retained_messages(s: MqttSettings, topic_filter: str, wait: float) -> dict[str, bytes]:
+    """The retained messages on ``topic_filter`` (topic -> payload), collected for ``wait`` s.
+
+    A short-lived connection of its own (clean start, no session left on the
+    broker, a fresh client id), so the caller's link and its intake are not
+    touched. Connecting is bounded by the client's timeout; callers bound the whole.
+    """
+    clean = s.model_copy(update={"clean_start": True})
+    client = new_client(
+        clean,
+        client_id=f"{s.client_id}-fleet-{uuid.uuid4().hex[:8]}",
+        receive_maximum=65535,
+        will_payload=None,
+    )
+    found: dict[str, bytes] = {}
+    async with client:
+        await client.subscribe(topic_filter, qos=0)
+        with anyio.move_on_after(wait):
+            async for message in client.messages:
+                if not message.retain:
+                    continue
+                data = message.payload
+                found[str(message.topic)] = data if isinstance(data, bytes) else str(data).encode()
+    return found

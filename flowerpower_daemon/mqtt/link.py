@@ -7,7 +7,8 @@
   broker is unreachable wait in a bounded outbox (:mod:`.outbox`, on disk in
   the state directory when the daemon passes one) and go out after the next
   connect, oldest first. A connected publish never touches the disk.
-- A retained status topic says ``online``; the last will says ``offline``.
+- A retained status topic says ``online``; the last will says ``offline``. The topic
+  is the daemon's own (``mqtt.status_topic`` with its ``{client_id}``).
 - Each disconnect or failed connect is logged once (``mqtt_disconnected``):
   a link that has a *companion* (the daemon's results link beside its
   receiving one, both on the same broker) leaves reporting a broker-wide
@@ -21,6 +22,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import socket
 from collections.abc import AsyncIterator, Callable, Sequence
 
 import anyio
@@ -264,7 +267,10 @@ class MqttLink:
         if self.settings.status_topic and self._status_payload is not None:
             with self._reading():
                 await client.publish(
-                    self.settings.status_topic, self._status_payload("online"), qos=1, retain=True
+                    self.settings.own_status_topic,
+                    self._status_payload("online"),
+                    qos=1,
+                    retain=True,
                 )
 
     async def announce_online(self) -> None:
@@ -351,7 +357,10 @@ class MqttLink:
         if self._stopping.is_set() and self.settings.status_topic and self._status_payload:
             with anyio.move_on_after(5, shield=True), self._reading():
                 await client.publish(
-                    self.settings.status_topic, self._status_payload("offline"), qos=1, retain=True
+                    self.settings.own_status_topic,
+                    self._status_payload("offline"),
+                    qos=1,
+                    retain=True,
                 )
 
     async def flush(self) -> None:
@@ -376,7 +385,9 @@ class MqttLink:
 def status_payload_factory(
     version: str, pipelines: Sequence[str], client_id: str
 ) -> Callable[[str], bytes]:
-    """The retained status message: ``{"status": "online", "version": ..., "pipelines": [...]}``."""
+    """The retained status message: ``{"status": "online", "version": ..., "pipelines": [...],
+    "client_id": ..., "host": ..., "pid": ...}`` (host and pid tell a fleet's daemons apart)."""
+    host, pid = socket.gethostname(), os.getpid()
 
     def make(state: str) -> bytes:
         return orjson.dumps(
@@ -385,6 +396,8 @@ def status_payload_factory(
                 "version": version,
                 "pipelines": list(pipelines),
                 "client_id": client_id,
+                "host": host,
+                "pid": pid,
             }
         )
 

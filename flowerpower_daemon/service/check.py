@@ -23,6 +23,7 @@ from ..settings import (
     DateTrigger,
     FileTrigger,
     IntervalTrigger,
+    MqttTrigger,
     Settings,
     TimerTrigger,
     Trigger,
@@ -33,6 +34,7 @@ __all__ = [
     "check",
     "check_report",
     "configured_triggers",
+    "redis_policy_problems",
     "schedule_triggers",
     "split_problems",
     "used_pipelines",
@@ -118,6 +120,7 @@ def check_report(settings: Settings) -> CheckReport:
     except FlowerPowerError as exc:
         return CheckReport([ConfigProblem(shown, "project", str(exc))])
     problems, warnings = split_problems(project.problems, used_pipelines(settings))
+    problems.extend(redis_policy_problems(settings))
     for i, trig in enumerate(settings.triggers):
         key = f"triggers[{i}]"
         if trig.pipeline not in project.pipelines:
@@ -150,6 +153,44 @@ def check_report(settings: Settings) -> CheckReport:
                 ConfigProblem(shown, f"{key}.inputs", f"pipeline {trig.pipeline!r}: {detail}")
             )
     return CheckReport(problems, warnings)
+
+
+def redis_policy_problems(settings: Settings) -> list[ConfigProblem]:
+    """Run policies the Redis queue does not enforce, one problem per enabled trigger and key.
+
+    With ``queue.broker`` on Redis the daemon enqueues and workers run what is
+    enqueued: ``overlap`` other than ``allow``, ``max_concurrent``, and an MQTT
+    trigger's ``max_concurrent_per_key`` and ``coalesce`` would be silently
+    ignored, so the combination is refused instead. (``debounce`` applies
+    before enqueueing and is fine.)
+    """
+    if not settings.queue.is_redis:
+        return []
+    why = "is not enforced with queue.broker on Redis (workers run what is enqueued)"
+    problems: list[ConfigProblem] = []
+    for i, trig in enumerate(settings.triggers):
+        if not trig.enabled:
+            continue
+        used: list[tuple[str, str, str]] = []
+        if trig.overlap != "allow":
+            used.append(("overlap", repr(trig.overlap), "use overlap: allow"))
+        if trig.max_concurrent is not None:
+            used.append(("max_concurrent", str(trig.max_concurrent), "drop it"))
+        if isinstance(trig, MqttTrigger):
+            if trig.max_concurrent_per_key is not None:
+                limit = str(trig.max_concurrent_per_key)
+                used.append(("max_concurrent_per_key", limit, "drop it"))
+            if trig.coalesce:
+                used.append(("coalesce", "true", "drop it"))
+        for key, value, fix in used:
+            problems.append(
+                ConfigProblem(
+                    "config",
+                    f"triggers[{i}].{key}",
+                    f"{value} {why}; {fix} or use the memory queue",
+                )
+            )
+    return problems
 
 
 def configured_triggers(settings: Settings, project: FlowerPowerProject) -> list[Trigger]:

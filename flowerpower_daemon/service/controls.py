@@ -19,11 +19,13 @@ from typing import TYPE_CHECKING
 import anyio
 import anyio.abc
 import anyio.to_thread
+import orjson
 import structlog
 from anyio.abc import TaskGroup
 
 from ..control.api import (
     ActiveRun,
+    FleetDaemon,
     JobState,
     ReloadReport,
     StatusInfo,
@@ -241,6 +243,27 @@ class Controls:
                     failing = True
                 await anyio.sleep(2.0)
 
+    async def fleet_status(self, wait: float) -> list[FleetDaemon]:
+        from ..mqtt.client import MqttError, retained_messages
+
+        # The link's settings: with the embedded broker they name where it listens.
+        mqtt = self.link.settings if self.link is not None else self._settings.mqtt
+        if not mqtt.status_topic:
+            return []
+        try:
+            with anyio.fail_after(wait + 10):  # + connecting (the client's own 10 s bound)
+                found = await retained_messages(mqtt, mqtt.fleet_status_filter, wait)
+        except (MqttError, TimeoutError, OSError) as exc:
+            raise ConnectionError(f"broker {mqtt.host}:{mqtt.port}: {exc}") from None
+        own = mqtt.own_status_topic
+        return sorted(
+            (
+                fleet_daemon(topic, payload, own, mqtt.status_topic)
+                for topic, payload in found.items()
+            ),
+            key=lambda d: (d["client_id"], d["topic"]),
+        )
+
     def status_line(self) -> str:
         """One line for systemd's ``STATUS=``."""
         st = self.stats
@@ -427,3 +450,48 @@ def _merge(configured: list[Trigger], dynamic: Sequence[Trigger]) -> list[Trigge
         if trig.name in names:
             log.error("dynamic_schedule_shadowed", schedule=trig.name)
     return configured + [t for t in dynamic if t.name not in names]
+
+
+def fleet_daemon(
+    topic: str, payload: bytes, own_topic: str, template: str = "{client_id}"
+) -> FleetDaemon:
+    """One retained status message as a :class:`FleetDaemon` row (any payload); without a
+    ``client_id`` in the payload, the one the topic has where ``template`` says."""
+    try:
+        data: object = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        data = payload.decode("utf-8", "replace")
+    row: FleetDaemon = {"topic": topic, "client_id": "", "status": "", "self": topic == own_topic}
+    if isinstance(data, dict):
+        status, client_id = data.get("status"), data.get("client_id")
+        row["status"] = str(status) if status is not None else ""
+        if client_id is not None:
+            row["client_id"] = str(client_id)
+        version, host, pid = data.get("version"), data.get("host"), data.get("pid")
+        pipelines = data.get("pipelines")
+        if isinstance(version, str):
+            row["version"] = version
+        if isinstance(host, str):
+            row["host"] = host
+        if isinstance(pid, int):
+            row["pid"] = pid
+        if isinstance(pipelines, list):
+            row["pipelines"] = [str(p) for p in pipelines]
+    else:
+        row["status"] = str(data)
+    if not row["client_id"]:
+        row["client_id"] = _client_id_in(topic, template)
+    return row
+
+
+def _client_id_in(topic: str, template: str) -> str:
+    """What stands for ``{client_id}`` in ``topic`` (status topic ``template``), or ''."""
+    levels, parts = template.split("/"), topic.split("/")
+    if len(levels) != len(parts):
+        return ""
+    for level, part in zip(levels, parts, strict=True):
+        if "{client_id}" in level:
+            before, _, after = level.partition("{client_id}")
+            if part.startswith(before) and part.endswith(after):
+                return part[len(before) : len(part) - len(after)]
+    return ""

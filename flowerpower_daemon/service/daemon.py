@@ -41,7 +41,7 @@ from ..settings import MqttSettings, MqttTrigger, Settings, Trigger
 from ..state.history import history_for
 from ..version import __version__
 from . import reload as reloading
-from .check import check, split_problems, used_pipelines
+from .check import check, redis_policy_problems, split_problems, used_pipelines
 from .controls import Controls
 from .lifecycle import freeze_heap, shielded
 from .sources import Sources, subscriptions
@@ -71,6 +71,7 @@ class Daemon:
         )
         # Only the pipelines the triggers run must be sound; the others are warned about.
         errors, unused = split_problems(project.problems, used_pipelines(settings))
+        errors += redis_policy_problems(settings)  # policies the Redis queue cannot hold
         if errors:
             raise ConfigError(errors)
         for problem in unused:

@@ -1,0 +1,128 @@
+"""With the queue on Redis, trigger policies Redis does not enforce are refused, not ignored."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import yaml
+from control_harness import NO_SYSTEMD, request, socket_of, wait_ready
+from daemon_harness import BIN, base_settings, daemon, make_project, unique, write_config
+
+from flowerpower_daemon.service.check import redis_policy_problems
+from flowerpower_daemon.settings import Settings
+
+DAEMON = str(BIN / "flowerpower-daemon")
+# Nothing listens there: check and a refused start never connect.
+REDIS = "redis://127.0.0.1:1/0"
+WHY = "is not enforced with queue.broker on Redis (workers run what is enqueued)"
+
+
+def _config(tmp: Path, queue: str, **trigger: Any) -> Path:
+    settings = base_settings(make_project(tmp), tmp, 1)
+    settings["queue"] = {"broker": queue}
+    settings["triggers"] = [
+        {
+            "name": "temp",
+            "type": "mqtt",
+            "pipeline": "temperature",
+            "topic": "x/{device}",
+            **trigger,
+        }
+    ]
+    return write_config(tmp, settings)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [DAEMON, *args], capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL
+    )
+
+
+def test_check_refuses_overlap_skip_on_redis(tmp_path: Path) -> None:
+    """`check` exits 2 naming the key, the reason and the way out."""
+    config = _config(tmp_path, REDIS, overlap="skip")
+    proc = _cli("check", "-c", str(config))
+    assert proc.returncode == 2, proc.stderr
+    assert (
+        f"{config}: triggers[0].overlap: 'skip' {WHY}; use overlap: allow or use the memory queue"
+        in proc.stderr
+    ), proc.stderr
+
+
+def test_daemon_start_refuses_the_same(tmp_path: Path) -> None:
+    """`run` refuses it too (exit 2) before it connects to anything."""
+    config = _config(tmp_path, REDIS, max_concurrent=2)
+    proc = _cli("run", "-c", str(config))
+    assert proc.returncode == 2, proc.stderr
+    assert f"triggers[0].max_concurrent: 2 {WHY}" in proc.stdout + proc.stderr
+
+
+def test_default_policies_pass_on_redis_and_any_pass_in_memory(tmp_path: Path) -> None:
+    """overlap: allow without limits is fine on Redis; every policy is fine in memory."""
+    assert _cli("check", "-c", str(_config(tmp_path / "r", REDIS))).returncode == 0
+    config = _config(
+        tmp_path / "m", "memory", overlap="queue", max_concurrent=1, key="{device}", coalesce=True
+    )
+    proc = _cli("check", "-c", str(config))
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_every_unenforced_policy_is_named(tmp_path: Path) -> None:
+    """One problem per policy and trigger; disabled triggers and debounce are not refused."""
+    project = make_project(tmp_path)
+    mqtt = {"type": "mqtt", "pipeline": "temperature", "topic": "x/{device}"}
+    settings = Settings.model_validate(
+        {
+            "project": str(project),
+            "queue": {"broker": REDIS},
+            "triggers": [
+                {**mqtt, "name": "a", "overlap": "replace", "max_concurrent": 3},
+                {**mqtt, "name": "b", "key": "{device}", "max_concurrent_per_key": 1},
+                {**mqtt, "name": "c", "key": "{device}", "coalesce": True},
+                {**mqtt, "name": "d", "key": "{device}", "debounce": 0.5},
+                {**mqtt, "name": "e", "overlap": "skip", "enabled": False},
+                {
+                    "name": "f",
+                    "type": "interval",
+                    "every": "1s",
+                    "pipeline": "stats",
+                    "overlap": "queue",
+                },
+            ],
+        }
+    )
+    keys = [p.key for p in redis_policy_problems(settings)]
+    assert keys == [
+        "triggers[0].overlap",
+        "triggers[0].max_concurrent",
+        "triggers[1].max_concurrent_per_key",
+        "triggers[2].coalesce",
+        "triggers[5].overlap",
+    ]
+
+
+async def test_reload_refuses_the_same_and_keeps_running(
+    tmp_path: Path, mosquitto: Any, redis_server: Any
+) -> None:
+    """A reload that adds `overlap: skip` in Redis mode is refused; the old config stays."""
+    settings = base_settings(make_project(tmp_path), tmp_path, mosquitto.port)
+    settings["queue"] = {"broker": redis_server.url, "queue_name": unique("q")}
+    trigger = {"name": "temp", "type": "mqtt", "pipeline": "temperature", "topic": "x/{device}"}
+    settings["triggers"] = [trigger]
+    config = write_config(tmp_path, settings)
+    with daemon(config, env=NO_SYSTEMD) as proc:
+        sock = socket_of(tmp_path / "state")
+        wait_ready(sock, proc)
+        settings["triggers"] = [{**trigger, "overlap": "skip"}]
+        config.write_text(yaml.safe_dump(settings))
+        answer = request(sock, "reload", timeout=60)
+        assert not answer["ok"], answer
+        error = answer["error"]
+        assert error["code"] == "reload_failed", error
+        [problem] = error["details"]
+        assert problem["key"] == "triggers[0].overlap", problem
+        assert problem["message"].startswith(f"'skip' {WHY}"), problem
+        assert request(sock, "status")["result"]["state"] == "running"
+        assert proc.proc.poll() is None
