@@ -749,7 +749,7 @@ def _relative_to(base: Path, data: dict[str, object]) -> None:
         value = holder.get(key)
         if isinstance(value, str) and value and not os.path.isabs(value):
             if not (urls and "://" in value):
-                holder[key] = str(base / value)
+                holder[key] = os.path.normpath(base / value)
 
     fix(data, "project", urls=True)
     fix(data, "state_dir")

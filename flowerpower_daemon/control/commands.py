@@ -23,7 +23,7 @@ import anyio.to_thread
 import orjson
 import structlog
 
-from ..errors import ConfigError, FlowerPowerError, PipelineNotFoundError
+from ..errors import ConfigError, FlowerPowerError, PipelineNotFoundError, clean_message
 from ..project.models import RunResult, utcnow
 from ..project.schedule import parse_cron, parse_date, parse_interval
 from ..redact import redact_url
@@ -189,14 +189,11 @@ class Commands:
         return [_trigger_row(trig) for trig in self.daemon.triggers()]
 
     async def schedules(self, args: Args, conn: Connection, rid: RequestId) -> list[TriggerRow]:
-        rows = []
-        for trig in self.daemon.triggers():
-            if isinstance(trig.cfg, CronTrigger | IntervalTrigger | DateTrigger):
-                row = _trigger_row(trig)
-                row["inputs"] = dict(trig.cfg.inputs)
-                row["created_at"] = trig.created_at
-                rows.append(row)
-        return rows
+        return [
+            _schedule_row(trig)
+            for trig in self.daemon.triggers()
+            if isinstance(trig.cfg, CronTrigger | IntervalTrigger | DateTrigger)
+        ]
 
     # ------------------------------------------------------------------ runs
 
@@ -223,7 +220,9 @@ class Commands:
                 "follow it with 'flowerpowerctl job ID')",
             )
         overrides = _run_overrides("run", a)
-        request = d.manual_request(pipeline, dict(a.get("inputs") or {}), overrides)
+        inputs = dict(a.get("inputs") or {})
+        await self._check_inputs(pipeline, inputs, overrides)  # refused now, not run to fail
+        request = d.manual_request(pipeline, inputs, overrides)
         state = await d.submit_run(request, run_at=run_at)
         if not wait:
             return {
@@ -317,11 +316,15 @@ class Commands:
         schedule = Schedule.new(
             sid, pipeline, kind, spec, timezone=a.get("timezone"), inputs=inputs, run=overrides
         )
-        schedule.to_trigger()  # ValueError -> invalid
+        try:
+            schedule.to_trigger()
+        except ValueError as exc:
+            reason = str(exc).removeprefix(f"schedule {sid!r}: ")
+            raise ProtocolError("invalid", f"schedule_add: {reason}") from None
         await self._check_inputs(pipeline, inputs, overrides)
         await d.add_schedule(schedule)
         row = next((t for t in d.triggers() if t.cfg.name == sid), None)
-        return _trigger_row(row) if row is not None else schedule.to_dict()
+        return _schedule_row(row) if row is not None else schedule.to_dict()
 
     async def schedule_rm(self, args: Args, conn: Connection, rid: RequestId) -> object:
         d = self.daemon
@@ -405,7 +408,7 @@ def _run_overrides(cmd: str, args: Mapping[str, object]) -> dict[str, object]:
     try:
         overrides = validate_run_overrides(raw if isinstance(raw, dict) else {})
     except ValueError as exc:
-        raise ProtocolError("invalid", f"{cmd}: 'run': {exc}") from None
+        raise ProtocolError("invalid", f"{cmd}: {exc}") from None
     final_vars = args.get("final_vars")
     if final_vars is not None:
         if not isinstance(final_vars, list) or not all(isinstance(v, str) for v in final_vars):
@@ -438,8 +441,17 @@ def _schedule_spec(a: ScheduleAddArgs) -> tuple[ScheduleKind, str]:
 
 
 def _error(rid: RequestId, code: str, message: str, details: object = None) -> dict[str, object]:
-    """An error answer whose message holds no URL password (a Redis error may quote one)."""
-    return error_message(rid, code, redact_url(message), details)
+    """An error answer whose message holds no URL password (a Redis error may quote one) and
+    no pydantic "Value error, " prefix."""
+    return error_message(rid, code, redact_url(clean_message(message)), details)
+
+
+def _schedule_row(trig: TriggerStatus) -> TriggerRow:
+    """A timer's row with the inputs it runs with and when it was added (dynamic ones)."""
+    row = _trigger_row(trig)
+    row["inputs"] = dict(trig.cfg.inputs)
+    row["created_at"] = trig.created_at
+    return row
 
 
 def _trigger_row(trig: TriggerStatus) -> TriggerRow:

@@ -78,7 +78,8 @@ class Controls:
     ) -> None:
         self._settings = settings
         self._project = project
-        self.config_path = config_path
+        #: Absolute: ``status`` and ``reload`` must mean the same file from any directory.
+        self.config_path = os.path.abspath(config_path) if config_path else None
         self.stats = stats
         self._history = history
         self.notifier = notifier

@@ -31,6 +31,7 @@ import anyio.to_thread
 import structlog
 from anyio.abc import TaskGroup
 
+from ..control.client import remember_socket
 from ..dispatch.dispatcher import Dispatcher, Stats
 from ..errors import ConfigError, FlowerPowerError
 from ..project.api import FlowerPowerProject
@@ -38,6 +39,7 @@ from ..project.hooks import ConfigHook
 from ..project.models import RunRequest, RunResult
 from ..redact import redact_url
 from ..settings import MqttSettings, MqttTrigger, Settings, Trigger
+from ..state.dedup import dedup_store_for
 from ..state.history import history_for
 from ..version import __version__
 from . import reload as reloading
@@ -102,7 +104,6 @@ class Daemon:
         """Run until :meth:`request_stop` or a signal; returns after a graceful shutdown."""
         from taskiq import InMemoryBroker
 
-        from ..control.client import remember_socket
         from ..control.commands import Commands
         from ..control.server import ControlServer, socket_path
         from ..mqtt.link import MqttLink, status_payload_factory
@@ -129,7 +130,6 @@ class Daemon:
             )
             controls.server = server
             stack.enter_context(server.claim())
-            remember_socket(str(server.path))  # flowerpowerctl finds it from any directory
             stack.callback(self.notifier.close)
             await stack.enter_async_context(self.history)
             mqtt_settings = s.mqtt
@@ -175,13 +175,10 @@ class Daemon:
                 pool = ElasticThreadPool(s.max_concurrent_runs)
                 stack.callback(pool.shutdown, wait=False)
                 project.runner.executor = pool
-            dedup = None
-            if any(t.dedup_key for t in triggers):
-                from ..state.dedup import dedup_store_for
-
-                # SQLite in the state dir; with Redis the workers claim keys as they start
-                # runs, and this daemon answers duplicates of finished runs (see dedup.py).
-                dedup = await stack.enter_async_context(dedup_store_for(s))
+            # SQLite in the state dir; with Redis the workers claim keys as they start runs,
+            # and this daemon answers duplicates of finished runs (see dedup.py). Open even
+            # when no trigger has a dedup_key yet: a reload may add one.
+            dedup = await stack.enter_async_context(dedup_store_for(s))
             timer_state = await stack.enter_async_context(timer_state_for(s))
             executor = RunExecutor(project.runner, sink, on_result=self._on_result, dedup=dedup)
             controls.executor = executor
@@ -276,6 +273,8 @@ class Daemon:
             mqtt=f"{mqtt.host}:{mqtt.port}",
         )
         self.controls.set_ready(True)
+        if self.controls.server is not None:  # flowerpowerctl finds it from any directory
+            remember_socket(str(self.controls.server.path))
         self.notifier.ready(self.controls.status_line())
         if ready is not None:
             ready()
