@@ -53,3 +53,21 @@ async def test_a_payload_that_is_not_an_object_must_be_an_input(
     assert "outputs" not in bad or not bad["outputs"]
     assert obj["status"] == "success" and obj["outputs"] == {"greeting": "hello ann"}
     assert named["status"] == "success" and named["outputs"] == {"greeting": "hello bob"}
+
+
+async def test_the_required_input_crosses_redis_to_a_worker(
+    tmp_path: Path, mosquitto: Any, redis_server: Any
+) -> None:
+    """Scale-out: the request travels as JSON through a Redis stream; the worker still refuses
+    the payload the pipeline does not take (``required_inputs`` went with it)."""
+    project = make_project(tmp_path)
+    (project / "pipelines" / "hello.py").write_text(HELLO)
+    prefix = unique("pinr")
+    queue = {"broker": redis_server.url, "queue_name": unique("q")}
+    trigger = mqtt_trigger("plain", "hello", f"{prefix}/plain")
+    config = configure(tmp_path, mosquitto.port, [trigger], project=project, queue=queue)
+    async with online_daemon(config, subscribe=[config.errors], workers=1) as d:
+        await d.client.publish(f"{prefix}/plain", b"garbage", qos=1)
+        _, bad, _ = await d.next_message(config.errors, timeout=60)
+    assert bad["error"]["type"] == "InputError"
+    assert "the payload is not a JSON object" in bad["error"]["message"]
