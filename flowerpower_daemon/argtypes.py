@@ -18,6 +18,7 @@ import orjson
 __all__ = [
     "EXECUTOR_ALIASES",
     "RUN_OVERRIDES",
+    "MergeInputs",
     "Parser",
     "add_run_options",
     "cache_arg",
@@ -153,6 +154,24 @@ def inputs_arg(text: str) -> dict[str, object]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+class MergeInputs(argparse.Action):
+    """``--inputs`` given more than once: the objects merged in order (a later key wins)."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: object,
+        option_string: str | None = None,
+    ) -> None:
+        del parser, option_string
+        earlier = getattr(namespace, self.dest, None)
+        merged = dict(earlier) if isinstance(earlier, dict) else {}
+        if isinstance(values, dict):
+            merged.update(values)
+        setattr(namespace, self.dest, merged)
+
+
 def names_arg(text: str) -> list[str]:
     """A list of names: a JSON array of strings or ``a,b,c`` (FlowerPower's ``--final-vars``)."""
     stripped = text.strip()
@@ -218,9 +237,11 @@ def add_run_options(run: argparse.ArgumentParser) -> None:
     run.add_argument(
         "--inputs",
         type=inputs_arg,
+        action=MergeInputs,
         default=None,
         help="inputs: a JSON object or key=value,key2=value2 (values read as JSON when they "
-        "are: 5, 2.5, true, null; else text)",
+        "are: 5, 2.5, true, null; else text); given more than once, merged in order "
+        "(a later key wins)",
     )
     run.add_argument(
         "--final-vars",

@@ -163,7 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _init(args: argparse.Namespace) -> int:
     """Scaffold BASE_DIR itself (as FlowerPower's ``init`` does), or BASE_DIR/NAME (``--name``)."""
-    from .project.registry import PROJECT_YML, ProjectFiles, init_project
+    from .project.registry import PROJECT_YML, ProjectFiles, init_project, missing_scaffold
 
     base = args.base_dir.rstrip("/") or "/"
     if args.name is not None:
@@ -175,10 +175,13 @@ def _init(args: argparse.Namespace) -> int:
         parent, name = os.path.dirname(target), os.path.basename(target)
     existing = ProjectFiles(f"{parent.rstrip('/')}/{name}", args.storage_options)
     if existing.exists(PROJECT_YML):
-        init_project(name, parent, args.storage_options)  # adds only what is missing
+        missing = missing_scaffold(existing)
+        if missing:
+            init_project(name, parent, args.storage_options)  # adds only what is missing
+        added = f"; re-created what was missing: {', '.join(missing)}" if missing else ""
         print(
             f"project already exists in {existing.display('')} "
-            f"({existing.display(PROJECT_YML)}): kept as it is (missing directories re-created)"
+            f"({existing.display(PROJECT_YML)}): kept as it is{added}"
         )
         return EXIT_OK
     files = init_project(name, parent, args.storage_options)
@@ -194,6 +197,14 @@ def _pipeline(args: argparse.Namespace) -> int:
     project = FlowerPowerProject.load(args.base_dir, storage_options=args.storage_options)
     cmd = args.pipeline_command
     if cmd == "new":
+        from .project.registry import existing_pipeline_file, validate_pipeline_name
+
+        validate_pipeline_name(args.name)
+        existing = None if args.overwrite else existing_pipeline_file(project.files, args.name)
+        if existing is not None:
+            raise UsageError(
+                f"pipeline {args.name!r} already exists ({existing}); --overwrite replaces it"
+            )
         project.new(args.name, overwrite=args.overwrite)
         print(f"created pipeline {args.name!r}:")
         print(f"  {project.files.display(project.files.module_rel(args.name))}")
@@ -224,6 +235,10 @@ def _pipeline(args: argparse.Namespace) -> int:
 
 
 def _list(project: Any, fmt: str) -> int:
+    """The valid pipelines (table or JSON); a ``warning:`` line per broken one on stderr."""
+    for name, problems in sorted(project.spec.broken.items()):
+        detail = "; ".join(redact_url(str(p)) for p in problems)
+        print(f"warning: pipeline {name!r} is broken, not listed: {detail}", file=sys.stderr)
     rows = []
     for name, cfg in sorted(project.pipelines.items()):
         sched = cfg.schedule
@@ -255,9 +270,11 @@ def _run(project: Any, args: argparse.Namespace) -> int:
     show_trace = args.traceback or overrides.get("log_level") == "DEBUG"
     request = project.request(args.name, args.inputs, traceback=show_trace, **overrides)
     result = project.execute(request)
+    error = result.error
+    usage_error = error is not None and error.type in _USAGE_ERRORS
     if args.format == "json":
         sys.stdout.buffer.write(encode_result(result) + b"\n")
-    else:
+    elif not usage_error:  # a bad option or input never ran: its error line says it all
         status = "ok" if result.ok else result.status
         print(
             f"{result.pipeline}: {status} in {result.duration_ms:.1f} ms "
@@ -268,16 +285,15 @@ def _run(project: Any, args: argparse.Namespace) -> int:
                 [{"output": k, "value": _short(v)} for k, v in result.outputs.items()],
                 ("output", "value"),
             )
-    if result.ok or result.error is None:
+    if result.ok or error is None:
         return EXIT_OK if result.ok else EXIT_RUN_FAILED
-    error = result.error
-    if show_trace:
+    if show_trace and not usage_error:
         trace = error.traceback or "(no traceback was recorded for this run)\n"
         sys.stderr.write(trace if trace.endswith("\n") else trace + "\n")
     where = f" in node {error.node!r}" if error.node else ""
     print(f"error{where}: {error.type}: {clean_message(error.message)}", file=sys.stderr)
     # A bad override or input is the user's mistake, as the README says: exit 2.
-    return EXIT_USAGE if error.type in _USAGE_ERRORS else EXIT_RUN_FAILED
+    return EXIT_USAGE if usage_error else EXIT_RUN_FAILED
 
 
 #: Error types of a run that mean a bad command line, not a failing pipeline.
@@ -314,12 +330,15 @@ def _print_show(info: dict[str, Any], *, full: bool = False) -> None:
 
     nodes = info["nodes"]
     inputs = [n for n in nodes if n["role"] == "input"]
+    config_keys = [n["name"] for n in nodes if n["role"] == "config"]
     print(f"pipeline {info['name']}  ({info['module']}){'  async' if info['async'] else ''}")
     print("inputs:     " + (", ".join(f"{n['name']}: {n['type']}" for n in inputs) or "none"))
+    if config_keys:
+        print("config keys: " + ", ".join(config_keys))
     print("final vars: " + (", ".join(info["final_vars"]) or "none"))
     print("nodes:")
     _table(
-        [n for n in nodes if n["role"] != "input"],
+        [n for n in nodes if n["role"] not in ("input", "config")],
         ("name", "role", "type", "depends_on", "doc"),
         indent="  ",
     )

@@ -108,7 +108,9 @@ class Admission:
     ``overrides`` is the trigger's ``run:`` mapping until a stage replaces it
     (never mutated: it is the trigger's own). ``dedup_key`` is set once the key
     is claimed (a rejection after that releases it); ``key`` is the per-key
-    slot this event belongs to.
+    slot this event belongs to. ``required_inputs`` are inputs the pipeline
+    must take although unknown ones are dropped (decode: a payload that is not
+    a JSON object, as its ``payload_input``; see ``RunRequest.required_inputs``).
     """
 
     state: TriggerState
@@ -119,6 +121,7 @@ class Admission:
     reply_to: str | None = None
     dedup_key: str | None = None
     key: str | None = None
+    required_inputs: tuple[str, ...] = ()
     _values: dict[str, object] | None = field(default=None, init=False, repr=False)
 
     def payload_value(self) -> object:

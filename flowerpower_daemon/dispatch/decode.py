@@ -6,6 +6,9 @@ large, too deep, not UTF-8 or not JSON where that is required, not a JSON
 object where ``payload_input: null`` requires one, a bad ``reply_to``) is
 bad input: an error result with the reason, logged as ``bad_payload``. The
 rules themselves live in :func:`flowerpower_daemon.sources.mqtt.decode_payload`.
+A payload that is not a JSON object becomes the input ``payload_input`` and
+is marked required: a pipeline that has no such input fails with an
+InputError rather than run on its defaults.
 """
 
 from __future__ import annotations
@@ -46,4 +49,28 @@ class Decode:
             return Rejection("bad_input", reason, "bad_payload", {"topic": topic, "error": reason})
         admission.inputs.update(decoded)
         admission.reply_to = reply_to
+        if self.input_name is not None and self._wrapped(payload, decoded):
+            admission.required_inputs = (self.input_name,)
         return None
+
+    def _wrapped(self, payload: bytes, decoded: dict[str, object]) -> bool:
+        """Whether the payload became the one input ``payload_input`` (it is not a JSON object).
+
+        Such an input must reach a node: dropped as an unknown input, the run
+        would go on with the defaults as if the message said nothing. Told
+        apart without parsing again: only an object starts with ``{`` once
+        parsed; a ``{`` payload that was not JSON (``auto``) became the input
+        as its whole text or bytes, which no value inside an object can be
+        (its text is shorter than the payload).
+        """
+        name = self.input_name
+        if name not in decoded:  # a blank payload in ``auto``: no input at all
+            return False
+        if self.mode in ("bytes", "text") or payload.lstrip()[:1] != b"{":
+            return True
+        if self.mode == "json" or len(decoded) != 1:
+            return False
+        value = decoded[name]
+        return isinstance(value, bytes) or (
+            isinstance(value, str) and len(value.encode("utf-8", "surrogatepass")) == len(payload)
+        )

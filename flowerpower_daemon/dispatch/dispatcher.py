@@ -216,6 +216,7 @@ class Dispatcher:
             queued_at=event.at,
             reply=reply_for(cfg, event, admission.run_id, self._settings.mqtt, admission.reply_to),
             dedup_key=admission.dedup_key,
+            required_inputs=admission.required_inputs,
         )
 
     async def _emit_error(

@@ -26,7 +26,7 @@ from hamilton.execution.graph_functions import node_is_required_by_anything
 
 from ..errors import DependencyMissingError, InputError
 from .config import AdapterConfig, CacheConfig, ExecutorConfig, WithAdapterConfig
-from .inputtypes import Check, compile_check
+from .inputtypes import Check, compile_check, type_label
 
 __all__ = [
     "DagInfo",
@@ -384,9 +384,6 @@ class DagInfo:
         return bad
 
 
-def _type_name(tp: object) -> str:
-    return getattr(tp, "__name__", None) or str(tp)
-
 
 def is_input_validation_error(exc: BaseException) -> bool:
     """True when ``exc`` came from Hamilton's own input / graph validation, not from a node."""
@@ -401,11 +398,17 @@ def is_input_validation_error(exc: BaseException) -> bool:
 
 
 def describe_nodes(dr: Any) -> list[NodeRow]:
-    """One row per DAG node: name, type, role, dependencies (for ``pipeline show``)."""
+    """One row per DAG node: name, type (as annotated: ``list[float]``), role, dependencies
+    (for ``pipeline show``).
+
+    A user-defined node is an ``input``, or ``config`` when a Hamilton config
+    key provides it (``@config.when``): a request cannot give that one.
+    """
     rows: list[NodeRow] = []
+    config_keys = dr.graph.config
     for name, n in sorted(dr.graph.nodes.items()):
         role = (
-            "input"
+            ("config" if name in config_keys else "input")
             if n.user_defined
             else (
                 "expand"
@@ -416,7 +419,7 @@ def describe_nodes(dr: Any) -> list[NodeRow]:
         rows.append(
             {
                 "name": name,
-                "type": _type_name(n.type),
+                "type": type_label(n.type),
                 "role": role,
                 "depends_on": sorted(d.name for d in n.dependencies),
                 "doc": (n.documentation or "").strip().splitlines()[0] if n.documentation else "",

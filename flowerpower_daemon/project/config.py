@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -49,6 +49,8 @@ __all__ = [
 ]
 
 ExecutorType = Literal["local", "threadpool", "processpool", "ray", "dask"]
+#: Every name ``executor.type`` accepts, as an error message lists them.
+_EXECUTOR_NAMES = "local (or synchronous), threadpool, processpool, ray, dask"
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
 
@@ -69,6 +71,15 @@ class ExecutorConfig(Section):
             value = {"type": value}
         if isinstance(value, Mapping) and value.get("type") == "synchronous":
             value = {**value, "type": "local"}
+        return value
+
+    @field_validator("type", mode="before")
+    @classmethod
+    def _known_type(cls, value: object) -> object:
+        """An unknown type names every accepted one, ``synchronous`` included (not only
+        the Literal's values, which pydantic would list)."""
+        if isinstance(value, str) and value not in get_args(ExecutorType):
+            raise ValueError(f"unknown executor type {value!r}; use {_EXECUTOR_NAMES}")
         return value
 
 

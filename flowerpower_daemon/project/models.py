@@ -110,7 +110,11 @@ class RunRequest:
     InputError listing the pipeline's inputs) or ``"ignore"``; unset, MQTT
     and file triggers ignore them (a payload carries more than a pipeline
     needs) and every other origin (CLI, API, ``flowerpowerctl``, schedules)
-    errs. ``traceback`` asks for the failing node's traceback in
+    errs. ``required_inputs`` names inputs the pipeline must take even so:
+    an MQTT payload that is not a JSON object becomes the one input the
+    trigger's ``payload_input`` names, and dropping it would run on the
+    defaults as if the message said nothing (an InputError instead).
+    ``traceback`` asks for the failing node's traceback in
     ``RunResult.error.traceback``.
     """
 
@@ -124,6 +128,7 @@ class RunRequest:
     dedup_key: str | None = None
     unknown_inputs: UnknownInputs | None = None
     traceback: bool = False
+    required_inputs: tuple[str, ...] = ()
 
     @property
     def ignores_unknown_inputs(self) -> bool:
@@ -147,6 +152,8 @@ class RunRequest:
             out["unknown_inputs"] = self.unknown_inputs
         if self.traceback:
             out["traceback"] = True
+        if self.required_inputs:
+            out["required_inputs"] = list(self.required_inputs)
         return out
 
     @classmethod
@@ -164,6 +171,7 @@ class RunRequest:
             dedup_key=data.get("dedup_key"),
             unknown_inputs=data.get("unknown_inputs"),
             traceback=bool(data.get("traceback", False)),
+            required_inputs=tuple(data.get("required_inputs") or ()),
         )
 
 

@@ -77,15 +77,19 @@ class Prepared:
         """Why ``inputs`` (from :meth:`inputs_for`) cannot run, before any node does.
 
         A request input no node takes (unless the request ignores those, see
-        :attr:`RunRequest.ignores_unknown_inputs`); a value that does not fit
+        :attr:`RunRequest.ignores_unknown_inputs`, and it is not one of its
+        ``required_inputs``); a value that does not fit
         its input's annotation, checked all the way down; ``None`` where the
         type does not admit it (Hamilton would pass it on).
         """
         problems: list[str] = []
         given = request.inputs
-        if given and not self.input_names.issuperset(given) and not request.ignores_unknown_inputs:
-            unknown = [n for n in given if n not in self.input_names]
-            problems.append(self.unknown_inputs_detail(unknown))
+        if given and not self.input_names.issuperset(given):
+            if not request.ignores_unknown_inputs:
+                unknown = [n for n in given if n not in self.input_names]
+                problems.append(self.unknown_inputs_detail(unknown))
+            elif request.required_inputs:
+                problems += self._required_problems(request)
         checks = self.input_checks
         if checks:
             for name, value in inputs.items():
@@ -97,6 +101,24 @@ class Prepared:
         if not problems:
             return None
         return InputError(f"pipeline {self.pipeline!r}: {'; '.join(problems)}")
+
+    def _required_problems(self, request: RunRequest) -> list[str]:
+        """The request's ``required_inputs`` that no node takes, each a problem (see
+        :attr:`RunRequest.required_inputs`: inputs kept even where unknown ones are dropped)."""
+        known = ", ".join(sorted(self.input_names)) or "none"
+        out = []
+        for name in request.required_inputs:
+            if name in self.input_names:
+                continue
+            if request.trigger.type == "mqtt":
+                out.append(
+                    f"the payload is not a JSON object, so it is the input {name!r} "
+                    f"(the trigger's payload_input), which the pipeline does not take; "
+                    f"its inputs: {known}"
+                )
+            else:
+                out.append(f"no node takes the required input {name!r}; its inputs: {known}")
+        return out
 
     def unknown_inputs_error(self, names: Iterable[str]) -> InputError | None:
         """An InputError for the ``names`` no node of the pipeline takes, if any."""

@@ -31,7 +31,16 @@ from .templates import (
     PROJECT_YAML_TEMPLATE,
 )
 
-__all__ = ["ProjectFiles", "ProjectSpec", "init_project", "load_spec", "validate_pipeline_name"]
+__all__ = [
+    "PipelineNameError",
+    "ProjectFiles",
+    "ProjectSpec",
+    "existing_pipeline_file",
+    "init_project",
+    "load_spec",
+    "missing_scaffold",
+    "validate_pipeline_name",
+]
 
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 PROJECT_YML = "conf/project.yml"
@@ -40,12 +49,24 @@ PIPELINES_DIR = "pipelines"
 HOOKS_DIR = "hooks"
 
 
-def validate_pipeline_name(name: str) -> str:
-    """Pipeline names are Python identifiers (they name a module)."""
-    if not _NAME_RE.match(name):
-        raise ConfigError(
-            [ConfigProblem("", "name", f"invalid pipeline name {name!r}: use letters, digits, _")]
+class PipelineNameError(ConfigError):
+    """A pipeline name that is not a Python identifier: one line, no file to name."""
+
+    def __init__(self, name: str) -> None:
+        self.message = (
+            f"invalid pipeline name {name!r}: a pipeline name is a Python identifier "
+            "(letters, digits and _, not starting with a digit)"
         )
+        super().__init__([ConfigProblem("", "name", self.message)])
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def validate_pipeline_name(name: str) -> str:
+    """Pipeline names are Python identifiers (they name a module); PipelineNameError if not."""
+    if not _NAME_RE.match(name):
+        raise PipelineNameError(name)
     return name
 
 
@@ -212,6 +233,32 @@ def load_spec(files: ProjectFiles) -> ProjectSpec:
     return ProjectSpec(files=files, project=project, pipelines=pipelines, broken=broken)
 
 
+#: The directories a project has (``init`` makes them).
+_PROJECT_DIRS = (PIPELINES_CONF, PIPELINES_DIR, HOOKS_DIR)
+
+
+def _scaffold_files(name: str) -> dict[str, str]:
+    """The files ``init`` writes where they are missing: relative path -> text."""
+    return {
+        PROJECT_YML: PROJECT_YAML_TEMPLATE.format(
+            name=yaml.safe_dump(name).strip().removesuffix("...").strip()
+        ),
+        f"{PIPELINES_DIR}/__init__.py": "",
+        f"{HOOKS_DIR}/__init__.py": "",
+        "README.md": PROJECT_README_TEMPLATE.format(name=name),
+    }
+
+
+def missing_scaffold(files: ProjectFiles) -> list[str]:
+    """What :func:`init_project` would add to the project ``files`` (directories end in ``/``).
+
+    Lets ``init`` on an existing project say what it re-created, if anything.
+    """
+    missing = [f"{rel}/" for rel in _PROJECT_DIRS if not files.exists(rel)]
+    missing += [rel for rel in _scaffold_files("") if not files.exists(rel)]
+    return missing
+
+
 def init_project(
     name: str | None = None,
     base_dir: str = ".",
@@ -225,30 +272,31 @@ def init_project(
         name = os.path.basename(os.path.abspath(base_dir)) if "://" not in base_dir else "project"
     target = base_dir.rstrip("/") + "/" + name
     files = ProjectFiles(target, storage_options)
-    for rel in ("conf/pipelines", PIPELINES_DIR, HOOKS_DIR):
+    for rel in _PROJECT_DIRS:
         files.makedirs(rel)
-    defaults = {
-        PROJECT_YML: PROJECT_YAML_TEMPLATE.format(
-            name=yaml.safe_dump(name).strip().removesuffix("...").strip()
-        ),
-        f"{PIPELINES_DIR}/__init__.py": "",
-        f"{HOOKS_DIR}/__init__.py": "",
-        "README.md": PROJECT_README_TEMPLATE.format(name=name),
-    }
-    for rel, text in defaults.items():
+    for rel, text in _scaffold_files(name).items():
         if not files.exists(rel):
             files.write_text(rel, text)
     return files
+
+
+def existing_pipeline_file(files: ProjectFiles, name: str) -> str | None:
+    """The file of pipeline ``name`` that already exists (module first, then YAML), shown
+    as :meth:`ProjectFiles.display` does; ``None`` when neither does."""
+    for rel in (files.module_rel(name), files.config_rel(name)):
+        if files.exists(rel):
+            return files.display(rel)
+    return None
 
 
 def new_pipeline(files: ProjectFiles, name: str, *, overwrite: bool = False) -> None:
     """Write ``pipelines/<name>.py`` (a working template) and its YAML."""
     validate_pipeline_name(name)
     module_rel, conf_rel = files.module_rel(name), files.config_rel(name)
-    if not overwrite and (files.exists(module_rel) or files.exists(conf_rel)):
+    existing = None if overwrite else existing_pipeline_file(files, name)
+    if existing is not None:
         raise PipelineExistsError(
-            f"pipeline {name!r} already exists ({files.display(module_rel)}); "
-            "pass overwrite=True / --overwrite to replace it"
+            f"pipeline {name!r} already exists ({existing}); pass overwrite=True to replace it"
         )
     files.write_text(module_rel, PIPELINE_MODULE_TEMPLATE.format(name=name))
     files.write_text(conf_rel, PIPELINE_YAML_TEMPLATE.format(name=name))

@@ -275,3 +275,136 @@ def test_pydantic_value_error_prefix_never_reaches_a_problem() -> None:
     problem = ConfigProblem("f.yml", "run.cache", "Value error, cache must be a mapping")
     assert str(problem) == "f.yml: run.cache: cache must be a mapping"
     assert "Value error" not in str(ConfigError([problem]))
+
+
+MODAL = '''
+from hamilton.function_modifiers import config
+
+
+def mean(samples: list[float], scale: float = 1.0) -> float:
+    """The scaled mean."""
+    return sum(samples) / len(samples) * scale
+
+
+@config.when(mode="fast")
+def label__fast() -> str:
+    """Fast."""
+    return "fast"
+
+
+@config.when(mode="slow")
+def label__slow() -> str:
+    """Slow."""
+    return "slow"
+'''
+
+
+def test_show_lists_real_inputs_with_item_types_and_config_keys_apart(project: Path) -> None:
+    """A ``@config.when`` key is no input; ``list[float]`` keeps its item type."""
+    (project / "pipelines" / "modal.py").write_text(MODAL)
+    (project / "conf" / "pipelines" / "modal.yml").write_text("run:\n  config: {mode: fast}\n")
+    proc = cli("pipeline", "show", "modal", "--base-dir", str(project))
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[1] == "inputs:     samples: list[float], scale: float"
+    assert lines[2] == "config keys: mode"
+    assert lines[3] == "final vars: label, mean"
+    shown = orjson.loads(
+        cli("pipeline", "show", "modal", "--base-dir", str(project), "--format", "json").stdout
+    )
+    roles = {n["name"]: (n["role"], n["type"]) for n in shown["nodes"]}
+    assert roles["mode"][0] == "config" and roles["samples"] == ("input", "list[float]")
+    plain = cli("pipeline", "show", "calc", "--base-dir", str(project)).stdout
+    assert "config keys" not in plain
+
+
+def test_list_warns_about_each_broken_pipeline(project: Path) -> None:
+    (project / "pipelines" / "bad.py").write_text("def x() -> int:\n    return 1\n")
+    (project / "conf" / "pipelines" / "bad.yml").write_text("run:\n  max_retries: many\n")
+    (project / "conf" / "pipelines" / "orphan.yml").write_text("run: {}\n")
+    proc = cli("pipeline", "list", "--base-dir", str(project))
+    assert proc.returncode == 0, proc.stderr
+    warnings = proc.stderr.splitlines()
+    assert len(warnings) == 2, proc.stderr
+    assert warnings[0].startswith("warning: pipeline 'bad' is broken, not listed: ")
+    assert "bad.yml: run.max_retries" in warnings[0]
+    assert warnings[1].startswith("warning: pipeline 'orphan' is broken, not listed: ")
+    assert "no module pipelines/orphan.py" in warnings[1]
+    assert "calc" in proc.stdout and "bad" not in proc.stdout
+
+
+def test_inputs_given_twice_are_merged_in_order(project: Path) -> None:
+    proc = run(project, "--inputs", "count=3,factor=5", "--inputs", '{"factor": 2}')
+    assert proc.returncode == 0, proc.stderr
+    assert orjson.loads(proc.stdout)["outputs"] == {"total": 12.0}  # (1+2+3) * 2
+    from flowerpower_daemon.control.client import _parser as ctl_parser
+    from flowerpower_daemon.control.client import _request
+
+    args = ["run", "p", "--inputs", "a=1,b=1", "--inputs", "b=2", "--inputs", '{"c": 3}']
+    assert _request(ctl_parser().parse_args(args))[1]["inputs"] == {"a": 1, "b": 2, "c": 3}
+    add = ctl_parser().parse_args(
+        ["schedule", "add", "p", "--cron", "* * * * *", "--inputs", "a=1", "--inputs", "b=2"]
+    )
+    assert _request(add)[1]["inputs"] == {"a": 1, "b": 2}
+
+
+@pytest.mark.parametrize(
+    ("args", "names"),
+    [
+        (("--max-retries", "-1"), "max_retries"),
+        (("--with-adapter", '{"progresbar": true}'), "did you mean 'progressbar'"),
+        (("--inputs", "nope=1"), "no node takes input 'nope'"),
+    ],
+)
+def test_a_usage_error_prints_only_the_error(
+    project: Path, args: tuple[str, ...], names: str
+) -> None:
+    """No "calc: failed in 0.0 ms" status line for a run that never started: exit 2."""
+    proc = cli("pipeline", "run", "calc", "--base-dir", str(project), *args)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stdout == ""
+    assert proc.stderr.startswith("error: ") and names in proc.stderr
+    assert "failed in" not in proc.stderr
+
+
+def test_unknown_executor_lists_every_accepted_type(project: Path) -> None:
+    proc = run(project, "--executor", "bogus")
+    assert proc.returncode == 2
+    assert (
+        "unknown executor type 'bogus'; use local (or synchronous), threadpool, processpool, "
+        "ray, dask" in proc.stderr
+    )
+    assert run(project, "--executor", "synchronous").returncode == 0
+
+
+def test_new_pipeline_errors_are_one_clear_line(project: Path) -> None:
+    bad = cli("pipeline", "new", "1abc", "--base-dir", str(project))
+    assert bad.returncode == 2
+    assert bad.stderr.splitlines() == [
+        "error: invalid pipeline name '1abc': a pipeline name is a Python identifier "
+        "(letters, digits and _, not starting with a digit)"
+    ]
+    again = cli("pipeline", "new", "calc", "--base-dir", str(project))
+    assert again.returncode == 2
+    assert again.stderr.splitlines() == [
+        f"error: pipeline 'calc' already exists ({project / 'pipelines' / 'calc.py'}); "
+        "--overwrite replaces it"
+    ]
+    assert cli("pipeline", "new", "calc", "--overwrite", "--base-dir", str(project)).returncode == 0
+
+
+def test_second_init_says_what_it_re_created_only_if_anything(tmp_path: Path) -> None:
+    root = tmp_path / "p"
+    assert cli("init", "--base-dir", str(root)).returncode == 0
+    again = cli("init", "--base-dir", str(root))
+    assert again.returncode == 0
+    assert again.stdout == (
+        f"project already exists in {root} ({root / 'conf' / 'project.yml'}): kept as it is\n"
+    )
+    (root / "hooks" / "__init__.py").unlink()
+    (root / "hooks").rmdir()
+    fixed = cli("init", "--base-dir", str(root))
+    assert fixed.stdout.rstrip().endswith(
+        "kept as it is; re-created what was missing: hooks/, hooks/__init__.py"
+    )
+    assert (root / "hooks" / "__init__.py").is_file()
