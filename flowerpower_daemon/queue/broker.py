@@ -345,13 +345,17 @@ class RunExecutor:
             if self.ledger is not None:
                 await self.ledger.finished(request.run_id)
             self.done += 1
-            log.info(
+            error = result.error
+            # A failed run is a warning, so `journalctl -p warning` lists every one of them.
+            (log.info if error is None else log.warning)(
                 "run_finished",
                 status=result.status,
                 attempts=len(result.attempts),
                 duration_ms=round(result.duration_ms, 3),
                 total_ms=round((time.perf_counter() - t0) * 1000, 3),
-                error=result.error.message if result.error else None,
+                error=error.message if error else None,
+                error_type=error.type if error else None,
+                node=error.node if error else None,
             )
         finally:
             structlog.contextvars.reset_contextvars(**tokens)

@@ -105,6 +105,11 @@ async def test_bad_payload_and_failing_pipeline_give_errors_and_daemon_goes_on(
         await c.publish(f"{prefix}/t/y", b'{"temperature": 1}', qos=1)
         got = await d.collect_for(f"{tag}/#", 6.0)
         assert d.proc.proc.poll() is None, d.proc.log()
+        log = [orjson.loads(line) for line in d.proc.log().splitlines() if line.startswith("{")]
+    # The failed run is a warning line with what failed where (journalctl -p warning).
+    [failed] = [e for e in log if e["event"] == "run_finished" and e["status"] == "failed"]
+    assert failed["level"] == "warning"
+    assert (failed["error_type"], failed["node"]) == ("RuntimeError", "boom")
     errors = [r for t, r in got if t.startswith(f"{tag}/errors/")]
     results = [r for t, r in got if t.startswith(f"{tag}/results/")]
     by_pipeline = {r["pipeline"]: r for r in errors}
