@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from ..argtypes import RUN_OVERRIDES
 from ..errors import ConfigProblem, FlowerPowerError
 from .config import PipelineConfig, ProjectConfig
 from .models import RunRequest, RunResult, TriggerInfo, UnknownInputs, new_run_id, utcnow
@@ -20,21 +21,9 @@ from .runner import PipelineRunner
 
 __all__ = ["FlowerPowerProject", "build_overrides"]
 
-_OVERRIDE_KEYS = (
-    "final_vars",
-    "config",
-    "cache",
-    "executor",
-    "with_adapter",
-    "max_retries",
-    "retry_delay",
-    "retry_backoff",
-    "jitter_factor",
-    "retry_exceptions",
-    "timeout",
-    "log_level",
-    "reload",
-)
+#: The ``run:`` keys a request may override: the command line's (shared with flowerpowerctl,
+#: which must not import this module) plus what only Python callers set.
+_OVERRIDE_KEYS = (*RUN_OVERRIDES, "executor", "log_level", "reload")
 
 
 _OVERRIDE_KEY_SET = frozenset(_OVERRIDE_KEYS)

@@ -7,7 +7,24 @@ from collections.abc import Awaitable, Callable
 
 import anyio
 
-__all__ = ["freeze_heap", "shielded"]
+from ..errors import ConfigError
+from ..logs import configure_logging, print_error
+from ..redact import redact_url
+from ..settings import Settings, load_settings
+
+__all__ = ["freeze_heap", "process_settings", "shielded"]
+
+
+def process_settings(config: str | None, log_level: str | None) -> Settings | None:
+    """The settings of a daemon or worker process, its logging configured; ``None`` once a
+    bad config was reported as one ``error:`` line (the caller exits 2)."""
+    try:
+        settings = load_settings(config)
+    except ConfigError as exc:
+        print_error(redact_url(str(exc)))
+        return None
+    configure_logging(log_level or settings.log_level, settings.log_format)
+    return settings
 
 
 def freeze_heap() -> None:

@@ -5,25 +5,20 @@ from __future__ import annotations
 
 import anyio
 
-from ..errors import ConfigError, FlowerPowerError
+from ..errors import FlowerPowerError
 from ..logs import print_error
 from ..redact import redact_url
-from ..settings import load_settings
 from .daemon import Daemon
+from .lifecycle import process_settings
 
 __all__ = ["main"]
 
 
 def main(command: str, config: str | None, log_level: str | None) -> int:
     """``run`` and ``worker``; maps errors to exit codes (2 = bad config)."""
-    from ..logs import configure_logging
-
-    try:
-        settings = load_settings(config)
-    except ConfigError as exc:
-        print_error(redact_url(str(exc)))
+    settings = process_settings(config, log_level)
+    if settings is None:
         return 2
-    configure_logging(log_level or settings.log_level, settings.log_format)
     try:
         if command == "worker":
             from .worker import run_worker

@@ -48,7 +48,7 @@ from ..project.models import RunRequest, RunResult
 from ..redact import redact_url
 from ..settings import Settings
 from ..state.history import history_for
-from .lifecycle import freeze_heap, shielded
+from .lifecycle import freeze_heap, process_settings, shielded
 from .systemd import Notifier
 
 __all__ = ["run_worker", "supervise"]
@@ -258,15 +258,11 @@ def supervise(config: str | None, log_level: str | None, processes: int) -> int:
     consumes, ``STOPPING=1`` at the first signal, pings ``WATCHDOG=1`` from its
     own loop and kills a ready child that missed a whole watchdog period.
     """
-    from ..logs import configure_logging, print_error
-    from ..settings import load_settings
+    from ..logs import print_error
 
-    try:
-        settings = load_settings(config)
-    except ConfigError as exc:
-        print_error(redact_url(str(exc)))
+    settings = process_settings(config, log_level)
+    if settings is None:
         return 2
-    configure_logging(log_level or settings.log_level, settings.log_format)
     if not settings.queue.is_redis:
         print_error("queue.broker: a worker needs queue.broker: redis://...")
         return 2

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import re
-import shutil
 import signal
-import socket
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,35 +11,7 @@ import pytest
 from control_harness import NO_SYSTEMD, request, wait_ready
 from daemon_harness import configure, started
 from services import MosquittoService, free_port
-
-REPO = Path(__file__).resolve().parents[2]
-UNIT = REPO / "systemd" / "flowerpower-daemon.service"
-
-
-class NotifyListener:
-    """A fake ``$NOTIFY_SOCKET``: collects the daemon's datagrams as lists of assignments."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(path))
-        self.messages: list[dict[str, str]] = []
-
-    def wait_for(self, key: str, timeout: float) -> dict[str, str]:
-        """Receive until a message with ``key`` arrives (bounded); return it."""
-        deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            assert left > 0, f"no {key} within {timeout} s; got {self.messages}"
-            self.sock.settimeout(left)
-            data = self.sock.recv(4096).decode()
-            message = dict(line.split("=", 1) for line in data.splitlines() if "=" in line)
-            self.messages.append(message)
-            if key in message:
-                return message
-
-    def close(self) -> None:
-        self.sock.close()
+from systemd_harness import DAEMON_UNIT, WORKER_UNIT, NotifyListener, exposure, verify
 
 
 def test_notify_ready_watchdog_reloading_stopping_in_order(
@@ -73,12 +41,7 @@ def test_notify_ready_watchdog_reloading_stopping_in_order(
             assert proc.wait(60) == 0
     finally:
         listener.close()
-    keys = [
-        k
-        for m in listener.messages
-        for k in ("READY", "WATCHDOG", "RELOADING", "STOPPING")
-        if k in m
-    ]
+    keys = listener.keys(("READY", "WATCHDOG", "RELOADING", "STOPPING"))
     # READY, then WATCHDOG, RELOADING, READY again, STOPPING: a subsequence of what came.
     expected = ["READY", "WATCHDOG", "RELOADING", "READY", "STOPPING"]
     remaining = iter(keys)
@@ -86,54 +49,28 @@ def test_notify_ready_watchdog_reloading_stopping_in_order(
     assert any("STATUS" in m and "ok" in m["STATUS"] for m in listener.messages)
 
 
-def _analyze() -> str:
-    path = shutil.which("systemd-analyze")
-    if path is None:
-        pytest.skip("systemd-analyze not installed")
-    return path
-
-
-def _unit_copy(tmp_path: Path) -> Path:
-    """The unit with ExecStart pointing at an executable that exists here."""
-    daemon_bin = shutil.which("flowerpower-daemon") or str(
-        Path(__import__("sys").executable).parent / "flowerpower-daemon"
-    )
-    text = UNIT.read_text().replace("/usr/local/bin/flowerpower-daemon", daemon_bin)
-    unit = tmp_path / UNIT.name
-    unit.write_text(text)
-    return unit
-
-
-def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
-    """`systemd-analyze verify` accepts the unit."""
-    analyze = _analyze()
-    out = subprocess.run(
-        [analyze, "verify", str(_unit_copy(tmp_path))], capture_output=True, text=True, timeout=120
-    )
+@pytest.mark.parametrize("unit", [DAEMON_UNIT, WORKER_UNIT], ids=["daemon", "worker"])
+def test_unit_passes_systemd_analyze_verify(unit: Path, tmp_path: Path) -> None:
+    """`systemd-analyze verify` accepts the daemon's unit and an instance of the worker's."""
+    out = verify(unit, tmp_path)
     assert out.returncode == 0, out.stderr
-    assert "flowerpower-daemon.service" not in out.stderr, out.stderr
+    assert "flowerpower-" not in out.stderr, out.stderr
 
 
-def test_unit_exposure_is_at_most_2_5(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """`systemd-analyze security` rates the unit's exposure 2.5 or lower."""
-    analyze = _analyze()
-    out = subprocess.run(
-        [analyze, "security", "--offline=true", "--no-pager", str(_unit_copy(tmp_path))],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", out.stdout + out.stderr)
-    if match is None:
-        pytest.skip(f"this systemd-analyze cannot rate unit files offline: {out.stderr[-300:]}")
+@pytest.mark.parametrize("unit", [DAEMON_UNIT, WORKER_UNIT], ids=["daemon", "worker"])
+def test_unit_exposure_is_at_most_2_5(
+    unit: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`systemd-analyze security` rates each unit's exposure 2.5 or lower."""
+    level = exposure(unit, tmp_path)
     with capsys.disabled():
-        print(f"\n[systemd] exposure level {match.group(1)}")
-    assert float(match.group(1)) <= 2.5
+        print(f"\n[systemd] {unit.name} exposure level {level}")
+    assert level <= 2.5
 
 
 def test_unit_has_what_the_issue_asks_for() -> None:
     """Type=notify, watchdog, reload by SIGHUP, restart, directories, user and hardening."""
-    text = UNIT.read_text()
+    text = DAEMON_UNIT.read_text()
     for line in (
         "Type=notify",
         "WatchdogSec=",

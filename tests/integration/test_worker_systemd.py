@@ -1,11 +1,9 @@
-"""Issue 13: workers are services too. The worker unit's checks (as the daemon's in
-test_systemd.py), sd_notify as a real worker speaks it, and ``worker --processes N``."""
+"""Issue 13: workers are services too. The worker unit's contents (systemd-analyze
+checks both units in test_systemd.py), sd_notify as a real worker speaks it, and ``worker --processes N``."""
 
 from __future__ import annotations
 
 import os
-import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -19,42 +17,12 @@ import pytest
 import redis
 from control_harness import NO_SYSTEMD
 from daemon_harness import BIN, base_settings, daemon, make_project, unique, write_config
+from systemd_harness import WORKER_UNIT, NotifyListener
 
 pytestmark = pytest.mark.timeout(180)
 
-REPO = Path(__file__).resolve().parents[2]
-UNIT = REPO / "systemd" / "flowerpower-worker@.service"
 HOST = socket.gethostname()
 GROUP = "flowerpower-workers"  # queue.consumer_group's default
-
-
-class NotifyListener:
-    """A fake ``$NOTIFY_SOCKET``: collects datagrams as dicts of assignments."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(path))
-        self.messages: list[dict[str, str]] = []
-
-    def wait_for(self, key: str, timeout: float) -> dict[str, str]:
-        deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            assert left > 0, f"no {key} within {timeout} s; got {self.messages}"
-            self.sock.settimeout(left)
-            data = self.sock.recv(4096).decode()
-            message = dict(line.split("=", 1) for line in data.splitlines() if "=" in line)
-            self.messages.append(message)
-            if key in message:
-                return message
-
-    def keys(self) -> list[str]:
-        wanted = ("READY", "WATCHDOG", "STOPPING")
-        return [k for m in self.messages for k in wanted if k in m]
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 @contextmanager
@@ -96,57 +64,10 @@ def _until(check: Callable[[], Any], timeout: float, what: str) -> Any:
 # ------------------------------------------------------------------ unit file
 
 
-def _analyze() -> str:
-    path = shutil.which("systemd-analyze")
-    if path is None:
-        pytest.skip("systemd-analyze not installed")
-    return path
-
-
-def _unit_copy(tmp_path: Path) -> Path:
-    """An instance of the template with ExecStart pointing at an executable that exists."""
-    text = UNIT.read_text().replace(
-        "/usr/local/bin/flowerpower-daemon", str(BIN / "flowerpower-daemon")
-    )
-    unit = tmp_path / "flowerpower-worker@1.service"
-    unit.write_text(text)
-    return unit
-
-
-def test_worker_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
-    """`systemd-analyze verify` accepts an instance of the worker unit."""
-    out = subprocess.run(
-        [_analyze(), "verify", str(_unit_copy(tmp_path))],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert out.returncode == 0, out.stderr
-    assert "flowerpower-worker" not in out.stderr, out.stderr
-
-
-def test_worker_unit_exposure_is_at_most_2_5(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """`systemd-analyze security` rates the worker unit's exposure 2.5 or lower."""
-    out = subprocess.run(
-        [_analyze(), "security", "--offline=true", "--no-pager", str(_unit_copy(tmp_path))],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", out.stdout + out.stderr)
-    if match is None:
-        pytest.skip(f"this systemd-analyze cannot rate unit files offline: {out.stderr[-300:]}")
-    with capsys.disabled():
-        print(f"\n[systemd] worker exposure level {match.group(1)}")
-    assert float(match.group(1)) <= 2.5
-
-
 def test_worker_unit_has_what_the_issue_asks_for() -> None:
     """A template, Type=notify, watchdog, restart, --processes, user and the daemon's hardening."""
-    text = UNIT.read_text()
-    assert UNIT.name.endswith("@.service")
+    text = WORKER_UNIT.read_text()
+    assert WORKER_UNIT.name.endswith("@.service")
     for line in (
         "Type=notify",
         "NotifyAccess=main",
