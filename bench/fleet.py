@@ -176,6 +176,7 @@ class Setup:
     ops: dict[str, int] = field(default_factory=dict)  # Redis command -> calls, all rounds
     mem: int = 0  # Redis used_memory growth over its runs (bytes)
     stream: tuple[int, int] = (0, 0)  # entries in its stream, MEMORY USAGE of it, at the end
+    key_bytes: dict[str, float] = field(default_factory=dict)  # kind of key -> mean MEMORY USAGE
     keys: int = 0  # Redis keys added over its runs
 
 
@@ -284,6 +285,16 @@ async def memory(redis: Redis) -> tuple[int, int]:
     return int(info["used_memory"]), int(await redis.dbsize())
 
 
+async def key_usage(redis: Redis, pattern: str, n: int = 50) -> float:
+    """Mean ``MEMORY USAGE`` of up to ``n`` keys matching ``pattern`` (0 if none)."""
+    sizes = []
+    async for key in redis.scan_iter(match=pattern, count=1000):
+        sizes.append(int(await redis.memory_usage(key, samples=0) or 0))
+        if len(sizes) >= n:
+            break
+    return statistics.fmean(sizes) if sizes else 0.0
+
+
 # ------------------------------------------------------------------- measure
 
 
@@ -374,6 +385,10 @@ async def measure(args: argparse.Namespace, ports: dict[str, int], procs: dict[s
                     queue = s.target.name if s.floor else f"fleet-{s.name.replace('redis_', 'r')}"
                     usage = await redis.memory_usage(queue, samples=0)
                     s.stream = (int(await redis.xlen(queue)), int(usage or 0))
+                    if not s.floor:  # the keys each run leaves behind, and their TTLs
+                        for kind, pattern in (("history job", f"{queue}:history:job:*"),
+                                              ("taskiq result", "?" * 32)):
+                            s.key_bytes[kind] = await key_usage(redis, pattern)
         finally:
             for task in readers:
                 task.cancel()
@@ -468,6 +483,10 @@ def report(setups: list[Setup], args: argparse.Namespace, load: tuple[float, ...
             print(f"  {s.name:<10} {s.mem / msgs:7.0f} bytes, {s.keys / msgs:5.2f} keys; "
                   f"its stream holds {n} entries (none trimmed), {size / max(n, 1):.0f} bytes "
                   "each (MEMORY USAGE)")
+            if s.key_bytes:
+                out["redis_retained_per_msg"][s.name]["key_bytes"] = s.key_bytes
+                print(f"  {'':<10} keys per run: " + ", ".join(
+                    f"{kind} {size:.0f} bytes" for kind, size in s.key_bytes.items()))
     return out
 
 
