@@ -73,6 +73,7 @@ from pathlib import Path
 from typing import Any
 
 import aiomqtt
+import orjson
 import psutil
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -161,6 +162,20 @@ async def floor_reader(client: e2e.Client, pubsub: Any) -> None:
             fut.set_result((now, None))
 
 
+def daemon_target(name: str, seen: dict[str, int]) -> e2e.Target:
+    """``ab.target``, also counting the results per ``worker`` (who ran the run)."""
+    def reply_seq(payload: bytes) -> tuple[int, dict[str, Any] | None]:
+        data = orjson.loads(payload)
+        if data.get("status") != "success":
+            raise RuntimeError(f"{name}: run did not succeed: {payload[:300]!r}")
+        who = str(data.get("worker"))
+        seen[who] = seen.get(who, 0) + 1
+        return int(data["outputs"]["device_id"][1:]), None
+
+    base = ab.target(name)
+    return e2e.Target(base.name, base.out_topic, base.request, reply_seq)
+
+
 # -------------------------------------------------------------------- setups
 
 
@@ -177,6 +192,7 @@ class Setup:
     mem: int = 0  # Redis used_memory growth over its runs (bytes)
     stream: tuple[int, int] = (0, 0)  # entries in its stream, MEMORY USAGE of it, at the end
     key_bytes: dict[str, float] = field(default_factory=dict)  # kind of key -> mean MEMORY USAGE
+    seen: dict[str, int] = field(default_factory=dict)  # result's "worker" -> results
     keys: int = 0  # Redis keys added over its runs
 
 
@@ -460,6 +476,13 @@ def report(setups: list[Setup], args: argparse.Namespace, load: tuple[float, ...
             f"{cpu[r]:>11.3f}" if r in cpu else f"{'-':>11}" for r in (*roles, "service")))
     print("  service = everything but this client (daemon + workers + Mosquitto + Redis)")
     print()
+    print("who ran the runs (the results' \"worker\", timed rounds):")
+    out["runs_by"] = {}
+    for s in setups:
+        if not s.floor:
+            out["runs_by"][s.name] = s.seen
+            print(f"  {s.name:<10}" + ", ".join(f"{w} {n}" for w, n in sorted(s.seen.items())))
+    print()
     print("Redis commands per message (INFO commandstats delta / messages):")
     out["redis_commands_per_msg"] = {}
     for s in setups:
@@ -601,14 +624,17 @@ def main(argv: list[str] | None = None) -> int:
                 ws = [spawn(f"redis_{n}-w{i}", worker(cfg)) for i in range(n)]
                 setups.append(Setup(f"redis_{n}", ab.target(f"r{n}"), False,
                                     {"daemon": [d], "workers": ws}, True))
+                setups[-1].target = daemon_target(f"r{n}", setups[-1].seen)
             cfg = daemon_config(tmp, "solo", ports["mqtt"], topic="solo")
             setups.append(Setup("solo", ab.target("solo"), False,
                                 {"daemon": [spawn("solo", run(cfg))]}, False))
+            setups[-1].target = daemon_target("solo", setups[-1].seen)
             pids = []
             for x in ("a", "b"):
                 cfg = daemon_config(tmp, f"sh-{x}", ports["mqtt"], topic="sh", shared=True)
                 pids.append(spawn(f"sh-{x}", run(cfg)))
             setups.append(Setup("shared_2", ab.target("sh"), False, {"daemon": pids}, False))
+            setups[-1].target = daemon_target("sh", setups[-1].seen)
             # ab.ready() reads <name>.log of the probed daemon
             with contextlib.suppress(OSError):
                 (tmp / "sh.log").symlink_to(tmp / "sh-a.log")
