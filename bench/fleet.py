@@ -541,10 +541,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--redis-monitor", metavar="FILE", type=Path, default=None,
                         help="also write `redis-cli MONITOR` to FILE (every command and key; "
                         "slows Redis: for a short run naming the commands, not for figures)")
+    parser.add_argument("--profile", metavar="DIR", type=Path, default=None,
+                        help="run redis_1's daemon and worker under cProfile (e2e.py's way), "
+                        "write DIR/daemon.prof and DIR/worker.prof, print their top functions "
+                        "(profiling slows them: not for figures)")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (configs, logs)")
     args = parser.parse_args(argv)
     if min(args.m, args.rounds, args.window, args.concurrency) < 1 or args.warmup < 0:
         parser.error("--m, --rounds, --window, --concurrency must be >= 1, --warmup >= 0")
+    if args.profile is not None:
+        args.profile.mkdir(parents=True, exist_ok=True)
     path = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin"])
     binaries = {b: shutil.which(b, path=path) for b in ("mosquitto", "redis-server")}
     daemon = e2e.VENV_BIN / "flowerpower-daemon"
@@ -597,11 +603,18 @@ def main(argv: list[str] | None = None) -> int:
                 start(stack, procs, name, cmd, tmp, cwd=tmp, **kw)
                 return int(procs[name].pid)
 
-            def run(cfg: Path) -> list[str]:
-                return [str(daemon), "run", "-c", str(cfg)]
+            def run(cfg: Path, profile: str | None = None) -> list[str]:
+                return [*cli(profile), "run", "-c", str(cfg)]
 
-            def worker(cfg: Path) -> list[str]:
-                return [str(daemon), "worker", "-c", str(cfg)]
+            def worker(cfg: Path, profile: str | None = None) -> list[str]:
+                return [*cli(profile), "worker", "-c", str(cfg)]
+
+            def cli(profile: str | None) -> list[str]:
+                if profile is None or args.profile is None:
+                    return [str(daemon)]
+                (tmp / "profile_daemon.py").write_text(e2e.PROFILE_SCRIPT)
+                out = args.profile.resolve() / f"{profile}.prof"
+                return [sys.executable, str(tmp / "profile_daemon.py"), str(out)]
 
             for n in (1, 3):
                 # floor: bare taskiq worker(s) (the client's broker creates the group first,
@@ -620,8 +633,9 @@ def main(argv: list[str] | None = None) -> int:
                 # ours: one daemon, n workers
                 cfg = daemon_config(tmp, f"r{n}", ports["mqtt"], topic=f"r{n}",
                                     redis_url=redis_url, concurrency=args.concurrency)
-                d = spawn(f"r{n}", run(cfg))
-                ws = [spawn(f"redis_{n}-w{i}", worker(cfg)) for i in range(n)]
+                d = spawn(f"r{n}", run(cfg, "daemon" if n == 1 else None))
+                ws = [spawn(f"redis_{n}-w{i}", worker(cfg, "worker" if n == 1 else None))
+                      for i in range(n)]
                 setups.append(Setup(f"redis_{n}", ab.target(f"r{n}"), False,
                                     {"daemon": [d], "workers": ws}, True))
                 setups[-1].target = daemon_target(f"r{n}", setups[-1].seen)
@@ -643,10 +657,18 @@ def main(argv: list[str] | None = None) -> int:
             except (TimeoutError, RuntimeError, aiomqtt.MqttError) as exc:
                 print(f"error: {exc}", file=sys.stderr)
                 return 1
+            for name in ("r1", "redis_1-w0"):  # SIGTERM: a profiled process writes its stats
+                e2e.stop_process(procs[name], name)
         out = report(setups, args, load, versions)
         out["elapsed_s"] = round(time.monotonic() - t_start, 1)
         print(f"\nelapsed {out['elapsed_s']:.0f} s; load average at the end "
               + " ".join(f"{x:.2f}" for x in os.getloadavg()))
+        if args.profile is not None:
+            for name in ("daemon", "worker"):
+                path = args.profile.resolve() / f"{name}.prof"
+                if path.exists():
+                    print(f"\nredis_1 {name}:", end="")
+                    e2e.print_profile(path, 25)
         if args.json is not None:
             args.json.write_text(json.dumps(out, indent=2) + "\n")
             print(f"\nwrote {args.json}")
