@@ -41,8 +41,13 @@ Each measurement sends ``--m`` messages (QoS 1 for MQTT) with at most
 every wait bounded), and records the CPU time of every process of the setup
 (daemon(s), workers (with their child processes), Mosquitto, Redis, this
 client) and, for the Redis setups, Redis's ``INFO commandstats`` before and
-after (commands per message). Throughput is the median of the rounds; a ratio
+after (commands per message), its memory growth, and at the end the size of
+each stream and of the keys a run leaves; it counts the results per
+``worker`` (who ran them). Throughput is the median of the rounds; a ratio
 is the median of the per-round ratios (ours / floor; ``shared_2`` / ``solo``).
+``--json FILE`` writes every figure, floor and ratio as one object;
+``--redis-monitor FILE`` records ``redis-cli MONITOR``; ``--profile DIR``
+runs ``redis_1``'s daemon and worker under cProfile.
 Every child is stopped (SIGTERM, then SIGKILL) on exit, error, Ctrl-C or
 SIGTERM. Reuses ``e2e.py``'s broker config, client and process handling and
 ``ab.py``'s probe-and-warm-up.
