@@ -137,14 +137,6 @@ def create_broker(settings: QueueSettings, *, worker: bool = False) -> AsyncBrok
         # for sync tasks stays unused (and so without threads): the task is async.
         memory = InMemoryBroker(await_inplace=True, cast_types=False, sync_tasks_pool_size=1)
         return memory.with_result_backend(DummyResultBackend()).with_formatter(InProcessFormatter())
-    from taskiq.abc.result_backend import AsyncResultBackend
-    from taskiq_redis import (
-        RedisAsyncClusterResultBackend,
-        RedisAsyncResultBackend,
-        RedisAsyncSentinelResultBackend,
-    )
-
-    from ..state.stores import cluster_for, sentinel_for
     from .streams import (
         ReclaimingClusterStreamBroker,
         ReclaimingSentinelStreamBroker,
@@ -155,7 +147,6 @@ def create_broker(settings: QueueSettings, *, worker: bool = False) -> AsyncBrok
     idle_timeout = int(settings.reclaim_after * 1000)
     queue, group = settings.queue_name, settings.consumer_group
     broker: AsyncBroker
-    backend: AsyncResultBackend[object]
     if target.mode == "sentinel":
         broker = ReclaimingSentinelStreamBroker(
             target,
@@ -164,11 +155,6 @@ def create_broker(settings: QueueSettings, *, worker: bool = False) -> AsyncBrok
             consumer_group_name=group,
             xread_block=1000,
         )
-        sentinel = RedisAsyncSentinelResultBackend[object](
-            list(target.nodes), target.master, result_ex_time=86400
-        )
-        sentinel.sentinel = sentinel_for(target)  # with the credentials, db and TLS
-        backend = sentinel
     elif target.mode == "cluster":
         broker = ReclaimingClusterStreamBroker(
             target,
@@ -177,9 +163,6 @@ def create_broker(settings: QueueSettings, *, worker: bool = False) -> AsyncBrok
             consumer_group_name=group,
             xread_block=1000,
         )
-        cluster = RedisAsyncClusterResultBackend[object](target.url, result_ex_time=86400)
-        cluster.redis = cluster_for(target)  # every start-up node, not only the URL's
-        backend = cluster
     else:
         broker = ReclaimingStreamBroker(
             target.url,
@@ -188,8 +171,9 @@ def create_broker(settings: QueueSettings, *, worker: bool = False) -> AsyncBrok
             idle_timeout=idle_timeout,
             xread_block=1000,
         )
-        backend = RedisAsyncResultBackend(target.url, result_ex_time=86400)
-    return broker.with_result_backend(backend).with_serializer(ORJSONSerializer())
+    # The run task publishes its own result and records it in the history: nobody reads
+    # taskiq's result backend, whose Redis keys only cost a write and ~280 B per run.
+    return broker.with_result_backend(DummyResultBackend()).with_serializer(ORJSONSerializer())
 
 
 # The deliveries of one unfinished run: "<unix time> <worker>" per start, oldest first.

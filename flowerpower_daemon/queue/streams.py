@@ -172,8 +172,26 @@ class _Reclaiming(AsyncBroker):
                             message_ids=ids,
                             justid=True,
                         )
+                    await self._trim(conn)
                 except Exception as exc:  # redis.RedisError, OSError: try again next round
                     log.warning("stream_heartbeat_failed", error=str(exc))
+
+    async def _trim(self, conn: Any) -> None:
+        """Drop the entries every consumer group of the stream has read and acknowledged.
+
+        Nothing else removes them (taskiq-redis sets no MAXLEN, and a MAXLEN could drop
+        runs not yet read): the stream grew by one entry per run for good. An entry
+        older than a group's oldest unacknowledged one, or than its last delivered one
+        when none is pending, is done with; the oldest such mark of all groups is kept.
+        """
+        marks: list[tuple[int, int]] = []
+        for group in await conn.xinfo_groups(self.queue_name):
+            summary = await conn.xpending(self.queue_name, group["name"])
+            mark = summary["min"] if summary["pending"] else group["last-delivered-id"]
+            marks.append(_stream_id(_text(mark)))
+        if marks and min(marks) > (0, 0):
+            ms, seq = min(marks)
+            await conn.xtrim(self.queue_name, minid=f"{ms}-{seq}", approximate=False)
 
 
 class ReclaimingStreamBroker(_Reclaiming, RedisStreamBroker):
@@ -256,6 +274,12 @@ class ReclaimingClusterStreamBroker(_Reclaiming, RedisStreamClusterBroker):
 
     def _connection(self) -> AbstractAsyncContextManager[Any]:
         return nullcontext(self.redis)  # shared; closed by shutdown
+
+
+def _stream_id(text: str) -> tuple[int, int]:
+    """A stream entry id ``"<ms>-<seq>"`` as a tuple that orders like the ids."""
+    ms, _, seq = text.partition("-")
+    return int(ms), int(seq or 0)
 
 
 def _text(value: object) -> str:
