@@ -55,7 +55,9 @@ async def test_redis_history_records_filters_and_trims(redis_session: RedisServi
             full = await history.get("r5")
             assert full is not None and full["result"]["outputs"] == {"x": [1, 2]}
             assert "result" not in (await history.recent(limit=1))[0]
-            assert await history.get("r0") is not None  # trimmed from the index only
+            # Trimmed runs go whole: no key left to take memory until max_age.
+            assert await history.get("r0") is None and await history.get("r1") is None
+            assert not await history._redis.exists(f"{prefix}:job:r0")
             assert await history.get("nope") is None
 
 
