@@ -15,6 +15,7 @@ member) and lets mypy check each branch.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
@@ -167,7 +168,19 @@ def load_settings(path: str | None) -> Settings:
     try:
         return Settings(**data)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, Settings, shown)) from None
+        raise ConfigError(
+            [_untagged(p) for p in format_validation_error(exc, Settings, shown)]
+        ) from None
+
+
+# pydantic puts a tagged union's tag into the error's path: triggers[0].cron.cron
+_TAG_IN_KEY = re.compile(r"^(triggers\[\d+\])\.(?:mqtt|cron|interval|date|file)\.")
+
+
+def _untagged(problem: ConfigProblem) -> ConfigProblem:
+    """``problem`` keyed as the file spells it (``triggers[0].cron``, not ``...cron.cron``)."""
+    key = _TAG_IN_KEY.sub(r"\1.", problem.key)
+    return problem if key == problem.key else ConfigProblem(problem.file, key, problem.message)
 
 
 def _relative_to(base: Path, data: dict[str, object]) -> None:

@@ -1,11 +1,14 @@
-"""mqtt.url is checked whole at load time, port included, so `check` and `run` agree."""
+"""Settings errors as a user reads them: mqtt.url checked whole (port included), keys as in the file."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
-from flowerpower_daemon.settings import MqttSettings
+from flowerpower_daemon.errors import ConfigError
+from flowerpower_daemon.settings import MqttSettings, load_settings
 
 
 @pytest.mark.parametrize(
@@ -26,3 +29,13 @@ def test_good_mqtt_urls_pass() -> None:
     """The documented forms load."""
     for url in ("mqtt://h:1883", "mqtts://u:p@h:8883", "embedded", "tcp://h"):
         assert MqttSettings(url=url).url == url
+
+
+def test_trigger_problems_are_keyed_as_the_file_spells_them(tmp_path: Path) -> None:
+    """A bad cron is `triggers[0].cron`, not pydantic's `triggers[0].cron.cron` (the union tag)."""
+    config = tmp_path / "c.yml"
+    config.write_text('triggers:\n  - {type: cron, pipeline: p, cron: "61 * * * *"}\n')
+    with pytest.raises(ConfigError) as caught:
+        load_settings(str(config))
+    [problem] = caught.value.problems
+    assert problem.key == "triggers[0].cron", problem
