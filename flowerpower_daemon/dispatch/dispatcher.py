@@ -152,11 +152,15 @@ class Dispatcher:
         state.fired += 1
         cfg = state.cfg
         admission = Admission(state, event, new_run_id(), {**cfg.inputs, **event.inputs}, cfg.run)
-        for stage in state.chain:
-            rejection = await stage(admission)
-            if rejection is not None:
-                await self.reject(admission, rejection)
-                return
+        try:
+            for stage in state.chain:
+                rejection = await stage(admission)
+                if rejection is not None:
+                    await self.reject(admission, rejection)
+                    return
+        except Exception as exc:  # a store or the broker failing: this event, not the daemon
+            await self._admission_failed(admission, exc)
+            return
         request = self._request(admission)
         key = admission.key
         if key is not None and isinstance(cfg, MqttTrigger) and cfg.debounce:
@@ -166,6 +170,23 @@ class Dispatcher:
         if key is not None and isinstance(cfg, MqttTrigger):
             slot_for(state, cfg, key).users += 1
         runs.start_soon(self._handle, admission, request, name=f"run:{request.run_id}")
+
+    async def _admission_failed(self, admission: Admission, exc: Exception) -> None:
+        """A stage failed (a dedup store's disk, the broker): logged, its dedup key released,
+        and the message left unacknowledged, so the broker delivers it again (at least once)
+        instead of the error ending the daemon."""
+        state = admission.state
+        state.failed += 1
+        log.error(
+            "admission_failed", trigger=state.cfg.name, error=f"{type(exc).__name__}: {exc}"
+        )
+        if admission.dedup_key is not None and self.dedup is not None:
+            try:
+                await self.dedup.forget(admission.dedup_key)
+            except Exception as forget_exc:  # the same store, likely failing too
+                log.error(
+                    "dedup_forget_failed", dedup_key=admission.dedup_key, error=str(forget_exc)
+                )
 
     async def reject(self, admission: Admission, rejection: Rejection) -> None:
         """An event that is not run: its error result or log line, its counter, its ack.

@@ -22,7 +22,7 @@ over taskiq-redis's ``RedisStreamSentinelBroker``) and on a Redis Cluster
 (:class:`ReclaimingClusterStreamBroker`, over ``RedisStreamClusterBroker``):
 taskiq-redis 1.2's versions of those never reclaim at all (no
 ``XAUTOCLAIM``, no ``idle_timeout``); here they share this module's
-reclaim, heartbeat and ack handling (:class:`_Reclaiming`), and take their
+reclaim, heartbeat and ack handling (:class:`Reclaiming`), and take their
 clients from :mod:`flowerpower_daemon.state.stores` (one long-lived master
 client that follows a failover, instead of taskiq's new client per command).
 The stream is one key, so every stream command goes to one Cluster node.
@@ -40,6 +40,7 @@ import anyio
 import structlog
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 from taskiq import AckableMessage, AsyncBroker
 from taskiq_redis import RedisStreamBroker, RedisStreamClusterBroker, RedisStreamSentinelBroker
 
@@ -47,6 +48,7 @@ from ..settings import RedisTarget
 from ..state.stores import RedisStore, cluster_for, sentinel_for
 
 __all__ = [
+    "Reclaiming",
     "ReclaimingClusterStreamBroker",
     "ReclaimingSentinelStreamBroker",
     "ReclaimingStreamBroker",
@@ -60,7 +62,7 @@ log = structlog.get_logger("flowerpower_daemon.streams")
 _ACK_TRIES = 5  # over about 2 s
 
 
-class _Reclaiming(AsyncBroker):
+class Reclaiming(AsyncBroker):
     """Reclaim, heartbeat and acks of a stream broker; :meth:`_connection` lends a client."""
 
     queue_name: str
@@ -111,9 +113,22 @@ class _Reclaiming(AsyncBroker):
         async with self._connection() as conn:
             # Joined explicitly: a blocking XREADGROUP on an empty stream does not list the
             # consumer (Redis 7.0), and "consuming" should mean "a member of the group".
-            await conn.xgroup_createconsumer(
-                self.queue_name, self.consumer_group_name, self.consumer_name
-            )
+            try:
+                await conn.xgroup_createconsumer(
+                    self.queue_name, self.consumer_group_name, self.consumer_name
+                )
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                # Redis restarted without persistence: stream and group are gone. Runs the
+                # daemon enqueued since then are in a new stream: the group reads it from 0.
+                log.warning("stream_group_recreated", stream=self.queue_name)
+                await conn.xgroup_create(
+                    self.queue_name, self.consumer_group_name, id="0", mkstream=True
+                )
+                await conn.xgroup_createconsumer(
+                    self.queue_name, self.consumer_group_name, self.consumer_name
+                )
             if self.on_listening is not None:
                 listening, self.on_listening = self.on_listening, None
                 listening()
@@ -140,7 +155,10 @@ class _Reclaiming(AsyncBroker):
                 )
                 for msg_id, msg in reply[1]:
                     if not msg or b"data" not in msg:
-                        continue  # trimmed from the stream meanwhile: nothing left to run
+                        # Deleted from the stream meanwhile: nothing left to run. Acked, so
+                        # that it leaves the pending list (where it would pin the trim).
+                        await conn.xack(self.queue_name, self.consumer_group_name, msg_id)
+                        continue
                     log.warning("run_reclaimed", message_id=_text(msg_id))
                     yield AckableMessage(
                         data=msg[b"data"], ack=self._ack_generator(msg_id, self.queue_name)
@@ -194,14 +212,14 @@ class _Reclaiming(AsyncBroker):
             await conn.xtrim(self.queue_name, minid=f"{ms}-{seq}", approximate=False)
 
 
-class ReclaimingStreamBroker(_Reclaiming, RedisStreamBroker):
+class ReclaimingStreamBroker(Reclaiming, RedisStreamBroker):
     """One stream on one Redis server, one consumer group; reclaims on every read round."""
 
     def _connection(self) -> AbstractAsyncContextManager[Any]:
         return Redis(connection_pool=self.connection_pool)
 
 
-class ReclaimingSentinelStreamBroker(_Reclaiming, RedisStreamSentinelBroker):
+class ReclaimingSentinelStreamBroker(Reclaiming, RedisStreamSentinelBroker):
     """The stream on the master that Redis Sentinel names; one client that follows failovers."""
 
     def __init__(
@@ -247,7 +265,7 @@ class ReclaimingSentinelStreamBroker(_Reclaiming, RedisStreamSentinelBroker):
             await node.aclose()
 
 
-class ReclaimingClusterStreamBroker(_Reclaiming, RedisStreamClusterBroker):
+class ReclaimingClusterStreamBroker(Reclaiming, RedisStreamClusterBroker):
     """The stream on a Redis Cluster (one key: one node serves it); one cluster client."""
 
     def __init__(

@@ -347,15 +347,22 @@ class Controls:
         self._events.publish("trigger_removed", name=name)
 
     async def add_schedule(self, schedule: Schedule) -> None:
+        """Arm and persist a dynamic schedule. Under the reload lock, as every change of the
+        dynamic schedules: a reload compares the triggers with the schedules it started with."""
         trigger = schedule.to_trigger()
-        if schedule.id in self._schedules.schedules:
-            await self.remove_trigger(schedule.id)
-        self._schedules.schedules[schedule.id] = schedule
-        await self._schedules.save()
-        await self.add_trigger(trigger)
+        async with self._reload_lock:
+            if schedule.id in self._schedules.schedules:
+                await self.remove_trigger(schedule.id)
+            self._schedules.schedules[schedule.id] = schedule
+            await self._schedules.save()
+            await self.add_trigger(trigger)
 
     async def remove_schedule(self, schedule_id: str) -> None:
         """Disarm and forget a dynamic schedule (also its pause flag)."""
+        async with self._reload_lock:
+            await self._remove_schedule(schedule_id)
+
+    async def _remove_schedule(self, schedule_id: str) -> None:
         self._schedules.schedules.pop(schedule_id, None)
         self._schedules.paused.discard(schedule_id)
         await self._schedules.save()
@@ -363,8 +370,9 @@ class Controls:
 
     async def fired_once(self, name: str) -> None:
         """A date trigger has fired: a one-shot dynamic schedule is done."""
-        if name in self._schedules.schedules:
-            await self.remove_schedule(name)
+        async with self._reload_lock:
+            if name in self._schedules.schedules:
+                await self._remove_schedule(name)
 
     async def set_paused(self, names: Sequence[str], paused: bool) -> list[str]:
         assert self.dispatcher is not None

@@ -77,7 +77,11 @@ class ManualRuns:
         """Start ``request`` now, or persist it and start it at ``run_at``."""
         if run_at is not None:
             self.store.delayed[request.run_id] = DelayedRun(request, run_at)
-            await self.store.save()
+            try:
+                await self.store.save()
+            except BaseException:  # not kept: it must not reach the file with a later save
+                self.store.delayed.pop(request.run_id, None)
+                raise
         return self._submit(request, run_at)
 
     def resume(self) -> int:
@@ -112,4 +116,7 @@ class ManualRuns:
     async def _forget(self, run_id: str) -> None:
         if self.store.delayed.pop(run_id, None) is not None:
             with anyio.CancelScope(shield=True):
-                await self.store.save()
+                try:
+                    await self.store.save()
+                except OSError as exc:  # the run goes on; the file forgets it at the next save
+                    log.error("delayed_run_forget_failed", run_id=run_id, error=str(exc))

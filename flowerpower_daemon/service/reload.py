@@ -95,7 +95,10 @@ def prepare(config_path: str | None, dynamic: Iterable[Schedule]) -> Prepared:
                 )
             )
         else:
-            triggers.append(schedule.to_trigger())
+            try:
+                triggers.append(schedule.to_trigger())
+            except ValueError as exc:  # e.g. its pipeline's new run: keys no longer fit
+                problems.append(ConfigProblem(where, schedule.id, str(exc)))
     if problems:
         raise ConfigError(problems)
     return Prepared(settings, project, triggers)

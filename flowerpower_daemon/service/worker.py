@@ -73,7 +73,7 @@ async def run_worker(settings: Settings) -> None:
         register_run_task,
         worker_name,
     )
-    from ..queue.streams import ReclaimingStreamBroker, WorkerPresence
+    from ..queue.streams import Reclaiming, WorkerPresence
     from ..queue.threads import ElasticThreadPool
     from ..state.dedup import RedisDedupStore, dedup_prefix
 
@@ -100,7 +100,7 @@ async def run_worker(settings: Settings) -> None:
     broker.is_worker_process = True
     who = worker_name()
     notifier = Notifier()
-    if isinstance(broker, ReclaimingStreamBroker):
+    if isinstance(broker, Reclaiming):
         # The consumer in the group says which worker it is (XINFO CONSUMERS); the
         # suffix keeps a restarted worker with the same pid (a container's 1) apart.
         broker.consumer_name = f"{who}-{uuid.uuid4().hex[:8]}"
@@ -160,7 +160,7 @@ async def run_worker(settings: Settings) -> None:
     try:
         async with history, dedup, ledger, presence, anyio.create_task_group() as tg:
             await tg.start(link.run, name="mqtt-link")
-            if isinstance(broker, ReclaimingStreamBroker):
+            if isinstance(broker, Reclaiming):
                 tg.start_soon(broker.keep_claimed, name="stream-heartbeat")
                 broker.on_listening = consuming
             tg.start_soon(beat, name="worker-presence")
@@ -171,7 +171,7 @@ async def run_worker(settings: Settings) -> None:
                     async for _ in signals:
                         if finish.is_set():
                             log.warning("worker_cancelling_runs")
-                            if isinstance(broker, ReclaimingStreamBroker):
+                            if isinstance(broker, Reclaiming):
                                 broker.withhold_acks = True  # the runs stay in the stream
                             tg.cancel_scope.cancel()
                             return
@@ -187,7 +187,7 @@ async def run_worker(settings: Settings) -> None:
                 pipelines=sorted(project.pipelines),
                 worker=who,
             )
-            if not isinstance(broker, ReclaimingStreamBroker):
+            if not isinstance(broker, Reclaiming):
                 consuming()
             # taskiq's receiver (the loop of ``taskiq worker``), with its own graceful stop;
             # the pool is for sync tasks, which this worker has none of.
@@ -217,7 +217,7 @@ async def run_worker(settings: Settings) -> None:
             leftover = [t for t in executor.running if not t.done()]
             if leftover:
                 log.warning("worker_runs_cancelled_at_deadline", runs=len(leftover))
-                if isinstance(broker, ReclaimingStreamBroker):
+                if isinstance(broker, Reclaiming):
                     broker.withhold_acks = True
                 for t in leftover:
                     t.cancel()

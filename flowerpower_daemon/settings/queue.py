@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 from urllib.parse import quote, unquote, urlsplit
 
@@ -43,7 +43,7 @@ class RedisTarget:
     url: str
     nodes: tuple[tuple[str, int], ...] = ()
     master: str = ""
-    sentinel_password: str | None = None
+    sentinel_password: str | None = field(default=None, repr=False)  # never in a log
 
     @property
     def tls(self) -> bool:

@@ -24,6 +24,7 @@ from services import (
 
 from flowerpower_daemon.settings import QueueSettings, Settings
 from flowerpower_daemon.state.history import history_for
+from flowerpower_daemon.state.stores import open_redis
 from tests.daemon_harness import (
     base_settings,
     client,
@@ -71,7 +72,7 @@ async def _carry(tmp_path: Path, mqtt_port: int, queue: dict[str, Any]) -> None:
         home = tmp_path / f"daemon{i}"
         home.mkdir()
         s = base_settings(project, home, mqtt_port, log_level="DEBUG")
-        s["queue"] = {**queue, "worker_concurrency": 8}
+        s["queue"] = {**queue, "worker_concurrency": 8, "reclaim_after": 3}
         s["triggers"] = triggers
         s["mqtt"]["result_topic"] = result_topic
         configs.append(write_config(home, s))
@@ -113,6 +114,14 @@ async def _carry(tmp_path: Path, mqtt_port: int, queue: dict[str, Any]) -> None:
                 ) from None
             with anyio.move_on_after(2):  # a few more ticks
                 await until(MESSAGES + 2, 2)
+            # The worker's heartbeat (every second here) trims the acknowledged runs.
+            redis = open_redis(QueueSettings(**queue).redis)
+            try:
+                with anyio.fail_after(30):
+                    while await redis.client.xlen(queue["queue_name"]) > 2:  # noqa: ASYNC110
+                        await anyio.sleep(0.2)
+            finally:
+                await redis.aclose()
             for proc in (worker, one, two):
                 assert proc.proc.poll() is None, proc.log()[-3000:]
             logs = [p.log() for p in (worker, one, two)]

@@ -23,7 +23,7 @@ from taskiq.message import BrokerMessage
 
 from flowerpower_daemon.project.models import ErrorInfo, RunRequest, RunResult
 from flowerpower_daemon.queue.broker import RunLedger, create_broker
-from flowerpower_daemon.queue.streams import _Reclaiming
+from flowerpower_daemon.queue.streams import Reclaiming
 from flowerpower_daemon.settings import QueueSettings, Settings
 from flowerpower_daemon.state.dedup import RedisDedupStore, dedup_prefix
 from flowerpower_daemon.state.history import history_for
@@ -33,7 +33,7 @@ from tests.daemon_harness import unique
 pytestmark = [pytest.mark.timeout(60)]
 
 
-async def _next(broker: _Reclaiming, timeout: float) -> AckableMessage | None:
+async def _next(broker: Reclaiming, timeout: float) -> AckableMessage | None:
     gen = broker.listen()
     try:
         with anyio.move_on_after(timeout):
@@ -45,7 +45,7 @@ async def _next(broker: _Reclaiming, timeout: float) -> AckableMessage | None:
 
 async def _streams_and_stores(queue: QueueSettings) -> None:
     one, two = create_broker(queue, worker=True), create_broker(queue, worker=True)
-    assert isinstance(one, _Reclaiming) and isinstance(two, _Reclaiming)
+    assert isinstance(one, Reclaiming) and isinstance(two, Reclaiming)
     await one.startup()
     await two.startup()
     try:

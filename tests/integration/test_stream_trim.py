@@ -39,3 +39,28 @@ async def test_acknowledged_runs_are_trimmed_from_the_stream(
     # Nothing of taskiq's result backend: results go out on MQTT and into the history.
     # (taskiq-redis keys a result by its task id, which is the run id here.)
     assert not any(r.exists(m.data["run_id"]) for m in results)
+
+
+async def test_worker_recreates_its_group_after_redis_lost_everything(
+    tmp_path: Path, mosquitto: Any, redis_server: Any
+) -> None:
+    """A Redis without persistence restarts empty (FLUSHALL here): the next message still runs."""
+    prefix = unique("nogroup")
+    queue = unique("q")
+    config = configure(
+        tmp_path,
+        mosquitto.port,
+        [mqtt_trigger("temp", "temperature", f"{prefix}/{{device}}")],
+        queue={"broker": redis_server.url, "queue_name": queue},
+    )
+    r = redis.Redis.from_url(redis_server.url)
+    async with online_daemon(config, subscribe=[config.results], workers=1) as d:
+        await d.client.publish(f"{prefix}/before", b'{"temperature": 1}', qos=1)
+        assert (await d.next_message(config.results, 60)).data["status"] == "success"
+        r.flushall()  # stream, consumer group, everything
+        await d.client.publish(f"{prefix}/after", b'{"temperature": 2}', qos=1)
+        after = await d.next_message(config.results, 60)
+        log = d.workers[0].log()
+    assert after.data["status"] == "success"
+    assert after.data["outputs"]["device_id"] == "after"
+    assert "stream_group_recreated" in log

@@ -142,3 +142,31 @@ async def test_missing_template_values_are_bad_input(
     [(_, result)] = sink.results
     assert result.error is not None and result.error.message.startswith(message)
     assert (d.stats.bad_input, acks.count) == (1, 1)
+
+
+class _BrokenStore(SqliteDedupStore):
+    """A dedup store whose disk fails (full, I/O error) on every claim."""
+
+    async def claim(self, *args: object, **kwargs: object) -> tuple[str, bytes | None]:
+        raise OSError(28, "No space left on device")
+
+
+async def test_a_failing_stage_fails_the_event_not_the_daemon(tmp_path: Path) -> None:
+    """A store that raises: logged, counted, the message left unacked for redelivery; no crash."""
+    acks = _Acks()
+    trig = _mqtt(dedup_key="{payload.id}")
+    d = Dispatcher(
+        Settings(),
+        [trig],
+        kiq=_never,
+        sink=_Sink(),
+        remote=False,
+        dedup=_BrokenStore(tmp_path / "d.sqlite3"),
+    )
+    with capture_logs() as logs:
+        async with anyio.create_task_group() as runs:
+            await d.submit(_event(b'{"id": 1}', acks), runs)
+    assert acks.count == 0  # the broker keeps it: at least once
+    assert d.triggers["t"].failed == 1
+    [failed] = [e for e in logs if e["event"] == "admission_failed"]
+    assert "No space left on device" in failed["error"]
