@@ -84,6 +84,12 @@ class MqttSettings(_Frozen):
             raise ValueError(
                 f"status_topic {value!r}: unknown field(s) {', '.join(unknown)}; use {{client_id}}"
             )
+        if names and "{client_id}" not in value.split("/"):
+            # The fleet view subscribes with + in its place: + must be a whole level.
+            raise ValueError(
+                f"status_topic {value!r}: {{client_id}} must be a whole topic level "
+                "(e.g. flowerpower/status/{client_id})"
+            )
         return value
 
     @field_validator("result_store")

@@ -39,3 +39,10 @@ def test_trigger_problems_are_keyed_as_the_file_spells_them(tmp_path: Path) -> N
         load_settings(str(config))
     [problem] = caught.value.problems
     assert problem.key == "triggers[0].cron", problem
+
+
+def test_status_topic_client_id_is_a_whole_level() -> None:
+    """`fp/status-{client_id}` would make the fleet view subscribe to `fp/status-+`: refused."""
+    with pytest.raises(ValidationError, match="whole topic level"):
+        MqttSettings(status_topic="fp/status-{client_id}")
+    assert MqttSettings(status_topic="fp/{client_id}/status").fleet_status_filter == "fp/+/status"
