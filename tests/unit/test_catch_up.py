@@ -342,10 +342,10 @@ def test_settings_defaults(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("extra", "key"),
     [
-        ("    catch_up: sometimes\n", "triggers[0].cron.catch_up"),
-        ("    catch_up: true\n", "triggers[0].cron.catch_up"),
-        ("    max_catch_up: 0\n", "triggers[0].cron.max_catch_up"),
-        ("    misfire_grace: -1\n", "triggers[0].cron.misfire_grace"),
+        ("    catch_up: sometimes\n", "triggers[0].catch_up"),
+        ("    catch_up: true\n", "triggers[0].catch_up"),
+        ("    max_catch_up: 0\n", "triggers[0].max_catch_up"),
+        ("    misfire_grace: -1\n", "triggers[0].misfire_grace"),
     ],
 )
 def test_bad_catch_up_names_the_key(tmp_path: Path, extra: str, key: str) -> None:
