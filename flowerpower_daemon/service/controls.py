@@ -37,6 +37,7 @@ from ..control.events import EventBus
 from ..control.protocol import ProtocolError
 from ..errors import ConfigError
 from ..project.api import FlowerPowerProject
+from ..project.hooks import ConfigHook
 from ..project.models import RunRequest, RunResult, utcnow
 from ..redact import redact_url
 from ..settings import MqttTrigger, Settings, Trigger
@@ -414,10 +415,13 @@ class Controls:
                         reloading.prepare, self.config_path, dynamic
                     )
                     await anyio.to_thread.run_sync(reloading.warm_up, new.project, new.triggers)
+                    hooks = await anyio.to_thread.run_sync(
+                        reloading.load_hooks, new.project, new.triggers
+                    )
                 except ConfigError as exc:
                     self._events.publish("reload_failed", problems=[str(p) for p in exc.problems])
                     raise
-                report = await self._apply(new)
+                report = await self._apply(new, hooks)
                 freeze_heap()  # the old project may be garbage now; the new one is frozen
             finally:
                 self.notifier.ready(self.status_line())
@@ -425,8 +429,11 @@ class Controls:
         self._events.publish("reloaded", **report)
         return report
 
-    async def _apply(self, new: reloading.Prepared) -> ReloadReport:
+    async def _apply(
+        self, new: reloading.Prepared, hooks: dict[str, ConfigHook]
+    ) -> ReloadReport:
         assert self.dispatcher is not None
+        self.dispatcher.config_hooks = hooks  # before the chains are built again below
         current = {name: state.cfg for name, state in self.dispatcher.triggers.items()}
         delta = reloading.diff(current, new.triggers)
         restart = reloading.restart_required(self._settings, new.settings)

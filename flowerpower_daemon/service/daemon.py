@@ -33,12 +33,11 @@ from anyio.abc import TaskGroup
 
 from ..control.client import remember_socket
 from ..dispatch.dispatcher import Dispatcher, Stats
-from ..errors import ConfigError, FlowerPowerError
+from ..errors import ConfigError
 from ..project.api import FlowerPowerProject
-from ..project.hooks import ConfigHook
 from ..project.models import RunRequest, RunResult
 from ..redact import redact_url
-from ..settings import MqttSettings, MqttTrigger, Settings, Trigger
+from ..settings import MqttSettings, Settings, Trigger
 from ..state.dedup import dedup_store_for
 from ..state.history import history_for
 from ..version import __version__
@@ -202,7 +201,9 @@ class Daemon:
                     if in_process is not None:
                         in_process.forget(request.run_id)  # a kick that failed left it held
 
-            hooks = await anyio.to_thread.run_sync(self._config_hooks)
+            hooks = await anyio.to_thread.run_sync(
+                reloading.load_hooks, project, controls.triggers_at_start
+            )
             dispatcher = Dispatcher(
                 s,
                 triggers,
@@ -278,23 +279,6 @@ class Daemon:
         self.notifier.ready(self.controls.status_line())
         if ready is not None:
             ready()
-
-    def _config_hooks(self) -> dict[str, ConfigHook]:
-        """Each MQTT-triggered pipeline's ``mqtt_build_config`` hook (blocking import)."""
-        from ..project.hooks import load_mqtt_build_config
-
-        hooks: dict[str, ConfigHook] = {}
-        project = self.controls.project
-        for trig in self.controls.triggers_at_start:
-            if isinstance(trig, MqttTrigger) and trig.pipeline not in hooks:
-                try:
-                    hook = load_mqtt_build_config(project.files, trig.pipeline)
-                except FlowerPowerError as exc:
-                    log.error("hook_not_loaded", pipeline=trig.pipeline, error=str(exc))
-                    continue
-                if hook is not None:
-                    hooks[trig.pipeline] = hook
-        return hooks
 
     async def _on_result(self, request: RunRequest, result: RunResult) -> None:
         if self.controls.dispatcher is not None:

@@ -16,7 +16,8 @@ import structlog
 
 from ..errors import ConfigError, ConfigProblem, FlowerPowerError
 from ..project.api import FlowerPowerProject
-from ..settings import Settings, Trigger, load_settings
+from ..project.hooks import ConfigHook
+from ..settings import MqttTrigger, Settings, Trigger, load_settings
 from ..state.schedules import Schedule
 from .check import check_report, configured_triggers
 
@@ -131,3 +132,23 @@ def warm_up(project: FlowerPowerProject, triggers: Iterable[Trigger]) -> None:
             log.error(
                 "pipeline_not_ready", trigger=trig.name, pipeline=trig.pipeline, error=str(exc)
             )
+
+
+def load_hooks(project: FlowerPowerProject, triggers: Iterable[Trigger]) -> dict[str, ConfigHook]:
+    """Each MQTT-triggered pipeline's ``mqtt_build_config`` hook (blocking: imports user code).
+
+    At start and at every reload, so that a trigger a reload adds gets its hook too.
+    """
+    from ..project.hooks import load_mqtt_build_config
+
+    hooks: dict[str, ConfigHook] = {}
+    for trig in triggers:
+        if isinstance(trig, MqttTrigger) and trig.pipeline not in hooks:
+            try:
+                hook = load_mqtt_build_config(project.files, trig.pipeline)
+            except FlowerPowerError as exc:
+                log.error("hook_not_loaded", pipeline=trig.pipeline, error=str(exc))
+                continue
+            if hook is not None:
+                hooks[trig.pipeline] = hook
+    return hooks
