@@ -10,19 +10,22 @@ import argparse
 import ast
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import NoReturn, TypeVar
 
 import orjson
 
 __all__ = [
+    "CRON_FIELDS",
     "EXECUTOR_ALIASES",
+    "INTERVAL_UNITS",
     "RUN_OVERRIDES",
     "MergeInputs",
     "Parser",
     "add_run_options",
     "cache_arg",
     "cron_arg",
+    "cron_fields_text",
     "executor_arg",
     "inputs_arg",
     "interval_arg",
@@ -344,11 +347,17 @@ def cron_arg(text: str) -> str:
         raise argparse.ArgumentTypeError(
             f"unknown cron field(s) {', '.join(unknown)}; fields: {', '.join(CRON_FIELDS)}"
         )
+    return cron_fields_text(fields)
+
+
+def cron_fields_text(fields: Mapping[str, object]) -> str:
+    """A cron field dict as a 6-field string, seconds first: ``second`` defaults to 0 (at
+    most once a minute, like a 5-field string), the others to ``*``."""
     return " ".join(str(fields.get(f, "0" if f == "second" else "*")) for f in CRON_FIELDS)
 
 
 #: Seconds per unit of FlowerPower's interval dict (``{"minutes": 5}``).
-_INTERVAL_UNITS = {
+INTERVAL_UNITS = {
     "weeks": 604800.0,
     "days": 86400.0,
     "hours": 3600.0,
@@ -363,10 +372,10 @@ def interval_arg(text: str) -> str | float:
     if not text.strip().startswith("{"):
         return text
     fields = _json_as(text, dict)
-    unknown = sorted(set(fields) - set(_INTERVAL_UNITS))
+    unknown = sorted(set(fields) - set(INTERVAL_UNITS))
     bad = [k for k, v in fields.items() if isinstance(v, bool) or not isinstance(v, int | float)]
     if unknown or bad or not fields:
         raise argparse.ArgumentTypeError(
-            f"expected numbers for {', '.join(_INTERVAL_UNITS)}, got {text!r}"
+            f"expected numbers for {', '.join(INTERVAL_UNITS)}, got {text!r}"
         )
-    return sum(float(v) * _INTERVAL_UNITS[k] for k, v in fields.items())
+    return sum(float(v) * INTERVAL_UNITS[k] for k, v in fields.items())

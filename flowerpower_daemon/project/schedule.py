@@ -14,7 +14,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from croniter import croniter
 
-from ..argtypes import parse_seconds
+from ..argtypes import CRON_FIELDS, INTERVAL_UNITS, cron_fields_text, parse_seconds
 
 __all__ = [
     "CRON_FIELDS",
@@ -28,8 +28,6 @@ __all__ = [
     "resolve_wall_time",
 ]
 
-CRON_FIELDS = ("second", "minute", "hour", "day", "month", "day_of_week")
-_INTERVAL_KEYS = {"weeks", "days", "hours", "minutes", "seconds", "milliseconds"}
 _MAX_CRON_CANDIDATES = 1000
 
 
@@ -47,8 +45,7 @@ def cron_from_fields(fields: Mapping[str, object]) -> str:
         value = fields.get(unsupported)
         if value is not None and str(value) != "*":
             raise ValueError(f"cron field {unsupported!r} is not supported (only '*')")
-    parts = [str(fields.get(name, "0" if name == "second" else "*")) for name in CRON_FIELDS]
-    return " ".join(parts)
+    return cron_fields_text(fields)
 
 
 def parse_cron(value: object) -> str:
@@ -78,10 +75,10 @@ def parse_interval(value: object) -> timedelta:
     elif isinstance(value, int | float):
         result = timedelta(seconds=float(value))
     elif isinstance(value, Mapping):
-        unknown = sorted(set(value) - _INTERVAL_KEYS)
+        unknown = sorted(set(value) - set(INTERVAL_UNITS))
         if unknown:
             raise ValueError(
-                f"unknown interval field(s) {unknown}; valid fields: {sorted(_INTERVAL_KEYS)}"
+                f"unknown interval field(s) {unknown}; valid fields: {sorted(INTERVAL_UNITS)}"
             )
         try:
             result = timedelta(**{k: float(v) for k, v in value.items()})
