@@ -107,7 +107,9 @@ def configure_logging(level: str = "INFO", fmt: LogFormat = "auto") -> None:
     structlog.configure(
         processors=[*shared, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        # One write per line: print() writes the line and its newline apart, so a stdlib
+        # record (its handler has another lock) could land between them, two lines in one.
+        logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
     handler = logging.StreamHandler(sys.stderr)
