@@ -194,5 +194,11 @@ def redis_policy_problems(settings: Settings) -> list[ConfigProblem]:
 
 
 def configured_triggers(settings: Settings, project: FlowerPowerProject) -> list[Trigger]:
-    """The enabled triggers of the config file plus every pipeline's ``schedule:``."""
-    return [t for t in settings.triggers if t.enabled] + schedule_triggers(settings, project)
+    """The enabled triggers of the config file plus every pipeline's ``schedule:`` (and its
+    Home Assistant button, with ``homeassistant.discovery`` on)."""
+    triggers = [t for t in settings.triggers if t.enabled] + schedule_triggers(settings, project)
+    if settings.homeassistant.discovery:
+        from .homeassistant import button_triggers  # deferred: it imports the MQTT client
+
+        triggers += button_triggers(settings, project)
+    return triggers

@@ -58,6 +58,7 @@ if TYPE_CHECKING:
     from ..mqtt.link import MqttLink
     from ..mqtt.sinks import MqttResultSink
     from ..queue.broker import RunExecutor
+    from .homeassistant import HomeAssistant
 
 __all__ = ["Controls"]
 
@@ -104,6 +105,7 @@ class Controls:
         self.sink: MqttResultSink | None = None
         self.server: ControlServer | None = None
         self.executor: RunExecutor | None = None
+        self.homeassistant: HomeAssistant | None = None
         #: Redis queue: the live workers, as :meth:`watch_workers` last read them.
         self.workers: list[WorkerInfo] = []
 
@@ -449,6 +451,8 @@ class Controls:
             await self.remove_trigger(name)
         for name in [*delta.added, *delta.changed]:
             await self.add_trigger(by_name[name])
+        if self.homeassistant is not None:  # buttons follow the triggers above
+            await self.homeassistant.update(new.settings, new.project.pipelines)
         return {
             "added": delta.added,
             "removed": delta.removed,

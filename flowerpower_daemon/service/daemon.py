@@ -117,6 +117,7 @@ class Daemon:
         )
         from ..queue.threads import ElasticThreadPool
         from ..state.timerstate import timer_state_for
+        from .homeassistant import HomeAssistant, HomeAssistantSink
 
         s = self.settings
         controls = self.controls
@@ -166,7 +167,10 @@ class Daemon:
                 result_store=s.mqtt.result_store,
             )
             controls.link, controls.publisher, controls.sink = link, publisher, sink
-            controls.jobs.sink = sink
+            # Runs' results also update their pipeline's Home Assistant sensor (when on).
+            homeassistant = controls.homeassistant = HomeAssistant(s, publisher, mqtt_settings)
+            run_sink = HomeAssistantSink(sink, homeassistant)
+            controls.jobs.sink = run_sink
             broker = create_broker(s.queue)
             if isinstance(broker, InMemoryBroker):
                 # Sync pipelines run in a pool that adds threads only while runs are stuck
@@ -179,7 +183,7 @@ class Daemon:
             # when no trigger has a dedup_key yet: a reload may add one.
             dedup = await stack.enter_async_context(dedup_store_for(s))
             timer_state = await stack.enter_async_context(timer_state_for(s))
-            executor = RunExecutor(project.runner, sink, on_result=self._on_result, dedup=dedup)
+            executor = RunExecutor(project.runner, run_sink, on_result=self._on_result, dedup=dedup)
             controls.executor = executor
             task = register_run_task(broker, executor)
             await broker.startup()
@@ -237,6 +241,8 @@ class Daemon:
                         freeze_heap()
                         if await _first(partial(_connected, link), controls.stopped):
                             await self._announce_ready(link, mqtt_settings, triggers, ready)
+                            pipelines = lambda: controls.project.pipelines  # noqa: E731
+                            root.start_soon(homeassistant.start, pipelines, name="homeassistant")
                         await controls.stopped()
                         log.info("daemon_stopping", in_flight=self.stats.in_flight)
                         self.notifier.stopping(controls.status_line())

@@ -65,7 +65,7 @@ async def run_worker(settings: Settings) -> None:
     from taskiq.receiver import Receiver
 
     from ..mqtt.link import MqttLink
-    from ..mqtt.sinks import MqttResultSink
+    from ..mqtt.sinks import MqttResultSink, ResultSink
     from ..queue.broker import (
         RunExecutor,
         RunLedger,
@@ -90,12 +90,16 @@ async def run_worker(settings: Settings) -> None:
     project = FlowerPowerProject.load(settings.project, storage_options=settings.storage_options)
     client_id = f"{settings.mqtt.client_id}-worker-{socket.gethostname()}-{os.getpid()}"
     link = MqttLink(settings.mqtt, client_id=client_id)
-    sink = MqttResultSink(
+    sink: ResultSink = MqttResultSink(
         link,
         qos=settings.mqtt.result_qos,
         max_bytes=settings.mqtt.max_result_bytes,
         result_store=settings.mqtt.result_store,
     )
+    if settings.homeassistant.discovery:  # results update their Home Assistant sensor too
+        from .homeassistant import HomeAssistant, HomeAssistantSink
+
+        sink = HomeAssistantSink(sink, HomeAssistant(settings, link))
     broker = create_broker(settings.queue, worker=True)
     broker.is_worker_process = True
     who = worker_name()

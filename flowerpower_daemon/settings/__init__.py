@@ -32,6 +32,7 @@ from ..errors import ConfigError, ConfigProblem
 from ..project.config import format_validation_error, load_yaml_text
 from ..project.schedule import parse_interval
 from .base import _Frozen
+from .homeassistant import HomeAssistantSettings
 from .mqtt import MqttSettings, TlsSettings
 from .queue import QueueSettings, RedisTarget, SentinelSettings, parse_broker
 from .triggers import (
@@ -52,6 +53,7 @@ __all__ = [
     "CronTrigger",
     "DateTrigger",
     "FileTrigger",
+    "HomeAssistantSettings",
     "IntervalTrigger",
     "MqttSettings",
     "MqttTrigger",
@@ -113,6 +115,7 @@ class Settings(BaseSettings):
     queue: QueueSettings = Field(default_factory=QueueSettings)
     control: ControlSettings = Field(default_factory=ControlSettings)
     history: HistorySettings = Field(default_factory=HistorySettings)
+    homeassistant: HomeAssistantSettings = Field(default_factory=HomeAssistantSettings)
     max_concurrent_runs: int = Field(default=8, ge=1)
     shutdown_timeout: float = Field(default=30.0, ge=0)
     schedule_all: bool = True
