@@ -6,7 +6,8 @@
   result topic). A reload that removes a pipeline removes its trigger, so
   its button no longer runs anything.
 - **Configs** are published retained (QoS 1) once the daemon is online
-  (:meth:`HomeAssistant.start`) and again at every reload
+  (:meth:`HomeAssistant.start`), again after each reconnect (a broker
+  without persistence forgets them) and at every reload
   (:meth:`HomeAssistant.update`): a pipeline that is gone gets an empty
   retained payload on its config topics (Home Assistant removes the
   entity), a new one gets its configs. At start the configs already retained
@@ -89,10 +90,30 @@ class HomeAssistant:
         """
         async with self._lock:
             discovery = self.discovery
-            if discovery is None:
-                return
-            self._published = await self._retained(discovery)
-            await self._publish(discovery, list(pipelines()))
+            if discovery is not None:
+                self._published = await self._retained(discovery)
+                await self._publish(discovery, list(pipelines()))
+        await self._republish_after_reconnects()
+
+    async def _republish_after_reconnects(self) -> None:
+        """Publish every config again after the link reconnects (runs until cancelled).
+
+        A broker restarted without persistence has lost the retained configs (the
+        link says ``online`` again on its own). Checked once a second: a reconnect
+        is rare, and the link has no per-connect callback to hang this on.
+        """
+        seen = self.link.connects
+        while True:
+            await anyio.sleep(1.0)
+            connects = self.link.connects
+            if connects == seen or not self.link.connected:
+                continue
+            seen = connects
+            async with self._lock:
+                if self.discovery is not None and self._published:
+                    for topic, payload in self._published.items():
+                        await self.link.publish(OutgoingMessage(topic, payload, qos=1, retain=True))
+                    log.info("homeassistant_discovery_republished", configs=len(self._published))
 
     async def update(self, settings: Settings, pipelines: Iterable[str]) -> None:
         """A reload: publish the new configs, empty the ones of pipelines (or a node) gone."""

@@ -211,3 +211,31 @@ async def test_restart_keeps_ids_and_clears_a_pipeline_deleted_while_down(
     second = await run_once()
     assert not [t for t in second if "/tagged/" in t]
     assert second == {t: p for t, p in first.items() if "/tagged/" not in t}  # ids stable
+
+
+async def test_configs_come_back_after_the_broker_forgot_them(
+    tmp_path: Path, mosquitto: Any
+) -> None:
+    """A config the broker lost (cleared here, as a broker without persistence would after a
+    restart) is published again once the daemon has reconnected."""
+    config = ha_config(tmp_path, mosquitto.port)
+    lost = f"homeassistant/button/{config.tag}/stats/config"
+    with started(config) as run:
+        async with client(config.port) as c:
+            await wait_online(c, config.status_topic, run.proc)
+            with anyio.fail_after(30):
+                while lost not in await retained(config.port, lost):
+                    pass
+            await c.publish(lost, b"", qos=1, retain=True)
+        assert lost not in await retained(config.port, lost)
+        await mosquitto.arestart()
+        try:
+            with anyio.fail_after(60):
+                # retained() waits a second for a first message: no busy loop.
+                while lost not in (found := await retained(config.port, lost)):
+                    pass
+        except TimeoutError:
+            log = run.proc.log()[-3000:]
+            raise AssertionError(f"config not published again; log:\n{log}") from None
+        assert orjson.loads(found[lost].payload)["command_topic"].endswith("/stats/run")  # type: ignore[arg-type]
+    assert "homeassistant_discovery_republished" in run.proc.log()
