@@ -29,7 +29,15 @@ import anyio.to_thread
 import orjson
 import pytest
 from control_harness import ok, wait_ready
-from daemon_harness import Config, client, configure, online_daemon, started, wait_online
+from daemon_harness import (
+    Config,
+    client,
+    configure,
+    online_daemon,
+    started,
+    unique,
+    wait_online,
+)
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -239,3 +247,24 @@ async def test_configs_come_back_after_the_broker_forgot_them(
             raise AssertionError(f"config not published again; log:\n{log}") from None
         assert orjson.loads(found[lost].payload)["command_topic"].endswith("/stats/run")  # type: ignore[arg-type]
     assert "homeassistant_discovery_republished" in run.proc.log()
+
+
+async def test_a_worker_s_run_updates_the_sensor(
+    tmp_path: Path, mosquitto: Any, redis_server: Any
+) -> None:
+    """Queue on Redis: the worker that runs the pressed pipeline updates its sensor."""
+    config = configure(
+        tmp_path,
+        mosquitto.port,
+        homeassistant={"discovery": True},
+        queue={"broker": redis_server.url, "queue_name": unique("q")},
+    )
+    base = f"flowerpower/homeassistant/{config.tag}/stats"
+    sensor = [f"{base}/state", f"{base}/attributes"]
+    async with online_daemon(config, subscribe=[config.results, *sensor], workers=1) as d:
+        await d.client.publish(f"{base}/run", "{}", qos=1)
+        result = await d.next_message(config.results, 60)
+        assert result.data["status"] == "success" and result.data["worker"]
+        sensed = await raw(d.client, f"{base}/+", 2)
+    assert sensed[f"{base}/state"] == b"success"
+    assert orjson.loads(sensed[f"{base}/attributes"])["worker"] == result.data["worker"]
