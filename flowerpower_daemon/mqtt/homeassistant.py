@@ -179,8 +179,25 @@ class Discovery:
 
 
 def removed(old: Mapping[str, bytes], new: Mapping[str, bytes]) -> list[str]:
-    """The config topics of ``old`` that ``new`` lacks: each gets an empty retained payload."""
-    return sorted(set(old) - set(new))
+    """The topics to empty (retained) when ``new`` replaces ``old``: the config topics of
+    ``old`` that ``new`` lacks, and the state and attributes topics their sensors named
+    that no sensor of ``new`` uses (so the broker keeps nothing of a pipeline that is gone)."""
+    gone = sorted(set(old) - set(new))
+    in_use = {t for payload in new.values() for t in _sensor_topics(payload)}
+    leftovers = {t for topic in gone for t in _sensor_topics(old[topic])} - in_use
+    return gone + sorted(leftovers)
+
+
+def _sensor_topics(config: bytes) -> list[str]:
+    """The retained topics a sensor config names (none for a button or a payload not ours)."""
+    try:
+        data = orjson.loads(config)
+    except orjson.JSONDecodeError:
+        return []
+    if not isinstance(data, dict):
+        return []
+    found = (data.get("state_topic"), data.get("json_attributes_topic"))
+    return [t for t in found if isinstance(t, str) and t and "+" not in t and "#" not in t]
 
 
 def changed(old: Mapping[str, bytes], new: Mapping[str, bytes]) -> dict[str, bytes]:

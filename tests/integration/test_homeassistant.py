@@ -160,28 +160,31 @@ async def test_discovery_press_sensor_and_reload(tmp_path: Path, mosquitto: Any)
         failed = await raw(d.client, f"flowerpower/homeassistant/{node}/broken/state", 1)
         assert list(failed.values()) == [b"failed"]
 
-        # Reload: `slow` deleted, `fresh` added.
+        # Reload: `broken` (which ran) deleted, `fresh` added.
         project = Path(config.settings["project"])
-        (project / "pipelines" / "slow.py").unlink()
+        (project / "pipelines" / "broken.py").unlink()
         (project / "pipelines" / "fresh.py").write_text(
             '"""New at reload."""\n\n\ndef answer() -> int:\n    """42."""\n    return 42\n'
         )
         await d.client.subscribe(configs_filter, qos=1)
         await raw(d.client, configs_filter, 2 * len(names))  # the retained copies, at once
         report = await anyio.to_thread.run_sync(lambda: ok(config.sock, "reload"))
-        assert report["pipelines_removed"] == ["slow"] and report["pipelines_added"] == ["fresh"]
-        assert "homeassistant:slow" in report["removed"]
+        assert report["pipelines_removed"] == ["broken"]
+        assert report["pipelines_added"] == ["fresh"]
+        assert "homeassistant:broken" in report["removed"]
         assert "homeassistant:fresh" in report["added"]
         changes = await raw(d.client, configs_filter, 4)
-        assert changes[f"homeassistant/button/{node}/slow/config"] == b""
-        assert changes[f"homeassistant/sensor/{node}/slow/config"] == b""
+        assert changes[f"homeassistant/button/{node}/broken/config"] == b""
+        assert changes[f"homeassistant/sensor/{node}/broken/config"] == b""
         fresh = orjson.loads(changes[f"homeassistant/button/{node}/fresh/config"])
         check_config(f"homeassistant/button/{node}/fresh/config", fresh, config, node)
         now = await retained(config.port, configs_filter)
-        assert not [t for t in now if "/slow/" in t]  # an empty retained payload clears it
+        assert not [t for t in now if "/broken/" in t]  # an empty retained payload clears it
+        # Its sensor's retained state and attributes are cleared too.
+        assert not await retained(config.port, f"flowerpower/homeassistant/{node}/broken/+")
 
         # The new button runs its pipeline; the old one runs nothing.
-        await d.client.publish(button["command_topic"].replace("/stats/", "/slow/"), "{}", qos=1)
+        await d.client.publish(button["command_topic"].replace("/stats/", "/broken/"), "{}", qos=1)
         await d.client.publish(fresh["command_topic"], fresh["payload_press"], qos=1)
         result = await d.next_message(config.results, 30)
         assert result.topic.endswith("/fresh") and result.data["outputs"] == {"answer": 42}

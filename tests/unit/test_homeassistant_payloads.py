@@ -233,6 +233,23 @@ def test_large_outputs_are_cut_to_fit_the_attributes() -> None:
     assert data["truncated"] is True and data["duration_ms"] is not None
 
 
+def test_removed_sensors_take_their_state_topics_along() -> None:
+    d = discovery()
+    old = d.configs(["a", "b"])
+    new = d.configs(["b"])
+    assert removed(old, new) == [
+        "homeassistant/button/fp-test_daemon/a/config",
+        "homeassistant/sensor/fp-test_daemon/a/config",
+        d.attributes_topic("a"),
+        d.state_topic("a"),
+    ]
+    # Another node with the same state topics (no {node_id} in base_topic): they stay.
+    other = discovery(node_id="other", base_topic="fp/shared").configs(["a"])
+    shared = discovery(base_topic="fp/shared").configs(["a"])
+    assert removed(shared, other) == sorted(shared)
+    assert removed({"x/config": b"not json"}, {}) == ["x/config"]
+
+
 def test_removed_and_changed() -> None:
     old = {"a": b"1", "b": b"2"}
     new = {"b": b"2", "c": b"3"}
