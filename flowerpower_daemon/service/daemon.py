@@ -167,10 +167,10 @@ class Daemon:
                 result_store=s.mqtt.result_store,
             )
             controls.link, controls.publisher, controls.sink = link, publisher, sink
-            # Runs' results also update their pipeline's Home Assistant sensor (when on).
+            # Results update their pipeline's Home Assistant sensor (when on): runs' through
+            # _on_result, those of runs that ended without one (cancelled) through this sink.
             homeassistant = controls.homeassistant = HomeAssistant(s, publisher, mqtt_settings)
-            run_sink = HomeAssistantSink(sink, homeassistant)
-            controls.jobs.sink = run_sink
+            controls.jobs.sink = HomeAssistantSink(sink, homeassistant)
             broker = create_broker(s.queue)
             if isinstance(broker, InMemoryBroker):
                 # Sync pipelines run in a pool that adds threads only while runs are stuck
@@ -183,7 +183,7 @@ class Daemon:
             # when no trigger has a dedup_key yet: a reload may add one.
             dedup = await stack.enter_async_context(dedup_store_for(s))
             timer_state = await stack.enter_async_context(timer_state_for(s))
-            executor = RunExecutor(project.runner, run_sink, on_result=self._on_result, dedup=dedup)
+            executor = RunExecutor(project.runner, sink, on_result=self._on_result, dedup=dedup)
             controls.executor = executor
             task = register_run_task(broker, executor)
             await broker.startup()
@@ -290,6 +290,8 @@ class Daemon:
         if self.controls.dispatcher is not None:
             self.controls.dispatcher.record(request, result)
         await self.controls.jobs.finished(request, result)
+        if self.controls.homeassistant is not None:
+            await self.controls.homeassistant.publish_state(result)
 
     async def _signals(self, root: TaskGroup) -> None:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:

@@ -13,10 +13,12 @@
   entity), a new one gets its configs. At start the configs already retained
   for this node are read back first, so a pipeline deleted while the daemon
   was down is removed too.
-- **Sensors**: :class:`HomeAssistantSink` wraps the result sink; after each
-  run it publishes the status and the result message (retained) on the
-  pipeline's state and attributes topics. Workers on a Redis queue wrap
-  their sink the same way.
+- **Sensors**: after each run :meth:`HomeAssistant.publish_state` publishes
+  the status and the result message (retained) on the pipeline's state and
+  attributes topics, called from the daemon's and the workers' result hooks
+  (the executors' sink stays the MQTT one: it also re-publishes duplicates'
+  earlier results); :class:`HomeAssistantSink` does it for the results of
+  runs that ended without one (cancelled), which go through the job tracker.
 
 The payloads themselves are built in :mod:`flowerpower_daemon.mqtt.homeassistant`.
 """
@@ -142,6 +144,20 @@ class HomeAssistant:
                 removed=len(gone),
             )
 
+    async def publish_state(self, result: RunResult) -> None:
+        """Update ``result``'s pipeline sensor: its status and attributes (retained).
+
+        A failure is logged: the sensor lags, the run and its result are not affected.
+        """
+        discovery = self.discovery
+        if discovery is None:
+            return
+        try:
+            for topic, payload in discovery.state_messages(result):
+                await self.link.publish(OutgoingMessage(topic, payload, qos=1, retain=True))
+        except Exception:
+            log.exception("homeassistant_state_failed", run_id=result.run_id)
+
     async def _retained(self, discovery: Discovery) -> dict[str, bytes]:
         """This node's button and sensor configs the broker retains (empty if unreadable)."""
         from ..mqtt.client import retained_messages
@@ -177,17 +193,7 @@ class HomeAssistantSink:
     def __init__(self, inner: ResultSink, homeassistant: HomeAssistant) -> None:
         self.inner = inner
         self.homeassistant = homeassistant
-        self.updates = 0
 
     async def emit(self, request: RunRequest, result: RunResult) -> None:
         await self.inner.emit(request, result)
-        discovery = self.homeassistant.discovery
-        if discovery is None:
-            return
-        link = self.homeassistant.link
-        try:
-            for topic, payload in discovery.state_messages(result):
-                await link.publish(OutgoingMessage(topic, payload, qos=1, retain=True))
-            self.updates += 1
-        except Exception:
-            log.exception("homeassistant_state_failed", run_id=result.run_id)
+        await self.homeassistant.publish_state(result)

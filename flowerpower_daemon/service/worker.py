@@ -65,7 +65,7 @@ async def run_worker(settings: Settings) -> None:
     from taskiq.receiver import Receiver
 
     from ..mqtt.link import MqttLink
-    from ..mqtt.sinks import MqttResultSink, ResultSink
+    from ..mqtt.sinks import MqttResultSink
     from ..queue.broker import (
         RunExecutor,
         RunLedger,
@@ -90,16 +90,12 @@ async def run_worker(settings: Settings) -> None:
     project = FlowerPowerProject.load(settings.project, storage_options=settings.storage_options)
     client_id = f"{settings.mqtt.client_id}-worker-{socket.gethostname()}-{os.getpid()}"
     link = MqttLink(settings.mqtt, client_id=client_id)
-    sink: ResultSink = MqttResultSink(
+    sink = MqttResultSink(
         link,
         qos=settings.mqtt.result_qos,
         max_bytes=settings.mqtt.max_result_bytes,
         result_store=settings.mqtt.result_store,
     )
-    if settings.homeassistant.discovery:  # results update their Home Assistant sensor too
-        from .homeassistant import HomeAssistant, HomeAssistantSink
-
-        sink = HomeAssistantSink(sink, HomeAssistant(settings, link))
     broker = create_broker(settings.queue, worker=True)
     broker.is_worker_process = True
     who = worker_name()
@@ -109,9 +105,16 @@ async def run_worker(settings: Settings) -> None:
         # suffix keeps a restarted worker with the same pid (a container's 1) apart.
         broker.consumer_name = f"{who}-{uuid.uuid4().hex[:8]}"
     history = history_for(settings)  # Redis: the daemon's `flowerpowerctl jobs` sees these runs
+    homeassistant = None
+    if settings.homeassistant.discovery:  # each run updates its Home Assistant sensor too
+        from .homeassistant import HomeAssistant
+
+        homeassistant = HomeAssistant(settings, link)
 
     async def record(request: RunRequest, result: RunResult) -> None:
         await history.record(result)
+        if homeassistant is not None:
+            await homeassistant.publish_state(result)
 
     queue = settings.queue
     # Shared with every daemon and worker: dedup keys (claimed here, as runs start) and

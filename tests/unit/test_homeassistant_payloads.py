@@ -41,7 +41,7 @@ from flowerpower_daemon.mqtt.homeassistant import (
     changed,
     removed,
 )
-from flowerpower_daemon.mqtt.link import status_payload_factory
+from flowerpower_daemon.mqtt.link import OutgoingMessage, status_payload_factory
 from flowerpower_daemon.project.api import FlowerPowerProject
 from flowerpower_daemon.project.models import (
     ErrorInfo,
@@ -50,7 +50,12 @@ from flowerpower_daemon.project.models import (
     TriggerInfo,
     utcnow,
 )
-from flowerpower_daemon.settings import HomeAssistantSettings, MqttSettings, load_settings
+from flowerpower_daemon.settings import (
+    HomeAssistantSettings,
+    MqttSettings,
+    Settings,
+    load_settings,
+)
 from flowerpower_daemon.settings.homeassistant import node_id_from
 from flowerpower_daemon.topics import compile_topic
 
@@ -283,3 +288,69 @@ def test_bad_settings_name_the_key(
         load_settings(str(path))
     [problem] = info.value.problems
     assert problem.key == key and words in problem.message
+
+
+class FakeLink:
+    """What HomeAssistant uses of an MqttLink: publish (recorded), connects, connected."""
+
+    def __init__(self) -> None:
+        self.sent: list[OutgoingMessage] = []
+        self.connects = 1
+        self.connected = True
+
+    async def publish(self, msg: OutgoingMessage) -> bool:
+        self.sent.append(msg)
+        return True
+
+
+class RecordingSink:
+    def __init__(self) -> None:
+        self.results: list[RunResult] = []
+
+    async def emit(self, request: RunRequest, result: RunResult) -> None:
+        self.results.append(result)
+
+
+def ha_settings(**ha: object) -> Settings:
+    return load_settings(None).model_copy(
+        update={"homeassistant": HomeAssistantSettings.model_validate({"discovery": True, **ha})}
+    )
+
+
+async def test_sink_publishes_the_result_then_the_sensor_retained() -> None:
+    from flowerpower_daemon.service.homeassistant import HomeAssistant, HomeAssistantSink
+
+    link = FakeLink()
+    ha = HomeAssistant(ha_settings(), link)  # type: ignore[arg-type]
+    inner = RecordingSink()
+    result = _result({}, "failed")
+    result.status = "cancelled"
+    await HomeAssistantSink(inner, ha).emit(RunRequest(pipeline="stats"), result)
+    assert inner.results == [result]
+    [state, attributes] = link.sent
+    assert (state.topic, state.payload, state.retain, state.qos) == (
+        "flowerpower/homeassistant/flowerpower-daemon/stats/state",
+        b"cancelled",
+        True,
+        1,
+    )
+    assert attributes.retain and orjson.loads(attributes.payload)["status"] == "cancelled"
+
+
+async def test_update_publishes_changes_only_and_discovery_off_removes_all() -> None:
+    from flowerpower_daemon.service.homeassistant import HomeAssistant
+
+    link = FakeLink()
+    ha = HomeAssistant(ha_settings(), link)  # type: ignore[arg-type]
+    await ha.update(ha_settings(), ["a", "b"])
+    assert len(link.sent) == 4 and all(m.retain and m.payload for m in link.sent)
+    link.sent.clear()
+    await ha.update(ha_settings(), ["a", "b"])
+    assert link.sent == []  # nothing changed, nothing sent
+    await ha.update(load_settings(None), ["a", "b"])  # discovery switched off
+    assert {m.payload for m in link.sent} == {b""}
+    assert len(link.sent) == 4 + 4  # two configs and two sensor topics per pipeline
+    link.sent.clear()
+    result = _result({})
+    await ha.publish_state(result)  # discovery off: no sensor updates
+    assert link.sent == []
