@@ -24,6 +24,7 @@ from hamilton import node as h_node
 from hamilton.execution import executors
 from hamilton.execution.graph_functions import node_is_required_by_anything
 
+from .. import tracing
 from ..errors import DependencyMissingError, InputError
 from .config import AdapterConfig, CacheConfig, ExecutorConfig, WithAdapterConfig
 from .inputtypes import Check, compile_check, type_label
@@ -171,16 +172,17 @@ def _adapters(
                 run_tags=m.tags,
             )
         )
-    if flags.opentelemetry:
+    # Node spans: the pipeline's own exporter (with_adapter.opentelemetry: FlowerPower's
+    # host/port) or, when the daemon traces its runs, under each run's span.
+    if flags.opentelemetry or (tracing.active() and not is_async):
         try:
             from hamilton.plugins import h_opentelemetry
         except ImportError as exc:
-            raise _extra("with_adapter.opentelemetry", "opentelemetry", exc) from None
-        out.append(
-            h_opentelemetry.OpenTelemetryTracer(
-                tracer_name=settings.opentelemetry.tracer_name or pipeline
-            )
+            raise _extra("with_adapter.opentelemetry", "otel", exc) from None
+        tracer = tracing.hamilton_tracer(
+            settings.opentelemetry, pipeline, endpoint=flags.opentelemetry
         )
+        out.append(h_opentelemetry.OpenTelemetryTracer(tracer=tracer))
     return out
 
 
