@@ -110,7 +110,8 @@ class Collector:
                     status, reply = "404 Not Found", b""
                 writer.write(
                     f"HTTP/1.1 {status}\r\nContent-Type: application/x-protobuf\r\n"
-                    f"Content-Length: {len(reply)}\r\n\r\n".encode() + reply
+                    f"Content-Length: {len(reply)}\r\n\r\n".encode()
+                    + reply
                 )
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):

@@ -45,7 +45,9 @@ def check_trace(spans: list[Span], trace_id: str, device_span: str) -> dict[str,
     """The spans of one run, checked for their parents; by name."""
     mine = [s for s in spans if s.trace_id == trace_id]
     by_name = {s.name: s for s in mine}
-    trigger, queue, run = (by_name[n] for n in ("trigger temp", "queue temperature", "run temperature"))
+    trigger, queue, run = (
+        by_name[n] for n in ("trigger temp", "queue temperature", "run temperature")
+    )
     assert trigger.parent_id == device_span
     assert queue.parent_id == trigger.span_id
     assert run.parent_id == trigger.span_id
@@ -61,7 +63,9 @@ def check_trace(spans: list[Span], trace_id: str, device_span: str) -> dict[str,
 
 
 def traceparent_of(properties: Any) -> str:
-    [value] = [v for k, v in (getattr(properties, "UserProperty", None) or []) if k == "traceparent"]
+    [value] = [
+        v for k, v in (getattr(properties, "UserProperty", None) or []) if k == "traceparent"
+    ]
     return str(value)
 
 
@@ -70,7 +74,12 @@ async def _run_one(
 ) -> None:
     """One MQTT message with a traceparent through a daemon (and a worker with Redis)."""
     prefix = unique("otel")
-    trigger = {"name": "temp", "type": "mqtt", "pipeline": "temperature", "topic": f"{prefix}/{{device}}"}
+    trigger = {
+        "name": "temp",
+        "type": "mqtt",
+        "pipeline": "temperature",
+        "topic": f"{prefix}/{{device}}",
+    }
     config = configure(tmp_path, mosquitto.port, [trigger], **queue)
     traceparent, trace_id, device_span = new_traceparent()
     workers = 1 if queue else 0
@@ -89,7 +98,9 @@ async def _run_one(
     by_name = check_trace(spans, trace_id, device_span)
     run = by_name["run temperature"]
     assert traceparent_of(rprops) == f"00-{trace_id}-{run.span_id}-01"
-    services = {n: by_name[n].service for n in ("trigger temp", "queue temperature", "run temperature")}
+    services = {
+        n: by_name[n].service for n in ("trigger temp", "queue temperature", "run temperature")
+    }
     ran_in = "flowerpower-worker" if queue else "flowerpower-daemon"
     assert services == {
         "trigger temp": "flowerpower-daemon",

@@ -30,13 +30,13 @@ from flowerpower_daemon.settings import MqttTrigger, QueueSettings, Settings
 from flowerpower_daemon.sources.base import TriggerEvent
 from tests.unit.conftest import ProjectFactory
 
-TEMPERATURE = '''
+TEMPERATURE = """
 def celsius(temperature: float) -> float:
     return float(temperature)
 
 def fahrenheit(celsius: float) -> float:
     return celsius * 9.0 / 5.0 + 32.0
-'''
+"""
 DEVICE_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 DEVICE_SPAN = "00f067aa0ba902b7"
 TRACEPARENT = f"00-{DEVICE_TRACE}-{DEVICE_SPAN}-01"
@@ -97,7 +97,9 @@ async def _dispatch(projects: ProjectFactory, event: TriggerEvent) -> _Sink:
     return sink
 
 
-def _event(payload: dict[str, object], properties: tuple[tuple[str, str], ...] = ()) -> TriggerEvent:
+def _event(
+    payload: dict[str, object], properties: tuple[tuple[str, str], ...] = ()
+) -> TriggerEvent:
     fields = {"device": "d1"}
     return TriggerEvent(
         "temp",
@@ -124,18 +126,26 @@ async def test_one_trace_under_the_devices_traceparent(
     spans = exporter.get_finished_spans()
     assert {_hex(s.context.trace_id, 32) for s in spans} == {DEVICE_TRACE}
     named = _by_name(spans)
-    trigger, queue, run = named["trigger temp"], named["queue temperature"], named["run temperature"]
+    trigger, queue, run = (
+        named["trigger temp"],
+        named["queue temperature"],
+        named["run temperature"],
+    )
     assert trigger.parent is not None and _hex(trigger.parent.span_id, 16) == DEVICE_SPAN
     assert trigger.parent.is_remote
     assert queue.parent is not None and queue.parent.span_id == trigger.context.span_id
     assert run.parent is not None and run.parent.span_id == trigger.context.span_id
     [graph] = [s for s in spans if s.parent is not None and s.parent.span_id == run.context.span_id]
-    nodes = {s.name for s in spans if s.parent is not None and s.parent.span_id == graph.context.span_id}
+    nodes = {
+        s.name for s in spans if s.parent is not None and s.parent.span_id == graph.context.span_id
+    }
     assert nodes == {"celsius", "fahrenheit"}
     assert run.attributes is not None and run.attributes["flowerpower.status"] == "success"
     assert trigger.attributes is not None
     assert trigger.attributes["messaging.destination.name"] == "s/d1"
-    assert reply_props == (("traceparent", f"00-{DEVICE_TRACE}-{_hex(run.context.span_id, 16)}-01"),)
+    assert reply_props == (
+        ("traceparent", f"00-{DEVICE_TRACE}-{_hex(run.context.span_id, 16)}-01"),
+    )
 
 
 async def test_without_a_traceparent_the_trigger_is_the_root(
@@ -156,6 +166,49 @@ async def test_a_failed_run_is_an_error_span(
     run = _by_name(exporter.get_finished_spans())["run temperature"]
     assert run.status.status_code.name == "ERROR"
     assert run.attributes is not None and run.attributes["flowerpower.status"] == "failed"
+
+
+async def test_a_manual_run_starts_its_own_trace(
+    projects: ProjectFactory, exporter: InMemorySpanExporter
+) -> None:
+    """A request no trigger produced (``flowerpowerctl run``) gets a root ``trigger manual`` span."""
+    project = projects.load({"temperature": TEMPERATURE})
+    sink = _Sink()
+    executor = RunExecutor(project.runner, sink)
+
+    async def kiq(request: RunRequest) -> object:
+        return await executor(InProcessRequest(request))
+
+    dispatcher = Dispatcher(Settings(), [], kiq=kiq, sink=sink, remote=False)
+    request = RunRequest("temperature", inputs={"temperature": 1.0}, unknown_inputs="ignore")
+    with anyio.fail_after(30):
+        await dispatcher.run_request(request)
+    named = _by_name(exporter.get_finished_spans())
+    trigger, run = named["trigger manual"], named["run temperature"]
+    assert trigger.parent is None
+    assert run.parent is not None and run.parent.span_id == trigger.context.span_id
+    assert trigger.attributes is not None
+    assert trigger.attributes["flowerpower.trigger.type"] == "manual"
+
+
+async def test_pipeline_code_spans_nest_under_its_node(
+    projects: ProjectFactory, exporter: InMemorySpanExporter
+) -> None:
+    """A node using the OpenTelemetry API sees its own node span as the current one."""
+    module = """
+        from opentelemetry import trace
+
+        def span_id(x: int) -> str:
+            return format(trace.get_current_span().get_span_context().span_id, "016x")
+    """
+    project = projects.load({"spanned": module})
+    sink = _Sink()
+    executor = RunExecutor(project.runner, sink)
+    with anyio.fail_after(30):
+        await executor(InProcessRequest(RunRequest("spanned", inputs={"x": 1})))
+    [(result, _)] = sink.sent
+    node = _by_name(exporter.get_finished_spans())["span_id"]
+    assert result.outputs["span_id"] == _hex(node.context.span_id, 16)
 
 
 def test_the_context_crosses_the_queue_in_the_request() -> None:
@@ -193,7 +246,11 @@ def test_off_nothing_of_opentelemetry_is_imported(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "env",
-    [{}, {"OTEL_TRACES_EXPORTER": "none"}, {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_SDK_DISABLED": "true"}],
+    [
+        {},
+        {"OTEL_TRACES_EXPORTER": "none"},
+        {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_SDK_DISABLED": "true"},
+    ],
 )
 def test_the_switch_is_otel_traces_exporter(env: dict[str, str]) -> None:
     """Unset, ``none`` or the SDK disabled: tracing stays off."""
