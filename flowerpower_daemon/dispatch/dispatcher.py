@@ -306,7 +306,7 @@ class Dispatcher:
     async def run_request(self, request: RunRequest) -> None:
         """Run a request no trigger produced (a manual run): global limit, then ``kiq``."""
         if tracing.active() and request.trace is None:
-            request.trace = tracing.trigger(request)
+            request.trace = tracing.trigger(request, since_queued=False)
         if self.remote:
             await self.kiq(request)
             return

@@ -174,7 +174,7 @@ def _adapters(
         )
     # Node spans: the pipeline's own exporter (with_adapter.opentelemetry: FlowerPower's
     # host/port) or, when the daemon traces its runs, under each run's span.
-    if flags.opentelemetry or (tracing.active() and not is_async):
+    if flags.opentelemetry or tracing.active():
         try:
             from hamilton.plugins import h_opentelemetry
         except ImportError as exc:

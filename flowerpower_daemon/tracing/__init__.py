@@ -125,17 +125,22 @@ def uninstall() -> None:
 
 
 def trigger(
-    request: RunRequest, user_properties: Sequence[tuple[str, str]] | None = None
+    request: RunRequest,
+    user_properties: Sequence[tuple[str, str]] | None = None,
+    *,
+    since_queued: bool = True,
 ) -> dict[str, str] | None:
     """Record the trigger span of an admitted request; the carrier for ``RunRequest.trace``.
 
-    The span starts at ``request.queued_at`` (the event's arrival) and ends
-    now; its parent is a ``traceparent`` in ``user_properties`` (MQTT v5) or
-    a ``traceparent`` input (a JSON payload's field). ``None`` when off.
+    The span starts at ``request.queued_at`` (the event's arrival; now, for
+    ``since_queued=False``: a manual run, maybe delayed since it was asked
+    for) and ends now; its parent is a ``traceparent`` in ``user_properties``
+    (MQTT v5) or a ``traceparent`` input (a JSON payload's field). ``None``
+    when off.
     """
     if _tracing is None:
         return None
-    return _tracing.trigger(request, user_properties)
+    return _tracing.trigger(request, user_properties, since_queued)
 
 
 def start_run(request: RunRequest) -> RunSpan | None:

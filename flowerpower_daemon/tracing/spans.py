@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
+from contextvars import Token
 from typing import TYPE_CHECKING
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
+from opentelemetry.context import Context
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from opentelemetry.util.types import AttributeValue
@@ -74,7 +76,7 @@ class RunSpan:
 
     __slots__ = ("span", "token")
 
-    def __init__(self, span: trace.Span, token: object) -> None:
+    def __init__(self, span: trace.Span, token: Token[Context]) -> None:
         self.span = span
         self.token = token
 
@@ -96,7 +98,7 @@ class RunSpan:
 
     def close(self) -> None:
         """End the span and make the previous context current again."""
-        otel_context.detach(self.token)  # type: ignore[arg-type]
+        otel_context.detach(self.token)
         self.span.end()
 
 
@@ -108,7 +110,10 @@ class Tracing:
         self.tracer = provider.get_tracer("flowerpower_daemon", __version__)
 
     def trigger(
-        self, request: RunRequest, user_properties: Sequence[tuple[str, str]] | None
+        self,
+        request: RunRequest,
+        user_properties: Sequence[tuple[str, str]] | None,
+        since_queued: bool = True,
     ) -> dict[str, str]:
         """Record the trigger span (see :func:`flowerpower_daemon.tracing.trigger`)."""
         incoming = incoming_carrier(user_properties, request.inputs)
@@ -136,7 +141,7 @@ class Tracing:
             context=parent,
             kind=kind,
             attributes=attributes,
-            start_time=min(_ns(request), now),
+            start_time=min(_ns(request), now) if since_queued else now,
         )
         span.end(end_time=now)
         carrier: dict[str, str] = {}

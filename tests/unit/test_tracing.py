@@ -211,6 +211,40 @@ async def test_pipeline_code_spans_nest_under_its_node(
     assert result.outputs["span_id"] == _hex(node.context.span_id, 16)
 
 
+async def test_async_pipelines_get_node_spans_too(
+    projects: ProjectFactory, exporter: InMemorySpanExporter
+) -> None:
+    """On Hamilton's async driver the node spans hang under the run span as well."""
+    module = """
+        import asyncio
+
+        async def slow(x: int) -> int:
+            await asyncio.sleep(0.01)
+            return x
+
+        async def quick(x: int) -> int:
+            return x * 2
+
+        def total(slow: int, quick: int) -> int:
+            return slow + quick
+    """
+    project = projects.load({"asyncpipe": module})
+    sink = _Sink()
+    with anyio.fail_after(30):
+        await RunExecutor(project.runner, sink)(
+            InProcessRequest(RunRequest("asyncpipe", inputs={"x": 1}))
+        )
+    [(result, _)] = sink.sent
+    assert result.outputs == {"total": 3}
+    spans = exporter.get_finished_spans()
+    run = _by_name(spans)["run asyncpipe"]
+    [graph] = [s for s in spans if s.parent is not None and s.parent.span_id == run.context.span_id]
+    nodes = {
+        s.name for s in spans if s.parent is not None and s.parent.span_id == graph.context.span_id
+    }
+    assert nodes == {"slow", "quick", "total"}
+
+
 def test_the_context_crosses_the_queue_in_the_request() -> None:
     """``RunRequest.trace`` survives the dict a Redis message carries (and is absent when unset)."""
     request = RunRequest("p", trigger=TriggerInfo(), trace={"traceparent": TRACEPARENT})
