@@ -1,10 +1,11 @@
-"""A tiny OTLP/HTTP trace collector for tests: real exporters send it real protobuf.
+"""Tiny OTLP trace collectors for tests: real exporters send them real protobuf.
 
 ``async with otlp_collector() as c:`` listens on loopback in the test's event
 loop (no thread); ``c.endpoint`` is the base URL for
 ``OTEL_EXPORTER_OTLP_ENDPOINT`` (with ``OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf``),
 ``c.spans`` what arrived, and ``await c.wait_for(predicate)`` waits (bounded)
-until the spans satisfy ``predicate``.
+until the spans satisfy ``predicate``. ``otlp_grpc_collector()`` is the same
+over OTLP/gRPC (``c.port`` for an exporter's ``host:port``).
 """
 
 from __future__ import annotations
@@ -68,7 +69,10 @@ class Collector:
         }
 
     def _add(self, body: bytes) -> None:
-        request = ExportTraceServiceRequest.FromString(body)
+        self.add(ExportTraceServiceRequest.FromString(body))
+
+    def add(self, request: ExportTraceServiceRequest) -> None:
+        """Keep the spans of one export request."""
         for rs in request.resource_spans:
             attrs = {a.key: _value(a.value) for a in rs.resource.attributes}
             service = str(attrs.get("service.name", ""))
@@ -143,3 +147,28 @@ async def otlp_collector() -> AsyncIterator[Collector]:
         yield collector
     finally:
         server.close()
+
+
+@asynccontextmanager
+async def otlp_grpc_collector() -> AsyncIterator[Collector]:
+    """A collector over OTLP/gRPC (grpc.aio, in this event loop)."""
+    import grpc
+    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
+
+    collector = Collector()
+
+    class _Service(trace_service_pb2_grpc.TraceServiceServicer):  # type: ignore[misc]
+        async def Export(  # gRPC's method name
+            self, request: ExportTraceServiceRequest, context: object
+        ) -> ExportTraceServiceResponse:
+            collector.add(request)
+            return ExportTraceServiceResponse()
+
+    server = grpc.aio.server()
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_Service(), server)
+    collector.port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        yield collector
+    finally:
+        await server.stop(None)

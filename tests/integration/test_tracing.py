@@ -17,7 +17,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from tests.daemon_harness import BIN, configure, make_project, online_daemon, unique
-from tests.otlp_collector import Collector, Span, otlp_collector
+from tests.otlp_collector import Collector, Span, otlp_collector, otlp_grpc_collector
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -134,13 +134,18 @@ async def test_trace_crosses_the_redis_queue_to_a_worker(
         await _run_one(collector, tmp_path, mosquitto, in_json=False, queue=queue)
 
 
-async def test_adapter_host_and_port_get_the_pipelines_node_spans(tmp_path: Path) -> None:
+@pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
+async def test_adapter_host_and_port_get_the_pipelines_node_spans(
+    tmp_path: Path, protocol: str
+) -> None:
     """``with_adapter.opentelemetry`` with ``adapter.opentelemetry: {host, port}`` (FlowerPower's
-    settings) exports the pipeline's spans over OTLP to that host and port, tracing off."""
+    settings) exports the pipeline's spans over OTLP (gRPC by default) to that host and port,
+    daemon tracing off."""
     import anyio
 
     project = make_project(tmp_path)
-    async with otlp_collector() as collector:
+    serve = otlp_grpc_collector if protocol == "grpc" else otlp_collector
+    async with serve() as collector:
         conf = project / "conf" / "pipelines" / "temperature.yml"
         text = conf.read_text()
         conf.write_text(
@@ -161,7 +166,10 @@ async def test_adapter_host_and_port_get_the_pipelines_node_spans(tmp_path: Path
                 "--with-adapter",
                 '{"opentelemetry": true}',
             ],
-            env={**_clean_env(), "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"},
+            env={
+                **_clean_env(),
+                **({} if protocol == "grpc" else {"OTEL_EXPORTER_OTLP_PROTOCOL": protocol}),
+            },
             check=False,
         )
         assert proc.returncode == 0, proc.stderr.decode() + proc.stdout.decode()
