@@ -245,6 +245,33 @@ async def test_async_pipelines_get_node_spans_too(
     assert nodes == {"slow", "quick", "total"}
 
 
+async def test_node_versions_are_hashed_once_per_driver_not_per_run(
+    projects: ProjectFactory, exporter: InMemorySpanExporter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Hamilton's tracer hashes every function's source for its version attributes; with a
+    new graph object per run that was 2 ms a run: here it happens at the first run only."""
+    from hamilton import graph_types
+
+    hashed: list[object] = []
+    original = graph_types.hash_source_code
+
+    def counting(source: object, strip: bool = False) -> str:
+        hashed.append(source)
+        return original(source, strip=strip)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(graph_types, "hash_source_code", counting)
+    project = projects.load({"temperature": TEMPERATURE})
+    executor = RunExecutor(project.runner, _Sink())
+    counts = []
+    with anyio.fail_after(30):
+        for _ in range(3):
+            await executor(InProcessRequest(RunRequest("temperature", inputs={"temperature": 1})))
+            counts.append(len(hashed))
+    assert counts[0] >= 2 and counts == [counts[0]] * 3  # all at the first run
+    node = _by_name(exporter.get_finished_spans())["celsius"]
+    assert node.attributes is not None and node.attributes["node_version"]
+
+
 def test_the_context_crosses_the_queue_in_the_request() -> None:
     """``RunRequest.trace`` survives the dict a Redis message carries (and is absent when unset)."""
     request = RunRequest("p", trigger=TriggerInfo(), trace={"traceparent": TRACEPARENT})
