@@ -176,8 +176,15 @@ class RunRequest:
             unknown_inputs=data.get("unknown_inputs"),
             traceback=bool(data.get("traceback", False)),
             required_inputs=tuple(data.get("required_inputs") or ()),
-            trace=data.get("trace"),
+            trace=_trace_carrier(data.get("trace")),
         )
+
+
+def _trace_carrier(value: object) -> dict[str, str] | None:
+    """``RunRequest.trace`` from a message: string keys and values only, else none."""
+    if not isinstance(value, dict):
+        return None
+    return {k: v for k, v in value.items() if isinstance(k, str) and isinstance(v, str)} or None
 
 
 _BYTES = "__fp_bytes_b64__"

@@ -279,6 +279,8 @@ def test_the_context_crosses_the_queue_in_the_request() -> None:
         "traceparent": TRACEPARENT
     }
     assert "trace" not in RunRequest("p").to_dict()
+    for bad in ("00-abc", ["x"], {"traceparent": 1}, None):
+        assert RunRequest.from_dict({"pipeline": "p", "trace": bad}).trace is None
 
 
 def test_off_the_hooks_do_nothing() -> None:
