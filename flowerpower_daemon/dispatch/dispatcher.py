@@ -21,6 +21,7 @@ import anyio
 import structlog
 from anyio.abc import TaskGroup
 
+from .. import tracing
 from ..mqtt.sinks import ResultSink
 from ..project.hooks import ConfigHook
 from ..project.models import ErrorInfo, RunRequest, RunResult, TriggerInfo, new_run_id
@@ -162,6 +163,8 @@ class Dispatcher:
             await self._admission_failed(admission, exc)
             return
         request = self._request(admission)
+        if tracing.active():
+            request.trace = tracing.trigger(request, event.meta.get("user_properties"))
         key = admission.key
         if key is not None and isinstance(cfg, MqttTrigger) and cfg.debounce:
             await self._debounce(cfg, admission, request, runs)
@@ -302,6 +305,8 @@ class Dispatcher:
 
     async def run_request(self, request: RunRequest) -> None:
         """Run a request no trigger produced (a manual run): global limit, then ``kiq``."""
+        if tracing.active() and request.trace is None:
+            request.trace = tracing.trigger(request, since_queued=False)
         if self.remote:
             await self.kiq(request)
             return

@@ -28,6 +28,7 @@ from typing import Protocol, TypedDict
 import anyio.to_thread
 import structlog
 
+from .. import tracing
 from ..project.encoding import dumps, encode_result
 from ..project.models import RunRequest, RunResult
 from ..sources.mqtt import topic_name_problem
@@ -214,7 +215,8 @@ class MqttResultSink:
     async def emit(self, request: RunRequest, result: RunResult) -> None:
         if request.reply.get("publish", True):
             payload = await self.encode(result)
-            await self.publish_encoded(request.reply, payload, ok=result.ok)
+            props = tracing.reply_properties()  # the run's traceparent; () unless tracing
+            await self.publish_encoded(request.reply, payload, ok=result.ok, user_properties=props)
 
     async def encode(self, result: RunResult) -> bytes:
         """The message for ``result``: whole, or a reference to where it is stored, or cut.
@@ -239,7 +241,12 @@ class MqttResultSink:
         return reference
 
     async def publish_encoded(
-        self, reply: Mapping[str, object], payload: bytes, *, ok: bool
+        self,
+        reply: Mapping[str, object],
+        payload: bytes,
+        *,
+        ok: bool,
+        user_properties: tuple[tuple[str, str], ...] = (),
     ) -> None:
         """Send an encoded result to ``reply``'s topic, and to its error topic on failure.
 
@@ -265,7 +272,11 @@ class MqttResultSink:
                 continue
             await self.link.publish(
                 OutgoingMessage(
-                    topic_name, payload, qos=self.qos, correlation_data=correlation_data
+                    topic_name,
+                    payload,
+                    qos=self.qos,
+                    correlation_data=correlation_data,
+                    user_properties=user_properties,
                 )
             )
             self.results_out += 1

@@ -101,7 +101,9 @@ class MlflowConfig(Section):
 
 
 class OpenTelemetryConfig(Section):
-    """The OpenTelemetry tracer's name (``host``/``port`` have no effect here)."""
+    """Where ``with_adapter.opentelemetry`` sends a pipeline's spans: OTLP to ``host:port``
+    (gRPC unless ``OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf``), as tracer ``tracer_name``
+    (default: the pipeline's name)."""
 
     host: str = "localhost"
     port: int = 4317

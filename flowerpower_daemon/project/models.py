@@ -115,7 +115,8 @@ class RunRequest:
     trigger's ``payload_input`` names, and dropping it would run on the
     defaults as if the message said nothing (an InputError instead).
     ``traceback`` asks for the failing node's traceback in
-    ``RunResult.error.traceback``.
+    ``RunResult.error.traceback``. ``trace`` is the run's OpenTelemetry
+    context when tracing is on (see :mod:`flowerpower_daemon.tracing`).
     """
 
     pipeline: str
@@ -129,6 +130,7 @@ class RunRequest:
     unknown_inputs: UnknownInputs | None = None
     traceback: bool = False
     required_inputs: tuple[str, ...] = ()
+    trace: Mapping[str, str] | None = None
 
     @property
     def ignores_unknown_inputs(self) -> bool:
@@ -154,6 +156,8 @@ class RunRequest:
             out["traceback"] = True
         if self.required_inputs:
             out["required_inputs"] = list(self.required_inputs)
+        if self.trace:
+            out["trace"] = dict(self.trace)
         return out
 
     @classmethod
@@ -172,7 +176,15 @@ class RunRequest:
             unknown_inputs=data.get("unknown_inputs"),
             traceback=bool(data.get("traceback", False)),
             required_inputs=tuple(data.get("required_inputs") or ()),
+            trace=_trace_carrier(data.get("trace")),
         )
+
+
+def _trace_carrier(value: object) -> dict[str, str] | None:
+    """``RunRequest.trace`` from a message: string keys and values only, else none."""
+    if not isinstance(value, dict):
+        return None
+    return {k: v for k, v in value.items() if isinstance(k, str) and isinstance(v, str)} or None
 
 
 _BYTES = "__fp_bytes_b64__"

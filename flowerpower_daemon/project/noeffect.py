@@ -49,9 +49,6 @@ _TRACKER_LIMITS = (
     "the Hamilton UI tracker's capture settings are not passed on yet "
     "(the SDK's defaults apply: statistics on, 50 list items, 10 dict items)"
 )
-_NO_EXPORTER = (
-    "no OpenTelemetry exporter is set up here (spans go to the process's global tracer provider)"
-)
 
 #: Every FlowerPower key accepted without effect (the README's table mirrors this).
 NO_EFFECT: tuple[NoEffect, ...] = (
@@ -69,8 +66,6 @@ NO_EFFECT: tuple[NoEffect, ...] = (
             or (isinstance(v, Mapping) and set(v) <= {"type"} and v.get("type") in (None, "taskiq"))
         ),
     ),
-    NoEffect("adapter.opentelemetry.host", _NO_EXPORTER),
-    NoEffect("adapter.opentelemetry.port", _NO_EXPORTER),
     NoEffect(
         "adapter.mlflow.autolog",
         "MLflow autologging is not switched on here",

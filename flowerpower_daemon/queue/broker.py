@@ -51,6 +51,7 @@ from taskiq.message import BrokerMessage, TaskiqMessage
 from taskiq.result_backends.dummy import DummyResultBackend
 from taskiq.serializers import ORJSONSerializer
 
+from .. import tracing
 from ..mqtt.sinks import MqttResultSink, ResultSink
 from ..project.encoding import encode_result
 from ..project.models import AttemptInfo, ErrorInfo, RunRequest, RunResult, utcnow
@@ -308,6 +309,7 @@ class RunExecutor:
         tokens = structlog.contextvars.bind_contextvars(
             run_id=request.run_id, pipeline=request.pipeline, trigger=request.trigger.name
         )
+        traced = tracing.start_run(request)  # None unless tracing is on
         try:
             if self.claim_ttls is None and self.ledger is None:
                 result = await self.runner.run(request)
@@ -317,6 +319,8 @@ class RunExecutor:
                     return {"run_id": request.run_id, "status": "duplicate"}
                 result = shared
             result.worker = self.who
+            if traced is not None:
+                traced.finish(result)
             if self.dedup is not None and request.dedup_key is not None:
                 # Stored before publishing: a crash after publishing re-publishes, never reruns.
                 try:
@@ -342,6 +346,8 @@ class RunExecutor:
                 node=error.node if error else None,
             )
         finally:
+            if traced is not None:
+                traced.close()
             structlog.contextvars.reset_contextvars(**tokens)
         return {"run_id": result.run_id, "status": result.status}
 

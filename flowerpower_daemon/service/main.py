@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import anyio
 
+from .. import tracing
 from ..errors import FlowerPowerError
 from ..logs import print_error
 from ..redact import redact_url
@@ -20,6 +21,8 @@ def main(command: str, config: str | None, log_level: str | None) -> int:
     if settings is None:
         return 2
     try:
+        # Off (and free) unless OTEL_TRACES_EXPORTER names an exporter.
+        tracing.configure("flowerpower-worker" if command == "worker" else "flowerpower-daemon")
         if command == "worker":
             from .worker import run_worker
 

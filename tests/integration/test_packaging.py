@@ -133,3 +133,27 @@ def test_a_table_prints_without_extras(plain_bin: Path, tmp_path: Path) -> None:
     listed = _run([daemon, "pipeline", "list", "--base-dir", str(project)], timeout=120)
     _assert_clean(listed, "pipeline list")
     assert listed.stdout.splitlines()[0].split()[0] == "NAME"
+
+
+def test_tracing_without_the_extra_is_one_line_naming_it(plain_bin: Path, tmp_path: Path) -> None:
+    """``OTEL_TRACES_EXPORTER`` set where OpenTelemetry is not installed: the daemon does not
+    start, and says in one line which extra to install."""
+    project = tmp_path / "proj"
+    daemon = str(plain_bin / "flowerpower-daemon")
+    assert _run([daemon, "init", "--base-dir", str(project)], timeout=60).returncode == 0
+    config = tmp_path / "daemon.yml"
+    config.write_text(f"project: {project}\nstate_dir: {tmp_path / 'state'}\n")
+    env = {**os.environ, "OTEL_TRACES_EXPORTER": "otlp", "HAMILTON_TELEMETRY_ENABLED": "false"}
+    proc = subprocess.run(
+        [daemon, "run", "-c", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+        env=env,
+    )
+    _assert_clean(proc, "flowerpower-daemon run")
+    assert proc.returncode == 2
+    [line] = proc.stderr.strip().splitlines()
+    assert "OTEL_TRACES_EXPORTER=otlp" in line
+    assert line.endswith("pip install 'flowerpower-daemon[otel]'"), line

@@ -197,7 +197,7 @@ def test_ray_settings_reach_hamiltons_ray_executor(
     ("flag", "module", "extra"),
     [
         ("mlflow", "mlflow", "mlflow"),
-        ("opentelemetry", "opentelemetry", "opentelemetry"),
+        ("opentelemetry", "opentelemetry", "otel"),
         ("hamilton_tracker", "hamilton_sdk", "tracker"),
     ],
 )

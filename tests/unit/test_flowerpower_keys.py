@@ -255,7 +255,7 @@ def test_reference_project_yml_with_its_comments_switched_on_loads() -> None:
     assert cfg.adapter.ray.ray_init_config == {"address": "auto"}
     assert cfg.adapter.ray.shutdown_ray_on_completion is True
     keys = {w["key"] for w in warnings_for(text, "conf/project.yml")}
-    assert keys == {"job_queue", "adapter.opentelemetry.host", "adapter.opentelemetry.port"}
+    assert keys == {"job_queue"}  # OpenTelemetry's host and port take effect
 
 
 def test_reference_pipeline_yml_loads() -> None:
@@ -461,8 +461,6 @@ def test_project_typo_suggests_hooks_dir() -> None:
 EFFECTFUL = {
     "hooks_dir": ("hooks_dir: my_hooks", "conf/project.yml"),
     "job_queue": ("job_queue: {type: rq}", "conf/project.yml"),
-    "adapter.opentelemetry.host": ("adapter: {opentelemetry: {host: otel}}", None),
-    "adapter.opentelemetry.port": ("adapter: {opentelemetry: {port: 4318}}", None),
     "adapter.mlflow.autolog": ("adapter: {mlflow: {autolog: true}}", None),
     "adapter.mlflow.run_name": ("adapter: {mlflow: {run_name: 'r_{timestamp}'}}", None),
     "adapter.mlflow.experiment_description": (

@@ -5,7 +5,7 @@ every import counts, at module level, inside functions (lazy imports) and
 under ``TYPE_CHECKING``, relative or absolute. The layers, low to high::
 
     root helpers (errors, argtypes, retry, logs, redact, version, topics)
-    < project < settings < sources, state < mqtt < dispatch < queue
+    < project, tracing < settings < sources, state < mqtt < dispatch < queue
     < control < service < cli, __init__
 
 A module may import its own layer or lower ones; a cycle among modules fails
@@ -33,6 +33,7 @@ LAYERS: dict[str, int] = {
     "version": 0,
     "topics": 0,
     "project": 1,
+    "tracing": 1,
     "settings": 2,
     "sources": 3,
     "state": 3,
