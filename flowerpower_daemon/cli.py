@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 
 from . import __version__
-from .argtypes import Parser, add_run_options, json_arg, run_overrides
+from .argtypes import Parser, add_run_options, json_arg, names_arg, run_overrides
 from .errors import ConfigError, ConfigProblem, FlowerPowerError, clean_message
 from .redact import redact_url
 
@@ -95,6 +95,32 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--format", choices=("table", "json"), default="table", help="output format"
+    )
+
+    viz = psub.add_parser(
+        "visualize",
+        parents=[base],
+        help="draw a pipeline's DAG (SVG, PNG or DOT) with Graphviz (extra: viz)",
+    )
+    viz.add_argument("name", help="pipeline name")
+    viz.add_argument(
+        "--format",
+        choices=("svg", "png", "dot"),
+        default=None,
+        help="picture format (default: from --output's suffix, else svg)",
+    )
+    viz.add_argument(
+        "--output", default=None, metavar="FILE", help="where to write it; - for stdout "
+        "(default NAME.FORMAT here)"
+    )
+    viz.add_argument(
+        "--config", type=_json_arg("--config", dict), default=None, help="Hamilton config, JSON"
+    )
+    viz.add_argument(
+        "--final-vars",
+        type=names_arg,
+        default=None,
+        help="draw only the path to these outputs: a JSON array or a,b,c (default: every node)",
     )
 
     req = sub.add_parser(
@@ -231,7 +257,29 @@ def _pipeline(args: argparse.Namespace) -> int:
         for path in project.delete(args.name):
             print(f"removed {path}")
         return EXIT_OK
+    if cmd == "visualize":
+        return _visualize(project, args)
     return _run(project, args)
+
+
+def _visualize(project: Any, args: argparse.Namespace) -> int:
+    """``pipeline visualize``: Hamilton draws the DAG as DOT, ``dot`` makes the picture."""
+    from .control.draw import DrawError, picture_format, render_dot, write_picture
+    from .project.visualize import dag_dot
+
+    fmt = picture_format(args.output, args.format)
+    output = args.output or f"{args.name}.{fmt}"
+    picture = dag_dot(
+        project.runner, args.name, config=args.config, final_vars=args.final_vars
+    )
+    try:
+        write_picture(render_dot(picture.dot, fmt), output)
+    except DrawError as exc:
+        raise UsageError(str(exc)) from None
+    if output != "-":
+        what = f"path to {', '.join(picture.final_vars)}" if picture.final_vars else "every node"
+        print(f"wrote {output} (pipeline {args.name}, {what})")
+    return EXIT_OK
 
 
 def _list(project: Any, fmt: str) -> int:
