@@ -90,11 +90,12 @@ def _parser() -> argparse.ArgumentParser:
     run = psub.add_parser("run", parents=[base], help="run a pipeline now, in this process")
     run.add_argument("name", help="pipeline name")
     add_run_options(run)
+    run.add_argument("--traceback", action="store_true", help="print the failing node's traceback")
+    run.add_argument("--format", choices=("table", "json"), default="table", help="output format")
     run.add_argument(
-        "--traceback", action="store_true", help="print the failing node's traceback"
-    )
-    run.add_argument(
-        "--format", choices=("table", "json"), default="table", help="output format"
+        "--no-progress",
+        action="store_true",
+        help="no per-node progress bar (shown on a terminal when tqdm is installed)",
     )
 
     viz = psub.add_parser(
@@ -110,8 +111,10 @@ def _parser() -> argparse.ArgumentParser:
         help="picture format (default: from --output's suffix, else svg)",
     )
     viz.add_argument(
-        "--output", default=None, metavar="FILE", help="where to write it; - for stdout "
-        "(default NAME.FORMAT here)"
+        "--output",
+        default=None,
+        metavar="FILE",
+        help="where to write it; - for stdout (default NAME.FORMAT here)",
     )
     viz.add_argument(
         "--config", type=_json_arg("--config", dict), default=None, help="Hamilton config, JSON"
@@ -269,9 +272,7 @@ def _visualize(project: Any, args: argparse.Namespace) -> int:
 
     fmt = picture_format(args.output, args.format)
     output = args.output or f"{args.name}.{fmt}"
-    picture = dag_dot(
-        project.runner, args.name, config=args.config, final_vars=args.final_vars
-    )
+    picture = dag_dot(project.runner, args.name, config=args.config, final_vars=args.final_vars)
     try:
         write_picture(render_dot(picture.dot, fmt), output)
     except DrawError as exc:
@@ -315,6 +316,13 @@ def _run(project: Any, args: argparse.Namespace) -> int:
     from .project.encoding import encode_result
 
     overrides = run_overrides(args)
+    if _progress_wanted(args):
+        # Hamilton's tqdm adapter, unless --with-adapter says otherwise about it.
+        given = overrides.get("with_adapter")
+        overrides["with_adapter"] = {
+            "progressbar": True,
+            **(given if isinstance(given, dict) else {}),
+        }
     show_trace = args.traceback or overrides.get("log_level") == "DEBUG"
     request = project.request(args.name, args.inputs, traceback=show_trace, **overrides)
     result = project.execute(request)
@@ -342,6 +350,18 @@ def _run(project: Any, args: argparse.Namespace) -> int:
     print(f"error{where}: {error.type}: {clean_message(error.message)}", file=sys.stderr)
     # A bad override or input is the user's mistake, as the README says: exit 2.
     return EXIT_USAGE if usage_error else EXIT_RUN_FAILED
+
+
+def _progress_wanted(args: argparse.Namespace) -> bool:
+    """A progress bar for ``pipeline run``: on a terminal (stdout and stderr), in table
+    format, when tqdm (extra ``progressbar``) is installed; never in a pipe or a script."""
+    if args.no_progress or args.format != "table":
+        return False
+    if not (sys.stdout.isatty() and sys.stderr.isatty()):
+        return False
+    import importlib.util
+
+    return importlib.util.find_spec("tqdm") is not None
 
 
 #: Error types of a run that mean a bad command line, not a failing pipeline.
@@ -445,8 +465,7 @@ def _check(config: str | None, log_level: str | None) -> int:
     for p in report.warnings:
         print(f"warning: {redact_url(str(p))} (no trigger runs this pipeline)", file=sys.stderr)
     problems = [
-        ConfigProblem(shown, p.key, p.message) if p.file == "config" else p
-        for p in report.errors
+        ConfigProblem(shown, p.key, p.message) if p.file == "config" else p for p in report.errors
     ]
     if problems:
         print(f"error: {redact_url(str(ConfigError(problems)))}", file=sys.stderr)

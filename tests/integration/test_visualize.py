@@ -24,7 +24,9 @@ def project(tmp_path: Path) -> Path:
     return root
 
 
-def viz(project: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def viz(
+    project: Path, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [DAEMON, "pipeline", "visualize", *args, "--base-dir", str(project)],
         capture_output=True,
@@ -58,7 +60,7 @@ def test_svg_png_and_dot_of_every_node(project: Path) -> None:
 
     proc = viz(project, "stats", "--format", "dot", "--output", "-")
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.lstrip("/ a-zA-Z\n").startswith("digraph") or "digraph {" in proc.stdout
+    assert "\ndigraph {\n" in proc.stdout
     assert "count -> mean" in proc.stdout and "maximum -> alert" in proc.stdout
 
 
