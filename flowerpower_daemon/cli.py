@@ -16,6 +16,7 @@ import orjson
 
 from . import __version__
 from .argtypes import Parser, add_run_options, json_arg, names_arg, run_overrides
+from .control.completion import CompletionUnavailable, add_completion_command, complete, hook
 from .errors import ConfigError, ConfigProblem, FlowerPowerError, clean_message
 from .redact import redact_url
 
@@ -160,12 +161,15 @@ def _parser() -> argparse.ArgumentParser:
                 metavar="N",
                 help="run N worker processes under one supervising parent (default 1)",
             )
+    add_completion_command(sub)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``flowerpower-daemon`` console script."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    complete(parser)
+    args = parser.parse_args(argv)
     from .logs import configure_logging
 
     if args.command in ("run", "worker"):
@@ -178,6 +182,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _check(args.config, args.log_level)
         if args.command == "request":
             return _request(args)
+        if args.command == "completion":
+            try:
+                sys.stdout.write(hook("flowerpower-daemon", args.shell))
+            except CompletionUnavailable as exc:
+                raise UsageError(str(exc)) from None
+            return EXIT_OK
         return _pipeline(args)
     except FlowerPowerError as exc:
         print(f"error: {redact_url(clean_message(str(exc)))}", file=sys.stderr)

@@ -49,6 +49,7 @@ from ..argtypes import (
     parse_seconds,
     run_overrides,
 )
+from .completion import CompletionUnavailable, add_completion_command, complete, hook
 from .protocol import dump_line
 
 __all__ = [
@@ -332,6 +333,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("reload", help="re-read config and project; apply or keep the old (as SIGHUP)")
     sub.add_parser("events", help="stream run and trigger events until Ctrl-C")
     sub.add_parser("stop", help="graceful shutdown (as SIGTERM)")
+    add_completion_command(sub)
     return p
 
 
@@ -377,10 +379,18 @@ def _request(args: argparse.Namespace) -> tuple[str, dict[str, object]]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``flowerpowerctl`` console script."""
     parser = _parser()
+    complete(parser)
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:
         return EXIT_OK if exc.code in (0, None) else EXIT_USAGE
+    if args.command == "completion":
+        try:
+            sys.stdout.write(hook("flowerpowerctl", args.shell))
+        except CompletionUnavailable as exc:
+            _err(f"error: {exc}")
+            return EXIT_USAGE
+        return EXIT_OK
     cmd, cmd_args = _request(args)
     path = args.socket or default_socket()
     long = cmd == "events" or (cmd == "run" and args.wait)
