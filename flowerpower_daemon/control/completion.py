@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import argparse
 import os
+from typing import TypeVar
 
 __all__ = ["SHELLS", "CompletionUnavailable", "add_completion_command", "complete", "hook"]
 
 SHELLS = ("bash", "zsh", "fish")
+_P = TypeVar("_P", bound=argparse.ArgumentParser)
 _EXTRA_HINT = "install it with: pip install 'flowerpower-daemon[completion]'"
 
 
@@ -36,14 +38,13 @@ def complete(parser: argparse.ArgumentParser) -> None:
 def hook(prog: str, shell: str) -> str:
     """The script that registers ``prog``'s completion in ``shell`` (source it)."""
     try:
-        import argcomplete
+        from argcomplete.shell_integration import shellcode
     except ImportError:
         raise CompletionUnavailable(f"shell completion needs argcomplete; {_EXTRA_HINT}") from None
-    script: str = argcomplete.shellcode([prog], shell=shell)
-    return script
+    return shellcode([prog], shell=shell)
 
 
-def add_completion_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add_completion_command(sub: argparse._SubParsersAction[_P]) -> None:
     """The ``completion SHELL`` command: print the hook to load in ``~/.bashrc`` and co."""
     cmd = sub.add_parser(
         "completion",

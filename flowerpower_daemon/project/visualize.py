@@ -27,6 +27,7 @@ __all__ = ["DagPicture", "dag_dot", "require_graphviz"]
 
 #: Fill colour of the node a failed run stopped in (``failed_node``).
 FAILED_FILL = "#F4A6A6"
+_FAILED = {"fillcolor": FAILED_FILL, "color": "red", "penwidth": "2"}
 
 
 class _Digraph(Protocol):
@@ -34,6 +35,8 @@ class _Digraph(Protocol):
 
     @property
     def source(self) -> str: ...
+
+    def node(self, name: str, **attrs: str) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +71,7 @@ def dag_dot(
     final_vars: Sequence[str] | None = None,
     inputs: Mapping[str, object] | None = None,
     failed_node: str | None = None,
+    run_path: bool = False,
     orient: str = "LR",
 ) -> DagPicture:
     """The DOT text of ``pipeline``'s DAG (blocking: loads the module, builds the driver).
@@ -78,13 +82,15 @@ def dag_dot(
     run asking for them would take it. ``config`` is Hamilton config over the
     pipeline's ``run.config`` (it picks ``@config.when`` functions);
     ``inputs`` mark what a run was given. ``failed_node`` is filled red.
+    ``run_path`` without ``final_vars``: the path to the pipeline's own
+    ``run.final_vars`` (what a run without overrides computes), not every node.
     """
     require_graphviz(f"drawing pipeline {pipeline!r}")
     overrides: dict[str, object] = {"config": dict(config)} if config else {}
     prepared = runner.prepare(pipeline, overrides)
     dr: Any = prepared.driver
     names = set(dr.graph.nodes)
-    wanted = tuple(final_vars or ())
+    wanted = tuple(final_vars or (prepared.final_vars if run_path else ()))
     unknown = [v for v in wanted if v not in names]
     if unknown:
         raise InputError(
@@ -105,6 +111,9 @@ def dag_dot(
     if graph is None:  # Hamilton logs and returns None when graphviz cannot be imported
         require_graphviz(f"drawing pipeline {pipeline!r}")
         raise InputError(f"pipeline {pipeline!r}: Hamilton drew no graph")
+    if style is not None and failed_node is not None:
+        # Hamilton styles an output after the custom style: state the fill again, last.
+        graph.node(failed_node, **_FAILED)
     return DagPicture(pipeline, wanted, graph.source)
 
 
@@ -113,7 +122,7 @@ def _failed_style(failed: str | None) -> Any:
 
     def style(*, node: Any, node_class: str) -> tuple[dict[str, str], str, str | None]:
         if node.name == failed:
-            return {"fillcolor": FAILED_FILL, "color": "red", "penwidth": "2"}, node_class, "failed"
+            return dict(_FAILED), node_class, "failed"
         return {}, node_class, None
 
     return style

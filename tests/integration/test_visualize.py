@@ -6,11 +6,13 @@ import shutil
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from daemon_harness import BIN, EXAMPLE, REPO
-from services import require_binary
+from control_harness import CTL, ctl, ready_daemon
+from daemon_harness import BIN, EXAMPLE, REPO, configure
+from services import MosquittoService, require_binary
 
 DAEMON = str(BIN / "flowerpower-daemon")
 SVG = "{http://www.w3.org/2000/svg}svg"
@@ -157,3 +159,86 @@ def test_the_readme_picture_is_the_example_dag() -> None:
     for name in (*STATS_NODES, "readings", "threshold"):
         assert name in text
     assert "docs/example-dag.svg" in (REPO / "README.md").read_text()
+
+
+# ------------------------------------------------- flowerpowerctl runs show --dag
+
+
+@pytest.fixture(scope="module")
+def daemon_sock(
+    mosquitto_session: MosquittoService, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Path]:
+    config = configure(tmp_path_factory.mktemp("runs"), mosquitto_session.port, [])
+    with ready_daemon(config) as run:
+        yield config.sock
+        assert run.proc.proc.poll() is None, run.proc.log()[-3000:]
+
+
+def ctl_run(sock: Path, *args: str) -> str:
+    """Run a pipeline through the daemon and wait; its run id."""
+    res = ctl(sock, "run", *args, "--wait")
+    assert isinstance(res.out, dict), res
+    return str(res.out["run_id"])
+
+
+def show(sock: Path, *args: str, path: str = "/usr/bin:/bin") -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(CTL), "--socket", str(sock), "runs", "show", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+        env={"PATH": path},
+    )
+
+
+def test_runs_show_draws_the_path_a_run_computed(daemon_sock: Path, tmp_path: Path) -> None:
+    require_binary("dot", "graphviz")
+    run_id = ctl_run(daemon_sock, "stats")
+    picture = tmp_path / "run.svg"
+    proc = show(daemon_sock, run_id, "--dag", str(picture))
+    assert proc.returncode == 0, proc.stderr
+    assert f"run_id       {run_id}" in proc.stdout and "state        success" in proc.stdout
+    assert proc.stdout.splitlines()[-1] == (
+        f"wrote {picture} (pipeline stats, path to count, mean, minimum, maximum, alert)"
+    )
+    text = svg_text(picture)
+    assert all(name in text for name in STATS_NODES)
+
+    run_id = ctl_run(daemon_sock, "stats", "--outputs", "mean")
+    proc = show(daemon_sock, run_id, "--dag", "-", "--format", "dot")
+    assert proc.returncode == 0, proc.stderr
+    assert "count -> mean" in proc.stdout and "alert" not in proc.stdout.split("digraph")[1]
+
+
+def test_runs_show_marks_the_node_a_failed_run_stopped_in(
+    daemon_sock: Path, tmp_path: Path
+) -> None:
+    res = ctl(daemon_sock, "run", "broken", "--wait")
+    assert res.rc == 4, res
+    run_id = res.out["run_id"]
+    dot = tmp_path / "failed.dot"
+    proc = show(daemon_sock, run_id, "--dag", str(dot))
+    assert proc.returncode == 0, proc.stderr
+    last = [x for x in dot.read_text().splitlines() if x.strip().startswith("boom ")][-1]
+    assert 'fillcolor="#F4A6A6"' in last and "color=red" in last  # the last word on its fill
+    assert "failed" in dot.read_text()  # the legend entry
+
+
+def test_runs_show_errors_are_one_line(daemon_sock: Path, tmp_path: Path) -> None:
+    run_id = ctl_run(daemon_sock, "stats")
+    empty = tmp_path / "nobin"
+    empty.mkdir()
+    proc = show(daemon_sock, run_id, "--dag", str(tmp_path / "x.svg"), path=str(empty))
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [
+        "error: drawing svg needs Graphviz's dot program, not found on PATH: "
+        "apt-get install graphviz (or --format dot writes the DOT text without it)"
+    ]
+    assert run_id in proc.stdout  # the run itself is still shown
+
+    proc = show(daemon_sock, "no-such-run", "--dag", str(tmp_path / "y.svg"))
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines() == [
+        "error: not_found: no job 'no-such-run' (active or in the history)"
+    ]
