@@ -205,6 +205,10 @@ def test_runs_show_draws_the_path_a_run_computed(daemon_sock: Path, tmp_path: Pa
     text = svg_text(picture)
     assert all(name in text for name in STATS_NODES)
 
+    as_json = ctl(daemon_sock, "runs", "show", run_id)  # --json: the job answer, as `job`
+    assert as_json.rc == 0 and as_json.out["run_id"] == run_id, as_json
+    assert as_json.out["result"]["outputs"]["count"] == 4
+
     run_id = ctl_run(daemon_sock, "stats", "--outputs", "mean")
     proc = show(daemon_sock, run_id, "--dag", "-", "--format", "dot")
     assert proc.returncode == 0, proc.stderr
