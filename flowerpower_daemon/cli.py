@@ -16,7 +16,13 @@ import orjson
 
 from . import __version__
 from .argtypes import Parser, add_run_options, json_arg, names_arg, run_overrides
-from .control.completion import CompletionUnavailable, add_completion_command, complete, hook
+from .control.completion import (
+    CompletionUnavailable,
+    add_completion_command,
+    complete,
+    hook,
+    pipeline_names,
+)
 from .errors import ConfigError, ConfigProblem, FlowerPowerError, clean_message
 from .redact import redact_url
 
@@ -80,16 +86,16 @@ def _parser() -> argparse.ArgumentParser:
     show = psub.add_parser(
         "show", parents=[base], help="show a pipeline's DAG (inputs, outputs, nodes) and config"
     )
-    show.add_argument("name", help="pipeline name")
+    show.add_argument("name", help="pipeline name").completer = pipeline_names  # type: ignore[attr-defined]
     show.add_argument("--format", choices=("table", "json"), default="table", help="output format")
     show.add_argument(
         "--full", action="store_true", help="show every config key, not only the non-default ones"
     )
     delete = psub.add_parser("delete", parents=[base], help="delete a pipeline")
-    delete.add_argument("name", help="pipeline name")
+    delete.add_argument("name", help="pipeline name").completer = pipeline_names  # type: ignore[attr-defined]
     delete.add_argument("--yes", "-y", action="store_true", help="do not ask")
     run = psub.add_parser("run", parents=[base], help="run a pipeline now, in this process")
-    run.add_argument("name", help="pipeline name")
+    run.add_argument("name", help="pipeline name").completer = pipeline_names  # type: ignore[attr-defined]
     add_run_options(run)
     run.add_argument("--traceback", action="store_true", help="print the failing node's traceback")
     run.add_argument("--format", choices=("table", "json"), default="table", help="output format")
@@ -104,7 +110,7 @@ def _parser() -> argparse.ArgumentParser:
         parents=[base],
         help="draw a pipeline's DAG (SVG, PNG or DOT) with Graphviz (extra: viz)",
     )
-    viz.add_argument("name", help="pipeline name")
+    viz.add_argument("name", help="pipeline name").completer = pipeline_names  # type: ignore[attr-defined]
     viz.add_argument(
         "--format",
         choices=("svg", "png", "dot"),

@@ -13,7 +13,14 @@ import argparse
 import os
 from typing import TypeVar
 
-__all__ = ["SHELLS", "CompletionUnavailable", "add_completion_command", "complete", "hook"]
+__all__ = [
+    "SHELLS",
+    "CompletionUnavailable",
+    "add_completion_command",
+    "complete",
+    "hook",
+    "pipeline_names",
+]
 
 SHELLS = ("bash", "zsh", "fish")
 _P = TypeVar("_P", bound=argparse.ArgumentParser)
@@ -42,6 +49,18 @@ def hook(prog: str, shell: str) -> str:
     except ImportError:
         raise CompletionUnavailable(f"shell completion needs argcomplete; {_EXTRA_HINT}") from None
     return shellcode([prog], shell=shell)
+
+
+def pipeline_names(prefix: str, parsed_args: argparse.Namespace, **_: object) -> list[str]:
+    """argcomplete completer: the pipelines of ``--base-dir`` (a local directory), by their
+    ``conf/pipelines/*.yml`` (no project is loaded: a completion must answer at once)."""
+    base = getattr(parsed_args, "base_dir", None) or "."
+    try:
+        files = os.listdir(os.path.join(base, "conf", "pipelines"))
+    except OSError:
+        return []
+    names = (f.rsplit(".", 1)[0] for f in files if f.endswith((".yml", ".yaml")))
+    return sorted(n for n in names if n.startswith(prefix))
 
 
 def add_completion_command(sub: argparse._SubParsersAction[_P]) -> None:

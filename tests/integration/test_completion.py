@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from daemon_harness import BIN
+from daemon_harness import BIN, EXAMPLE
 from services import require_binary
 
 ENV = {
@@ -33,7 +33,7 @@ printf 'reply:%s\n' "${COMPREPLY[@]}"
 """
 
 
-def tab(prog: str, line: str) -> tuple[str, list[str]]:
+def tab(prog: str, line: str, cwd: Path | None = None) -> tuple[str, list[str]]:
     """(``complete -p`` output, the completions bash would offer for ``line``)."""
     bash = require_binary("bash")
     proc = subprocess.run(
@@ -43,6 +43,7 @@ def tab(prog: str, line: str) -> tuple[str, list[str]]:
         timeout=60,
         env={**ENV, "PROG": prog, "LINE": line},
         stdin=subprocess.DEVNULL,
+        cwd=cwd,
     )
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
@@ -78,6 +79,15 @@ def test_bash_completes_flowerpower_daemon() -> None:
     assert replies == ["visualize"]
     _, replies = tab("flowerpower-daemon", "flowerpower-daemon pipeline visualize x --format ")
     assert {"svg", "png", "dot"} <= set(replies) and "status" not in replies
+
+
+def test_bash_completes_pipeline_names_of_the_project() -> None:
+    """Pipeline names come from --base-dir's conf/pipelines (here, or the one given)."""
+    _, replies = tab("flowerpower-daemon", "flowerpower-daemon pipeline run s", cwd=EXAMPLE)
+    assert replies == ["stats"]
+    line = f"flowerpower-daemon pipeline visualize --base-dir {EXAMPLE} "
+    _, replies = tab("flowerpower-daemon", line)
+    assert {"stats", "temperature"} <= set(replies)
 
 
 @pytest.mark.parametrize("prog", ["flowerpowerctl", "flowerpower-daemon"])
