@@ -15,7 +15,14 @@ from typing import Any
 import orjson
 
 from . import __version__
-from .argtypes import Parser, add_run_options, json_arg, run_overrides
+from .argtypes import Parser, add_run_options, json_arg, names_arg, run_overrides
+from .control.completion import (
+    CompletionUnavailable,
+    add_completion_command,
+    complete,
+    hook,
+    pipeline_names,
+)
 from .errors import ConfigError, ConfigProblem, FlowerPowerError, clean_message
 from .redact import redact_url
 
@@ -79,22 +86,51 @@ def _parser() -> argparse.ArgumentParser:
     show = psub.add_parser(
         "show", parents=[base], help="show a pipeline's DAG (inputs, outputs, nodes) and config"
     )
-    show.add_argument("name", help="pipeline name")
+    show.add_argument("name", help="pipeline name").completer = pipeline_names  # type: ignore[attr-defined]
     show.add_argument("--format", choices=("table", "json"), default="table", help="output format")
     show.add_argument(
         "--full", action="store_true", help="show every config key, not only the non-default ones"
     )
     delete = psub.add_parser("delete", parents=[base], help="delete a pipeline")
-    delete.add_argument("name", help="pipeline name")
+    delete.add_argument("name", help="pipeline name").completer = pipeline_names  # type: ignore[attr-defined]
     delete.add_argument("--yes", "-y", action="store_true", help="do not ask")
     run = psub.add_parser("run", parents=[base], help="run a pipeline now, in this process")
-    run.add_argument("name", help="pipeline name")
+    run.add_argument("name", help="pipeline name").completer = pipeline_names  # type: ignore[attr-defined]
     add_run_options(run)
+    run.add_argument("--traceback", action="store_true", help="print the failing node's traceback")
+    run.add_argument("--format", choices=("table", "json"), default="table", help="output format")
     run.add_argument(
-        "--traceback", action="store_true", help="print the failing node's traceback"
+        "--no-progress",
+        action="store_true",
+        help="no per-node progress bar (shown on a terminal when tqdm is installed)",
     )
-    run.add_argument(
-        "--format", choices=("table", "json"), default="table", help="output format"
+
+    viz = psub.add_parser(
+        "visualize",
+        parents=[base],
+        help="draw a pipeline's DAG (SVG, PNG or DOT) with Graphviz (extra: viz)",
+    )
+    viz.add_argument("name", help="pipeline name").completer = pipeline_names  # type: ignore[attr-defined]
+    viz.add_argument(
+        "--format",
+        choices=("svg", "png", "dot"),
+        default=None,
+        help="picture format (default: from --output's suffix, else svg)",
+    )
+    viz.add_argument(
+        "--output",
+        default=None,
+        metavar="FILE",
+        help="where to write it; - for stdout (default NAME.FORMAT here)",
+    )
+    viz.add_argument(
+        "--config", type=_json_arg("--config", dict), default=None, help="Hamilton config, JSON"
+    )
+    viz.add_argument(
+        "--final-vars",
+        type=names_arg,
+        default=None,
+        help="draw only the path to these outputs: a JSON array or a,b,c (default: every node)",
     )
 
     req = sub.add_parser(
@@ -131,12 +167,15 @@ def _parser() -> argparse.ArgumentParser:
                 metavar="N",
                 help="run N worker processes under one supervising parent (default 1)",
             )
+    add_completion_command(sub)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``flowerpower-daemon`` console script."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    complete(parser)
+    args = parser.parse_args(argv)
     from .logs import configure_logging
 
     if args.command in ("run", "worker"):
@@ -149,6 +188,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _check(args.config, args.log_level)
         if args.command == "request":
             return _request(args)
+        if args.command == "completion":
+            try:
+                sys.stdout.write(hook("flowerpower-daemon", args.shell))
+            except CompletionUnavailable as exc:
+                raise UsageError(str(exc)) from None
+            return EXIT_OK
         return _pipeline(args)
     except FlowerPowerError as exc:
         print(f"error: {redact_url(clean_message(str(exc)))}", file=sys.stderr)
@@ -231,7 +276,27 @@ def _pipeline(args: argparse.Namespace) -> int:
         for path in project.delete(args.name):
             print(f"removed {path}")
         return EXIT_OK
+    if cmd == "visualize":
+        return _visualize(project, args)
     return _run(project, args)
+
+
+def _visualize(project: Any, args: argparse.Namespace) -> int:
+    """``pipeline visualize``: Hamilton draws the DAG as DOT, ``dot`` makes the picture."""
+    from .control.draw import DrawError, picture_format, render_dot, write_picture
+    from .project.visualize import dag_dot
+
+    fmt = picture_format(args.output, args.format)
+    output = args.output or f"{args.name}.{fmt}"
+    picture = dag_dot(project.runner, args.name, config=args.config, final_vars=args.final_vars)
+    try:
+        write_picture(render_dot(picture.dot, fmt), output)
+    except DrawError as exc:
+        raise UsageError(str(exc)) from None
+    if output != "-":
+        what = f"path to {', '.join(picture.final_vars)}" if picture.final_vars else "every node"
+        print(f"wrote {output} (pipeline {args.name}, {what})")
+    return EXIT_OK
 
 
 def _list(project: Any, fmt: str) -> int:
@@ -267,6 +332,13 @@ def _run(project: Any, args: argparse.Namespace) -> int:
     from .project.encoding import encode_result
 
     overrides = run_overrides(args)
+    if _progress_wanted(args):
+        # Hamilton's tqdm adapter, unless --with-adapter says otherwise about it.
+        given = overrides.get("with_adapter")
+        overrides["with_adapter"] = {
+            "progressbar": True,
+            **(given if isinstance(given, dict) else {}),
+        }
     show_trace = args.traceback or overrides.get("log_level") == "DEBUG"
     request = project.request(args.name, args.inputs, traceback=show_trace, **overrides)
     result = project.execute(request)
@@ -294,6 +366,18 @@ def _run(project: Any, args: argparse.Namespace) -> int:
     print(f"error{where}: {error.type}: {clean_message(error.message)}", file=sys.stderr)
     # A bad override or input is the user's mistake, as the README says: exit 2.
     return EXIT_USAGE if usage_error else EXIT_RUN_FAILED
+
+
+def _progress_wanted(args: argparse.Namespace) -> bool:
+    """A progress bar for ``pipeline run``: on a terminal (stdout and stderr), in table
+    format, when tqdm (extra ``progressbar``) is installed; never in a pipe or a script."""
+    if args.no_progress or args.format != "table":
+        return False
+    if not (sys.stdout.isatty() and sys.stderr.isatty()):
+        return False
+    import importlib.util
+
+    return importlib.util.find_spec("tqdm") is not None
 
 
 #: Error types of a run that mean a bad command line, not a failing pipeline.
@@ -397,8 +481,7 @@ def _check(config: str | None, log_level: str | None) -> int:
     for p in report.warnings:
         print(f"warning: {redact_url(str(p))} (no trigger runs this pipeline)", file=sys.stderr)
     problems = [
-        ConfigProblem(shown, p.key, p.message) if p.file == "config" else p
-        for p in report.errors
+        ConfigProblem(shown, p.key, p.message) if p.file == "config" else p for p in report.errors
     ]
     if problems:
         print(f"error: {redact_url(str(ConfigError(problems)))}", file=sys.stderr)

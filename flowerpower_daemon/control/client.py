@@ -31,12 +31,14 @@ anyio/asyncio program.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import os
 import sys
 from collections.abc import AsyncIterator, Mapping, Sequence
 
 import anyio
+import anyio.to_thread
 import orjson
 from anyio.abc import SocketStream
 from anyio.streams.buffered import BufferedByteReceiveStream
@@ -49,6 +51,7 @@ from ..argtypes import (
     parse_seconds,
     run_overrides,
 )
+from .completion import CompletionUnavailable, add_completion_command, complete, hook
 from .protocol import dump_line
 
 __all__ = [
@@ -293,6 +296,22 @@ def _parser() -> argparse.ArgumentParser:
     jobs.add_argument("--limit", type=int, default=20)
     job = sub.add_parser("job", help="one job with its full result")
     job.add_argument("id")
+    runs = sub.add_parser("runs", help="one run, and a picture of what it executed")
+    rsub = runs.add_subparsers(dest="runs_command", required=True, metavar="ACTION")
+    rshow = rsub.add_parser(
+        "show", help="a run with its result (as job); --dag FILE draws the DAG path it ran"
+    )
+    rshow.add_argument("id", help="run id (flowerpowerctl jobs lists them)")
+    rshow.add_argument(
+        "--dag",
+        metavar="FILE",
+        default=None,
+        help="draw the run's DAG path to FILE (format from its suffix; - for stdout); "
+        "needs Graphviz's dot here and the viz extra on the daemon",
+    )
+    rshow.add_argument(
+        "--format", choices=("svg", "png", "dot"), default=None, help="picture format"
+    )
     cancel = sub.add_parser("cancel", help="cancel a scheduled, queued or running job")
     cancel.add_argument("id")
 
@@ -331,7 +350,21 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("reload", help="re-read config and project; apply or keep the old (as SIGHUP)")
     sub.add_parser("events", help="stream run and trigger events until Ctrl-C")
+    top = sub.add_parser(
+        "top", help="live runs in flight, rates and latency per pipeline (q or Ctrl-C quits)"
+    )
+    top.add_argument(
+        "--interval",
+        "-d",
+        type=parse_duration,
+        default=1.0,
+        help="seconds between refreshes (default 1)",
+    )
+    top.add_argument(
+        "--iterations", "-n", type=int, default=None, metavar="N", help="stop after N refreshes"
+    )
     sub.add_parser("stop", help="graceful shutdown (as SIGTERM)")
+    add_completion_command(sub)
     return p
 
 
@@ -359,6 +392,8 @@ def _request(args: argparse.Namespace) -> tuple[str, dict[str, object]]:
         }
     if cmd in ("job", "cancel"):
         return cmd, {"id": args.id}
+    if cmd == "runs":
+        return "runs_show", {"id": args.id}
     if cmd == "schedule":
         if args.schedule_command == "rm":
             return "schedule_rm", {"id": args.id}
@@ -377,29 +412,63 @@ def _request(args: argparse.Namespace) -> tuple[str, dict[str, object]]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``flowerpowerctl`` console script."""
     parser = _parser()
+    complete(parser)
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:
         return EXIT_OK if exc.code in (0, None) else EXIT_USAGE
+    if args.command == "completion":
+        try:
+            sys.stdout.write(hook("flowerpowerctl", args.shell))
+        except CompletionUnavailable as exc:
+            _err(f"error: {exc}")
+            return EXIT_USAGE
+        return EXIT_OK
     cmd, cmd_args = _request(args)
     path = args.socket or default_socket()
-    long = cmd == "events" or (cmd == "run" and args.wait)
+    long = cmd in ("events", "top") or (cmd == "run" and args.wait)
     timeout = args.answer_timeout if args.answer_timeout is not None else (None if long else 30.0)
+    dag = (args.dag, args.format) if cmd == "runs_show" and args.dag is not None else None
     try:
-        return anyio.run(_main, path, cmd, cmd_args, args.json, timeout)
+        if cmd == "top":
+            return _top(path, args.interval, args.iterations)
+        return anyio.run(_main, path, cmd, cmd_args, args.json, timeout, dag)
     except KeyboardInterrupt:
-        return EXIT_OK if cmd == "events" else 130
+        return EXIT_OK if cmd in ("events", "top") else 130
     except BrokenPipeError:
         # The reader went away (`| head`): not an error; keep Python from complaining at exit.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
 
 
+def _top(path: str, interval: float, iterations: int | None) -> int:
+    from .top import run_top
+
+    if interval <= 0 or (iterations is not None and iterations < 1):
+        _err("flowerpowerctl top: --interval must be > 0 and --iterations >= 1")
+        return EXIT_USAGE
+    try:
+        return anyio.run(
+            functools.partial(
+                run_top, ControlClient, path, interval=interval, iterations=iterations
+            )
+        )
+    except UnreachableError as exc:
+        _err(f"flowerpowerctl: {exc} (is the daemon running? --socket PATH)")
+        return EXIT_UNREACHABLE
+
+
 async def _main(
-    path: str, cmd: str, args: dict[str, object], as_json: bool, limit_s: float | None
+    path: str,
+    cmd: str,
+    args: dict[str, object],
+    as_json: bool,
+    limit_s: float | None,
+    dag: tuple[str, str | None] | None = None,
 ) -> int:
     from . import render
 
+    picture = None
     try:
         with anyio.fail_after(limit_s):
             async with ControlClient(path) as client:
@@ -407,7 +476,13 @@ async def _main(
                     async for event in client.stream("events"):
                         render.event(event, as_json)
                     return EXIT_OK
-                result = await client.call(cmd, args)
+                if cmd == "runs_show":
+                    from .runs import show_run
+
+                    result, picture = await show_run(client, str(args["id"]), dag=dag is not None)
+                    cmd = "job"
+                else:
+                    result = await client.call(cmd, args)
     except UnreachableError as exc:
         _err(f"flowerpowerctl: {exc} (is the daemon running? --socket PATH)")
         return EXIT_UNREACHABLE
@@ -427,4 +502,26 @@ async def _main(
     except TimeoutError:
         _err(f"flowerpowerctl: no answer within {limit_s:g} s")
         return EXIT_UNREACHABLE
-    return render.result(cmd, args, result, as_json)
+    code = render.result(cmd, args, result, as_json)
+    if dag is not None and picture is not None:
+        return await _draw(picture, *dag, quiet=as_json)
+    return code
+
+
+async def _draw(picture: Mapping[str, object], output: str, fmt: str | None, quiet: bool) -> int:
+    """Draw a ``dag`` answer's DOT text with this machine's ``dot`` (in a worker thread)."""
+    from .draw import DrawError, picture_format, render_dot, write_picture
+
+    kind = picture_format(output, fmt)
+    try:
+        data = await anyio.to_thread.run_sync(render_dot, str(picture.get("dot", "")), kind)
+        write_picture(data, output)
+    except DrawError as exc:
+        _err(f"error: {exc}")
+        return EXIT_USAGE
+    if output != "-":
+        names = picture.get("final_vars")
+        what = ", ".join(map(str, names)) if isinstance(names, list) else ""
+        line = f"wrote {output} (pipeline {picture.get('pipeline')}, path to {what or '-'})\n"
+        (sys.stderr if quiet else sys.stdout).write(line)
+    return EXIT_OK

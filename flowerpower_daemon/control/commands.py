@@ -11,6 +11,7 @@ waiting as soon as the client closes its end.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 import uuid
@@ -23,9 +24,16 @@ import anyio.to_thread
 import orjson
 import structlog
 
-from ..errors import ConfigError, FlowerPowerError, PipelineNotFoundError, clean_message
+from ..errors import (
+    ConfigError,
+    DependencyMissingError,
+    FlowerPowerError,
+    PipelineNotFoundError,
+    clean_message,
+)
 from ..project.models import RunResult, utcnow
 from ..project.schedule import parse_cron, parse_date, parse_interval
+from ..project.visualize import dag_dot
 from ..redact import redact_url
 from ..settings import (
     CronTrigger,
@@ -50,6 +58,7 @@ from .api import (
 )
 from .protocol import (
     PROTOCOL_VERSION,
+    DagArgs,
     IdArgs,
     JobsArgs,
     ProtocolError,
@@ -95,6 +104,7 @@ class Commands:
             "run": self.run,
             "jobs": self.jobs,
             "job": self.job,
+            "dag": self.dag,
             "cancel": self.cancel,
             "schedules": self.schedules,
             "schedule_add": self.schedule_add,
@@ -278,6 +288,32 @@ class Commands:
         if record is None:
             raise ProtocolError("not_found", f"no job {run_id!r} (active or in the history)")
         return record
+
+    async def dag(self, args: Args, conn: Connection, rid: RequestId) -> object:
+        """DOT text of a pipeline's DAG (``runs show --dag``): built in a worker thread,
+        drawn by the client (the daemon needs no ``dot`` program)."""
+        a = cast(DagArgs, args)
+        project = self.daemon.project
+        if a["pipeline"] not in project.pipelines:
+            raise PipelineNotFoundError(a["pipeline"], project.pipelines)
+        names = a.get("final_vars") or []
+        if not all(isinstance(n, str) for n in names):
+            raise ProtocolError("bad_args", "dag: 'final_vars' must be an array of names")
+        draw = functools.partial(
+            dag_dot,
+            project.runner,
+            a["pipeline"],
+            config=a.get("config"),
+            final_vars=[str(n) for n in names],
+            inputs=a.get("inputs"),
+            failed_node=a.get("failed_node"),
+            run_path=bool(a.get("run_path")),
+        )
+        try:
+            picture = await anyio.to_thread.run_sync(draw)
+        except DependencyMissingError as exc:
+            raise ProtocolError("invalid", f"on the daemon's machine: {exc}") from None
+        return picture.to_dict()
 
     async def cancel(self, args: Args, conn: Connection, rid: RequestId) -> object:
         d = self.daemon

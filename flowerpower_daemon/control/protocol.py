@@ -31,6 +31,7 @@ __all__ = [
     "ERROR_CODES",
     "PROTOCOL_VERSION",
     "ArgSpec",
+    "DagArgs",
     "IdArgs",
     "JobsArgs",
     "Message",
@@ -127,6 +128,14 @@ COMMANDS: Final[Mapping[str, Mapping[str, ArgSpec]]] = {
         "limit": _a("int", "null"),
     },
     "job": {"id": _a("str", required=True)},
+    "dag": {
+        "pipeline": _a("str", required=True),
+        "final_vars": _a("array", "null"),
+        "config": _a("object", "null"),
+        "inputs": _a("object", "null"),
+        "failed_node": _a("str", "null"),
+        "run_path": _a("bool"),
+    },
     "cancel": {"id": _a("str", required=True)},
     "schedules": {},
     "schedule_add": {
@@ -161,6 +170,18 @@ class RunArgs(TypedDict, total=False):
     run_in: float
     run_at: str
     wait: bool
+
+
+class DagArgs(TypedDict, total=False):
+    """``dag``: DOT text of a pipeline's DAG (every node, or the path to ``final_vars``;
+    ``run_path`` without them: to the pipeline's ``run.final_vars``)."""
+
+    pipeline: Required[str]
+    final_vars: list[object]
+    config: dict[str, object]
+    inputs: dict[str, object]
+    failed_node: str
+    run_path: bool
 
 
 class JobsArgs(TypedDict, total=False):

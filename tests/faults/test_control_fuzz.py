@@ -161,7 +161,9 @@ def test_garbage_sessions_each_line_gets_one_answer(served: tuple[Path, DaemonPr
         total["lines"] += len(answers)
 
     session()
-    assert total["lines"] > 500, total
+    # The generator yielded enough lines. The draw is derandomized but depends on
+    # COMMANDS: adding the `dag` command moved it from just over 500 to 482 lines.
+    assert total["lines"] > 400, total
     assert {"bad_json", "bad_request", "unknown_command", "bad_args"} <= seen_codes, seen_codes
     assert proc.proc.poll() is None
     assert ctl(sock, "status").rc == 0
