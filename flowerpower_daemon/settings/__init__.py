@@ -32,6 +32,7 @@ from ..errors import ConfigError, ConfigProblem
 from ..project.config import format_validation_error, load_yaml_text
 from ..project.schedule import parse_interval
 from .base import _Frozen
+from .http import HttpSettings, parse_listen
 from .mqtt import MqttSettings, TlsSettings
 from .queue import QueueSettings, RedisTarget, SentinelSettings, parse_broker
 from .triggers import (
@@ -52,6 +53,7 @@ __all__ = [
     "CronTrigger",
     "DateTrigger",
     "FileTrigger",
+    "HttpSettings",
     "IntervalTrigger",
     "MqttSettings",
     "MqttTrigger",
@@ -65,6 +67,7 @@ __all__ = [
     "TriggerSettings",
     "load_settings",
     "parse_broker",
+    "parse_listen",
     "validate_run_overrides",
 ]
 
@@ -113,6 +116,7 @@ class Settings(BaseSettings):
     queue: QueueSettings = Field(default_factory=QueueSettings)
     control: ControlSettings = Field(default_factory=ControlSettings)
     history: HistorySettings = Field(default_factory=HistorySettings)
+    http: HttpSettings = Field(default_factory=HttpSettings)
     max_concurrent_runs: int = Field(default=8, ge=1)
     shutdown_timeout: float = Field(default=30.0, ge=0)
     schedule_all: bool = True
