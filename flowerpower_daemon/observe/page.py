@@ -10,7 +10,7 @@ HTML-escaped; the page has no script and refreshes itself every 10 s.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from html import escape
 
 from ..control.api import DaemonControl
@@ -102,7 +102,7 @@ async def status_page(control: DaemonControl, metrics: Metrics, *, runs: int = 2
         ),
         "<h2>Runs in flight</h2>",
         _table(
-            ["run", "pipeline", "trigger", "state", "started"],
+            ["run", "pipeline", "trigger", "state", "started (UTC)"],
             [
                 [
                     s["run_id"],
@@ -117,7 +117,7 @@ async def status_page(control: DaemonControl, metrics: Metrics, *, runs: int = 2
         ),
         f"<h2>Last {runs} runs</h2>",
         _table(
-            ["run", "pipeline", "trigger", "status", "finished", "duration"],
+            ["run", "pipeline", "trigger", "status", "finished (UTC)", "duration"],
             [
                 [
                     r.get("run_id"),
@@ -161,7 +161,12 @@ def _table(header: Sequence[str], rows: Iterable[Sequence[object]], empty: str) 
 
 
 def _time(value: datetime | None) -> str:
-    return value.isoformat(sep=" ", timespec="seconds") if value is not None else "-"
+    """``2026-01-31 12:00:05`` in UTC (the daemon's times are UTC)."""
+    if value is None:
+        return "-"
+    if value.tzinfo is not None:
+        value = value.astimezone(UTC)
+    return value.strftime("%Y-%m-%d %H:%M:%S")
 
 
 def _iso(value: object) -> str:

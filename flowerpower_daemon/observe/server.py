@@ -124,6 +124,8 @@ class HttpServer:
             async with stream:
                 response, head_only = await self._answer(stream)
                 await stream.send(_encode(response, head_only=head_only))
+                if response.status == 400:
+                    await _drain(stream)
         except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
             pass  # the client went away
         except Exception:
@@ -169,6 +171,19 @@ async def _read_head(stream: anyio.abc.SocketStream) -> bytes | None:
         end = data.index(b"\r\n\r\n")
         return data[:end] if end <= MAX_HEAD else None
     return None
+
+
+async def _drain(stream: anyio.abc.SocketStream) -> None:
+    """After a 400: read what the client still sends (bounded, 1 s), so that closing with
+    unread data does not reset the connection before the client read the answer."""
+    await stream.send_eof()
+    left = 64 * 1024
+    with anyio.move_on_after(1.0):
+        while left > 0:
+            try:
+                left -= len(await stream.receive(16384))
+            except anyio.EndOfStream:
+                return
 
 
 def _encode(response: Response, *, head_only: bool) -> bytes:
