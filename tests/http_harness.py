@@ -161,3 +161,18 @@ def prometheus(tmp: Path, targets: dict[str, int]) -> Iterator[Prometheus]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)
+
+
+async def wait_metric(port: int, sample: str, wanted: float, timeout: float = 30) -> str:
+    """Scrape ``/metrics`` until ``sample`` has ``wanted`` (a run's metrics are counted just
+    after its result is published); the last scrape's text."""
+    text = ""
+    try:
+        with anyio.fail_after(timeout):
+            while True:
+                _, text = await aget(port, "/metrics")
+                if metric_value(text, sample) == wanted:
+                    return text
+                await anyio.sleep(0.2)
+    except TimeoutError:
+        raise AssertionError(f"{sample} not {wanted} in {timeout} s:\n{text}") from None

@@ -23,7 +23,7 @@ body{font-family:system-ui,sans-serif;margin:1.2em;color:#222;background:#fafafa
 h1{font-size:1.3em;margin:0 0 .2em} h2{font-size:1.05em;margin:1.2em 0 .4em}
 p.meta{color:#555;margin:0 0 .8em}
 table{border-collapse:collapse;background:#fff;font-size:.9em}
-th,td{border:1px solid #ddd;padding:.25em .6em;text-align:left}
+th,td{border:1px solid #ddd;padding:.2em .45em;text-align:left;white-space:nowrap}
 th{background:#f0f0f0} td.n{text-align:right}
 .success{color:#176d2c}.failed,.timeout{color:#b3261e}.cancelled{color:#8a6d00}
 .empty{color:#777;font-style:italic}
@@ -50,6 +50,7 @@ async def status_page(control: DaemonControl, metrics: Metrics, *, runs: int = 2
             f"queue {st['queue']['backend']}",
             f"{st['in_flight']} running, {st['counters']['runs_ok']} ok, "
             f"{st['counters']['runs_failed']} failed",
+            "times in UTC",
         )
     )
     parts = [
@@ -102,7 +103,7 @@ async def status_page(control: DaemonControl, metrics: Metrics, *, runs: int = 2
         ),
         "<h2>Runs in flight</h2>",
         _table(
-            ["run", "pipeline", "trigger", "state", "started (UTC)"],
+            ["run", "pipeline", "trigger", "state", "started"],
             [
                 [
                     s["run_id"],
@@ -117,7 +118,7 @@ async def status_page(control: DaemonControl, metrics: Metrics, *, runs: int = 2
         ),
         f"<h2>Last {runs} runs</h2>",
         _table(
-            ["run", "pipeline", "trigger", "status", "finished (UTC)", "duration"],
+            ["run", "pipeline", "trigger", "status", "finished", "duration"],
             [
                 [
                     r.get("run_id"),

@@ -20,7 +20,7 @@ import anyio.abc
 import structlog
 from anyio.abc import SocketAttribute
 
-from ..errors import ConfigError, ConfigProblem
+from ..errors import FlowerPowerError
 
 __all__ = ["MAX_HEAD", "READ_TIMEOUT", "Handler", "HttpServer", "Response"]
 
@@ -78,14 +78,14 @@ class HttpServer:
 
     async def bind(self) -> None:
         """Listen (before the daemon starts its tasks): a busy port or a bad host is a
-        one-line :class:`ConfigError` naming the key."""
+        one-line :class:`FlowerPowerError` naming the key (``http.listen``, ``--http``)."""
         host, port = self.address
         try:
             listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
         except OSError as exc:
             reason = exc.strerror or str(exc)
-            raise ConfigError(
-                [ConfigProblem("config", self.key, f"cannot listen on {host}:{port}: {reason}")]
+            raise FlowerPowerError(
+                f"{self.key}: cannot listen on {host}:{port}: {reason}"
             ) from None
         self._listener = listener
         self._listeners = [

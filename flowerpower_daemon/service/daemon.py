@@ -265,8 +265,8 @@ class Daemon:
         log.info("daemon_stopped", runs_ok=self.stats.runs_ok, runs_failed=self.stats.runs_failed)
 
     async def _http(self, stack: AsyncExitStack, outbox: Outbox) -> HttpServer | None:
-        """``http.listen``: the listener, bound now (a busy port stops the start-up with a
-        ConfigError naming the key); None when off."""
+        """``http.listen``: the listener, bound now (a busy port stops the start-up with an
+        error naming the key); None when off."""
         address = self.settings.http.address
         if address is None:
             return None

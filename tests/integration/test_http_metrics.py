@@ -207,3 +207,29 @@ def test_check_names_the_extra_when_prometheus_client_is_missing(
     )
     assert proc.returncode == 2 and "http.listen" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_port_in_use_stops_the_start_with_one_line(tmp_path: Path, mosquitto: Any) -> None:
+    """``http.listen`` on a taken port: exit 2, one ``error:`` line naming the key."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = configure(
+            tmp_path,
+            mosquitto.port,
+            [mqtt_trigger("temp", "temperature", f"{unique('p')}/{{device}}")],
+            http={"listen": f"127.0.0.1:{port}"},
+        )
+        proc = subprocess.run(
+            [str(BIN / "flowerpower-daemon"), "run", "-c", str(config.path)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "HAMILTON_TELEMETRY_ENABLED": "false"},
+        )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [
+        f"error: http.listen: cannot listen on 127.0.0.1:{port}: Address already in use"
+    ], proc.stderr[-2000:]
