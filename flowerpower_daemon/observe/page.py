@@ -13,10 +13,15 @@ from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from html import escape
 
+import structlog
+
 from ..control.api import DaemonControl
+from ..state.history import JobRecord
 from .metrics import Metrics
 
 __all__ = ["status_page"]
+
+log = structlog.get_logger("flowerpower_daemon.http")
 
 _STYLE = """
 body{font-family:system-ui,sans-serif;margin:1.2em;color:#222;background:#fafafa}
@@ -34,7 +39,14 @@ async def status_page(control: DaemonControl, metrics: Metrics, *, runs: int = 2
     """The whole page as HTML text."""
     st = control.status()
     history = control.history
-    recent = await history.recent(limit=runs) if history is not None else []
+    recent: list[JobRecord] = []
+    empty = "no finished runs yet" if history is not None else "no job history"
+    if history is not None:
+        try:
+            recent = await history.recent(limit=runs)
+        except Exception as exc:  # Redis away, say: the rest of the page still helps
+            log.warning("status_page_history_failed", error=str(exc))
+            empty = "job history unavailable (see the log)"
     triggers = control.triggers()
     by_pipeline: dict[str, list[str]] = {}
     for t in triggers:
@@ -130,7 +142,7 @@ async def status_page(control: DaemonControl, metrics: Metrics, *, runs: int = 2
                 ]
                 for r in recent
             ],
-            "no finished runs yet" if history is not None else "no job history",
+            empty,
         ),
         "</body></html>",
     ]
