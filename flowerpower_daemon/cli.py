@@ -40,6 +40,7 @@ def _listen_arg(text: str) -> tuple[str, int]:
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
+
 #: ``request``'s default broker: the embedded one of the quick start (config.example.yml).
 DEFAULT_REQUEST_URL = "mqtt://127.0.0.1:11883"
 
