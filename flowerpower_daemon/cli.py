@@ -37,6 +37,17 @@ class UsageError(FlowerPowerError, ValueError):
 
 _json_arg = json_arg
 
+
+def _listen_arg(text: str) -> tuple[str, int]:
+    """``--http HOST:PORT`` (argparse type)."""
+    from .settings.http import parse_listen
+
+    try:
+        return parse_listen(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 #: ``request``'s default broker: the embedded one of the quick start (config.example.yml).
 DEFAULT_REQUEST_URL = "mqtt://127.0.0.1:11883"
 
@@ -166,6 +177,14 @@ def _parser() -> argparse.ArgumentParser:
                 default=1,
                 metavar="N",
                 help="run N worker processes under one supervising parent (default 1)",
+            )
+            d.add_argument(
+                "--http",
+                type=_listen_arg,
+                default=None,
+                metavar="HOST:PORT",
+                help="serve /metrics, /healthz and /readyz there (e.g. 127.0.0.1:9465; "
+                "needs the metrics extra)",
             )
     add_completion_command(sub)
     return p
@@ -493,12 +512,16 @@ def _check(config: str | None, log_level: str | None) -> int:
 def _daemon_command(args: argparse.Namespace) -> int:
     from .service.main import main as daemon_main
 
+    http = args.http if args.command == "worker" else None
     if args.command == "worker" and args.processes != 1:
         if args.processes < 1:
             print("error: --processes: N must be 1 or more", file=sys.stderr)
+            return EXIT_USAGE
+        if http is not None:
+            print("error: --http: one worker process only (not with --processes)", file=sys.stderr)
             return EXIT_USAGE
         from .service.worker import supervise
 
         return supervise(args.config, args.log_level, args.processes)
 
-    return daemon_main(args.command, args.config, args.log_level)
+    return daemon_main(args.command, args.config, args.log_level, http)

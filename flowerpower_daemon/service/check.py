@@ -34,6 +34,7 @@ __all__ = [
     "check",
     "check_report",
     "configured_triggers",
+    "http_problems",
     "redis_policy_problems",
     "schedule_triggers",
     "split_problems",
@@ -103,6 +104,14 @@ def schedule_triggers(settings: Settings, project: FlowerPowerProject) -> list[T
     return out
 
 
+def http_problems(settings: Settings) -> list[ConfigProblem]:
+    """``http.listen`` without prometheus-client installed (the ``metrics`` extra)."""
+    from ..observe import extra_problem
+
+    problem = extra_problem() if settings.http.listen else None
+    return [problem] if problem is not None else []
+
+
 def check(settings: Settings) -> list[ConfigProblem]:
     """Validate the project and every trigger against its pipeline; return the errors."""
     return check_report(settings).errors
@@ -121,6 +130,7 @@ def check_report(settings: Settings) -> CheckReport:
         return CheckReport([ConfigProblem(shown, "project", str(exc))])
     problems, warnings = split_problems(project.problems, used_pipelines(settings))
     problems.extend(redis_policy_problems(settings))
+    problems.extend(http_problems(settings))
     for i, trig in enumerate(settings.triggers):
         key = f"triggers[{i}]"
         if trig.pipeline not in project.pipelines:

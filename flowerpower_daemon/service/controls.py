@@ -268,6 +268,24 @@ class Controls:
             key=lambda d: (d["client_id"], d["topic"]),
         )
 
+    def not_ready(self) -> str | None:
+        """Why the daemon cannot take triggers now (``/readyz``'s 503), or None when it can:
+        started, MQTT connected (subscribed: the link connects only once subscribed), every
+        timer and file trigger armed, not stopping."""
+        if self.stopping:
+            return "stopping"
+        if not self._ready:
+            return "starting (MQTT not connected yet or sources not armed)"
+        link = self.link
+        if link is None or not link.connected:
+            mqtt = link.settings if link is not None else self._settings.mqtt
+            return f"MQTT broker {mqtt.host}:{mqtt.port} not connected"
+        if self.dispatcher is not None and self.sources is not None:
+            unarmed = self.sources.unarmed(self.dispatcher.triggers)
+            if unarmed:
+                return "triggers not armed: " + ", ".join(sorted(unarmed))
+        return None
+
     def status_line(self) -> str:
         """One line for systemd's ``STATUS=``."""
         st = self.stats

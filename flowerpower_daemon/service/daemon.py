@@ -34,6 +34,7 @@ from anyio.abc import TaskGroup
 from ..control.client import remember_socket
 from ..dispatch.dispatcher import Dispatcher, Stats
 from ..errors import ConfigError
+from ..observe import metrics_for
 from ..project.api import FlowerPowerProject
 from ..project.models import RunRequest, RunResult
 from ..redact import redact_url
@@ -42,7 +43,7 @@ from ..state.dedup import dedup_store_for
 from ..state.history import history_for
 from ..version import __version__
 from . import reload as reloading
-from .check import check, redis_policy_problems, split_problems, used_pipelines
+from .check import check, http_problems, redis_policy_problems, split_problems, used_pipelines
 from .controls import Controls
 from .lifecycle import freeze_heap, shielded
 from .sources import Sources, subscriptions
@@ -50,6 +51,8 @@ from .systemd import Notifier
 
 if TYPE_CHECKING:
     from ..mqtt.link import MqttLink
+    from ..mqtt.outbox import Outbox
+    from ..observe.server import HttpServer
 
 __all__ = ["Daemon", "check"]
 
@@ -73,6 +76,7 @@ class Daemon:
         # Only the pipelines the triggers run must be sound; the others are warned about.
         errors, unused = split_problems(project.problems, used_pipelines(settings))
         errors += redis_policy_problems(settings)  # policies the Redis queue cannot hold
+        errors += http_problems(settings)  # http.listen without the metrics extra
         if errors:
             raise ConfigError(errors)
         for problem in unused:
@@ -89,6 +93,9 @@ class Daemon:
             history=self.history,
             notifier=self.notifier,
         )
+        #: Instrumentation: counts only with ``http.listen`` (else its calls do nothing).
+        self.metrics = metrics_for(settings.http.listen is not None)
+        self.controls.jobs.metrics = self.metrics
 
     @property
     def ready(self) -> bool:
@@ -107,7 +114,6 @@ class Daemon:
         from ..control.server import ControlServer, socket_path
         from ..mqtt.link import MqttLink, status_payload_factory
         from ..mqtt.outbox import Outbox
-        from ..mqtt.sinks import MqttResultSink
         from ..queue.broker import (
             InProcessFormatter,
             InProcessRequest,
@@ -160,7 +166,7 @@ class Daemon:
                 outbox=outbox,
                 companion=link,  # a broker outage is logged once, by `link`
             )
-            sink = MqttResultSink(
+            sink = self.metrics.result_sink(
                 publisher,
                 qos=s.mqtt.result_qos,
                 max_bytes=s.mqtt.max_result_bytes,
@@ -224,11 +230,15 @@ class Daemon:
                 timer_state,
                 fired_once=controls.fired_once,
                 stopping=lambda: controls.stopping,
+                metrics=self.metrics,
             )
+            http = await self._http(stack, outbox)
             async with anyio.create_task_group() as root:
                 root.start_soon(self._signals, root, name="signals")
                 await root.start(server.serve, name="control")
                 await root.start(self.history.run, name="history")
+                if http is not None:  # /readyz says "starting" until the daemon is ready
+                    await root.start(http.serve, name="http")
                 root.start_soon(self.notifier.watchdog, controls.status_line, name="watchdog")
                 await root.start(controls.watch_workers, name="workers")
                 await root.start(publisher.run, name="mqtt-results")
@@ -259,6 +269,31 @@ class Daemon:
                     await publisher.wait_closed()
                 root.cancel_scope.cancel()
         log.info("daemon_stopped", runs_ok=self.stats.runs_ok, runs_failed=self.stats.runs_failed)
+
+    async def _http(self, stack: AsyncExitStack, outbox: Outbox) -> HttpServer | None:
+        """``http.listen``: the listener, bound now (a busy port stops the start-up with an
+        error naming the key); None when off."""
+        address = self.settings.http.address
+        if address is None:
+            return None
+        from ..observe.endpoints import daemon_endpoints
+        from ..observe.prom import PromMetrics
+        from ..observe.server import HttpServer
+        from ..observe.values import QueueDepth
+
+        assert isinstance(self.metrics, PromMetrics)
+        queue = self.settings.queue
+        depth = await stack.enter_async_context(QueueDepth(queue)) if queue.is_redis else None
+        endpoints = daemon_endpoints(
+            self.controls,
+            self.metrics,
+            not_ready=self.controls.not_ready,
+            dropped=lambda: outbox.dropped + outbox.failed,
+            depth=depth,
+        )
+        server = HttpServer(address, endpoints.routes())
+        await server.bind()
+        return server
 
     async def _announce_ready(
         self,

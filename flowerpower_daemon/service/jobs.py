@@ -30,6 +30,7 @@ from anyio.abc import TaskGroup
 from ..control.api import JobSummary
 from ..control.events import EventBus
 from ..mqtt.sinks import ResultSink
+from ..observe.metrics import NO_METRICS
 from ..project.models import ErrorInfo, RunRequest, RunResult, utcnow
 from ..state.history import JobHistory
 
@@ -89,6 +90,7 @@ class JobTracker:
         self.events = events
         self.sink = sink
         self.remote = remote
+        self.metrics = NO_METRICS  # the daemon sets its own (metrics on: http.listen)
         self.active: dict[str, ActiveJob] = {}
         self._waiters: dict[str, anyio.Event] = {}
         self._results: dict[str, RunResult] = {}
@@ -128,6 +130,7 @@ class JobTracker:
     async def finished(self, request: RunRequest, result: RunResult) -> None:
         """The result hook: record, announce, wake waiters."""
         self.active.pop(request.run_id, None)
+        self.metrics.run_finished(request, result)
         if self.history is not None:
             await self.history.record(result)
         if self.events.subscribers:

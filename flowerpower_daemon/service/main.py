@@ -15,18 +15,27 @@ from .lifecycle import process_settings
 __all__ = ["main"]
 
 
-def main(command: str, config: str | None, log_level: str | None) -> int:
-    """``run`` and ``worker``; maps errors to exit codes (2 = bad config)."""
+def main(
+    command: str, config: str | None, log_level: str | None, http: tuple[str, int] | None = None
+) -> int:
+    """``run`` and ``worker`` (``http``: the worker's ``--http``); maps errors to exit codes
+    (2 = bad config)."""
     settings = process_settings(config, log_level)
     if settings is None:
         return 2
+    if http is not None:
+        from ..observe import EXTRA_HINT, extra_problem
+
+        if extra_problem("--http") is not None:
+            print_error(f"--http needs the metrics extra: {EXTRA_HINT}")
+            return 2
     try:
         # Off (and free) unless OTEL_TRACES_EXPORTER names an exporter.
         tracing.configure("flowerpower-worker" if command == "worker" else "flowerpower-daemon")
         if command == "worker":
             from .worker import run_worker
 
-            anyio.run(run_worker, settings)
+            anyio.run(run_worker, settings, http)
         else:
             anyio.run(Daemon(settings, config_path=config).serve)
     except FlowerPowerError as exc:  # ConfigError included

@@ -34,7 +34,7 @@ __all__ = [
 log = structlog.get_logger("flowerpower_daemon.daemon")
 
 #: Settings a running daemon cannot change; a reload reports them, a restart applies them.
-RESTART_KEYS = ("mqtt", "queue", "control", "state_dir", "max_concurrent_runs")
+RESTART_KEYS = ("mqtt", "queue", "control", "http", "state_dir", "max_concurrent_runs")
 
 
 @dataclass(frozen=True, slots=True)

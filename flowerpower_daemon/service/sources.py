@@ -20,8 +20,17 @@ import anyio
 import structlog
 from anyio.abc import TaskGroup, TaskStatus
 
+from ..observe.metrics import NO_METRICS, Metrics
 from ..project.models import utcnow
-from ..settings import DateTrigger, FileTrigger, IntervalTrigger, MqttTrigger, TimerTrigger, Trigger
+from ..settings import (
+    CronTrigger,
+    DateTrigger,
+    FileTrigger,
+    IntervalTrigger,
+    MqttTrigger,
+    TimerTrigger,
+    Trigger,
+)
 from ..sources.base import TriggerEvent
 from ..topics import compile_topic
 
@@ -47,8 +56,10 @@ class Sources:
         *,
         fired_once: Callable[[str], Awaitable[None]],
         stopping: Callable[[], bool],
+        metrics: Metrics = NO_METRICS,
     ) -> None:
         self.dispatcher = dispatcher
+        self.metrics = metrics
         self.stats = stats
         self.timer_state = timer_state
         #: Trigger name -> its timer (``triggers`` shows the next fire from it).
@@ -75,6 +86,18 @@ class Sources:
         if self._group is None or self._runs is None or isinstance(trig, MqttTrigger):
             return
         await self._group.start(self._source, trig, self._runs, name=f"source:{trig.name}")
+
+    def unarmed(self, names: Iterable[str]) -> list[str]:
+        """Of ``names``, the timer and file triggers whose source is not running (it failed,
+        or a file trigger's directory is missing); date triggers end once fired."""
+        triggers = self.dispatcher.triggers
+        return [
+            name
+            for name in names
+            if name in triggers
+            and isinstance(triggers[name].cfg, IntervalTrigger | FileTrigger | CronTrigger)
+            and name not in self._scopes
+        ]
 
     def stop(self, name: str) -> None:
         """Stop a trigger's source; its runs in flight go on."""
@@ -117,7 +140,7 @@ class Sources:
                 await self._fired_once(trig.name)
 
     async def _mqtt_intake(self, link: MqttLink, runs: TaskGroup) -> None:
-        dispatcher = self.dispatcher
+        dispatcher, metrics = self.dispatcher, self.metrics
         async for msg in link.messages():
             self.stats.messages_in += 1
             matches = dispatcher.mqtt_matches(msg.topic)
@@ -143,6 +166,7 @@ class Sources:
                     },
                     ack=ack,
                 )
+                metrics.fired(state.cfg.name)
                 await dispatcher.submit(event, runs)
 
     async def _timer(
@@ -185,6 +209,9 @@ class Sources:
             if state is not None and not await state.claim(trig.name, scheduled, ttl):
                 log.debug("timer_tick_taken", trigger=trig.name, scheduled=scheduled.isoformat())
                 continue
+            self.metrics.fired(trig.name)
+            if not event.meta.get("catch_up"):  # a catch-up fire is late by design
+                self.metrics.timer_fired(trig.name, (event.at - scheduled).total_seconds())
             await self.dispatcher.submit(event, runs)
             if state is not None:
                 with anyio.CancelScope(shield=True):  # a run that was submitted is recorded
@@ -205,6 +232,7 @@ class Sources:
             debounce_ms=int(trig.debounce * 1000),
             ready=started,
         ):
+            self.metrics.fired(trig.name)
             await self.dispatcher.submit(event, runs)
 
 

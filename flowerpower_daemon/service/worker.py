@@ -59,13 +59,14 @@ BEAT_EVERY = 2.0
 log = structlog.get_logger("flowerpower_daemon.worker")
 
 
-async def run_worker(settings: Settings) -> None:
-    """``flowerpower-daemon worker``: execute runs from the Redis stream and publish results."""
+async def run_worker(settings: Settings, http: tuple[str, int] | None = None) -> None:
+    """``flowerpower-daemon worker``: execute runs from the Redis stream and publish results
+    (``http``: serve /metrics, /healthz and /readyz there, ``--http``)."""
     from taskiq.acks import AcknowledgeType
     from taskiq.receiver import Receiver
 
     from ..mqtt.link import MqttLink
-    from ..mqtt.sinks import MqttResultSink
+    from ..observe import metrics_for
     from ..queue.broker import (
         RunExecutor,
         RunLedger,
@@ -90,7 +91,8 @@ async def run_worker(settings: Settings) -> None:
     project = FlowerPowerProject.load(settings.project, storage_options=settings.storage_options)
     client_id = f"{settings.mqtt.client_id}-worker-{socket.gethostname()}-{os.getpid()}"
     link = MqttLink(settings.mqtt, client_id=client_id)
-    sink = MqttResultSink(
+    metrics = metrics_for(http is not None)
+    sink = metrics.result_sink(
         link,
         qos=settings.mqtt.result_qos,
         max_bytes=settings.mqtt.max_result_bytes,
@@ -112,6 +114,7 @@ async def run_worker(settings: Settings) -> None:
         homeassistant = HomeAssistant(settings, link)
 
     async def record(request: RunRequest, result: RunResult) -> None:
+        metrics.run_finished(request, result)
         await history.record(result)
         if homeassistant is not None:
             await homeassistant.publish_state(result)
@@ -160,13 +163,38 @@ async def run_worker(settings: Settings) -> None:
                 )
                 await anyio.sleep(BEAT_EVERY)
 
+    consumed: list[bool] = []
+
     def consuming() -> None:
         log.info("worker_consuming", consumer=getattr(broker, "consumer_name", who))
+        consumed.append(True)
         notifier.ready(status_line())
 
+    def not_ready() -> str | None:
+        if finish.is_set():
+            return "stopping"
+        if not consumed:
+            return "not consuming from the stream yet"
+        return None if link.connected else "MQTT broker not connected"
+
+    if http is not None:
+        from ..observe.endpoints import worker_endpoints
+        from ..observe.prom import PromMetrics
+        from ..observe.server import HttpServer
+
+        assert isinstance(metrics, PromMetrics)
+        endpoints = worker_endpoints(
+            metrics, link=link, sink=sink, executor=executor, not_ready=not_ready
+        )
+        server = HttpServer(http, endpoints.routes(), key="--http")
+
     try:
+        if http is not None:
+            await server.bind()  # a busy port: a one-line error, the broker shut down below
         async with history, dedup, ledger, presence, anyio.create_task_group() as tg:
             await tg.start(link.run, name="mqtt-link")
+            if http is not None:
+                await tg.start(server.serve, name="http")
             if isinstance(broker, Reclaiming):
                 tg.start_soon(broker.keep_claimed, name="stream-heartbeat")
                 broker.on_listening = consuming

@@ -33,6 +33,7 @@ from ..project.config import format_validation_error, load_yaml_text
 from ..project.schedule import parse_interval
 from .base import _Frozen
 from .homeassistant import HomeAssistantSettings
+from .http import HttpSettings, parse_listen
 from .mqtt import MqttSettings, TlsSettings
 from .queue import QueueSettings, RedisTarget, SentinelSettings, parse_broker
 from .triggers import (
@@ -54,6 +55,7 @@ __all__ = [
     "DateTrigger",
     "FileTrigger",
     "HomeAssistantSettings",
+    "HttpSettings",
     "IntervalTrigger",
     "MqttSettings",
     "MqttTrigger",
@@ -67,6 +69,7 @@ __all__ = [
     "TriggerSettings",
     "load_settings",
     "parse_broker",
+    "parse_listen",
     "validate_run_overrides",
 ]
 
@@ -116,6 +119,7 @@ class Settings(BaseSettings):
     control: ControlSettings = Field(default_factory=ControlSettings)
     history: HistorySettings = Field(default_factory=HistorySettings)
     homeassistant: HomeAssistantSettings = Field(default_factory=HomeAssistantSettings)
+    http: HttpSettings = Field(default_factory=HttpSettings)
     max_concurrent_runs: int = Field(default=8, ge=1)
     shutdown_timeout: float = Field(default=30.0, ge=0)
     schedule_all: bool = True

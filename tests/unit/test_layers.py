@@ -6,7 +6,7 @@ under ``TYPE_CHECKING``, relative or absolute. The layers, low to high::
 
     root helpers (errors, argtypes, retry, logs, redact, version, topics)
     < project, tracing < settings < sources, state < mqtt < dispatch < queue
-    < control < service < cli, __init__
+    < control < observe < service < cli, __init__
 
 A module may import its own layer or lower ones; a cycle among modules fails
 whatever the layers say (a lazy import only hides one from the interpreter).
@@ -41,9 +41,10 @@ LAYERS: dict[str, int] = {
     "dispatch": 5,
     "queue": 6,
     "control": 7,
-    "service": 8,
-    "cli": 9,
-    "__init__": 9,
+    "observe": 8,
+    "service": 9,
+    "cli": 10,
+    "__init__": 10,
 }
 
 

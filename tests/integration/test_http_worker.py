@@ -1,0 +1,76 @@
+"""Redis mode: ``worker --http`` serves the runs' metrics; the daemon shows the queue."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.daemon_harness import BIN, configure, mqtt_trigger, online_daemon, unique
+from tests.http_harness import metric_value, wait_metric, wait_status
+from tests.services import free_port
+
+pytestmark = pytest.mark.timeout(180)
+
+
+@contextmanager
+def worker_with_http(config: Path, port: int, log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """``flowerpower-daemon worker -c CONFIG --http 127.0.0.1:PORT``, stopped on exit."""
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [BIN / "flowerpower-daemon", "worker", "-c", config, "--http", f"127.0.0.1:{port}"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "HAMILTON_TELEMETRY_ENABLED": "false"},
+        )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+async def test_worker_http_counts_its_runs_and_the_daemon_its_queue_and_workers(
+    tmp_path: Path, mosquitto: Any, redis_server: Any
+) -> None:
+    """The worker's /metrics counts the runs it executed (by pipeline, trigger, status) and
+    its /readyz is 200 once it consumes; the daemon's shows the live worker and the queue
+    depth back at 0."""
+    prefix = unique("w")
+    daemon_http, worker_http = free_port(), free_port()
+    queue = {"broker": redis_server.url, "queue_name": unique("q")}
+    config = configure(
+        tmp_path,
+        mosquitto.port,
+        [mqtt_trigger("temp", "temperature", f"{prefix}/{{device}}")],
+        queue=queue,
+        http={"listen": f"127.0.0.1:{daemon_http}"},
+    )
+    log_path = tmp_path / "worker.log"
+    with worker_with_http(config.path, worker_http, log_path) as worker:
+        async with online_daemon(config, subscribe=[config.results]) as d:
+            await wait_status(worker_http, "/readyz", 200, timeout=90)
+            for i in range(3):
+                await d.client.publish(f"{prefix}/dev{i}", b'{"temperature": 12}', qos=1)
+            results = await d.collect(config.results, 3, timeout=60)
+            assert all(r.data["status"] == "success" for r in results)
+            runs = 'flowerpower_runs_total{pipeline="temperature",status="success",trigger="temp"}'
+            text = await wait_metric(worker_http, runs, 3.0)
+            count = 'flowerpower_run_latency_seconds_count{pipeline="temperature"}'
+            assert metric_value(text, count) == 3.0, text
+            text = await wait_metric(worker_http, "flowerpower_runs_done_total", 3.0)
+            assert metric_value(text, "flowerpower_results_out_total") == 3.0, text
+            assert metric_value(text, "flowerpower_mqtt_connected") == 1.0, text
+            # The daemon reads the workers' listing every 2 s.
+            text = await wait_metric(daemon_http, "flowerpower_workers", 1.0)
+            assert metric_value(text, "flowerpower_queue_depth") == 0.0, text
+            assert metric_value(text, 'flowerpower_trigger_fires_total{trigger="temp"}') == 3.0
+            assert metric_value(text, "flowerpower_messages_in_total") == 3.0, text
+        worker.terminate()
+        assert worker.wait(30) == 0, log_path.read_text()[-3000:]
