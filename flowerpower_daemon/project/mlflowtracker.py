@@ -1,0 +1,149 @@
+"""MLflow tracking of daemon runs through Hamilton's ``MLFlowTracker``, one MLflow run per run.
+
+Imported only when ``with_adapter.mlflow`` is on (it imports mlflow:
+``pip install 'flowerpower-daemon[mlflow]'``). Hamilton's tracker keeps the
+MLflow run it is logging to in its own attributes, so one instance cannot
+serve the concurrent runs of a shared driver, and its run name is fixed when
+it is made. :class:`MlflowRuns` is the adapter the driver gets: it makes one
+``MLFlowTracker`` per run, named from ``adapter.mlflow.run_name`` with the
+placeholders filled in for that run (:func:`.tracking.fill_run_name`),
+tagged with the configured tags plus the trigger (:func:`.tracking.run_tags`),
+and hands it that run's hooks.
+
+Final vars that are numbers become metrics and data savers' files
+artifacts, as Hamilton logs them; every other final var is logged here as a
+JSON artifact ``<name>.json`` (text ``<name>.txt`` for a string), where
+Hamilton's tracker would first pickle it to a file in the working directory.
+
+MLflow's fluent API (``mlflow.log_*`` in a node, autologging) logs to the
+process's tracking URI: ``tracking_uri`` sets it at the start of each run,
+so one tracking URI per daemon process is what works with it.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+import mlflow
+from hamilton.lifecycle import GraphConstructionHook, GraphExecutionHook, NodeExecutionHook
+from hamilton.plugins import h_mlflow
+
+from .adapters import MlflowConfig
+from .tracking import current, fill_run_name, run_tags
+
+__all__ = ["MlflowRuns"]
+
+_autolog_lock = threading.Lock()
+_autolog_on = False
+
+
+def _autolog() -> None:
+    """Switch on ``mlflow.autolog()`` once per process (autologging is process-wide)."""
+    global _autolog_on
+    with _autolog_lock:
+        if not _autolog_on:
+            mlflow.autolog()
+            _autolog_on = True
+
+
+class MlflowRuns(  # type: ignore[misc]
+    GraphConstructionHook, GraphExecutionHook, NodeExecutionHook
+):
+    """A Hamilton adapter that logs each run of its driver as one MLflow run."""
+
+    def __init__(self, settings: MlflowConfig, pipeline: str) -> None:
+        self._settings = settings
+        self._pipeline = pipeline
+        self._experiment = settings.experiment_name or pipeline
+        self._config: dict[str, Any] = {}
+        self._runs: dict[str, h_mlflow.MLFlowTracker] = {}
+        self._lock = threading.Lock()
+        if settings.autolog:
+            _autolog()
+        # Reach the store now: a wrong tracking_uri fails the driver, not every run.
+        self._new_tracker(run_name=None, tags={})
+
+    def _new_tracker(self, run_name: str | None, tags: Mapping[str, object]) -> Any:
+        s = self._settings
+        return h_mlflow.MLFlowTracker(
+            tracking_uri=s.tracking_uri,
+            registry_uri=s.registry_uri,
+            artifact_location=s.artifact_location,
+            experiment_name=self._experiment,
+            experiment_tags=dict(s.experiment_tags),
+            experiment_description=s.experiment_description,
+            run_id=s.run_id,
+            run_name=run_name,
+            run_tags=dict(tags),
+            run_description=s.run_description,
+        )
+
+    def run_after_graph_construction(self, *, config: dict[str, Any], **kwargs: Any) -> None:
+        self._config = config
+
+    def run_before_graph_execution(self, *, run_id: str, **kwargs: Any) -> None:
+        request = current()
+        s = self._settings
+        name = fill_run_name(s.run_name, self._pipeline, request) if s.run_name else None
+        tracker = self._new_tracker(name, {**s.tags, **run_tags(request)})
+        tracker.run_after_graph_construction(config=self._config)
+        # Hamilton's tracker also starts the run in MLflow's fluent API (so that nodes,
+        # materializers and autologging log to it), which reads the process's tracking URI.
+        if s.tracking_uri is not None:
+            mlflow.set_tracking_uri(s.tracking_uri)
+        if s.registry_uri is not None:
+            mlflow.set_registry_uri(s.registry_uri)
+        tracker.run_before_graph_execution(run_id=run_id, **kwargs)
+        with self._lock:
+            self._runs[run_id] = tracker
+
+    def run_before_node_execution(self, **kwargs: Any) -> None:
+        """Nothing to log before a node runs."""
+
+    def run_after_node_execution(
+        self,
+        *,
+        run_id: str,
+        node_name: str,
+        node_return_type: type,
+        node_tags: dict[str, Any],
+        result: Any,
+        success: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        tracker = self._runs.get(run_id)
+        if tracker is None or not success:
+            return
+        if node_tags.get("hamilton.data_saver") is True or node_return_type in (int, float):
+            tracker.run_after_node_execution(
+                run_id=run_id,
+                node_name=node_name,
+                node_return_type=node_return_type,
+                node_tags=node_tags,
+                result=result,
+                **kwargs,
+            )
+        elif node_name in tracker.final_vars:
+            if isinstance(result, str):
+                tracker.client.log_text(tracker.run_id, result, f"{node_name}.txt")
+            else:
+                tracker.client.log_dict(tracker.run_id, _jsonable(result), f"{node_name}.json")
+
+    def run_after_graph_execution(self, *, run_id: str, success: bool, **kwargs: Any) -> None:
+        with self._lock:
+            tracker = self._runs.pop(run_id, None)
+        if tracker is not None:
+            tracker.run_after_graph_execution(success=success)
+
+
+def _jsonable(value: object) -> object:
+    """``value`` as JSON can hold it: containers kept, anything else by its ``repr``."""
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_jsonable(v) for v in value]
+    return repr(value)
