@@ -111,8 +111,10 @@ def test_pipeline_run_logs_named_tagged_run_with_outputs(tmp_path: Path) -> None
     store = tmp_path / "mlruns"
     project = tracked_project(tmp_path, store)
     proc = subprocess.run(
-        [str(BIN / "flowerpower-daemon"), "pipeline", "run", "tracked"]
-        + ["--base-dir", str(project), "--inputs", '{"readings": [1.5, 2.5, 4]}'],
+        [
+            *(str(BIN / "flowerpower-daemon"), "pipeline", "run", "tracked"),
+            *("--base-dir", str(project), "--inputs", '{"readings": [1.5, 2.5, 4]}'),
+        ],
         capture_output=True,
         text=True,
         timeout=120,
@@ -202,4 +204,3 @@ def test_bad_run_name_placeholder_is_a_config_error(tmp_path: Path) -> None:
     assert "adapter.mlflow.run_name" in proc.stderr
     assert "unknown placeholder {when}" in proc.stderr
     assert "Traceback" not in proc.stderr
-
