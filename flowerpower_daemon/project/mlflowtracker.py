@@ -48,9 +48,7 @@ def _autolog() -> None:
             _autolog_on = True
 
 
-class MlflowRuns(  # type: ignore[misc]
-    GraphConstructionHook, GraphExecutionHook, NodeExecutionHook
-):
+class MlflowRuns(GraphConstructionHook, GraphExecutionHook, NodeExecutionHook):  # type: ignore[misc]
     """A Hamilton adapter that logs each run of its driver as one MLflow run."""
 
     def __init__(self, settings: MlflowConfig, pipeline: str) -> None:

@@ -29,7 +29,7 @@ from typing import Any
 from hamilton_sdk import adapters as sdk_adapters
 from hamilton_sdk.tracking import constants as sdk_constants
 
-from ..errors import ConfigError
+from ..errors import InputError
 from .adapters import HamiltonTrackerConfig
 from .tracking import current, run_tags
 
@@ -137,7 +137,7 @@ def tracker(
     """
     missing = [k for k in ("project_id", "username") if getattr(settings, k) is None]
     if missing:
-        raise ConfigError(
+        raise InputError(
             f"pipeline {pipeline!r}: with_adapter.hamilton_tracker needs "
             + " and ".join(f"adapter.hamilton_tracker.{k}" for k in missing)
             + " (in conf/project.yml or the pipeline's YAML)"
