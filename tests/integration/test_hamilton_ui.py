@@ -160,22 +160,35 @@ def hamilton_ui(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HamiltonUI
             proc.wait(5)
 
 
-def tracked_project(tmp: Path, ui: HamiltonUI, project_id: int) -> Path:
+ASYNC_TRACKED = '''\
+"""The same on Hamilton's async driver (the SDK's async tracker)."""
+
+
+async def window(readings: list[float]) -> list[float]:
+    """The readings as they came."""
+    return list(readings)
+'''
+
+
+def tracked_project(tmp: Path, ui: HamiltonUI, project_ids: dict[str, int]) -> Path:
+    """Pipelines ``tracked`` and ``tracked_async``, each tracked in its own UI project."""
     project = make_project(tmp)
     (project / "pipelines" / "tracked.py").write_text(TRACKED)
-    conf = {
-        "run": {"final_vars": ["window", "summary"], "with_adapter": {"hamilton_tracker": True}},
-        "adapter": {
-            "hamilton_tracker": {
-                "project_id": project_id,
-                "dag_name": "tracked-dag",
-                "tags": {"site": "plant-1"},
-                "max_list_length_capture": 2,
-                "max_dict_length_capture": 3,
-            }
-        },
-    }
-    (project / "conf" / "pipelines" / "tracked.yml").write_text(yaml.safe_dump(conf))
+    (project / "pipelines" / "tracked_async.py").write_text(ASYNC_TRACKED)
+    for name, project_id in project_ids.items():
+        conf = {
+            "run": {"with_adapter": {"hamilton_tracker": True}},
+            "adapter": {
+                "hamilton_tracker": {
+                    "project_id": project_id,
+                    "dag_name": f"{name}-dag",
+                    "tags": {"site": "plant-1"},
+                    "max_list_length_capture": 2,
+                    "max_dict_length_capture": 3,
+                }
+            },
+        }
+        (project / "conf" / "pipelines" / f"{name}.yml").write_text(yaml.safe_dump(conf))
     # The connection is project-wide, as FlowerPower's conf/project.yml holds it.
     project_yml = project / "conf" / "project.yml"
     data = yaml.safe_load(project_yml.read_text())
@@ -184,15 +197,17 @@ def tracked_project(tmp: Path, ui: HamiltonUI, project_id: int) -> Path:
     return project
 
 
-def wait_for_run(ui: HamiltonUI, project_id: int, timeout: float = 60) -> dict[str, Any]:
+def wait_for_run(
+    ui: HamiltonUI, project_id: int, nodes: set[str], timeout: float = 60
+) -> dict[str, Any]:
     """The project's one finished run (the SDK's client logs node results in the background)."""
     deadline = time.monotonic() + timeout
     while True:
         runs = ui.call("GET", f"/api/v1/dag_runs/latest/?project_id={project_id}")
         if runs and runs[0]["run_status"] == "SUCCESS":
             [run] = runs
-            nodes = ui.call("GET", f"/api/v1/dag_runs/{run['id']}")[0]["node_runs"]
-            if {n["node_name"] for n in nodes} >= {"window", "summary"}:
+            node_runs = ui.call("GET", f"/api/v1/dag_runs/{run['id']}")[0]["node_runs"]
+            if {n["node_name"] for n in node_runs} >= nodes:
                 return dict(run)
         if time.monotonic() > deadline:
             raise AssertionError(f"no finished run in project {project_id}: {runs}\n{ui.logs()}")
@@ -211,27 +226,33 @@ def result_summary(ui: HamiltonUI, run_id: int, node: str) -> Any:
         time.sleep(0.3)
 
 
-async def test_daemon_run_shows_up_in_the_ui_with_its_trigger(
+async def test_daemon_runs_show_up_in_the_ui_with_their_trigger(
     tmp_path: Path, mosquitto: Any, hamilton_ui: HamiltonUI
 ) -> None:
-    """An MQTT-triggered run: in the UI's project, tagged with the trigger, limits applied."""
-    project_id = hamilton_ui.new_project(unique("daemon"))
-    project = tracked_project(tmp_path, hamilton_ui, project_id)
-    topic = f"{unique('line')}/readings"
-    config = configure(
-        tmp_path, mosquitto.port, [mqtt_trigger("line", "tracked", topic)], project=project
-    )
+    """MQTT-triggered runs (sync and async driver): in their UI project, tagged with the
+    trigger, the pipeline's capture limits applied."""
+    ids = {name: hamilton_ui.new_project(unique(name)) for name in ("tracked", "tracked_async")}
+    project = tracked_project(tmp_path, hamilton_ui, ids)
+    prefix = unique("line")
+    triggers = [
+        mqtt_trigger("line", "tracked", f"{prefix}/readings"),
+        mqtt_trigger("line_async", "tracked_async", f"{prefix}/async"),
+    ]
+    config = configure(tmp_path, mosquitto.port, triggers, project=project)
     async with online_daemon(config, subscribe=[config.results]) as d:
-        await d.client.publish(topic, b'{"readings": [1, 2, 3, 4, 5]}', qos=1)
-        _, result, _ = await d.next_message(config.results, timeout=60)
-    assert result["status"] == "success", result
-    run = wait_for_run(hamilton_ui, project_id)
+        await d.client.publish(f"{prefix}/readings", b'{"readings": [1, 2, 3, 4, 5]}', qos=1)
+        await d.client.publish(f"{prefix}/async", b'{"readings": [7, 8, 9]}', qos=1)
+        messages = await d.collect(config.results, 2, timeout=60)
+        results = {m.data["pipeline"]: m.data for m in messages}
+        assert {r["status"] for r in results.values()} == {"success"}, results
+        run = wait_for_run(hamilton_ui, ids["tracked"], {"window", "summary"})
+        arun = wait_for_run(hamilton_ui, ids["tracked_async"], {"window"})
     assert run["tags"] == {
         "site": "plant-1",
         "trigger": "line",
         "trigger_type": "mqtt",
-        "trigger_topic": topic,
-        "flowerpower_run_id": result["run_id"],
+        "trigger_topic": f"{prefix}/readings",
+        "flowerpower_run_id": results["tracked"]["run_id"],
     }
     assert run["inputs"]["readings"] == [1, 2, 3, 4, 5]
     assert run["username_resolved"] == USER
@@ -240,3 +261,6 @@ async def test_daemon_run_shows_up_in_the_ui_with_its_trigger(
     kept = result_summary(hamilton_ui, run["id"], "summary")
     assert {"n", "total", "low"} <= set(kept)
     assert not {"high", "first"} & set(kept)
+    assert arun["tags"]["trigger"] == "line_async"
+    assert arun["tags"]["flowerpower_run_id"] == results["tracked_async"]["run_id"]
+    assert result_summary(hamilton_ui, arun["id"], "window") == [7, 8, "... truncated ..."]
