@@ -22,6 +22,7 @@ so one tracking URI per daemon process is what works with it.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Mapping
 from typing import Any
@@ -86,6 +87,7 @@ class MlflowRuns(GraphConstructionHook, GraphExecutionHook, NodeExecutionHook): 
         s = self._settings
         name = fill_run_name(s.run_name, self._pipeline, request) if s.run_name else None
         tracker = self._new_tracker(name, {**s.tags, **run_tags(request)})
+        tracker.fp_deferred = []  # final vars of the async driver, logged at the end
         tracker.run_after_graph_construction(config=self._config)
         # Hamilton's tracker also starts the run in MLflow's fluent API (so that nodes,
         # materializers and autologging log to it), which reads the process's tracking URI.
@@ -93,7 +95,11 @@ class MlflowRuns(GraphConstructionHook, GraphExecutionHook, NodeExecutionHook): 
             mlflow.set_tracking_uri(s.tracking_uri)
         if s.registry_uri is not None:
             mlflow.set_registry_uri(s.registry_uri)
-        tracker.run_before_graph_execution(run_id=run_id, **kwargs)
+        tracker.fp_fluent = mlflow.active_run() is None
+        if tracker.fp_fluent:
+            tracker.run_before_graph_execution(run_id=run_id, **kwargs)
+        else:
+            _start_without_fluent_run(tracker, run_id, **kwargs)
         with self._lock:
             self._runs[run_id] = tracker
 
@@ -114,6 +120,24 @@ class MlflowRuns(GraphConstructionHook, GraphExecutionHook, NodeExecutionHook): 
         tracker = self._runs.get(run_id)
         if tracker is None or not success:
             return
+        if isinstance(result, asyncio.Future):
+            # Hamilton's async driver calls sync hooks with the node's task, before it is
+            # awaited: the value is logged from the run's results at the end.
+            if node_name in tracker.final_vars:
+                tracker.fp_deferred.append((node_name, node_return_type, node_tags, kwargs))
+            return
+        self._log_output(tracker, run_id, node_name, node_return_type, node_tags, result, kwargs)
+
+    def _log_output(
+        self,
+        tracker: Any,
+        run_id: str,
+        node_name: str,
+        node_return_type: type,
+        node_tags: dict[str, Any],
+        result: Any,
+        kwargs: dict[str, Any],
+    ) -> None:
         if node_tags.get("hamilton.data_saver") is True or node_return_type in (int, float):
             tracker.run_after_node_execution(
                 run_id=run_id,
@@ -129,11 +153,61 @@ class MlflowRuns(GraphConstructionHook, GraphExecutionHook, NodeExecutionHook): 
             else:
                 tracker.client.log_dict(tracker.run_id, _jsonable(result), f"{node_name}.json")
 
-    def run_after_graph_execution(self, *, run_id: str, success: bool, **kwargs: Any) -> None:
+    def run_after_graph_execution(
+        self,
+        *,
+        run_id: str,
+        success: bool,
+        results: Mapping[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
         with self._lock:
             tracker = self._runs.pop(run_id, None)
-        if tracker is not None:
+        if tracker is None:
+            return
+        for node_name, return_type, node_tags, node_kwargs in tracker.fp_deferred:
+            if results is not None and node_name in results:
+                value = results[node_name]
+                self._log_output(
+                    tracker, run_id, node_name, return_type, node_tags, value, node_kwargs
+                )
+        if tracker.fp_fluent:
             tracker.run_after_graph_execution(success=success)
+        else:
+            tracker.client.set_terminated(
+                tracker.run_id, status="FINISHED" if success else "FAILED"
+            )
+
+
+def _start_without_fluent_run(
+    tracker: Any,
+    run_id: str,
+    *,
+    final_vars: list[str],
+    inputs: dict[str, Any],
+    graph: Any,
+    **kwargs: Any,
+) -> None:
+    """What ``MLFlowTracker.run_before_graph_execution`` does, but the fluent ``start_run``.
+
+    MLflow keeps one active fluent run per thread: a second run of an async
+    pipeline, on the same event loop thread while the first is still going,
+    cannot start one. Its MLflow run is made and logged through the client
+    alone (``mlflow.log_*`` calls inside its nodes go to the first run).
+    """
+    tags = {**tracker.run_tags, "hamilton_run_id": run_id, "code_version": graph.version}
+    tracker.run = tracker.client.create_run(
+        experiment_id=tracker.experiment_id, tags=tags, run_name=tracker.run_name
+    )
+    tracker.run_id = tracker.run.info.run_id
+    tracker.graph = graph
+    tracker.final_vars = final_vars
+    tracker.client.log_dict(tracker.run_id, tracker.config, "config.json")
+    graph_json = {n.name: n.as_dict() for n in graph.nodes}
+    tracker.client.log_dict(tracker.run_id, graph_json, "hamilton_graph.json")
+    for values in (tracker.config, inputs):
+        for key, value in values.items():
+            tracker.client.log_param(tracker.run_id, key=key, value=value)
 
 
 def _jsonable(value: object) -> object:

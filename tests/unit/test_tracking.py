@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import anyio
 import pytest
 import yaml
 
@@ -279,3 +280,44 @@ def test_concurrent_runs_of_one_driver_are_separate_mlflow_runs(
         assert run.data.tags["trigger"] == f"t{i}"
         assert run.data.metrics["doubled"] == 2.0 * i
         assert run.info.status == "FINISHED"
+
+
+async def test_concurrent_async_runs_are_separate_mlflow_runs(
+    projects: ProjectFactory, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Async pipelines: two runs at once on one event loop thread (where MLflow keeps one
+    active fluent run) are two finished MLflow runs with their outputs."""
+    mlflow_client = pytest.importorskip("mlflow.tracking", reason="mlflow not installed")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    store = (tmp_path / "mlruns").as_uri()
+    module = textwrap.dedent(
+        """
+        import asyncio
+
+        async def doubled(x: float) -> float:
+            await asyncio.sleep(0.2)
+            return 2 * x
+        """
+    )
+    conf = {
+        "run": {"with_adapter": {"mlflow": True}},
+        "adapter": {"mlflow": {"tracking_uri": store, "experiment_name": "async"}},
+    }
+    project = projects.load({"a": module}, {"a": conf})
+    requests = [project.request("a", {"x": float(i)}) for i in (1, 2)]
+    results: dict[str, Any] = {}
+
+    async def one(req: RunRequest) -> None:
+        results[req.run_id] = await project.aexecute(req)
+
+    async with anyio.create_task_group() as tg:
+        for req in requests:
+            tg.start_soon(one, req)
+    assert all(result.ok for result in results.values()), results
+    client = mlflow_client.MlflowClient(store)
+    runs = client.search_runs([client.get_experiment_by_name("async").experiment_id])
+    by_id = {run.data.tags["flowerpower_run_id"]: run for run in runs}
+    assert set(by_id) == set(results)
+    for i, req in enumerate(requests, start=1):
+        assert by_id[req.run_id].data.metrics["doubled"] == 2.0 * i
+        assert by_id[req.run_id].info.status == "FINISHED"
