@@ -526,9 +526,7 @@ def test_warning_is_logged_once_per_process(projects: ProjectFactory) -> None:
         FlowerPowerProject.load(base)
         FlowerPowerProject.load(base)
     warned = [e for e in logs if e["event"] == "config_key_has_no_effect"]
-    assert [(w["key"], Path(w["file"]).name) for w in warned] == [
-        ("run.async_driver", "a.yml")
-    ]
+    assert [(w["key"], Path(w["file"]).name) for w in warned] == [("run.async_driver", "a.yml")]
 
 
 def test_cli_prints_each_warning_once(tmp_path: Path) -> None:

@@ -179,7 +179,9 @@ def test_sdk_truncates_by_the_pipelines_limits(sdk_constants: Any) -> None:
 def test_tracker_tags_are_the_configured_ones_plus_the_runs() -> None:
     tracker = uitracker.DaemonTracker.__new__(uitracker.DaemonTracker)
     tracker.base_tags = {"site": "plant-1", "trigger": "configured"}
-    assert tracker.base_tags == {"site": "plant-1", "trigger": "configured"}
+    # Outside any run (a fresh context): the configured tags alone.
+    outside = contextvars.Context().run(lambda: tracker.base_tags)
+    assert outside == {"site": "plant-1", "trigger": "configured"}
 
     def body() -> None:
         bind(request())
