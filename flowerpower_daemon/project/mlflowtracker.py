@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import mlflow
@@ -49,6 +50,17 @@ def _autolog() -> None:
             _autolog_on = True
 
 
+@dataclass(slots=True)
+class _Run:
+    """One run in progress: its Hamilton tracker, and what is left to log at the end."""
+
+    tracker: Any  # h_mlflow.MLFlowTracker
+    #: Whether it is MLflow's active (fluent) run in its thread (_start_without_fluent_run).
+    fluent: bool
+    #: Final vars of the async driver: (node, return type, node tags, hook kwargs).
+    deferred: list[tuple[str, type, dict[str, Any], dict[str, Any]]] = field(default_factory=list)
+
+
 class MlflowRuns(GraphConstructionHook, GraphExecutionHook, NodeExecutionHook):  # type: ignore[misc]
     """A Hamilton adapter that logs each run of its driver as one MLflow run."""
 
@@ -57,7 +69,7 @@ class MlflowRuns(GraphConstructionHook, GraphExecutionHook, NodeExecutionHook): 
         self._pipeline = pipeline
         self._experiment = settings.experiment_name or pipeline
         self._config: dict[str, Any] = {}
-        self._runs: dict[str, h_mlflow.MLFlowTracker] = {}
+        self._runs: dict[str, _Run] = {}
         self._lock = threading.Lock()
         if settings.autolog:
             _autolog()
@@ -87,7 +99,6 @@ class MlflowRuns(GraphConstructionHook, GraphExecutionHook, NodeExecutionHook): 
         s = self._settings
         name = fill_run_name(s.run_name, self._pipeline, request) if s.run_name else None
         tracker = self._new_tracker(name, {**s.tags, **run_tags(request)})
-        tracker.fp_deferred = []  # final vars of the async driver, logged at the end
         tracker.run_after_graph_construction(config=self._config)
         # Hamilton's tracker also starts the run in MLflow's fluent API (so that nodes,
         # materializers and autologging log to it), which reads the process's tracking URI.
@@ -95,13 +106,13 @@ class MlflowRuns(GraphConstructionHook, GraphExecutionHook, NodeExecutionHook): 
             mlflow.set_tracking_uri(s.tracking_uri)
         if s.registry_uri is not None:
             mlflow.set_registry_uri(s.registry_uri)
-        tracker.fp_fluent = mlflow.active_run() is None
-        if tracker.fp_fluent:
+        run = _Run(tracker, fluent=mlflow.active_run() is None)
+        if run.fluent:
             tracker.run_before_graph_execution(run_id=run_id, **kwargs)
         else:
             _start_without_fluent_run(tracker, run_id, **kwargs)
         with self._lock:
-            self._runs[run_id] = tracker
+            self._runs[run_id] = run
 
     def run_before_node_execution(self, **kwargs: Any) -> None:
         """Nothing to log before a node runs."""
@@ -117,16 +128,18 @@ class MlflowRuns(GraphConstructionHook, GraphExecutionHook, NodeExecutionHook): 
         success: bool = True,
         **kwargs: Any,
     ) -> None:
-        tracker = self._runs.get(run_id)
-        if tracker is None or not success:
+        run = self._runs.get(run_id)
+        if run is None or not success:
             return
         if isinstance(result, asyncio.Future):
             # Hamilton's async driver calls sync hooks with the node's task, before it is
             # awaited: the value is logged from the run's results at the end.
-            if node_name in tracker.final_vars:
-                tracker.fp_deferred.append((node_name, node_return_type, node_tags, kwargs))
+            if node_name in run.tracker.final_vars:
+                run.deferred.append((node_name, node_return_type, node_tags, kwargs))
             return
-        self._log_output(tracker, run_id, node_name, node_return_type, node_tags, result, kwargs)
+        self._log_output(
+            run.tracker, run_id, node_name, node_return_type, node_tags, result, kwargs
+        )
 
     def _log_output(
         self,
@@ -162,16 +175,17 @@ class MlflowRuns(GraphConstructionHook, GraphExecutionHook, NodeExecutionHook): 
         **kwargs: Any,
     ) -> None:
         with self._lock:
-            tracker = self._runs.pop(run_id, None)
-        if tracker is None:
+            run = self._runs.pop(run_id, None)
+        if run is None:
             return
-        for node_name, return_type, node_tags, node_kwargs in tracker.fp_deferred:
+        tracker = run.tracker
+        for node_name, return_type, node_tags, node_kwargs in run.deferred:
             if results is not None and node_name in results:
                 value = results[node_name]
                 self._log_output(
                     tracker, run_id, node_name, return_type, node_tags, value, node_kwargs
                 )
-        if tracker.fp_fluent:
+        if run.fluent:
             tracker.run_after_graph_execution(success=success)
         else:
             tracker.client.set_terminated(
