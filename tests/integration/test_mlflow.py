@@ -146,14 +146,23 @@ def test_pipeline_run_logs_named_tagged_run_with_outputs(tmp_path: Path) -> None
     assert not list(tmp_path.glob("*.pickle"))
 
 
-async def test_daemon_run_carries_the_mqtt_trigger(tmp_path: Path, mosquitto: Any) -> None:
-    """An MQTT-triggered daemon run is an MLflow run tagged with its trigger and topic."""
+@pytest.mark.parametrize("queue", ["memory", "redis"])
+async def test_daemon_run_carries_the_mqtt_trigger(
+    tmp_path: Path, mosquitto: Any, request: pytest.FixtureRequest, queue: str
+) -> None:
+    """An MQTT-triggered daemon run (in the daemon, or in a worker behind Redis) is an MLflow
+    run tagged with its trigger and topic."""
     store = tmp_path / "mlruns"
     project = tracked_project(tmp_path, store, run_name="{pipeline_name}-{trigger_type}")
     topic = f"{unique('batch')}/line1"
     trigger = mqtt_trigger("batches", "tracked", topic)
-    config = configure(tmp_path, mosquitto.port, [trigger], project=project)
-    async with online_daemon(config, subscribe=[config.results], env=ENV) as d:
+    extra: dict[str, Any] = {}
+    if queue == "redis":
+        redis = request.getfixturevalue("redis_server")
+        extra["queue"] = {"broker": redis.url, "queue_name": unique("q")}
+    config = configure(tmp_path, mosquitto.port, [trigger], project=project, **extra)
+    workers = 1 if queue == "redis" else 0
+    async with online_daemon(config, subscribe=[config.results], env=ENV, workers=workers) as d:
         await d.client.publish(topic, b'{"readings": [10, 20]}', qos=1)
         _, result, _ = await d.next_message(config.results, timeout=60)
     assert result["status"] == "success", result
