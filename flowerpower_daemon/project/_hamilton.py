@@ -138,41 +138,16 @@ def _adapters(
         out.append(h_tqdm.ProgressBar(desc=pipeline))
     if flags.hamilton_tracker:
         try:
-            sdk = importlib.import_module("hamilton_sdk.adapters")
+            from . import uitracker
         except ImportError as exc:
             raise _extra("with_adapter.hamilton_tracker", "tracker", exc) from None
-        t = settings.hamilton_tracker
-        cls = sdk.AsyncHamiltonTracker if is_async else sdk.HamiltonTracker
-        out.append(
-            cls(
-                project_id=t.project_id,
-                username=t.username,
-                dag_name=t.dag_name or pipeline,
-                tags=t.tags,
-                hamilton_api_url=t.api_url,
-                hamilton_ui_url=t.ui_url,
-                api_key=t.api_key,
-                verify=t.verify,
-            )
-        )
+        out.append(uitracker.tracker(settings.hamilton_tracker, pipeline, is_async))
     if flags.mlflow:
         try:
-            from hamilton.plugins import h_mlflow
+            from . import mlflowtracker
         except ImportError as exc:
             raise _extra("with_adapter.mlflow", "mlflow", exc) from None
-        m = settings.mlflow
-        out.append(
-            h_mlflow.MLFlowTracker(
-                tracking_uri=m.tracking_uri,
-                registry_uri=m.registry_uri,
-                artifact_location=m.artifact_location,
-                experiment_name=m.experiment_name or pipeline,
-                experiment_tags=m.experiment_tags,
-                run_id=m.run_id,
-                run_name=m.run_name,
-                run_tags=m.tags,
-            )
-        )
+        out.append(mlflowtracker.MlflowRuns(settings.mlflow, pipeline))
     # Node spans: the pipeline's own exporter (with_adapter.opentelemetry: FlowerPower's
     # host/port) or, when the daemon traces its runs, under each run's span.
     if flags.opentelemetry or tracing.active():

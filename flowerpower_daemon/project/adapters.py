@@ -12,9 +12,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import ClassVar
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from .fpkeys import Section, moved, without_nulls
+from .tracking import check_run_name
 
 __all__ = [
     "AdapterConfig",
@@ -51,7 +52,13 @@ class WithAdapterConfig(Section):
 
 
 class HamiltonTrackerConfig(Section):
-    """The Hamilton UI tracker (``hamilton_sdk``) settings."""
+    """The Hamilton UI tracker (``hamilton_sdk``) settings.
+
+    ``capture_*`` bound what the tracker records of each node's result
+    (statistics at all, list items, dict items); FlowerPower's defaults, not
+    the SDK's (which keeps 100 dict items), and per pipeline: see
+    :mod:`.uitracker`.
+    """
 
     username: str | None = None
     api_url: str | None = None
@@ -62,12 +69,16 @@ class HamiltonTrackerConfig(Section):
     dag_name: str | None = None
     tags: dict[str, str] = Field(default_factory=dict)
     capture_data_statistics: bool = True
-    max_list_length_capture: int = 50
-    max_dict_length_capture: int = 10
+    max_list_length_capture: int = Field(default=50, ge=0)
+    max_dict_length_capture: int = Field(default=10, ge=0)
 
 
 class MlflowConfig(Section):
-    """MLflow settings; FlowerPower's ``run_tags`` are our ``tags`` (``tags`` win on a clash)."""
+    """MLflow settings; FlowerPower's ``run_tags`` are our ``tags`` (``tags`` win on a clash).
+
+    ``run_name`` may hold placeholders (:data:`.tracking.RUN_NAME_PLACEHOLDERS`),
+    filled in per run; an unknown one is an error here, when the file loads.
+    """
 
     older_keys: ClassVar[tuple[str, ...]] = ("run_tags",)
 
@@ -82,6 +93,15 @@ class MlflowConfig(Section):
     run_description: str | None = None
     tags: dict[str, object] = Field(default_factory=dict)
     autolog: bool = False
+
+    @field_validator("run_name")
+    @classmethod
+    def _placeholders(cls, value: str | None) -> str | None:
+        if value is not None:
+            problem = check_run_name(value)
+            if problem is not None:
+                raise ValueError(problem)
+        return value
 
     @model_validator(mode="before")
     @classmethod

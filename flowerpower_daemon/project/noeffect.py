@@ -20,11 +20,6 @@ __all__ = ["NO_EFFECT", "NoEffect", "no_effect_keys", "warn_no_effect"]
 log = structlog.get_logger("flowerpower_daemon.project.config")
 
 
-def _is(*values: object) -> Callable[[object], bool]:
-    """A test for values that ask for nothing this daemon does not do anyway."""
-    return lambda value: any(value == v and type(value) is type(v) for v in values)
-
-
 def _empty(value: object) -> bool:
     return value is None or value == "" or value == {} or value == []
 
@@ -45,9 +40,6 @@ class NoEffect:
     harmless: Callable[[object], bool] = _empty
 
 
-_TRACKER_LIMITS = (
-    "the Hamilton UI tracker's capture settings are not passed on yet "
-    "(the SDK's defaults apply: statistics on, 50 list items, 10 dict items)"
 )
 
 #: Every FlowerPower key accepted without effect (the README's table mirrors this).
@@ -65,33 +57,6 @@ NO_EFFECT: tuple[NoEffect, ...] = (
             _empty(v)
             or (isinstance(v, Mapping) and set(v) <= {"type"} and v.get("type") in (None, "taskiq"))
         ),
-    ),
-    NoEffect(
-        "adapter.mlflow.autolog",
-        "MLflow autologging is not switched on here",
-        lambda v: _empty(v) or v is False,
-    ),
-    NoEffect(
-        "adapter.mlflow.run_name",
-        "placeholders such as {timestamp} are not filled in here: the name is used as written",
-        lambda v: _empty(v) or "{" not in str(v),
-    ),
-    NoEffect("adapter.mlflow.experiment_description", "not passed on to MLflow yet"),
-    NoEffect("adapter.mlflow.run_description", "not passed on to MLflow yet"),
-    NoEffect(
-        "adapter.hamilton_tracker.capture_data_statistics",
-        _TRACKER_LIMITS,
-        lambda v: _empty(v) or v is True,
-    ),
-    NoEffect(
-        "adapter.hamilton_tracker.max_list_length_capture",
-        _TRACKER_LIMITS,
-        lambda v: _empty(v) or _is(50)(v),
-    ),
-    NoEffect(
-        "adapter.hamilton_tracker.max_dict_length_capture",
-        _TRACKER_LIMITS,
-        lambda v: _empty(v) or _is(10)(v),
     ),
     NoEffect(
         "run.with_adapter.ray",

@@ -42,6 +42,7 @@ from .models import RunRequest, RunResult, utcnow
 from .modules import import_pipeline_module, module_name_for
 from .prepared import Callback, Prepared, assemble
 from .registry import ProjectSpec
+from .tracking import bind
 
 if TYPE_CHECKING:
     from ._hamilton import DagInfo, Driver
@@ -269,6 +270,7 @@ class PipelineRunner:
 
     async def run(self, request: RunRequest) -> RunResult:
         """Execute ``request`` with retries and per-attempt timeout; never raises for run errors."""
+        bind(request)  # the tracking adapters' tags and run names (tracking.py)
         try:
             prepared = self.cached(request)
             if prepared is None:
@@ -339,6 +341,7 @@ class PipelineRunner:
 
     def run_sync(self, request: RunRequest) -> RunResult:
         """Blocking run for the CLI and the sync API; same semantics as :meth:`run`."""
+        bind(request)
         try:
             prepared = self.cached(request) or self.prepare(request.pipeline, request.overrides)
         except FlowerPowerError as exc:

@@ -1,0 +1,167 @@
+"""The Hamilton UI tracker (``hamilton_sdk``) as the daemon uses it: per-run tags and limits.
+
+Imported only when ``with_adapter.hamilton_tracker`` is on (it imports the
+SDK: ``pip install 'flowerpower-daemon[tracker]'``). Two things the SDK's
+own ``HamiltonTracker`` cannot do for a daemon that shares one driver
+between many runs are added here:
+
+- **the trigger as tags**: the SDK sends ``base_tags`` with every run;
+  here they are the configured tags plus :func:`.tracking.run_tags` of the
+  run in progress (trigger name, type, topic; the daemon's run id), read
+  from the context the runner bound, so concurrent runs each get their own.
+- **the capture limits per pipeline**: the SDK reads ``capture_data_statistics``
+  and the list/dict lengths from module globals of
+  ``hamilton_sdk.tracking.constants``, one value per process. Those globals
+  become properties reading a context variable that each tracker sets
+  around its own result summaries, falling back to the process's values
+  (the SDK's defaults, ``HAMILTON_*`` environment, ``~/.hamilton.conf``).
+"""
+
+from __future__ import annotations
+
+import threading
+import types
+from collections.abc import Awaitable
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any
+
+from hamilton_sdk import adapters as sdk_adapters
+from hamilton_sdk.tracking import constants as sdk_constants
+
+from ..errors import InputError
+from .adapters import HamiltonTrackerConfig
+from .tracking import current, run_tags
+
+__all__ = ["CaptureLimits", "tracker"]
+
+
+@dataclass(frozen=True, slots=True)
+class CaptureLimits:
+    """What a tracker records of node results (FlowerPower's ``capture_*`` keys)."""
+
+    CAPTURE_DATA_STATISTICS: bool
+    MAX_LIST_LENGTH_CAPTURE: int
+    MAX_DICT_LENGTH_CAPTURE: int
+
+    @classmethod
+    def of(cls, settings: HamiltonTrackerConfig) -> CaptureLimits:
+        return cls(
+            settings.capture_data_statistics,
+            settings.max_list_length_capture,
+            settings.max_dict_length_capture,
+        )
+
+
+_limits: ContextVar[CaptureLimits | None] = ContextVar("hamilton_capture_limits", default=None)
+
+
+def _limit(name: str) -> property:
+    """A module attribute that is the running tracker's limit, else the module's own value."""
+
+    def get(module: types.ModuleType) -> object:
+        limits = _limits.get()
+        return module.__dict__[name] if limits is None else getattr(limits, name)
+
+    def put(module: types.ModuleType, value: object) -> None:
+        module.__dict__[name] = value
+
+    return property(get, put)
+
+
+class _PerRunConstants(types.ModuleType):
+    """``hamilton_sdk.tracking.constants`` with the capture limits of the tracker at work."""
+
+    CAPTURE_DATA_STATISTICS = _limit("CAPTURE_DATA_STATISTICS")
+    MAX_LIST_LENGTH_CAPTURE = _limit("MAX_LIST_LENGTH_CAPTURE")
+    MAX_DICT_LENGTH_CAPTURE = _limit("MAX_DICT_LENGTH_CAPTURE")
+
+
+_patch_lock = threading.Lock()
+
+
+def _patch_constants() -> None:
+    with _patch_lock:
+        if not isinstance(sdk_constants, _PerRunConstants):
+            sdk_constants.__class__ = _PerRunConstants
+
+
+class _DaemonTags:
+    """``base_tags`` as the SDK reads them: the configured tags plus the run's own."""
+
+    _tags: dict[str, str]
+
+    @property
+    def base_tags(self) -> dict[str, str]:
+        return {**self._tags, **run_tags(current())}
+
+    @base_tags.setter
+    def base_tags(self, value: dict[str, str]) -> None:
+        self._tags = value
+
+
+class DaemonTracker(_DaemonTags, sdk_adapters.HamiltonTracker):  # type: ignore[misc]
+    """``HamiltonTracker`` with the trigger tags and this pipeline's capture limits."""
+
+    capture: CaptureLimits
+
+    def post_node_execute(self, *args: Any, **kwargs: Any) -> None:
+        token = _limits.set(self.capture)
+        try:
+            super().post_node_execute(*args, **kwargs)
+        finally:
+            _limits.reset(token)
+
+
+class AsyncDaemonTracker(_DaemonTags, sdk_adapters.AsyncHamiltonTracker):  # type: ignore[misc]
+    """``AsyncHamiltonTracker`` with the trigger tags and this pipeline's capture limits."""
+
+    capture: CaptureLimits
+
+    async def post_node_execute(self, *args: Any, **kwargs: Any) -> None:
+        token = _limits.set(self.capture)
+        try:
+            done: Awaitable[None] = super().post_node_execute(*args, **kwargs)
+            await done
+        finally:
+            _limits.reset(token)
+
+
+def tracker(
+    settings: HamiltonTrackerConfig, pipeline: str, is_async: bool
+) -> DaemonTracker | AsyncDaemonTracker:
+    """The tracker adapter for one pipeline's driver (the sync tracker checks the project now).
+
+    ``project_id`` and ``username`` are required: the UI files every run
+    under a project, and a user must be allowed to write to it.
+    """
+    missing = [k for k in ("project_id", "username") if getattr(settings, k) is None]
+    if missing:
+        raise InputError(
+            f"pipeline {pipeline!r}: with_adapter.hamilton_tracker needs "
+            + " and ".join(f"adapter.hamilton_tracker.{k}" for k in missing)
+            + " (in conf/project.yml or the pipeline's YAML)"
+        )
+    _patch_constants()
+    kwargs: dict[str, Any] = {
+        "project_id": settings.project_id,
+        "username": settings.username,
+        "dag_name": settings.dag_name or pipeline,
+        "tags": dict(settings.tags),
+        "api_key": settings.api_key,
+        "verify": settings.verify,
+    }
+    # Unset, the SDK's own defaults apply (HAMILTON_API_URL / HAMILTON_UI_URL, else its cloud).
+    if settings.api_url is not None:
+        kwargs["hamilton_api_url"] = settings.api_url
+    if settings.ui_url is not None:
+        kwargs["hamilton_ui_url"] = settings.ui_url
+    made: DaemonTracker | AsyncDaemonTracker
+    if is_async:
+        if kwargs["api_key"] is None:
+            del kwargs["api_key"]  # the async tracker's default reads HAMILTON_API_KEY
+        made = AsyncDaemonTracker(**kwargs)
+    else:
+        made = DaemonTracker(**kwargs)
+    made.capture = CaptureLimits.of(settings)
+    return made
