@@ -26,11 +26,11 @@ subprocesses:
 This process is the client (TCP_NODELAY, MQTT v5; replies parsed with orjson, so
 that the client takes as little of the two cores as it can) and measures, for both:
 
-- latency: ``--n`` sequential round trips (publish, wait for the matching
-  reply), p50/p99 in ms. Replies are matched by a sequence number: in the
-  echo payload, and for the daemon in the ``{device}`` topic level
-  (``sensors/b<seq>/temperature``), which the pipeline returns as
-  ``outputs.device_id``;
+- latency: ``--n`` sequential round trips each (publish, wait for the matching
+  reply), echo and daemon alternating one by one, p50/p99 in ms. Replies are
+  matched by a sequence number: in the echo payload, and for the daemon in
+  the ``{device}`` topic level (``sensors/b<seq>/temperature``), which the
+  pipeline returns as ``outputs.device_id``;
 - throughput: ``--m`` messages published at QoS 1 as fast as a window of
   ``--window`` outstanding requests allows, timed until the last reply; in
   ``--rounds`` rounds, echo and daemon in turn (the machine's speed drifts),
@@ -614,12 +614,21 @@ async def measure(
             seq = 0
             targets = (echo_target(), daemon_target())
             for target in targets:
-                print(f"[bench] {target.name}: {args.warmup} warm-up, {args.n} round trips ...",
-                      file=sys.stderr, flush=True)
+                print(f"[bench] {target.name}: {args.warmup} warm-up ...", file=sys.stderr,
+                      flush=True)
                 await client.latency(target, args.warmup, seq)
                 seq += args.warmup
-                samples = await client.latency(target, args.n, seq)
-                seq += args.n
+            # Latency: echo and daemon alternate round trip by round trip, so that both
+            # see the same machine (its load moves within seconds when it is shared).
+            print(f"[bench] {args.n} round trips each, alternating ...", file=sys.stderr,
+                  flush=True)
+            by_name: dict[str, list[Sample]] = {t.name: [] for t in targets}
+            for i in range(args.n):
+                for target in targets if i % 2 == 0 else targets[::-1]:
+                    by_name[target.name] += await client.latency(target, 1, seq)
+                    seq += 1
+            for target in targets:
+                samples = by_name[target.name]
                 rtts = [s.rtt_ms for s in samples]
                 res[target.name] = {
                     "p50": pct(rtts, 50), "p99": pct(rtts, 99), "mean": statistics.fmean(rtts),
