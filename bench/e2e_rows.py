@@ -417,7 +417,7 @@ async def timer_phase(port: int, tmp: Path, args: Any, daemon_bin: Path) -> Row:
             flog = tmp / "sleep-floor.log"
             async with child(
                 [sys.executable, str(tmp / "sleep_floor.py"), str(args.timer_every), str(n)], flog
-            ) as floor:
+            ) as sleeper:
                 for _ in range(n):
                     _, r = await box.get("bench/timer/interval", 30, proc, log)
                     if r.get("status") != "success":
@@ -425,7 +425,7 @@ async def timer_phase(port: int, tmp: Path, args: Any, daemon_bin: Path) -> Row:
                     scheduled = iso(r["trigger"]["scheduled"])
                     late["interval"].append((iso(r["started_at"]) - scheduled) * 1000.0)
                     late["queued"].append((iso(r["queued_at"]) - scheduled) * 1000.0)
-                floor_ms = json.loads(await line(floor, 30, "sleep floor", flog))[skip:]
+                floor_ms = json.loads(await line(sleeper, 30, "sleep floor", flog))[skip:]
             while not box.queues["bench/timer/cron"].empty():
                 _, r = box.queues["bench/timer/cron"].get_nowait()
                 late["cron"].append((iso(r["started_at"]) - iso(r["trigger"]["scheduled"])) * 1e3)

@@ -88,6 +88,7 @@ async def test_one_daemon_three_workers_run_1000_messages_exactly_once(
     assert history["ok"], history
     rows = history["result"]
     assert len(rows) == MESSAGES
+    assert Counter(row["state"] for row in rows) == {"success": MESSAGES}
     assert {row["run_id"] for row in rows} == {r["run_id"] for r in results}
     assert {w["name"] for w in workers} == names, workers
     assert sum(w["done"] for w in workers) == MESSAGES, workers
