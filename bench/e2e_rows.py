@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import aiomqtt
-import e2e
+import mqttbench
 import psutil
 from table import Row, ratio_row
 
@@ -141,7 +141,7 @@ async def child(cmd: list[str], log: Path, **kw: Any) -> AsyncIterator[asyncio.s
                 with contextlib.suppress(ProcessLookupError):
                     proc.terminate()
                 try:
-                    await asyncio.wait_for(proc.wait(), e2e.STOP_TIMEOUT)
+                    await asyncio.wait_for(proc.wait(), mqttbench.STOP_TIMEOUT)
                 except TimeoutError:
                     with contextlib.suppress(ProcessLookupError):
                         proc.kill()
@@ -154,9 +154,11 @@ async def line(proc: asyncio.subprocess.Process, limit: float, what: str, log: P
     try:
         raw = await asyncio.wait_for(proc.stdout.readline(), limit)
     except TimeoutError:
-        raise TimeoutError(f"{what}: no output within {limit:g} s:\n{e2e.tail(log)}") from None
+        raise TimeoutError(
+            f"{what}: no output within {limit:g} s:\n{mqttbench.tail(log)}"
+        ) from None
     if not raw:
-        raise RuntimeError(f"{what} exited ({await proc.wait()}):\n{e2e.tail(log)}")
+        raise RuntimeError(f"{what} exited ({await proc.wait()}):\n{mqttbench.tail(log)}")
     return raw.decode().strip()
 
 
@@ -165,11 +167,11 @@ def daemon_config(tmp: Path, name: str, port: int, triggers: list[dict[str, Any]
     state = tmp / f"state-{name}"
     state.mkdir(exist_ok=True)
     cfg = {
-        "project": str(e2e.PROJECT),
+        "project": str(mqttbench.PROJECT),
         "state_dir": str(state),
         "log_level": "WARNING",
         "mqtt": {
-            "url": f"mqtt://{e2e.HOST}:{port}",
+            "url": f"mqtt://{mqttbench.HOST}:{port}",
             "client_id": f"bench-{name}",
             "status_topic": f"bench/{name}/status",
         },
@@ -206,9 +208,9 @@ class Inbox:
         deadline = time.monotonic() + limit
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"daemon exited ({proc.returncode}):\n{e2e.tail(log)}")
+                raise RuntimeError(f"daemon exited ({proc.returncode}):\n{mqttbench.tail(log)}")
             if time.monotonic() > deadline:
-                raise TimeoutError(f"nothing on {topic} within {limit:g} s:\n{e2e.tail(log)}")
+                raise TimeoutError(f"nothing on {topic} within {limit:g} s:\n{mqttbench.tail(log)}")
             with contextlib.suppress(TimeoutError):
                 return await asyncio.wait_for(self.queues[topic].get(), 0.2)
 
@@ -227,11 +229,11 @@ class Inbox:
 @contextlib.asynccontextmanager
 async def inbox(port: int, name: str) -> AsyncIterator[Inbox]:
     async with aiomqtt.Client(
-        e2e.HOST,
+        mqttbench.HOST,
         port,
         identifier=f"bench-{name}-client",
         protocol=aiomqtt.ProtocolVersion.V5,
-        socket_options=e2e.NODELAY,
+        socket_options=mqttbench.NODELAY,
         timeout=30,
     ) as client:
         box = Inbox(client)
@@ -246,7 +248,7 @@ async def inbox(port: int, name: str) -> AsyncIterator[Inbox]:
 
 @contextlib.contextmanager
 def daemon(cmd: list[str], name: str, tmp: Path) -> Iterator[subprocess.Popen[Any]]:
-    with e2e.spawned(cmd, name, tmp / f"{name}.log", cwd=tmp) as proc:
+    with mqttbench.spawned(cmd, name, tmp / f"{name}.log", cwd=tmp) as proc:
         yield proc
 
 
@@ -255,7 +257,7 @@ def iso(text: str) -> float:
 
 
 def cpu(proc: psutil.Process) -> float:
-    return e2e.cpu_seconds(proc)
+    return mqttbench.cpu_seconds(proc)
 
 
 # ---------------------------------------------------------------- phases
@@ -293,7 +295,7 @@ async def spawn_phase(port: int, tmp: Path, args: Any, daemon_bin: Path) -> tupl
             t0 = time.time()
             with daemon(cmd, name, tmp) as proc:
                 t1 = await box.online(name, proc, tmp / f"{name}.log", args.start_timeout)
-                await asyncio.to_thread(e2e.stop_process, proc, name)
+                await asyncio.to_thread(mqttbench.stop_process, proc, name)
             if i < 0:
                 modules.write_text("\n".join(floor_modules(census)) + "\n")
                 continue
@@ -324,7 +326,7 @@ async def spawn_phase(port: int, tmp: Path, args: Any, daemon_bin: Path) -> tupl
 
 def floor_modules(census: Path) -> list[str]:
     """The daemon's loaded modules, in load order, without its own and the project's."""
-    skip_files = (str(e2e.REPO / "flowerpower_daemon"), str(e2e.PROJECT))
+    skip_files = (str(mqttbench.REPO / "flowerpower_daemon"), str(mqttbench.PROJECT))
     names = []
     for entry in census.read_text().splitlines():
         name, _, file = entry.partition("\t")
@@ -523,7 +525,7 @@ async def file_phase(port: int, tmp: Path, args: Any, daemon_bin: Path) -> Row:
 
 
 def pct(values: list[float], q: float) -> float:
-    return e2e.pct(values, q)
+    return mqttbench.pct(values, q)
 
 
 def echo_rows(res: dict[str, Any]) -> list[Row]:
