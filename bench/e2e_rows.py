@@ -1,32 +1,23 @@
 """The rows of ``e2e.py``'s table beyond the echo comparison, each beside a floor of the same run.
 
-``e2e.py`` imports this; it is not a script. Each phase starts what it
-measures (daemons with configs of their own, floor processes) on the
-benchmark's Mosquitto, bounds every wait and stops every child on the way
-out. The rows (issue 13, "Speed (one machine)"):
+``e2e.py`` imports this. Each phase starts what it measures (daemons with
+configs of their own, floor processes) on the benchmark's Mosquitto, bounds
+every wait and stops every child on the way out (bench/README.md describes
+the rows):
 
 - ``spawn_to_ready``: ``flowerpower-daemon run`` spawned -> its retained
-  ``online`` status received, median of ``--spawn-runs``, against the
-  *import floor*: ``python`` importing the modules the daemon had loaded
-  (its ``sys.modules`` at exit, recorded by a census run first; the
-  daemon's own modules and the project's pipelines left out), spawned ->
-  ``ready`` on its stdout. Daemon and floor alternate.
-- ``idle_cpu_30s`` and ``rss_after_warmup``: the main daemon after the echo
-  rows (warm), left alone for ``--idle-seconds``: its CPU in % of one core
-  and its RSS, beside an import-floor process over the same seconds.
-- ``timer_fire_lateness_p99``: a daemon with an interval trigger (``every``
-  ``--timer-every`` s) and a cron trigger (every second) on the example's
-  ``temperature`` pipeline; lateness = the result's ``started_at`` minus the
-  ``scheduled`` fire time it names (run start, not just the wake). Floor: an
-  anyio sleep-until loop on the same grid in its own process, at the same
-  time (lateness = wake minus deadline, the daemon's sleep-until way).
-- ``file_event_to_run_start_p50``: a daemon with a file trigger (defaults:
-  ``debounce`` 0.2 s, ``added``), and at the same time a process running
-  watchfiles ``awatch`` alone on the same directory with the daemon's
-  parameters (``debounce=200``, ``step=50``); for each of ``--file-events``
-  new files (a random 50-150 ms apart: the watchers poll every 50 ms), the
-  time from just before the file is created to the run's ``started_at``
-  (ours) and to ``awatch`` yielding it (floor).
+  ``online`` received, against python importing the modules the daemon had
+  loaded (its ``sys.modules`` at exit in a census run; its own and the
+  project's left out) spawned -> ``ready``; in pairs, the order alternating.
+- ``idle_cpu_30s``, ``rss_after_warmup``: the warm main daemon left alone
+  ``--idle-seconds``, beside an import-floor process over the same seconds.
+- ``timer_fire_lateness_p99``: interval (and cron) runs' ``started_at``
+  minus the ``scheduled`` time they name, against an anyio sleep-until loop
+  on the same grid at the same time (wake minus deadline).
+- ``file_event_to_run_start_p50``: a new file -> the run's ``started_at``,
+  against watchfiles ``awatch`` alone with the daemon's parameters on the
+  same directory at the same time; files a random 50-150 ms apart (the
+  watchers step every 50 ms).
 """
 
 from __future__ import annotations
@@ -48,6 +39,7 @@ from typing import Any
 import aiomqtt
 import mqttbench
 import psutil
+from mqttbench import pct
 from table import Row, ratio_row
 
 IMPORT_FLOOR_SCRIPT = textwrap.dedent(
@@ -272,44 +264,51 @@ MQTT_TRIGGER = {
 
 
 async def spawn_phase(port: int, tmp: Path, args: Any, daemon_bin: Path) -> tuple[Path, Row | None]:
-    """The census run (which modules the daemon loads), then daemon / import floor spawns."""
+    """The census run (which modules the daemon loads), then daemon / import floor spawns in
+    pairs, which goes first alternating (the machine's load drifts: the ratio is the median
+    of the pairs')."""
     modules = tmp / "modules.txt"
     census = tmp / "census.tsv"
     (tmp / "census.py").write_text(CENSUS_SCRIPT)
     (tmp / "import_floor.py").write_text(IMPORT_FLOOR_SCRIPT)
     daemon_s: list[float] = []
     floor_s: list[float] = []
-    imported = ""
+    imported = [""]
+
+    async def spawn_daemon(box: Inbox, name: str, cmd: list[str]) -> float:
+        print(f"[bench] spawn -> ready: {name} ...", file=sys.stderr, flush=True)
+        t0 = time.time()
+        with daemon(cmd, name, tmp) as proc:
+            t1 = await box.online(name, proc, tmp / f"{name}.log", args.start_timeout)
+            await asyncio.to_thread(mqttbench.stop_process, proc, name)
+        return t1 - t0
+
+    async def spawn_floor(i: int) -> float:
+        log = tmp / f"import-floor{i}.log"
+        t0 = time.time()
+        async with child([sys.executable, str(tmp / "import_floor.py"), str(modules)], log) as f:
+            imported[0] = await line(f, args.start_timeout, "import floor", log)
+            return time.time() - t0
+
     async with inbox(port, "spawn") as box:
-        runs = args.spawn_runs if "spawn" not in args.skip else 0
-        for i in range(-1, runs):  # -1: the census (untimed)
-            name = f"spawn{i}" if i >= 0 else "census"
-            cfg = daemon_config(tmp, name, port, [MQTT_TRIGGER])
+        for name in ("census", *(f"spawn{i}" for i in range(args.spawn_runs))):
             await box.listen(f"bench/{name}/status")
-            cmd = (
-                [str(daemon_bin), "run", "-c", str(cfg)]
-                if i >= 0
-                else [sys.executable, str(tmp / "census.py"), str(census), "run", "-c", str(cfg)]
-            )
-            print(f"[bench] spawn -> ready: {name} ...", file=sys.stderr, flush=True)
-            t0 = time.time()
-            with daemon(cmd, name, tmp) as proc:
-                t1 = await box.online(name, proc, tmp / f"{name}.log", args.start_timeout)
-                await asyncio.to_thread(mqttbench.stop_process, proc, name)
-            if i < 0:
-                modules.write_text("\n".join(floor_modules(census)) + "\n")
-                continue
-            daemon_s.append(t1 - t0)
-            log = tmp / f"import-floor{i}.log"
-            t0 = time.time()
-            async with child(
-                [sys.executable, str(tmp / "import_floor.py"), str(modules)], log
-            ) as floor:
-                imported = await line(floor, args.start_timeout, "import floor", log)
-                floor_s.append(time.time() - t0)
+        cfg = daemon_config(tmp, "census", port, [MQTT_TRIGGER])
+        census_cmd = [sys.executable, str(tmp / "census.py"), str(census), "run", "-c", str(cfg)]
+        await spawn_daemon(box, "census", census_cmd)  # untimed: also warms the disk cache
+        modules.write_text("\n".join(floor_modules(census)) + "\n")
+        for i in range(args.spawn_runs if "spawn" not in args.skip else 0):
+            cfg = daemon_config(tmp, f"spawn{i}", port, [MQTT_TRIGGER])
+            cmd = [str(daemon_bin), "run", "-c", str(cfg)]
+            if i % 2 == 0:
+                daemon_s.append(await spawn_daemon(box, f"spawn{i}", cmd))
+                floor_s.append(await spawn_floor(i))
+            else:
+                floor_s.append(await spawn_floor(i))
+                daemon_s.append(await spawn_daemon(box, f"spawn{i}", cmd))
     if not daemon_s:
         return modules, None
-    n_mod, n_failed = imported.split()[1:3]
+    n_mod, n_failed = imported[0].split()[1:3]
     row = ratio_row(
         "spawn_to_ready",
         "spawn -> READY (retained online)",
@@ -318,9 +317,11 @@ async def spawn_phase(port: int, tmp: Path, args: Any, daemon_bin: Path) -> tupl
         statistics.median(floor_s),
         f"python importing the same {n_mod} modules ({n_failed} failed), spawn -> 'ready' (median)",
         1.5,
+        ratio=statistics.median([d / f for d, f in zip(daemon_s, floor_s, strict=True)]),
         runs_s=daemon_s,
         floor_runs_s=floor_s,
     )
+    row.detail["ratio_is"] = "median of the per-pair ratios"
     return modules, row
 
 
@@ -525,10 +526,6 @@ async def file_phase(port: int, tmp: Path, args: Any, daemon_bin: Path) -> Row:
         p99=pct(ours, 99),
         floor_p99=pct(floor_ms, 99),
     )
-
-
-def pct(values: list[float], q: float) -> float:
-    return mqttbench.pct(values, q)
 
 
 def echo_rows(res: dict[str, Any]) -> list[Row]:
