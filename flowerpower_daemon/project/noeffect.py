@@ -40,8 +40,6 @@ class NoEffect:
     harmless: Callable[[object], bool] = _empty
 
 
-)
-
 #: Every FlowerPower key accepted without effect (the README's table mirrors this).
 NO_EFFECT: tuple[NoEffect, ...] = (
     NoEffect(

@@ -233,7 +233,7 @@ def test_an_installed_flowerpower_is_never_shadowed(fp_project: Path, tmp_path: 
     (fake / "flowerpower" / "cfg.py").write_text(FAKE_CFG)
     done = _python(
         f"""
-        import json, sys
+        import importlib.machinery, json, sys
         from flowerpower_daemon.project import FlowerPowerProject, fpcompat
         outputs = FlowerPowerProject.load({str(fp_project)!r}).run("hello")
         import flowerpower, flowerpower.cfg
@@ -242,7 +242,12 @@ def test_an_installed_flowerpower_is_never_shadowed(fp_project: Path, tmp_path: 
             "calls": flowerpower.cfg.CALLS,
             "file": flowerpower.cfg.__file__,
             "shim_installed": any(isinstance(f, fpcompat.ShimFinder) for f in sys.meta_path),
-            "shim_last": isinstance(sys.meta_path[-1], fpcompat.ShimFinder),
+            # Behind the finder of installed packages; importlib_metadata's
+            # MetadataPathFinder (finds no modules) may append itself after it.
+            "shim_last": [
+                "shim" if isinstance(f, fpcompat.ShimFinder) else "path" for f in sys.meta_path
+                if isinstance(f, fpcompat.ShimFinder) or f is importlib.machinery.PathFinder
+            ] == ["path", "shim"],
         }}))
         """,
         PYTHONPATH=str(fake),
