@@ -28,9 +28,8 @@ def _empty(value: object) -> bool:
 class NoEffect:
     """A FlowerPower key accepted here without effect, and why.
 
-    ``key`` is the dotted path in the file (an ``adapter.*`` key is also
-    looked up under ``run.pipeline_adapter_cfg`` / ``run.project_adapter_cfg``
-    and, for ``hamilton_tracker``, under the older name ``tracker``).
+    ``key`` is the dotted path in the file (every ``adapter.*`` setting takes
+    effect, so none is listed).
     ``harmless`` tells the values that ask for nothing we do not do anyway
     (the defaults FlowerPower writes): those stay silent.
     """
@@ -71,20 +70,6 @@ NO_EFFECT: tuple[NoEffect, ...] = (
     ),
 )
 
-_ADAPTER_BLOCKS = (("adapter",), ("run", "pipeline_adapter_cfg"), ("run", "project_adapter_cfg"))
-
-
-def _places(key: str) -> Iterator[tuple[str, ...]]:
-    parts = tuple(key.split("."))
-    if parts[0] != "adapter":
-        yield parts
-        return
-    section, rest = parts[1], parts[2:]
-    names = (section, "tracker") if section == "hamilton_tracker" else (section,)
-    for block in _ADAPTER_BLOCKS:
-        for name in names:
-            yield (*block, name, *rest)
-
 
 def _lookup(data: object, path: tuple[str, ...]) -> tuple[bool, object]:
     for part in path:
@@ -97,10 +82,10 @@ def _lookup(data: object, path: tuple[str, ...]) -> tuple[bool, object]:
 def no_effect_keys(data: Mapping[str, object]) -> Iterator[tuple[str, str]]:
     """``(key path, reason)`` of each key of one file's YAML that is accepted without effect."""
     for entry in NO_EFFECT:
-        for path in _places(entry.key):
-            found, value = _lookup(data, path)
-            if found and not entry.harmless(value):
-                yield ".".join(path), entry.reason
+        path = tuple(entry.key.split("."))
+        found, value = _lookup(data, path)
+        if found and not entry.harmless(value):
+            yield entry.key, entry.reason
 
 
 _warned: set[tuple[str, str]] = set()

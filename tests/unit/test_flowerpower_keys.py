@@ -430,7 +430,11 @@ def test_run_adapter_cfgs_layer_as_in_flowerpower(projects: ProjectFactory) -> N
             "run.pipeline_adapter_cfg.mlflow.experiment_nme",
             "experiment_name",
         ),
-        ("run: {retry: {retry_exception: [Exception]}}", "run.retry.retry_exception", "retry_exceptions"),
+        (
+            "run: {retry: {retry_exception: [Exception]}}",
+            "run.retry.retry_exception",
+            "retry_exceptions",
+        ),
         ("run: {executor: {num_cpu: 2}}", "run.executor.num_cpu", "num_cpus"),
     ],
 )
@@ -502,19 +506,6 @@ def test_values_that_ask_for_nothing_do_not_warn(text: str) -> None:
     assert warnings_for(text) == []
 
 
-def test_adapter_keys_warn_inside_the_run_adapter_cfgs() -> None:
-    """``run.pipeline_adapter_cfg`` / ``run.project_adapter_cfg`` blocks are looked at too."""
-    adapter_keys = sorted(k for k in EFFECTFUL if k.startswith("adapter."))
-    if not adapter_keys:
-        pytest.skip("every adapter key takes effect now: no adapter row in NO_EFFECT")
-    key = adapter_keys[0]
-    block = yaml.safe_load(EFFECTFUL[key][0])["adapter"]
-    text = yaml.safe_dump({"run": {"pipeline_adapter_cfg": block}}, default_flow_style=True)
-    pipeline(text)
-    [warning] = warnings_for(text)
-    assert warning["key"] == "run.pipeline_adapter_cfg." + key.removeprefix("adapter.")
-
-
 def test_warning_is_logged_once_per_process(projects: ProjectFactory) -> None:
     """Two files with the same key, loaded twice: one warning, naming the first file."""
     module = "def out(x: int) -> int:\n    return x\n"
@@ -563,6 +554,6 @@ def test_synchronous_executor_override_runs(tmp_path: Path) -> None:
     base = copy_fixture(tmp_path, "fresh")
     project = FlowerPowerProject.load(str(base), cache_dir=str(tmp_path / "cache"))
     assert project.run("plain", executor="synchronous") == EXPECTED["plain"]
-    assert project.run("plain", executor={"type": "synchronous", "num_cpus": 2}) == (
-        EXPECTED["plain"]
+    assert (
+        project.run("plain", executor={"type": "synchronous", "num_cpus": 2}) == (EXPECTED["plain"])
     )

@@ -39,7 +39,8 @@ pytestmark = pytest.mark.skipif(
 def _pipeline_module(name: str) -> Any:
     """The module the runner imported for pipeline ``name``."""
     return next(
-        m for n, m in sys.modules.items()
+        m
+        for n, m in sys.modules.items()
         if n.startswith("flowerpower_daemon._pipelines.") and n.endswith(f".{name}")
     )
 
@@ -179,7 +180,9 @@ def limit(high: float, low: float) -> float:
 def test_older_template_forms_work(projects: ProjectFactory) -> None:
     """Earlier eras' forms: ``base_dir=``, ``.pipeline.params`` with attribute access,
     ``cfg.load`` and ``hamilton_func_params``."""
-    project = projects.load({"old": OLDER_FORMS}, {"old": {"params": {"limits": {"high": 9, "low": 1}}}})
+    project = projects.load(
+        {"old": OLDER_FORMS}, {"old": {"params": {"limits": {"high": 9, "low": 1}}}}
+    )
     assert project.run("old", {"value": 10}) == {"exceeded": True, "limits": 8}
 
 
