@@ -199,7 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.command in ("run", "worker"):
         return _daemon_command(args)
-    configure_logging(args.log_level or "WARNING")
+    configure_logging(args.log_level or "WARNING", cli=True)
     try:
         if args.command == "init":
             return _init(args)
@@ -494,7 +494,7 @@ def _check(config: str | None, log_level: str | None) -> int:
     from .settings import load_settings
 
     settings = load_settings(config)  # ConfigError -> main prints it
-    configure_logging(log_level or settings.log_level, settings.log_format)
+    configure_logging(log_level or settings.log_level, settings.log_format, cli=True)
     shown = config or "<environment>"
     report = check_report(settings)
     for p in report.warnings:

@@ -9,6 +9,11 @@ When stderr is journald's stream (``JOURNAL_STREAM`` names its device and
 inode, as systemd sets it), every line starts with its syslog priority, e.g.
 ``<3>`` for an error (sd-daemon(3)): journald strips the prefix and files the
 line at that level, so ``journalctl -p err`` shows only the errors.
+
+The CLI's project commands (``cli=True``) show a warning or error event that
+carries a ``message`` for people (e.g. ``config_key_has_no_effect``) as that
+one plain line, ``warning: <message>``, like the CLI's own ``error:`` lines;
+the daemon and workers keep the structured line.
 """
 
 from __future__ import annotations
@@ -75,6 +80,24 @@ def _prefixed(prefix: str, text: str) -> str:
     return prefix + text.replace("\n", "\n" + prefix)
 
 
+#: The levels whose events with a ``message`` the CLI prints as plain lines, and their prefix.
+_USER_LEVELS: Mapping[str, str] = {"warning": "warning", "warn": "warning", "error": "error"}
+
+
+def _user_lines(renderer: structlog.typing.Processor) -> structlog.typing.Processor:
+    """``renderer``, except that a warning or error carrying a ``message`` for people is
+    the plain ``warning: <message>`` line a person at a terminal reads (CLI commands)."""
+
+    def render(logger: object, name: str, event_dict: MutableMapping[str, object]) -> object:
+        message = event_dict.get("message")
+        prefix = _USER_LEVELS.get(str(event_dict.get("level", name)))
+        if prefix is not None and isinstance(message, str):
+            return f"{prefix}: {message}"
+        return renderer(logger, name, event_dict)
+
+    return render
+
+
 def print_error(message: str) -> None:
     """``error: <message>`` on stderr, for the user (no log format); under journald
     filed at error level like the log lines (see the module doc)."""
@@ -84,8 +107,9 @@ def print_error(message: str) -> None:
     sys.stderr.write(text + "\n")
 
 
-def configure_logging(level: str = "INFO", fmt: LogFormat = "auto") -> None:
-    """Route structlog and stdlib logging to stderr at ``level`` in the chosen format."""
+def configure_logging(level: str = "INFO", fmt: LogFormat = "auto", *, cli: bool = False) -> None:
+    """Route structlog and stdlib logging to stderr at ``level`` in the chosen format
+    (``cli``: events with a ``message`` for people as plain lines, see the module doc)."""
     numeric = logging.getLevelName(level.upper())
     if not isinstance(numeric, int):
         numeric = logging.INFO
@@ -102,6 +126,8 @@ def configure_logging(level: str = "INFO", fmt: LogFormat = "auto") -> None:
     else:
         renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
     shared.append(redact_event)
+    if cli:
+        renderer = _user_lines(renderer)
     if journald_stream(sys.stderr):
         renderer = _with_priority(renderer)
     structlog.configure(

@@ -93,3 +93,37 @@ def test_print_error_is_filed_at_error_level_under_journald(
         f"{prefix}error: config.yml: bad",
         f"{prefix}  - second line",
     ]
+
+
+_MESSAGE_SCRIPT = """
+import sys
+import structlog
+from flowerpower_daemon.logs import configure_logging
+
+configure_logging("INFO", "json", cli=sys.argv[1] == "cli")
+log = structlog.get_logger("t")
+log.warning("config_key_has_no_effect", message="a.yml: k: accepted, has no effect here: r", key="k")
+log.info("note", message="an info event with a message stays a log line")
+log.warning("plain_warning")
+"""
+
+
+@pytest.mark.parametrize("mode", ["cli", "daemon"])
+def test_cli_prints_warnings_with_a_message_as_plain_lines(tmp_path: Path, mode: str) -> None:
+    """CLI commands: a warning carrying a ``message`` is ``warning: <message>``; other events,
+    and every event of the daemon, stay structured (JSON here)."""
+    err = subprocess.run(
+        [sys.executable, "-c", _MESSAGE_SCRIPT, mode],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stderr.splitlines()
+    assert len(err) == 3, err
+    if mode == "cli":
+        assert err[0] == "warning: a.yml: k: accepted, has no effect here: r"
+    else:
+        assert orjson.loads(err[0])["event"] == "config_key_has_no_effect"
+        assert orjson.loads(err[0])["key"] == "k"
+    assert orjson.loads(err[1])["event"] == "note"
+    assert orjson.loads(err[2])["event"] == "plain_warning"
