@@ -3,8 +3,10 @@
 A file FlowerPower wrote validates here whole (see :mod:`.fpkeys`), but a
 few of its keys ask for something this daemon does not do. :data:`NO_EFFECT`
 names each with the reason (the README's table mirrors it);
-:func:`warn_no_effect` logs one warning per process for each such key a
-file sets to anything but a harmless value.
+:func:`warn_no_effect` logs one warning per process for each such key in
+each file that sets it to anything but a harmless value: every file that
+asks for it is named (a user fixes them one by one), and a file loaded
+again (a reload, a second command in the process) does not repeat it.
 """
 
 from __future__ import annotations
@@ -88,17 +90,19 @@ def no_effect_keys(data: Mapping[str, object]) -> Iterator[tuple[str, str]]:
             yield entry.key, entry.reason
 
 
+#: ``(file, key)`` pairs already warned about in this process.
 _warned: set[tuple[str, str]] = set()
 _warned_lock = threading.Lock()
 
 
 def warn_no_effect(data: Mapping[str, object], file: str) -> None:
-    """Log one warning per process for each key of ``data`` without effect here."""
+    """Log a warning for each key of ``data`` without effect here, once per process for
+    each ``file`` and key."""
     for key, reason in no_effect_keys(data):
         with _warned_lock:
-            if (key, reason) in _warned:
+            if (file, key) in _warned:
                 continue
-            _warned.add((key, reason))
+            _warned.add((file, key))
         log.warning(
             "config_key_has_no_effect",
             message=f"{file}: {key}: accepted, has no effect here: {reason}",

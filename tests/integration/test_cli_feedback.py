@@ -74,3 +74,11 @@ def test_check_shows_no_effect_warnings_as_plain_lines(project: Path, tmp_path: 
     proc = cli("check", "-c", str(config))
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.splitlines() == [_warning(conf)], proc.stderr
+
+
+def test_each_file_with_the_key_gets_its_warning(project: Path, tmp_path: Path) -> None:
+    """Two pipeline files set the same key: a line for each (both files need the fix)."""
+    confs = [_ask_async_driver(project, name) for name in ("a", "b")]
+    proc = cli("pipeline", "list", "--base-dir", str(project))
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(proc.stderr.splitlines()) == [_warning(c) for c in confs], proc.stderr

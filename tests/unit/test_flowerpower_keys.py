@@ -506,8 +506,9 @@ def test_values_that_ask_for_nothing_do_not_warn(text: str) -> None:
     assert warnings_for(text) == []
 
 
-def test_warning_is_logged_once_per_process(projects: ProjectFactory) -> None:
-    """Two files with the same key, loaded twice: one warning, naming the first file."""
+def test_warning_is_logged_once_per_file_and_key(projects: ProjectFactory) -> None:
+    """Two files with the same key, loaded twice: one warning per file (each file is named, so
+    the user finds every one to fix), not repeated when the same file is loaded again."""
     module = "def out(x: int) -> int:\n    return x\n"
     asks = {"run": {"async_driver": True}}
     base = projects.make({"a": module, "b": module}, {"a": asks, "b": asks})
@@ -515,11 +516,15 @@ def test_warning_is_logged_once_per_process(projects: ProjectFactory) -> None:
         FlowerPowerProject.load(base)
         FlowerPowerProject.load(base)
     warned = [e for e in logs if e["event"] == "config_key_has_no_effect"]
-    assert [(w["key"], Path(w["file"]).name) for w in warned] == [("run.async_driver", "a.yml")]
+    assert sorted((w["key"], Path(w["file"]).name) for w in warned) == [
+        ("run.async_driver", "a.yml"),
+        ("run.async_driver", "b.yml"),
+    ]
 
 
-def test_cli_prints_each_warning_once(tmp_path: Path) -> None:
-    """``pipeline run`` on a project whose files repeat a key without effect: one stderr line."""
+def test_cli_prints_each_files_warning_once(tmp_path: Path) -> None:
+    """``pipeline run`` on a project whose two files set a key without effect: one stderr line
+    for each file."""
     base = copy_fixture(tmp_path, "rewritten")
     for name in ("hello", "plain"):
         conf = base / "conf" / "pipelines" / f"{name}.yml"
@@ -535,9 +540,10 @@ def test_cli_prints_each_warning_once(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if "run.async_driver" in line]
-    assert len(lines) == 1, proc.stderr
-    assert "accepted, has no effect here: the driver is chosen from the module" in lines[0]
-    assert "hello.yml" in lines[0]
+    assert len(lines) == 2, proc.stderr
+    for line, name in zip(sorted(lines), ("hello", "plain"), strict=True):
+        assert line.startswith("warning: ") and f"{name}.yml: run.async_driver: " in line
+        assert "accepted, has no effect here: the driver is chosen from the module" in line
 
 
 def test_readme_table_mirrors_no_effect() -> None:
