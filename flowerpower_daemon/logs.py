@@ -88,7 +88,9 @@ def _user_lines(renderer: structlog.typing.Processor) -> structlog.typing.Proces
     """``renderer``, except that a warning or error carrying a ``message`` for people is
     the plain ``warning: <message>`` line a person at a terminal reads (CLI commands)."""
 
-    def render(logger: object, name: str, event_dict: MutableMapping[str, object]) -> object:
+    def render(
+        logger: object, name: str, event_dict: MutableMapping[str, object]
+    ) -> str | bytes | bytearray | Mapping[str, object] | tuple[object, ...]:
         message = event_dict.get("message")
         prefix = _USER_LEVELS.get(str(event_dict.get("level", name)))
         if prefix is not None and isinstance(message, str):
