@@ -488,23 +488,35 @@ def _request(args: argparse.Namespace) -> int:
 
 def _check(config: str | None, log_level: str | None) -> int:
     """``check``: every problem as ``error:`` lines naming the file and key, exit 2;
-    problems of pipelines no trigger runs as ``warning:`` lines (they stop nothing)."""
-    from .logs import configure_logging
-    from .service.check import check_report
-    from .settings import load_settings
+    problems of pipelines no trigger runs as ``warning:`` lines (they stop nothing).
 
-    settings = load_settings(config)  # ConfigError -> main prints it
-    configure_logging(log_level or settings.log_level, settings.log_format, cli=True)
+    Settings that do not validate are listed together with the project's problems
+    (see :func:`~.service.check.check_without_settings`), so one run shows all."""
+    from .logs import configure_logging
+    from .service.check import check_report, check_without_settings
+    from .settings import Settings, load_settings
+
+    settings: Settings | None = None
+    problems: list[ConfigProblem] = []
+    try:
+        settings = load_settings(config)
+    except ConfigError as exc:
+        problems = list(exc.problems)
+        configure_logging(log_level or "INFO", cli=True)
+        report = check_without_settings(config)
+    else:
+        configure_logging(log_level or settings.log_level, settings.log_format, cli=True)
+        report = check_report(settings)
     shown = config or "<environment>"
-    report = check_report(settings)
     for p in report.warnings:
         print(f"warning: {redact_url(str(p))} (no trigger runs this pipeline)", file=sys.stderr)
-    problems = [
+    problems += [
         ConfigProblem(shown, p.key, p.message) if p.file == "config" else p for p in report.errors
     ]
     if problems:
         print(f"error: {redact_url(str(ConfigError(problems)))}", file=sys.stderr)
         return EXIT_USAGE
+    assert settings is not None  # no problem: the settings loaded
     print(f"ok: {len(settings.triggers)} trigger(s), project {settings.project}")
     return EXIT_OK
 

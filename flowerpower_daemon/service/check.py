@@ -13,11 +13,15 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydantic import TypeAdapter, ValidationError
 
 from ..errors import ConfigError, ConfigProblem, FlowerPowerError
 from ..project.api import FlowerPowerProject
+from ..project.config import load_yaml_text
 from ..settings import (
     CronTrigger,
     DateTrigger,
@@ -27,12 +31,14 @@ from ..settings import (
     Settings,
     TimerTrigger,
     Trigger,
+    TriggerSettings,
 )
 
 __all__ = [
     "CheckReport",
     "check",
     "check_report",
+    "check_without_settings",
     "configured_triggers",
     "http_problems",
     "redis_policy_problems",
@@ -119,19 +125,87 @@ def check(settings: Settings) -> list[ConfigProblem]:
 
 def check_report(settings: Settings) -> CheckReport:
     """Validate the project and every trigger against its pipeline: errors and warnings."""
-    shown = "config"
-    try:
-        project = FlowerPowerProject.load(
-            settings.project, storage_options=settings.storage_options
-        )
-    except ConfigError as exc:  # project.yml itself: nothing runs
-        return CheckReport(list(exc.problems))
-    except FlowerPowerError as exc:
-        return CheckReport([ConfigProblem(shown, "project", str(exc))])
+    project, failed = _load_project(settings.project, settings.storage_options)
+    if project is None:
+        return CheckReport(failed)
     problems, warnings = split_problems(project.problems, used_pipelines(settings))
     problems.extend(redis_policy_problems(settings))
     problems.extend(http_problems(settings))
-    for i, trig in enumerate(settings.triggers):
+    problems.extend(_trigger_problems(project, enumerate(settings.triggers)))
+    return CheckReport(problems, warnings)
+
+
+def check_without_settings(path: str | None) -> CheckReport:
+    """What ``check`` can still validate when the settings do not (their problems are
+    reported apart): the project the config names (``FLOWERPOWER_PROJECT``, its
+    ``project:``, or the default ``.``) and each trigger that is valid on its own,
+    so that one run lists every problem. Nothing when the file cannot be read or
+    is not YAML (unless ``FLOWERPOWER_PROJECT`` names the project): which project
+    it means is unknown, and the default's problems would only mislead."""
+    raw: dict[str, object] = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError:
+            return CheckReport()
+        raw, unparsed = load_yaml_text(text, path)  # its problems are the settings' too
+        if unparsed and not raw and not os.environ.get("FLOWERPOWER_PROJECT"):
+            return CheckReport()  # not YAML (or not a mapping): which project is unknown
+    base = Path(path).resolve().parent if path is not None else Path.cwd()
+    in_file = raw.get("project")
+    project_dir = os.environ.get("FLOWERPOWER_PROJECT") or "."
+    if project_dir == "." and isinstance(in_file, str) and in_file:
+        # Relative to the file's directory, as load_settings resolves it.
+        project_dir = in_file if "://" in in_file else os.path.normpath(base / in_file)
+    options = raw.get("storage_options")
+    project, failed = _load_project(project_dir, options if isinstance(options, dict) else {})
+    if project is None:
+        return CheckReport(failed)
+    triggers = _valid_triggers(raw.get("triggers"), base)
+    used = {t.pipeline for _, t in triggers if t.enabled}
+    problems, warnings = split_problems(project.problems, used)
+    problems.extend(_trigger_problems(project, triggers))
+    return CheckReport(problems, warnings)
+
+
+def _load_project(
+    project_dir: str, storage_options: dict[str, object]
+) -> tuple[FlowerPowerProject | None, list[ConfigProblem]]:
+    """The project, or ``None`` and why it does not load (then nothing of it runs)."""
+    try:
+        return FlowerPowerProject.load(project_dir, storage_options=storage_options), []
+    except ConfigError as exc:  # project.yml itself
+        return None, list(exc.problems)
+    except FlowerPowerError as exc:
+        return None, [ConfigProblem("config", "project", str(exc))]
+
+
+def _valid_triggers(raw: object, base: Path) -> list[tuple[int, Trigger]]:
+    """The config file's triggers that validate on their own, with their index (the others
+    are among the settings' problems)."""
+    adapter: TypeAdapter[Trigger] = TypeAdapter(TriggerSettings)
+    out: list[tuple[int, Trigger]] = []
+    for i, item in enumerate(raw if isinstance(raw, list) else []):
+        if not isinstance(item, Mapping):
+            continue
+        data = {"name": f"{item.get('type')}-{item.get('pipeline')}-{i}", **item}
+        path = data.get("path")
+        if data.get("type") == "file" and isinstance(path, str) and path:
+            data["path"] = os.path.normpath(base / path)
+        try:
+            out.append((i, adapter.validate_python(data)))
+        except ValidationError:
+            continue
+    return out
+
+
+def _trigger_problems(
+    project: FlowerPowerProject, triggers: Iterable[tuple[int, Trigger]]
+) -> list[ConfigProblem]:
+    """Each trigger (with its index in the config) against the project's pipelines."""
+    shown = "config"
+    problems: list[ConfigProblem] = []
+    for i, trig in triggers:
         key = f"triggers[{i}]"
         if trig.pipeline not in project.pipelines:
             if project.problems_for(trig.pipeline):
@@ -162,7 +236,7 @@ def check_report(settings: Settings) -> CheckReport:
             problems.append(
                 ConfigProblem(shown, f"{key}.inputs", f"pipeline {trig.pipeline!r}: {detail}")
             )
-    return CheckReport(problems, warnings)
+    return problems
 
 
 def redis_policy_problems(settings: Settings) -> list[ConfigProblem]:
