@@ -532,7 +532,7 @@ def _daemon_command(args: argparse.Namespace) -> int:
         if http is not None:
             print("error: --http: one worker process only (not with --processes)", file=sys.stderr)
             return EXIT_USAGE
-        from .service.worker import supervise
+        from .service.supervisor import supervise
 
         return supervise(args.config, args.log_level, args.processes)
 
