@@ -1,6 +1,6 @@
 """Every key FlowerPower writes is accepted: the files of the real FlowerPower 0.37.0
 (tests/fixtures/flowerpower037, made by its make_fixtures.sh), the YAML examples of
-FlowerPower's 0.11/0.20-era documentation, and each key without effect here warns once.
+FlowerPower's 0.11/0.20-era documentation, and each key without effect here warns once per file.
 """
 
 from __future__ import annotations
