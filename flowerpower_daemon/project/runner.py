@@ -44,7 +44,7 @@ from .prepared import Callback, Prepared, assemble
 from .registry import ProjectSpec
 
 if TYPE_CHECKING:
-    from ._hamilton import DagInfo, Driver
+    from ._hamilton import DagInfo, Driver, FastExecutor
 
 __all__ = ["PipelineRunner", "Prepared"]
 
@@ -92,6 +92,9 @@ class PipelineRunner:
         self._modules: dict[str, _ModuleState] = {}
         self._drivers: dict[tuple[str, int, bytes], tuple[Driver, DagInfo]] = {}
         self._prepared: dict[tuple[str, bytes], Prepared] = {}
+        # id(driver) -> (driver, its fast executor or None): see _hamilton.FastExecutor.
+        # The driver is kept in the entry so that its id cannot be reused meanwhile.
+        self._fast: dict[int, tuple[Driver, FastExecutor | None]] = {}
         #: Where sync attempts run when set (the daemon and the worker pass theirs);
         #: else anyio's thread pool, bounded by ``max_threads``.
         self.executor: Executor | None = None
@@ -107,6 +110,7 @@ class PipelineRunner:
             self._modules.clear()
             self._drivers.clear()
             self._prepared.clear()
+            self._fast.clear()
 
     # ---------------------------------------------------------------- preparation
 
@@ -264,8 +268,20 @@ class PipelineRunner:
     # ---------------------------------------------------------------- execution
 
     def _execute_sync(self, prepared: Prepared, inputs: dict[str, object]) -> Mapping[str, object]:
-        out = prepared.driver.execute(list(prepared.final_vars), inputs=inputs)
-        return as_mapping(out)
+        """One sync execution: the driver's fast executor when it has one, else ``execute``."""
+        dr = prepared.driver
+        entry = self._fast.get(id(dr))
+        if entry is None or entry[0] is not dr:
+            from . import _hamilton
+
+            entry = (dr, _hamilton.fast_executor(dr))
+            _bounded_put(self._fast, id(dr), entry, self._max_prepared)
+        fast = entry[1]
+        if fast is not None:
+            out = fast(prepared.final_vars, inputs)
+            if out is not None:
+                return out
+        return as_mapping(dr.execute(list(prepared.final_vars), inputs=inputs))
 
     async def run(self, request: RunRequest) -> RunResult:
         """Execute ``request`` with retries and per-attempt timeout; never raises for run errors."""
@@ -347,16 +363,13 @@ class PipelineRunner:
             return anyio.run(self.run, request)
         inputs = prepared.inputs_for(request)
         bad = prepared.input_error(request, inputs)
-        execute = prepared.driver.execute
         attempts: Attempts | None = None  # made at the first failure: most runs need none
         while True:
             started = utcnow()
             try:
                 if bad is not None:
                     raise bad
-                out = execute(list(prepared.final_vars), inputs=inputs)
-                if type(out) is not dict:
-                    out = as_mapping(out)
+                out = self._execute_sync(prepared, inputs)
             except Exception as exc:
                 if attempts is None:
                     attempts = Attempts(request, prepared, self._rng)
