@@ -23,7 +23,7 @@ import inspect
 import random
 import threading
 import time
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from types import ModuleType
@@ -54,6 +54,10 @@ _K = TypeVar("_K")
 _V = TypeVar("_V")
 
 _MERGED_OVERRIDES = ("config", "with_adapter")
+
+#: An executor's ``run_soon(fn, *args)`` (``queue.threads.ElasticThreadPool`` has one):
+#: ``fn(*args)`` in a thread, its outcome as an asyncio future.
+_RunSoon = Callable[..., "asyncio.Future[Mapping[str, object]]"]
 
 
 @dataclass(slots=True)
@@ -338,12 +342,16 @@ class PipelineRunner:
             return as_mapping(
                 await _hamilton.execute_async(prepared.driver, list(prepared.final_vars), inputs)
             )
-        if self.executor is not None:
+        executor = self.executor
+        if executor is not None:
             # The daemon's pool (threads.ElasticThreadPool): quick runs share one thread.
             # Cancelling abandons the thread's work, as ``abandon_on_cancel`` does.
             context = contextvars.copy_context()  # structlog's run_id etc. in the thread
+            run_soon: _RunSoon | None = getattr(executor, "run_soon", None)
+            if run_soon is not None:  # one thread hop, without concurrent.futures
+                return await run_soon(context.run, self._execute_sync, prepared, inputs)
             return await asyncio.get_running_loop().run_in_executor(
-                self.executor, context.run, self._execute_sync, prepared, inputs
+                executor, context.run, self._execute_sync, prepared, inputs
             )
         return await anyio.to_thread.run_sync(
             self._execute_sync,
