@@ -104,15 +104,16 @@ def _share_property_tables() -> bool:
     other = vars(Properties(PacketTypes.CONNACK))  # type: ignore[no-untyped-call]
     if set(probe) != {"packetType", *tables} or any(probe[k] != other[k] for k in tables):
         return False
-    attributes = tuple(name.replace(" ", "") for name in probe["names"])
+    attributes = frozenset(name.replace(" ", "") for name in probe["names"])
 
     def __init__(self: Properties, packetType: int) -> None:
         object.__setattr__(self, "packetType", packetType)
 
     def clear(self: Properties) -> None:
         state = vars(self)
-        for name in attributes:
-            state.pop(name, None)
+        if len(state) > 1:  # any property set besides packetType (most often none)
+            for name in attributes.intersection(state):
+                del state[name]
 
     for key in tables:
         setattr(Properties, key, probe[key])

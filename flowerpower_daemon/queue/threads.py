@@ -26,7 +26,6 @@ makes per run.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import queue
 import threading
@@ -124,8 +123,10 @@ class ElasticThreadPool(Executor):
             item = get()
             if item is None:
                 return
-            with contextlib.suppress(IndexError):
+            try:  # a plain try: contextlib.suppress costs an object per run
                 taken()
+            except IndexError:
+                pass
             future, fn, args, kwargs = item
             if isinstance(future, Future):
                 if not future.set_running_or_notify_cancel():
@@ -141,8 +142,10 @@ class ElasticThreadPool(Executor):
                     outcome: tuple[object, BaseException | None] = (fn(*args, **kwargs), None)
                 except BaseException as exc:
                     outcome = (None, exc)
-                with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                try:
                     future.get_loop().call_soon_threadsafe(_settle, future, *outcome)
+                except RuntimeError:  # the loop is closed: nobody waits for it
+                    pass
                 del outcome
             del item, future, fn, args, kwargs  # no reference kept while waiting
 
