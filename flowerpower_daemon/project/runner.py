@@ -304,7 +304,7 @@ class PipelineRunner:
             return failed_before_start(request, exc)
         inputs = prepared.inputs_for(request)
         bad = prepared.input_error(request, inputs)
-        attempts = Attempts(request, prepared, self._rng)
+        attempts: Attempts | None = None  # made at the first failure: most runs need none
         timeout = prepared.run.timeout
         while True:
             started = utcnow()
@@ -318,19 +318,26 @@ class PipelineRunner:
                     with anyio.move_on_after(timeout) as scope:
                         out = await self._attempt(prepared, inputs)
                     if scope.cancelled_caught:
+                        number = 1 if attempts is None else attempts.number
                         raise RunTimeoutError(
-                            f"pipeline {request.pipeline!r}: attempt {attempts.number} "
+                            f"pipeline {request.pipeline!r}: attempt {number} "
                             f"exceeded its timeout of {timeout:g} s"
                         )
             except Exception as exc:
+                if attempts is None:
+                    attempts = Attempts(request, prepared, self._rng)
                 delay = attempts.failed(exc, started)
                 if delay is None:
+                    result = attempts.result()
                     break
                 await anyio.sleep(delay)
             else:
-                attempts.succeeded(out, started)
+                if attempts is None:
+                    result = first_try_result(request, out, started)
+                else:
+                    attempts.succeeded(out, started)
+                    result = attempts.result()
                 break
-        result = attempts.result()
         await self._acallback(prepared, result)
         return result
 
