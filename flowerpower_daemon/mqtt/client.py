@@ -14,11 +14,14 @@ only.
   (:func:`_share_property_tables`), once, at import.
 - What paho queues for sending goes out on the loop's next turn
   (:func:`_write_on_the_loop`), not after a wait for the socket to be writable.
+- paho's per-packet debug log calls end at once unless its logger takes DEBUG
+  (:func:`_skip_debug_logs`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import ssl
 import threading
@@ -180,7 +183,27 @@ def new_client(
     )
     client._client.manual_ack_set(True)
     _write_on_the_loop(client)
+    _skip_debug_logs(client)
     return client
+
+
+def _skip_debug_logs(client: Client) -> None:
+    """paho logs every packet in and out at DEBUG, four calls per message, each ~1.4 us
+    through ``Logger.log`` even when the level drops it. Unless aiomqtt's logger takes
+    DEBUG when the client is made (a client per connection: a reload that turns DEBUG
+    on shows them from the next connection), those calls end at once; paho's
+    warnings and errors are logged as before."""
+    if client._logger.isEnabledFor(logging.DEBUG):
+        return
+    paho = client._client
+    easy_log = paho._easy_log
+    debug = paho_mqtt.MQTT_LOG_DEBUG
+
+    def _easy_log(level: int, fmt: str, *args: object) -> None:
+        if level != debug:
+            easy_log(level, fmt, *args)  # type: ignore[arg-type]
+
+    paho._easy_log = _easy_log  # type: ignore[method-assign]
 
 
 def _write_on_the_loop(client: Client) -> None:
