@@ -170,3 +170,37 @@ async def test_a_failing_stage_fails_the_event_not_the_daemon(tmp_path: Path) ->
     assert d.triggers["t"].failed == 1
     [failed] = [e for e in logs if e["event"] == "admission_failed"]
     assert "No space left on device" in failed["error"]
+
+
+async def test_plain_trigger_events_are_carried_by_at_most_one_task_per_slot() -> None:
+    """Events of a trigger with no limit of its own run in order through at most
+    max_concurrent_runs tasks; each is run, acked and its handler slot given back."""
+    settings = Settings.model_validate({"max_concurrent_runs": 2})
+    release = anyio.Event()
+    ran: list[str] = []
+    running = 0
+    most = 0
+
+    async def kiq(request: RunRequest) -> None:
+        nonlocal running, most
+        running += 1
+        most = max(most, running)
+        await release.wait()
+        ran.append(request.inputs["n"])  # type: ignore[arg-type]
+        running -= 1
+
+    d = Dispatcher(settings, [_mqtt()], kiq=kiq, sink=_Sink(), remote=False)
+    acks = _Acks()
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as runs:
+            for n in range(6):
+                await d.submit(_event(orjson.dumps({"n": str(n)}), acks), runs)
+            await anyio.sleep(0.05)
+            assert d._carriers == 2 and len(d._queued) == 4 and running == 2
+            release.set()
+    assert sorted(ran) == [str(n) for n in range(6)] and set(ran[2:4]) == {"2", "3"}  # oldest first
+    assert most == 2 and acks.count == 6 and d._carriers == 0 and not d._queued
+    assert d.stats.in_flight == 0
+    # Every handler slot came back: as many events as the bound can be held again.
+    for _ in range(settings.max_concurrent_runs * 4):
+        d._pending.acquire_nowait()
