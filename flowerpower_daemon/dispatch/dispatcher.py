@@ -15,7 +15,6 @@ per key) are enforced by waiting, never by an unbounded buffer.
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 
 import anyio
@@ -31,6 +30,7 @@ from ..sources.base import TriggerEvent
 from ..sources.mqtt import PayloadError
 from ..state.dedup import DedupStore
 from ..topics import compile_topic
+from .carriers import Carriers
 from .chain import (
     Admission,
     KeySlot,
@@ -88,10 +88,8 @@ class Dispatcher:
         self._global = anyio.CapacityLimiter(settings.max_concurrent_runs)
         # Bounds the handlers that wait for a slot: beyond it, sources wait (backpressure).
         self._pending = anyio.Semaphore(settings.max_concurrent_runs * 4)
-        # Admitted events of plain triggers waiting for a carrier (see _carry), oldest first;
-        # bounded by _pending like the handlers that wait for a slot.
-        self._queued: deque[tuple[Admission, RunRequest]] = deque()
-        self._carriers = 0
+        # The tasks that run plain triggers' events, one per global slot at most (.carriers).
+        self.carriers = Carriers(self._handle, lambda: self._global.total_tokens)
 
     @property
     def settings(self) -> Settings:
@@ -175,36 +173,10 @@ class Dispatcher:
         if key is not None and isinstance(cfg, MqttTrigger):
             slot_for(state, cfg, key).users += 1
         elif state.limiter is None and cfg.overlap != "replace" and not self.remote:
-            # A plain trigger's event waits only for a global slot: a running carrier
-            # takes it when free, or a new one starts (at most as many as there are slots).
-            if self._carriers >= self._global.total_tokens:
-                self._queued.append((admission, request))
-                return
-            self._carriers += 1
-            runs.start_soon(self._carry, admission, request, name=f"run:{request.run_id}")
+            # A plain trigger's event waits only for a global slot: see .carriers.
+            self.carriers.hand(admission, request, runs)
             return
         runs.start_soon(self._handle, admission, request, name=f"run:{request.run_id}")
-
-    async def _carry(self, admission: Admission, request: RunRequest) -> None:
-        """Handle an event, then the queued ones of plain triggers, until none is left.
-
-        A task per event cost more than the rest of the dispatch (anyio's task
-        bookkeeping, ~10 us); under load most of those tasks only waited for a
-        global slot. So events of triggers with no limit of their own (no
-        ``max_concurrent``, ``key`` or ``overlap: replace``) and the memory
-        queue are carried by at most as many tasks as there are global slots,
-        each taking the oldest queued event when its run is done; a carrier
-        that finds none ends (nothing idles, nothing to stop at shutdown).
-        """
-        queued = self._queued
-        try:
-            while True:
-                await self._handle(admission, request)
-                if not queued:
-                    return
-                admission, request = queued.popleft()
-        finally:
-            self._carriers -= 1
 
     async def _admission_failed(self, admission: Admission, exc: Exception) -> None:
         """A stage failed (a dedup store's disk, the broker): logged, its dedup key released,
