@@ -18,12 +18,14 @@ the daemon and workers keep the structured line.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 from typing import IO, Literal
 
+import orjson
 import structlog
 
 from .redact import redact_event
@@ -60,6 +62,16 @@ def journald_stream(stream: IO[str], environ: Mapping[str, str] = os.environ) ->
     except (OSError, ValueError, AttributeError):
         return False
     return (st.st_dev, st.st_ino) == (device, inode)
+
+
+def _json_line(obj: object, *, default: Callable[[object], object] | None = None) -> str:
+    """A log line's JSON, by orjson (structlog's default, ``json.dumps``, took ~15 us of
+    the ~35 us an INFO line costs; one per run at the default level). What orjson
+    cannot encode (an int beyond 64 bits, say) goes to ``json.dumps`` as before."""
+    try:
+        return orjson.dumps(obj, default=default, option=orjson.OPT_NON_STR_KEYS).decode()
+    except TypeError:  # orjson.JSONEncodeError is one
+        return json.dumps(obj, default=default)
 
 
 def _with_priority(renderer: structlog.typing.Processor) -> structlog.typing.Processor:
@@ -123,7 +135,7 @@ def configure_logging(level: str = "INFO", fmt: LogFormat = "auto", *, cli: bool
     ]
     renderer: structlog.typing.Processor
     if use_json:
-        renderer = structlog.processors.JSONRenderer()
+        renderer = structlog.processors.JSONRenderer(serializer=_json_line)
         shared.append(structlog.processors.format_exc_info)
     else:
         renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())

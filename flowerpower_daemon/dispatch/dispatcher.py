@@ -31,6 +31,7 @@ from ..sources.base import TriggerEvent
 from ..sources.mqtt import PayloadError
 from ..state.dedup import DedupStore
 from ..topics import compile_topic
+from .carriers import Carriers
 from .chain import (
     Admission,
     KeySlot,
@@ -88,6 +89,8 @@ class Dispatcher:
         self._global = anyio.CapacityLimiter(settings.max_concurrent_runs)
         # Bounds the handlers that wait for a slot: beyond it, sources wait (backpressure).
         self._pending = anyio.Semaphore(settings.max_concurrent_runs * 4)
+        # The tasks that run plain triggers' events, one per global slot at most (.carriers).
+        self.carriers = Carriers(self._handle, lambda: self._global.total_tokens)
 
     @property
     def settings(self) -> Settings:
@@ -172,6 +175,10 @@ class Dispatcher:
         await take(self._pending)
         if key is not None and isinstance(cfg, MqttTrigger):
             slot_for(state, cfg, key).users += 1
+        elif state.limiter is None and cfg.overlap != "replace" and not self.remote:
+            # A plain trigger's event waits only for a global slot: see .carriers.
+            self.carriers.hand(admission, request, runs)
+            return
         runs.start_soon(self._handle, admission, request, name=f"run:{request.run_id}")
 
     async def _admission_failed(self, admission: Admission, exc: Exception) -> None:
@@ -180,9 +187,7 @@ class Dispatcher:
         instead of the error ending the daemon."""
         state = admission.state
         state.failed += 1
-        log.error(
-            "admission_failed", trigger=state.cfg.name, error=f"{type(exc).__name__}: {exc}"
-        )
+        log.error("admission_failed", trigger=state.cfg.name, error=f"{type(exc).__name__}: {exc}")
         if admission.dedup_key is not None and self.dedup is not None:
             try:
                 await self.dedup.forget(admission.dedup_key)

@@ -12,13 +12,19 @@ only.
   (Nagle + delayed ACK), with it ~0.4 ms.
 - paho's MQTT v5 ``Properties`` are made cheap to create
   (:func:`_share_property_tables`), once, at import.
+- What paho queues for sending goes out on the loop's next turn
+  (:func:`_write_on_the_loop`), not after a wait for the socket to be writable.
+- paho's per-packet debug log calls end at once unless its logger takes DEBUG
+  (:func:`_skip_debug_logs`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import ssl
+import threading
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -101,15 +107,16 @@ def _share_property_tables() -> bool:
     other = vars(Properties(PacketTypes.CONNACK))  # type: ignore[no-untyped-call]
     if set(probe) != {"packetType", *tables} or any(probe[k] != other[k] for k in tables):
         return False
-    attributes = tuple(name.replace(" ", "") for name in probe["names"])
+    attributes = frozenset(name.replace(" ", "") for name in probe["names"])
 
     def __init__(self: Properties, packetType: int) -> None:
         object.__setattr__(self, "packetType", packetType)
 
     def clear(self: Properties) -> None:
         state = vars(self)
-        for name in attributes:
-            state.pop(name, None)
+        if len(state) > 1:  # any property set besides packetType (most often none)
+            for name in attributes.intersection(state):
+                del state[name]
 
     for key in tables:
         setattr(Properties, key, probe[key])
@@ -175,7 +182,77 @@ def new_client(
         timeout=10,
     )
     client._client.manual_ack_set(True)
+    _write_on_the_loop(client)
+    _skip_debug_logs(client)
     return client
+
+
+def _skip_debug_logs(client: Client) -> None:
+    """paho logs every packet in and out at DEBUG, four calls per message, each ~1.4 us
+    through ``Logger.log`` even when the level drops it. Unless aiomqtt's logger takes
+    DEBUG when the client is made (a client per connection: a reload that turns DEBUG
+    on shows them from the next connection), those calls end at once; paho's
+    warnings and errors are logged as before."""
+    if client._logger.isEnabledFor(logging.DEBUG):
+        return
+    paho = client._client
+    easy_log = paho._easy_log
+    debug = paho_mqtt.MQTT_LOG_DEBUG
+
+    def _easy_log(level: int, fmt: str, *args: object) -> None:
+        if level != debug:
+            easy_log(level, fmt, *args)  # type: ignore[arg-type]
+
+    paho._easy_log = _easy_log  # type: ignore[method-assign]
+
+
+def _write_on_the_loop(client: Client) -> None:
+    """Send what paho queues (results, acks) on the loop's next turn, with no writer.
+
+    paho says "I have something to write" through ``on_socket_register_write``;
+    aiomqtt answers by adding a writer for the socket through
+    ``call_soon_threadsafe`` (a byte through the loop's self-pipe: a send and a
+    recv), then an ``epoll_ctl`` to add the writer, an ``epoll_wait`` that
+    reports the socket writable (an idle TCP socket always is) and an
+    ``epoll_ctl`` to remove it: five system calls around each batch of sends.
+    Called on the loop's own thread, this instead calls paho's ``loop_write``
+    on the loop's next turn (``call_soon``: what one turn queued goes out
+    together); only when the socket's buffer is full does it wait for the
+    socket with a writer, until paho has sent everything (paho's unregister
+    call, still aiomqtt's, removes it). A call from another thread (aiomqtt
+    connects from an executor thread) goes to aiomqtt's own handler.
+    """
+    paho = client._client
+    loop = client._loop
+    loop_thread = threading.get_ident()  # a client is made on its loop's thread
+    aiomqtt_register = paho.on_socket_register_write
+    scheduled = False
+
+    def flush() -> None:
+        nonlocal scheduled
+        scheduled = False
+        try:
+            paho.loop_write()
+        except Exception as exc:  # as aiomqtt's writer does: the connection is broken
+            if not client._disconnected.done():
+                client._disconnected.set_exception(exc)
+            return
+        if paho.want_write():  # the socket's buffer is full: send the rest when it drains
+            sock = paho.socket()
+            if isinstance(sock, socket.socket):
+                loop.add_writer(sock.fileno(), flush)
+
+    def register_write(paho_client: paho_mqtt.Client, userdata: object, sock: object) -> None:
+        nonlocal scheduled
+        if threading.get_ident() != loop_thread:
+            if aiomqtt_register is not None:
+                aiomqtt_register(paho_client, userdata, sock)  # type: ignore[arg-type]
+            return
+        if not scheduled:
+            scheduled = True
+            loop.call_soon(flush)
+
+    paho.on_socket_register_write = register_write
 
 
 def on_messages(

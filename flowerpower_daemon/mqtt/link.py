@@ -346,8 +346,12 @@ class MqttLink:
                 msg.correlation_data, msg.response_topic, msg.user_properties
             )
         # Only a link that may pause must keep reading for this publish's PUBACK.
-        reading = self._intake.reading() if self._pausable else contextlib.nullcontext()
-        with reading:
+        if self._pausable:
+            with self._intake.reading():
+                await publish_raw(
+                    client, msg.topic, msg.payload, msg.qos, msg.retain, props, self._inflight
+                )
+        else:  # the results' link: no context manager per result
             await publish_raw(
                 client, msg.topic, msg.payload, msg.qos, msg.retain, props, self._inflight
             )

@@ -1,4 +1,5 @@
-"""Every use of Hamilton's API lives here, so a Hamilton upgrade touches one file.
+"""Every use of Hamilton's API lives here (and in :mod:`._hamilton_plan`, the fast
+executor this module hands out), so a Hamilton upgrade touches these two files.
 
 Importing this module imports Hamilton (about 0.4 s, pulling in pandas), so
 the rest of the package imports it lazily, only when a pipeline is built.
@@ -27,17 +28,20 @@ from hamilton.execution.graph_functions import node_is_required_by_anything
 
 from .. import tracing
 from ..errors import DependencyMissingError, InputError
+from ._hamilton_plan import FastExecutor, fast_executor
 from .config import AdapterConfig, CacheConfig, ExecutorConfig, WithAdapterConfig
 from .inputtypes import Check, compile_check, type_label
 
 __all__ = [
     "DagInfo",
     "Driver",
+    "FastExecutor",
     "NodeRow",
     "RayKwargs",
     "build_driver",
     "describe_nodes",
     "execute_async",
+    "fast_executor",
     "init_async_driver",
     "is_async_modules",
     "is_input_validation_error",
@@ -384,7 +388,6 @@ class DagInfo:
                 if why is not None:
                     bad[name] = why
         return bad
-
 
 
 def is_input_validation_error(exc: BaseException) -> bool:

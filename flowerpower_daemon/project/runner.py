@@ -23,7 +23,7 @@ import inspect
 import random
 import threading
 import time
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from types import ModuleType
@@ -45,7 +45,7 @@ from .registry import ProjectSpec
 from .tracking import bind
 
 if TYPE_CHECKING:
-    from ._hamilton import DagInfo, Driver
+    from ._hamilton import DagInfo, Driver, FastExecutor
 
 __all__ = ["PipelineRunner", "Prepared"]
 
@@ -55,6 +55,10 @@ _K = TypeVar("_K")
 _V = TypeVar("_V")
 
 _MERGED_OVERRIDES = ("config", "with_adapter")
+
+#: An executor's ``run_soon(fn, *args)`` (``queue.threads.ElasticThreadPool`` has one):
+#: ``fn(*args)`` in a thread, its outcome as an asyncio future.
+_RunSoon = Callable[..., "asyncio.Future[Mapping[str, object]]"]
 
 
 @dataclass(slots=True)
@@ -93,6 +97,9 @@ class PipelineRunner:
         self._modules: dict[str, _ModuleState] = {}
         self._drivers: dict[tuple[str, int, bytes], tuple[Driver, DagInfo]] = {}
         self._prepared: dict[tuple[str, bytes], Prepared] = {}
+        # id(driver) -> (driver, its fast executor or None): see _hamilton.FastExecutor.
+        # The driver is kept in the entry so that its id cannot be reused meanwhile.
+        self._fast: dict[int, tuple[Driver, FastExecutor | None]] = {}
         #: Where sync attempts run when set (the daemon and the worker pass theirs);
         #: else anyio's thread pool, bounded by ``max_threads``.
         self.executor: Executor | None = None
@@ -108,6 +115,7 @@ class PipelineRunner:
             self._modules.clear()
             self._drivers.clear()
             self._prepared.clear()
+            self._fast.clear()
 
     # ---------------------------------------------------------------- preparation
 
@@ -265,8 +273,20 @@ class PipelineRunner:
     # ---------------------------------------------------------------- execution
 
     def _execute_sync(self, prepared: Prepared, inputs: dict[str, object]) -> Mapping[str, object]:
-        out = prepared.driver.execute(list(prepared.final_vars), inputs=inputs)
-        return as_mapping(out)
+        """One sync execution: the driver's fast executor when it has one, else ``execute``."""
+        dr = prepared.driver
+        entry = self._fast.get(id(dr))
+        if entry is None or entry[0] is not dr:
+            from . import _hamilton
+
+            entry = (dr, _hamilton.fast_executor(dr))
+            _bounded_put(self._fast, id(dr), entry, self._max_prepared)
+        fast = entry[1]
+        if fast is not None:
+            out = fast(prepared.final_vars, inputs)
+            if out is not None:
+                return out
+        return as_mapping(dr.execute(list(prepared.final_vars), inputs=inputs))
 
     async def run(self, request: RunRequest) -> RunResult:
         """Execute ``request`` with retries and per-attempt timeout; never raises for run errors."""
@@ -286,7 +306,7 @@ class PipelineRunner:
             return failed_before_start(request, exc)
         inputs = prepared.inputs_for(request)
         bad = prepared.input_error(request, inputs)
-        attempts = Attempts(request, prepared, self._rng)
+        attempts: Attempts | None = None  # made at the first failure: most runs need none
         timeout = prepared.run.timeout
         while True:
             started = utcnow()
@@ -300,19 +320,26 @@ class PipelineRunner:
                     with anyio.move_on_after(timeout) as scope:
                         out = await self._attempt(prepared, inputs)
                     if scope.cancelled_caught:
+                        number = 1 if attempts is None else attempts.number
                         raise RunTimeoutError(
-                            f"pipeline {request.pipeline!r}: attempt {attempts.number} "
+                            f"pipeline {request.pipeline!r}: attempt {number} "
                             f"exceeded its timeout of {timeout:g} s"
                         )
             except Exception as exc:
+                if attempts is None:
+                    attempts = Attempts(request, prepared, self._rng)
                 delay = attempts.failed(exc, started)
                 if delay is None:
+                    result = attempts.result()
                     break
                 await anyio.sleep(delay)
             else:
-                attempts.succeeded(out, started)
+                if attempts is None:
+                    result = first_try_result(request, out, started)
+                else:
+                    attempts.succeeded(out, started)
+                    result = attempts.result()
                 break
-        result = attempts.result()
         await self._acallback(prepared, result)
         return result
 
@@ -324,12 +351,16 @@ class PipelineRunner:
             return as_mapping(
                 await _hamilton.execute_async(prepared.driver, list(prepared.final_vars), inputs)
             )
-        if self.executor is not None:
+        executor = self.executor
+        if executor is not None:
             # The daemon's pool (threads.ElasticThreadPool): quick runs share one thread.
             # Cancelling abandons the thread's work, as ``abandon_on_cancel`` does.
             context = contextvars.copy_context()  # structlog's run_id etc. in the thread
+            run_soon: _RunSoon | None = getattr(executor, "run_soon", None)
+            if run_soon is not None:  # one thread hop, without concurrent.futures
+                return await run_soon(context.run, self._execute_sync, prepared, inputs)
             return await asyncio.get_running_loop().run_in_executor(
-                self.executor, context.run, self._execute_sync, prepared, inputs
+                executor, context.run, self._execute_sync, prepared, inputs
             )
         return await anyio.to_thread.run_sync(
             self._execute_sync,
@@ -350,16 +381,13 @@ class PipelineRunner:
             return anyio.run(self.run, request)
         inputs = prepared.inputs_for(request)
         bad = prepared.input_error(request, inputs)
-        execute = prepared.driver.execute
         attempts: Attempts | None = None  # made at the first failure: most runs need none
         while True:
             started = utcnow()
             try:
                 if bad is not None:
                     raise bad
-                out = execute(list(prepared.final_vars), inputs=inputs)
-                if type(out) is not dict:
-                    out = as_mapping(out)
+                out = self._execute_sync(prepared, inputs)
             except Exception as exc:
                 if attempts is None:
                     attempts = Attempts(request, prepared, self._rng)

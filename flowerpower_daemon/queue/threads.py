@@ -15,11 +15,17 @@ per concurrent run. So this pool starts with one thread and adds one, up to
 than ``grow_after`` (20 ms: longer than the 5 ms a thread may wait for the
 GIL, short next to a run that blocks). Threads are kept once started, as
 ``ThreadPoolExecutor`` keeps them.
+
+An event loop hands a run over with :meth:`ElasticThreadPool.run_soon`: its
+result comes back as an asyncio future set by one ``call_soon_threadsafe``,
+without the ``concurrent.futures.Future`` (a condition variable, its lock,
+a ``notify_all``) and the chained asyncio future that ``run_in_executor``
+makes per run.
 """
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import itertools
 import queue
 import threading
@@ -35,7 +41,10 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 # A run of any result type: the future's type parameter is the function's return type.
-_Item = tuple[Future[Any], Callable[..., object], tuple[object, ...], dict[str, object]]
+# A ``concurrent.futures.Future`` from ``submit``, an asyncio one from ``run_soon``.
+_Item = tuple[
+    Future[Any] | asyncio.Future[Any], Callable[..., object], tuple[object, ...], dict[str, object]
+]
 
 _ids = itertools.count(1)
 
@@ -71,11 +80,25 @@ class ElasticThreadPool(Executor):
 
     def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
         future: Future[T] = Future()
+        self._put((future, fn, args, kwargs))
+        return future
+
+    def run_soon(self, fn: Callable[..., T], /, *args: object) -> asyncio.Future[T]:
+        """``fn(*args)`` in the pool, its outcome as a future of the running event loop.
+
+        Call it from the loop's thread. Cancelling the future before a thread
+        takes the run skips it; after, the run goes on and its outcome is dropped.
+        """
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._put((future, fn, args, {}))
+        return future
+
+    def _put(self, item: _Item) -> None:
         if self._shutdown:
             raise RuntimeError("cannot schedule new runs after shutdown")
         self._submitted += 1
         self._waiting_since.append(time.monotonic())
-        self._work.put((future, fn, args, kwargs))
+        self._work.put(item)
         if not self._threads:
             with self._lock:
                 if not self._threads:
@@ -86,7 +109,6 @@ class ElasticThreadPool(Executor):
                     self._supervisor.start()
         elif self._parked:
             self._wake.set()
-        return future
 
     def _start_thread(self) -> None:
         thread = threading.Thread(
@@ -101,17 +123,30 @@ class ElasticThreadPool(Executor):
             item = get()
             if item is None:
                 return
-            with contextlib.suppress(IndexError):
+            try:  # a plain try: contextlib.suppress costs an object per run
                 taken()
+            except IndexError:
+                pass
             future, fn, args, kwargs = item
-            if not future.set_running_or_notify_cancel():
-                continue
-            try:
-                result = fn(*args, **kwargs)
-            except BaseException as exc:
-                future.set_exception(exc)
-            else:
-                future.set_result(result)
+            if isinstance(future, Future):
+                if not future.set_running_or_notify_cancel():
+                    continue
+                try:
+                    result = fn(*args, **kwargs)
+                except BaseException as exc:
+                    future.set_exception(exc)
+                else:
+                    future.set_result(result)
+            elif not future.cancelled():
+                try:
+                    outcome: tuple[object, BaseException | None] = (fn(*args, **kwargs), None)
+                except BaseException as exc:
+                    outcome = (None, exc)
+                try:
+                    future.get_loop().call_soon_threadsafe(_settle, future, *outcome)
+                except RuntimeError:  # the loop is closed: nobody waits for it
+                    pass
+                del outcome
             del item, future, fn, args, kwargs  # no reference kept while waiting
 
     def _supervise(self) -> None:
@@ -165,3 +200,13 @@ class ElasticThreadPool(Executor):
                 thread.join()
             if self._supervisor is not None:
                 self._supervisor.join()
+
+
+def _settle(future: asyncio.Future[Any], result: object, exc: BaseException | None) -> None:
+    """Set a :meth:`ElasticThreadPool.run_soon` future, in its loop (unless cancelled)."""
+    if future.cancelled():
+        return
+    if exc is None:
+        future.set_result(result)
+    else:
+        future.set_exception(exc)

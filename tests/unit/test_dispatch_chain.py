@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import anyio
@@ -170,3 +171,60 @@ async def test_a_failing_stage_fails_the_event_not_the_daemon(tmp_path: Path) ->
     assert d.triggers["t"].failed == 1
     [failed] = [e for e in logs if e["event"] == "admission_failed"]
     assert "No space left on device" in failed["error"]
+
+
+async def test_plain_trigger_events_are_carried_by_at_most_one_task_per_slot() -> None:
+    """Events of a trigger with no limit of its own run in order through at most
+    max_concurrent_runs tasks; each is run, acked and its handler slot given back."""
+    settings = Settings.model_validate({"max_concurrent_runs": 2})
+    release = anyio.Event()
+    ran: list[str] = []
+    running = 0
+    most = 0
+
+    async def kiq(request: RunRequest) -> None:
+        nonlocal running, most
+        running += 1
+        most = max(most, running)
+        await release.wait()
+        ran.append(request.inputs["n"])  # type: ignore[arg-type]
+        running -= 1
+
+    d = Dispatcher(settings, [_mqtt()], kiq=kiq, sink=_Sink(), remote=False)
+    acks = _Acks()
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as runs:
+            for n in range(6):
+                await d.submit(_event(orjson.dumps({"n": str(n)}), acks), runs)
+            await anyio.sleep(0.05)
+            assert d.carriers.count == 2 and len(d.carriers.queued) == 4 and running == 2
+            release.set()
+    assert sorted(ran) == [str(n) for n in range(6)] and set(ran[2:4]) == {"2", "3"}  # oldest first
+    assert most == 2 and acks.count == 6 and d.carriers.count == 0 and not d.carriers.queued
+    assert d.stats.in_flight == 0
+    # Every handler slot came back: as many events as the bound can be held again.
+    for _ in range(settings.max_concurrent_runs * 4):
+        d._pending.acquire_nowait()
+
+
+async def test_an_idle_carrier_takes_the_next_event_then_ends() -> None:
+    """Events one after another run in the same carrier task while it lingers; an idle
+    carrier ends after the linger, so nothing is left to stop."""
+    tasks: list[object] = []
+    done = anyio.Event()
+
+    async def kiq(request: RunRequest) -> None:
+        tasks.append(asyncio.current_task())
+        done.set()
+
+    d = Dispatcher(Settings(), [_mqtt()], kiq=kiq, sink=_Sink(), remote=False)
+    acks = _Acks()
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as runs:
+            for n in range(3):
+                done = anyio.Event()
+                await d.submit(_event(orjson.dumps({"n": n}), acks), runs)
+                await done.wait()
+            assert d.carriers.count == 1
+    assert len(tasks) == 3 and len(set(map(id, tasks))) == 1 and acks.count == 3
+    assert d.carriers.count == 0

@@ -108,3 +108,36 @@ async def test_run_in_executor_with_the_callers_context() -> None:
         assert seen == "the caller's"
     finally:
         pool.shutdown()
+
+
+async def test_run_soon_results_errors_context_and_cancellation() -> None:
+    var: contextvars.ContextVar[str] = contextvars.ContextVar("var", default="unset")
+    var.set("the caller's")
+    pool = ElasticThreadPool(1, grow_after=10.0)  # one thread: runs go in order
+    try:
+        context = contextvars.copy_context()
+        assert await asyncio.wait_for(pool.run_soon(context.run, var.get), TIMEOUT) == (
+            "the caller's"
+        )
+        with pytest.raises(ZeroDivisionError):
+            await asyncio.wait_for(pool.run_soon(divmod, 1, 0), TIMEOUT)
+        # A run cancelled while it waits for the thread never runs.
+        release = threading.Event()
+        ran: list[str] = []
+        blocker = pool.run_soon(release.wait, TIMEOUT)
+        skipped = pool.run_soon(ran.append, "skipped")
+        skipped.cancel()
+        release.set()
+        assert await asyncio.wait_for(blocker, TIMEOUT) is True
+        assert await asyncio.wait_for(pool.run_soon(ran.append, "after"), TIMEOUT) is None
+        assert ran == ["after"]
+        # One cancelled while it runs: the run finishes, its outcome is dropped.
+        release.clear()
+        running = pool.run_soon(release.wait, TIMEOUT)
+        await asyncio.sleep(0.05)
+        running.cancel()
+        release.set()
+        assert await asyncio.wait_for(pool.run_soon(ran.append, "last"), TIMEOUT) is None
+        assert running.cancelled() and ran == ["after", "last"]
+    finally:
+        pool.shutdown()
