@@ -103,3 +103,34 @@ def test_metrics_off_are_the_shared_no_op_and_on_render_the_exposition() -> None
     assert 'flowerpower_trigger_fires_total{trigger="temp"} 1.0' in text
     assert 'flowerpower_timer_lateness_seconds_count{trigger="tick"} 1.0' in text
     assert "_created" not in text
+
+
+async def test_idle_and_trickling_clients_cannot_lock_out_a_scrape() -> None:
+    """With every slot held by clients that never finish their head (slowloris), a new
+    request still gets its answer: the longest-waiting idle client is dropped for it."""
+
+    async def fine() -> Response:
+        return Response(200, b"fine\n")
+
+    server = HttpServer(("127.0.0.1", 0), {"/fine": fine}, max_clients=4)
+    idle: list[socket.socket] = []
+    try:
+        async with anyio.create_task_group() as tg:
+            await tg.start(server.serve)
+            for _ in range(6):  # more than the slots: each newer one evicts an older one
+                s = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+                s.sendall(b"GET /fine HTTP/1.1\r\nX-Slow: ")
+                idle.append(s)
+            await anyio.sleep(0.3)  # the server accepts them all and waits for their heads
+            assert server.clients == 4
+            with anyio.fail_after(5):
+                answer = await anyio.to_thread.run_sync(
+                    _ask, server.port, b"GET /fine HTTP/1.1\r\n\r\n"
+                )
+            assert answer.startswith(b"HTTP/1.1 200 OK\r\n"), answer
+            assert server.evicted >= 3
+            assert server.clients <= 4
+            tg.cancel_scope.cancel()
+    finally:
+        for s in idle:
+            s.close()
