@@ -31,6 +31,7 @@ anyio/asyncio program.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import itertools
 import os
@@ -502,7 +503,12 @@ async def _main(
     except TimeoutError:
         _err(f"flowerpowerctl: no answer within {limit_s:g} s")
         return EXIT_UNREACHABLE
-    code = render.result(cmd, args, result, as_json)
+    if dag is not None and dag[0] == "-":
+        # The picture owns stdout (`--dag - | dot -Tpng`): the run goes to stderr.
+        with contextlib.redirect_stdout(sys.stderr):
+            code = render.result(cmd, args, result, as_json)
+    else:
+        code = render.result(cmd, args, result, as_json)
     if dag is not None and picture is not None:
         return await _draw(picture, *dag, quiet=as_json)
     return code

@@ -215,6 +215,23 @@ def test_runs_show_draws_the_path_a_run_computed(daemon_sock: Path, tmp_path: Pa
     assert "count -> mean" in proc.stdout and "alert" not in proc.stdout.split("digraph")[1]
 
 
+def test_runs_show_dag_to_stdout_is_only_the_picture(daemon_sock: Path) -> None:
+    """``--dag -`` writes the picture alone on stdout (the run goes to stderr), so it
+    pipes into ``dot`` or a file as is."""
+    require_binary("dot", "graphviz")
+    run_id = ctl_run(daemon_sock, "stats", "--outputs", "mean")
+    proc = show(daemon_sock, run_id, "--dag", "-", "--format", "dot")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.lstrip().startswith(("//", "digraph")), proc.stdout[:200]
+    assert f"run_id       {run_id}" in proc.stderr
+    drawn = subprocess.run(
+        ["dot", "-Tsvg"], input=proc.stdout, capture_output=True, text=True, timeout=60
+    )
+    assert drawn.returncode == 0, drawn.stderr
+    svg = show(daemon_sock, run_id, "--dag", "-")  # SVG by default
+    assert svg.returncode == 0 and svg.stdout.startswith("<?xml"), svg.stdout[:200]
+
+
 def test_runs_show_marks_the_node_a_failed_run_stopped_in(
     daemon_sock: Path, tmp_path: Path
 ) -> None:
