@@ -518,8 +518,8 @@ async def _draw(picture: Mapping[str, object], output: str, fmt: str | None, qui
     """Draw a ``dag`` answer's DOT text with this machine's ``dot`` (in a worker thread)."""
     from .draw import DrawError, picture_format, render_dot, write_picture
 
-    kind = picture_format(output, fmt)
     try:
+        kind = picture_format(output, fmt)
         data = await anyio.to_thread.run_sync(render_dot, str(picture.get("dot", "")), kind)
         write_picture(data, output)
     except DrawError as exc:

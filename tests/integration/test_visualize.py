@@ -153,6 +153,26 @@ def test_unknown_pipeline_is_a_usage_error(project: Path) -> None:
     assert len(proc.stderr.strip().splitlines()) == 1 and "nope" in proc.stderr
 
 
+def test_an_output_suffix_that_is_no_format_is_an_error_not_an_svg(
+    project: Path, daemon_sock: Path, tmp_path: Path
+) -> None:
+    """``--output dag.pdf`` once wrote SVG into dag.pdf; now one ``error:`` line, no file."""
+    proc = viz(project, "stats", "--output", "dag.pdf")
+    assert proc.returncode == 2, proc
+    assert proc.stderr.splitlines() == [
+        "error: cannot draw dag.pdf: 'pdf' is not a picture format here (formats: svg, png, "
+        "dot); name the file .svg, .png or .dot, or give --format"
+    ]
+    assert not (project / "dag.pdf").exists()
+    assert viz(project, "stats", "--output", "dag", "--format", "dot").returncode == 0
+    assert (project / "dag").read_text().lstrip().startswith(("//", "digraph"))
+
+    run_id = ctl_run(daemon_sock, "stats")
+    proc = show(daemon_sock, run_id, "--dag", str(tmp_path / "run.pdf"))
+    assert proc.returncode == 2 and "'pdf' is not a picture format" in proc.stderr
+    assert not (tmp_path / "run.pdf").exists()
+
+
 def test_the_readme_picture_is_the_example_dag() -> None:
     """docs/example-dag.svg is what `pipeline visualize stats` draws for examples/sensors."""
     text = svg_text(REPO / "docs" / "example-dag.svg")
