@@ -134,6 +134,7 @@ def worker_endpoints(
             "flowerpower_ready": float(not_ready() is None),
             "flowerpower_runs_in_flight": sum(1 for t in executor.running if not t.done()),
             "flowerpower_runs_done": executor.done,
+            "flowerpower_dedup_hits": executor.duplicates,
         }
 
     metrics.read_at_scrape(read)
