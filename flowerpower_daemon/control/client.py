@@ -445,8 +445,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _top(path: str, interval: float, iterations: int | None) -> int:
     from .top import run_top
 
-    if interval <= 0 or (iterations is not None and iterations < 1):
-        _err("flowerpowerctl top: --interval must be > 0 and --iterations >= 1")
+    if interval <= 0:
+        _err(f"error: flowerpowerctl top: --interval must be more than 0 s, not {interval:g}")
+        return EXIT_USAGE
+    if iterations is not None and iterations < 1:
+        _err(f"error: flowerpowerctl top: --iterations must be 1 or more, not {iterations}")
         return EXIT_USAGE
     try:
         return anyio.run(

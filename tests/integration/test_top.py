@@ -152,3 +152,25 @@ def test_top_without_a_daemon_says_so(tmp_path: Path) -> None:
     )
     assert proc.returncode == 3
     assert len(proc.stderr.splitlines()) == 1 and "is the daemon running?" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        (["--interval", "0"], "error: flowerpowerctl top: --interval must be more than 0 s, not 0"),
+        (["-n", "0"], "error: flowerpowerctl top: --iterations must be 1 or more, not 0"),
+    ],
+)
+def test_top_bad_interval_or_iterations_is_one_error_line(
+    tmp_path: Path, args: list[str], line: str
+) -> None:
+    """Like every other bad argument: one ``error:`` line naming the option, exit 2."""
+    proc = subprocess.run(
+        [str(CTL), "--socket", str(tmp_path / "none.sock"), "top", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        stdin=subprocess.DEVNULL,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [line]
