@@ -192,7 +192,7 @@ def test_check_names_the_extra_when_prometheus_client_is_missing(
         assert proc.returncode == 2, proc.stderr
         lines = [line for line in proc.stderr.splitlines() if "metrics" in line]
         assert lines, proc.stderr
-        assert "http.listen" in lines[0]
+        assert f"{config.path}: http.listen" in lines[0], lines  # run names the file too
         assert "pip install 'flowerpower-daemon[metrics]'" in lines[0]
         assert "Traceback" not in proc.stderr
     # A bad address is a configuration error naming the key, no traceback.
