@@ -17,6 +17,7 @@ descriptors, say) is logged and tried again.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
@@ -35,6 +36,8 @@ log = structlog.get_logger("flowerpower_daemon.http")
 MAX_HEAD = 8192
 #: Seconds a client has to send its request head.
 READ_TIMEOUT = 10.0
+
+_BLANK_LINE = re.compile(rb"\r?\n\r?\n")
 
 _REASONS = {
     200: "OK",
@@ -160,7 +163,7 @@ class HttpServer:
     async def _answer(self, head: bytes | None) -> tuple[Response, bool]:
         if head is None:
             return Response(400, b"bad request: head too large, incomplete or too slow\n"), False
-        line = head.split(b"\r\n", 1)[0]
+        line = head.split(b"\n", 1)[0].rstrip(b"\r")
         parts = line.split(b" ")
         if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
             return Response(400, b"bad request line\n"), False
@@ -168,7 +171,7 @@ class HttpServer:
         if method not in (b"GET", b"HEAD"):
             return Response(405, b"only GET and HEAD\n"), False
         head_only = method == b"HEAD"
-        path = target.split(b"?", 1)[0].decode("latin-1")
+        path = _origin(target).split(b"?", 1)[0].decode("latin-1")
         handler = self.routes.get(path)
         if handler is None:
             return Response(404, b"not found\n"), head_only
@@ -184,16 +187,32 @@ async def _read_head(stream: anyio.abc.SocketStream) -> bytes | None:
     """The request head up to its blank line; None when too large, cut or too slow."""
     data = b""
     with anyio.move_on_after(READ_TIMEOUT):
-        while b"\r\n\r\n" not in data:
+        while (end := _head_end(data)) is None:
             if len(data) > MAX_HEAD:
                 return None
             try:
                 data += await stream.receive(4096)
             except anyio.EndOfStream:
                 return None
-        end = data.index(b"\r\n\r\n")
         return data[:end] if end <= MAX_HEAD else None
     return None
+
+
+def _head_end(data: bytes) -> int | None:
+    """Where the head's blank line starts: CRLF CRLF, or bare LFs, which RFC 9112 lets a
+    server accept (busybox and hand-written health checks send them)."""
+    found = _BLANK_LINE.search(data)
+    return found.start() if found is not None else None
+
+
+def _origin(target: bytes) -> bytes:
+    """The path of a request target; the absolute form (``http://host:port/metrics``),
+    which RFC 9112 says a server must accept, becomes its path."""
+    if target.startswith((b"http://", b"https://")):
+        rest = target.split(b"://", 1)[1]
+        slash = rest.find(b"/")
+        return rest[slash:] if slash >= 0 else b"/"
+    return target
 
 
 async def _drain(stream: anyio.abc.SocketStream) -> None:

@@ -134,3 +134,30 @@ async def test_idle_and_trickling_clients_cannot_lock_out_a_scrape() -> None:
     finally:
         for s in idle:
             s.close()
+
+
+async def test_bare_lf_heads_and_absolute_targets_are_understood() -> None:
+    """RFC 9112 lets a server take bare LF line ends (hand-written and busybox health
+    checks send them) and says it must take the absolute form ``http://host/path``."""
+
+    async def fine() -> Response:
+        return Response(200, b"fine\n")
+
+    server = HttpServer(("127.0.0.1", 0), {"/fine": fine, "/": fine})
+    async with anyio.create_task_group() as tg:
+        await tg.start(server.serve)
+
+        async def ask(data: bytes) -> bytes:
+            return await anyio.to_thread.run_sync(_ask, server.port, data)
+
+        for request in (
+            b"GET /fine HTTP/1.1\nHost: a\n\n",
+            b"GET /fine HTTP/1.0\n\n",
+            b"GET http://a:1/fine?x=1 HTTP/1.1\r\nHost: a:1\r\n\r\n",
+            b"GET https://a HTTP/1.1\r\n\r\n",
+        ):
+            answer = await ask(request)
+            assert answer.startswith(b"HTTP/1.1 200 OK\r\n"), (request, answer)
+        assert (await ask(b"GET http://a/nope HTTP/1.1\n\n")).startswith(b"HTTP/1.1 404 ")
+        assert (await ask(b"GET /fine HTTP/1.1\n")).startswith(b"HTTP/1.1 400 ")  # cut short
+        tg.cancel_scope.cancel()
