@@ -65,12 +65,13 @@ def row(screen: str, pipeline: str) -> list[str] | None:
 class Tmux:
     """A private tmux server running one command in an 160x40 pane."""
 
-    def __init__(self, command: str, rc_file: Path) -> None:
+    def __init__(self, command: str, rc_file: Path, size: tuple[int, int] = (160, 40)) -> None:
         self.bin = require_binary("tmux")
         self.server = unique("fp-top")
         self.rc_file = rc_file
         wrapped = f"{command}; echo $? > {rc_file}"
-        self.tmux("new-session", "-d", "-x", "160", "-y", "40", "-s", "top", wrapped)
+        cols, lines = str(size[0]), str(size[1])
+        self.tmux("new-session", "-d", "-x", cols, "-y", lines, "-s", "top", wrapped)
 
     def tmux(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -117,6 +118,34 @@ def test_top_in_a_terminal_counts_runs_and_quits_cleanly(
         assert row(screen, "(all)")[1:5] == ["0", "4", "3", "1"], screen  # type: ignore[index]
         assert "flowerpower-daemon" in screen and "(q quits)" in screen
         term.tmux("send-keys", "-t", "top", quit_key)
+        assert term.exit_code() == 0
+    finally:
+        term.close()
+
+
+def test_top_in_a_small_terminal_fits_it(live: Live, tmp_path: Path) -> None:
+    """In a 44x9 terminal every line is cut to the width and the view to the height, so
+    nothing wraps or scrolls: the header stays on the first line, each row on its own."""
+    term = Tmux(f"{CTL} --socket {live.sock} top --interval 0.3", tmp_path / "rc", (44, 9))
+    try:
+        term.wait_for("(no runs seen yet)")
+        send(live, good=2, bad=1)
+        screen = term.wait_for(re.compile(r"^broken\s+0\s+\d+\s+0\s+\d+\s", re.M))
+        lines = screen.splitlines()
+        assert lines[0].startswith("flowerpower-daemon "), screen
+        firsts = {line.split()[0] for line in lines if line.strip()}
+        assert firsts <= {
+            "flowerpower-daemon",
+            str(live.sock)[:43],
+            "PIPELINE",
+            "broken",
+            "temperature",
+            "(all)",
+            "(q",
+            "last",
+        }, screen
+        assert all(len(line) < 44 for line in lines), screen
+        term.tmux("send-keys", "-t", "top", "q")
         assert term.exit_code() == 0
     finally:
         term.close()
