@@ -112,3 +112,25 @@ async def test_worker_http_counts_the_duplicates_it_drops(
             assert metric_value(text, runs) == 1.0, text
             text = await wait_metric(daemon_http, "flowerpower_messages_in_total", 2.0)
             assert metric_value(text, "flowerpower_dedup_hits_total") == 0.0, text
+
+
+async def test_worker_readyz_follows_redis(
+    tmp_path: Path, mosquitto: Any, redis_server: Any
+) -> None:
+    """``/readyz`` means "consuming from the stream": 503 while Redis is down, 200 again
+    once the worker reads the stream after Redis returns."""
+    worker_http = free_port()
+    queue = {"broker": redis_server.url, "queue_name": unique("q")}
+    config = configure(
+        tmp_path,
+        mosquitto.port,
+        [mqtt_trigger("temp", "temperature", f"{unique('r')}/{{device}}")],
+        queue=queue,
+    )
+    with worker_with_http(config.path, worker_http, tmp_path / "worker.log"):
+        await wait_status(worker_http, "/readyz", 200, timeout=90)
+        await redis_server.astop()
+        body = await wait_status(worker_http, "/readyz", 503, timeout=30)
+        assert "not consuming" in body, body
+        await redis_server.astart()
+        await wait_status(worker_http, "/readyz", 200, timeout=60)
