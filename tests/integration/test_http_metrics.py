@@ -13,6 +13,7 @@ import os
 import socket
 import subprocess
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -266,3 +267,23 @@ async def test_error_results_count_the_reasons_the_readme_names(
     readme = (Path(__file__).parents[2] / "README.md").read_text()
     row = next(line for line in readme.splitlines() if "`flowerpower_error_results_total`" in line)
     assert "`RunTimeoutError`" in row and "`PayloadError`" in row and "`Cancelled`" in row, row
+
+
+async def test_a_catch_up_fire_counts_as_a_fire_not_as_lateness(
+    tmp_path: Path, mosquitto: Any
+) -> None:
+    """A ``date`` trigger already past at start fires once (a catch-up): counted in
+    ``flowerpower_trigger_fires_total``, left out of the lateness histogram (README)."""
+    http = free_port()
+    at = (datetime.now(UTC) - timedelta(minutes=10)).isoformat()
+    trigger = {"name": "past", "type": "date", "at": at, "pipeline": "stats"}
+    config = configure(tmp_path, mosquitto.port, [trigger], http={"listen": f"127.0.0.1:{http}"})
+    async with online_daemon(config, subscribe=[config.results]) as d:
+        await d.collect(config.results, 1, timeout=30)
+        text = await wait_metric(http, 'flowerpower_trigger_fires_total{trigger="past"}', 1.0)
+        assert 'flowerpower_timer_lateness_seconds_count{trigger="past"}' not in text, text
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    row = next(
+        line for line in readme.splitlines() if "`flowerpower_timer_lateness_seconds`" in line
+    )
+    assert "on-time timer fires" in row and "already past at start" in row, row
