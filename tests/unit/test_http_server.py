@@ -161,3 +161,35 @@ async def test_bare_lf_heads_and_absolute_targets_are_understood() -> None:
         assert (await ask(b"GET http://a/nope HTTP/1.1\n\n")).startswith(b"HTTP/1.1 404 ")
         assert (await ask(b"GET /fine HTTP/1.1\n")).startswith(b"HTTP/1.1 400 ")  # cut short
         tg.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(
+    ("listen", "family", "loopback"),
+    [
+        (":0", socket.AF_INET, "127.0.0.1"),
+        ("[::]:0", socket.AF_INET6, "::1"),
+    ],
+)
+async def test_wildcard_listen_addresses_serve_their_family(
+    listen: str, family: socket.AddressFamily, loopback: str
+) -> None:
+    """As the README says: ``:PORT`` is every IPv4 interface, ``[::]:PORT`` every IPv6 one."""
+    if family == socket.AF_INET6 and not socket.has_ipv6:
+        pytest.skip("no IPv6 on this host")
+
+    async def fine() -> Response:
+        return Response(200, b"fine\n")
+
+    server = HttpServer(parse_listen(listen), {"/fine": fine})
+    async with anyio.create_task_group() as tg:
+        await tg.start(server.serve)
+
+        def ask() -> bytes:
+            with socket.socket(family) as s:
+                s.settimeout(10)
+                s.connect((loopback, server.port))
+                s.sendall(b"GET /fine HTTP/1.1\r\n\r\n")
+                return s.recv(100)
+
+        assert (await anyio.to_thread.run_sync(ask)).startswith(b"HTTP/1.1 200 ")
+        tg.cancel_scope.cancel()
