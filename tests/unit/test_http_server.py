@@ -3,6 +3,7 @@ real loopback socket, the no-op instrumentation, the exposition."""
 
 from __future__ import annotations
 
+import re
 import socket
 
 import anyio
@@ -32,6 +33,21 @@ def test_listen_addresses(text: str, expected: tuple[str, int]) -> None:
 def test_bad_listen_addresses_say_what_is_wrong(text: str) -> None:
     with pytest.raises(ValueError, match=r"port|host:port"):
         parse_listen(text)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (9464, "9464: a port alone; write host:port, e.g. 127.0.0.1:9464"),
+        (["127.0.0.1", 9464], "write host:port as text, e.g. 127.0.0.1:9464"),
+        (True, "write host:port as text"),
+    ],
+)
+def test_a_listen_value_that_is_not_text_says_what_to_write(value: object, message: str) -> None:
+    """``listen: 9464`` (YAML makes it a number) once said only "Input should be a valid
+    string"; now the message shows the host:port to write."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        HttpSettings(listen=value)
 
 
 def test_http_settings_are_off_unless_listen_is_set() -> None:
