@@ -99,7 +99,7 @@ def daemon_endpoints(
         try:
             latest[0] = await depth.read()
             failing[0] = False
-        except Exception as exc:  # redis errors: keep the last value, say so once
+        except Exception as exc:  # redis errors: no depth (rather than a stale one), say so once
             if not failing[0]:
                 log.warning("queue_depth_failed", error=str(exc))
             failing[0] = True
