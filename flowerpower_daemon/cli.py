@@ -305,7 +305,10 @@ def _visualize(project: Any, args: argparse.Namespace) -> int:
     from .control.draw import DrawError, picture_format, render_dot, write_picture
     from .project.visualize import dag_dot
 
-    fmt = picture_format(args.output, args.format)
+    try:
+        fmt = picture_format(args.output, args.format)
+    except DrawError as exc:
+        raise UsageError(str(exc)) from None
     output = args.output or f"{args.name}.{fmt}"
     picture = dag_dot(project.runner, args.name, config=args.config, final_vars=args.final_vars)
     try:

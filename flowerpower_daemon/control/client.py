@@ -31,6 +31,7 @@ anyio/asyncio program.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import itertools
 import os
@@ -444,8 +445,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _top(path: str, interval: float, iterations: int | None) -> int:
     from .top import run_top
 
-    if interval <= 0 or (iterations is not None and iterations < 1):
-        _err("flowerpowerctl top: --interval must be > 0 and --iterations >= 1")
+    if interval <= 0:
+        _err(f"error: flowerpowerctl top: --interval must be more than 0 s, not {interval:g}")
+        return EXIT_USAGE
+    if iterations is not None and iterations < 1:
+        _err(f"error: flowerpowerctl top: --iterations must be 1 or more, not {iterations}")
         return EXIT_USAGE
     try:
         return anyio.run(
@@ -502,7 +506,12 @@ async def _main(
     except TimeoutError:
         _err(f"flowerpowerctl: no answer within {limit_s:g} s")
         return EXIT_UNREACHABLE
-    code = render.result(cmd, args, result, as_json)
+    if dag is not None and dag[0] == "-":
+        # The picture owns stdout (`--dag - | dot -Tpng`): the run goes to stderr.
+        with contextlib.redirect_stdout(sys.stderr):
+            code = render.result(cmd, args, result, as_json)
+    else:
+        code = render.result(cmd, args, result, as_json)
     if dag is not None and picture is not None:
         return await _draw(picture, *dag, quiet=as_json)
     return code
@@ -512,8 +521,8 @@ async def _draw(picture: Mapping[str, object], output: str, fmt: str | None, qui
     """Draw a ``dag`` answer's DOT text with this machine's ``dot`` (in a worker thread)."""
     from .draw import DrawError, picture_format, render_dot, write_picture
 
-    kind = picture_format(output, fmt)
     try:
+        kind = picture_format(output, fmt)
         data = await anyio.to_thread.run_sync(render_dot, str(picture.get("dot", "")), kind)
         write_picture(data, output)
     except DrawError as exc:

@@ -25,11 +25,22 @@ class DrawError(Exception):
 
 
 def picture_format(output: str | None, given: str | None) -> str:
-    """``given``, else the output file's suffix when it is a known format, else ``svg``."""
+    """``given``, else the output file's suffix, else ``svg`` (no suffix, or stdout).
+
+    A suffix that is no format here (``dag.pdf``) is a :class:`DrawError` rather
+    than an SVG written under a name that promises something else.
+    """
     if given:
         return given
     suffix = os.path.splitext(output or "")[1].lstrip(".").lower()
-    return suffix if suffix in FORMATS else "svg"
+    if not suffix:
+        return "svg"
+    if suffix not in FORMATS:
+        raise DrawError(
+            f"cannot draw {output}: {suffix!r} is not a picture format here "
+            f"(formats: {', '.join(FORMATS)}); name the file .svg, .png or .dot, or give --format"
+        )
+    return suffix
 
 
 def render_dot(source: str, fmt: str) -> bytes:

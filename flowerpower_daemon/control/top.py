@@ -47,6 +47,8 @@ class Connection(Protocol):
 _STARTING = frozenset({"run_queued", "run_started", "run_enqueued"})
 #: Seconds over which RUNS/S is counted.
 RATE_WINDOW_S = 10.0
+#: On a terminal, pipeline names are cut to this many characters (a pipe gets them whole).
+NAME_WIDTH = 24
 #: Finished runs per pipeline whose durations give P50/P95/MAX.
 LATENCY_RUNS = 200
 _COLUMNS = (
@@ -121,14 +123,15 @@ class TopView:
         elif isinstance(kind, str) and kind not in ("run_scheduled",):
             self.note = f"{kind} at {str(event.get('time', ''))[11:19]}"
 
-    def rows(self, now: float) -> list[list[str]]:
-        """One row per pipeline seen (name order), then the total."""
+    def rows(self, now: float, name_width: int | None = None) -> list[list[str]]:
+        """One row per pipeline seen (name order), then the total; names longer than
+        ``name_width`` are cut with ``~`` (on a terminal, so the numbers stay in view)."""
         rows = []
         total = _Pipeline()
         for name, p in sorted(self.pipelines.items()):
             while p.finished_at and p.finished_at[0] < now - RATE_WINDOW_S:
                 p.finished_at.popleft()
-            rows.append(_row(name, p))
+            rows.append(_row(_fit(name, name_width), p))
             total.in_flight |= p.in_flight
             total.ok += p.ok
             total.failed += p.failed
@@ -138,7 +141,7 @@ class TopView:
             rows.append(_row("(all)", total))
         return rows
 
-    def text(self, now: float) -> str:
+    def text(self, now: float, name_width: int | None = None) -> str:
         """The whole view as plain text lines (no escape codes)."""
         up = int(max(0.0, now - self._started))
         clock = datetime.now(UTC).strftime("%H:%M:%S")
@@ -148,10 +151,14 @@ class TopView:
             + (f"  dropped {self.dropped}" if self.dropped else "")
             + f"  {clock} UTC"
         )
-        rows = self.rows(now)
+        rows = self.rows(now, name_width)
         body = text_table(rows, _COLUMNS) if rows else "(no runs seen yet)\n"
         note = f"last daemon event: {self.note}\n" if self.note else ""
         return f"{head}\n{self.socket}\n\n{body}{note}"
+
+
+def _fit(name: str, width: int | None) -> str:
+    return name if width is None or len(name) <= width else name[: width - 1] + "~"
 
 
 def _row(name: str, p: _Pipeline) -> list[str]:
@@ -225,12 +232,24 @@ def _screen(tty: bool) -> Iterator[None]:
 
 def _draw(text: str, tty: bool) -> None:
     if tty:
-        lines = text.rstrip("\n").split("\n")
+        # Fit the terminal: a line that wrapped, or one more line than the screen has,
+        # would scroll the header away and leave the redraw out of step.
+        cols, rows = _terminal_size()
+        lines = [line[: cols - 1] for line in text.rstrip("\n").split("\n")][: rows - 1]
         sys.stdout.write(_HOME + "".join(f"{line}{_CLEAR_LINE_END}\n" for line in lines))
         sys.stdout.write(f"(q quits){_CLEAR_LINE_END}{_CLEAR_BELOW}")
     else:
         sys.stdout.write(text + "\n")
     sys.stdout.flush()
+
+
+def _terminal_size() -> tuple[int, int]:
+    """(columns, lines) of the terminal on stdout, read at each redraw (it may be resized)."""
+    try:
+        size = os.get_terminal_size(sys.stdout.fileno())
+    except OSError:
+        return 80, 24
+    return max(size.columns, 20), max(size.lines, 4)
 
 
 async def _keys(quit_scope: anyio.CancelScope) -> None:
@@ -277,7 +296,7 @@ async def run_top(
                 tg.start_soon(_keys, tg.cancel_scope)
             shown = 0
             while iterations is None or shown < iterations:
-                _draw(view.text(time.monotonic()), tty)
+                _draw(view.text(time.monotonic(), NAME_WIDTH if tty else None), tty)
                 shown += 1
                 if iterations is not None and shown >= iterations:
                     break

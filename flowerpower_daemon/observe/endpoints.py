@@ -99,7 +99,7 @@ def daemon_endpoints(
         try:
             latest[0] = await depth.read()
             failing[0] = False
-        except Exception as exc:  # redis errors: keep the last value, say so once
+        except Exception as exc:  # redis errors: no depth (rather than a stale one), say so once
             if not failing[0]:
                 log.warning("queue_depth_failed", error=str(exc))
             failing[0] = True
@@ -134,6 +134,7 @@ def worker_endpoints(
             "flowerpower_ready": float(not_ready() is None),
             "flowerpower_runs_in_flight": sum(1 for t in executor.running if not t.done()),
             "flowerpower_runs_done": executor.done,
+            "flowerpower_dedup_hits": executor.duplicates,
         }
 
     metrics.read_at_scrape(read)

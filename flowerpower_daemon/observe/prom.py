@@ -72,7 +72,7 @@ class PromMetrics(Metrics):
         )
         self._errors = Counter(
             "flowerpower_error_results",
-            "Error results published, by reason (the error type: PayloadError, Timeout, ...)",
+            "Error results published, by reason (error type: PayloadError, RunTimeoutError, ...)",
             ["reason"],
             registry=reg,
         )

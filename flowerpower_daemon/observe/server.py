@@ -3,7 +3,12 @@
 Enough for Prometheus, a load balancer's health check and a browser, and no
 more: one request per connection (``Connection: close``), a request head of
 at most :data:`MAX_HEAD` bytes read within :data:`READ_TIMEOUT` seconds, at
-most ``max_clients`` connections at once (more are closed at once). A bad
+most ``max_clients`` connections at once. When all are taken, the one that has
+waited longest for its request head is dropped to make room, so clients that
+connect and say nothing (or trickle bytes: slowloris) cannot lock Prometheus and
+health checks out; only when every connection is already being answered is a
+new one closed. An answer the client does not read within :data:`READ_TIMEOUT`
+is given up. A bad
 request gets 400, another method 405, an unknown path 404; a handler that
 raises gets 500 and a log line. Nothing a client does ends the server, and
 the server never ends its task group: an ``accept`` that fails (out of file
@@ -12,6 +17,7 @@ descriptors, say) is logged and tried again.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
@@ -30,6 +36,8 @@ log = structlog.get_logger("flowerpower_daemon.http")
 MAX_HEAD = 8192
 #: Seconds a client has to send its request head.
 READ_TIMEOUT = 10.0
+
+_BLANK_LINE = re.compile(rb"\r?\n\r?\n")
 
 _REASONS = {
     200: "OK",
@@ -68,6 +76,11 @@ class HttpServer:
         self.max_clients = max_clients
         self.clients = 0
         self.requests = 0
+        #: Connections dropped to make room for a newer one (see :meth:`_accept`).
+        self.evicted = 0
+        #: Connections still reading their request head, oldest first: the ones to drop.
+        self._reading: dict[int, anyio.CancelScope] = {}
+        self._next_id = 0
         self._listener: anyio.abc.Listener[anyio.abc.SocketStream] | None = None
         self._listeners: list[anyio.abc.SocketListener] = []
 
@@ -114,30 +127,43 @@ class HttpServer:
                 await anyio.sleep(0.1)
                 continue
             if self.clients >= self.max_clients:
-                await stream.aclose()
-                continue
+                if not self._reading:  # every slot is answering a request: they end soon
+                    await stream.aclose()
+                    continue
+                # Drop the client that has waited longest for its head (idle or trickling).
+                oldest = next(iter(self._reading))
+                self._reading.pop(oldest).cancel()
+                self.evicted += 1
             self.clients += 1
-            tg.start_soon(self._client, stream)
+            self._next_id += 1
+            tg.start_soon(self._client, stream, self._next_id)
 
-    async def _client(self, stream: anyio.abc.SocketStream) -> None:
+    async def _client(self, stream: anyio.abc.SocketStream, key: int) -> None:
+        scope = self._reading[key] = anyio.CancelScope()
         try:
             async with stream:
-                response, head_only = await self._answer(stream)
-                await stream.send(_encode(response, head_only=head_only))
-                if response.status == 400:
-                    await _drain(stream)
+                with scope:
+                    head = await _read_head(stream)
+                self._reading.pop(key, None)
+                if scope.cancel_called:
+                    return  # dropped for a newer client
+                response, head_only = await self._answer(head)
+                with anyio.move_on_after(READ_TIMEOUT):
+                    await stream.send(_encode(response, head_only=head_only))
+                    if response.status == 400:
+                        await _drain(stream)
         except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
             pass  # the client went away
         except Exception:
             log.exception("http_client_failed")
         finally:
+            self._reading.pop(key, None)
             self.clients -= 1
 
-    async def _answer(self, stream: anyio.abc.SocketStream) -> tuple[Response, bool]:
-        head = await _read_head(stream)
+    async def _answer(self, head: bytes | None) -> tuple[Response, bool]:
         if head is None:
             return Response(400, b"bad request: head too large, incomplete or too slow\n"), False
-        line = head.split(b"\r\n", 1)[0]
+        line = head.split(b"\n", 1)[0].rstrip(b"\r")
         parts = line.split(b" ")
         if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
             return Response(400, b"bad request line\n"), False
@@ -145,7 +171,7 @@ class HttpServer:
         if method not in (b"GET", b"HEAD"):
             return Response(405, b"only GET and HEAD\n"), False
         head_only = method == b"HEAD"
-        path = target.split(b"?", 1)[0].decode("latin-1")
+        path = _origin(target).split(b"?", 1)[0].decode("latin-1")
         handler = self.routes.get(path)
         if handler is None:
             return Response(404, b"not found\n"), head_only
@@ -161,16 +187,32 @@ async def _read_head(stream: anyio.abc.SocketStream) -> bytes | None:
     """The request head up to its blank line; None when too large, cut or too slow."""
     data = b""
     with anyio.move_on_after(READ_TIMEOUT):
-        while b"\r\n\r\n" not in data:
+        while (end := _head_end(data)) is None:
             if len(data) > MAX_HEAD:
                 return None
             try:
                 data += await stream.receive(4096)
             except anyio.EndOfStream:
                 return None
-        end = data.index(b"\r\n\r\n")
         return data[:end] if end <= MAX_HEAD else None
     return None
+
+
+def _head_end(data: bytes) -> int | None:
+    """Where the head's blank line starts: CRLF CRLF, or bare LFs, which RFC 9112 lets a
+    server accept (busybox and hand-written health checks send them)."""
+    found = _BLANK_LINE.search(data)
+    return found.start() if found is not None else None
+
+
+def _origin(target: bytes) -> bytes:
+    """The path of a request target; the absolute form (``http://host:port/metrics``),
+    which RFC 9112 says a server must accept, becomes its path."""
+    if target.startswith((b"http://", b"https://")):
+        rest = target.split(b"://", 1)[1]
+        slash = rest.find(b"/")
+        return rest[slash:] if slash >= 0 else b"/"
+    return target
 
 
 async def _drain(stream: anyio.abc.SocketStream) -> None:

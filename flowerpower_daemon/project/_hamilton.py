@@ -136,10 +136,10 @@ def _adapters(
     out: list[object] = []
     if flags.progressbar and not is_async:
         try:
-            from hamilton.plugins import h_tqdm
+            from .progress import ProgressBar
         except ImportError as exc:
             raise _extra("with_adapter.progressbar", "progressbar", exc) from None
-        out.append(h_tqdm.ProgressBar(desc=pipeline))
+        out.append(ProgressBar(desc=pipeline))
     if flags.hamilton_tracker:
         try:
             from . import uitracker

@@ -277,6 +277,8 @@ class RunExecutor:
         self.runner = runner
         self.who = who or worker_name()
         self.done = 0
+        #: Runs not run because their dedup key was claimed already (worker ``/metrics``).
+        self.duplicates = 0
         self.sink = sink
         self.on_result = on_result
         self.dedup = dedup
@@ -363,6 +365,7 @@ class RunExecutor:
                 claim, earlier = "new", None
             if claim != "new":
                 log.info("duplicate_not_run", dedup_key=key, state=claim)
+                self.duplicates += 1
                 if earlier is not None and isinstance(self.sink, MqttResultSink):
                     ok = orjson.loads(earlier).get("status") == "success"
                     await self.sink.publish_encoded(request.reply, earlier, ok=ok)

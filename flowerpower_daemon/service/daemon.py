@@ -33,7 +33,7 @@ from anyio.abc import TaskGroup
 
 from ..control.client import remember_socket
 from ..dispatch.dispatcher import Dispatcher, Stats
-from ..errors import ConfigError
+from ..errors import ConfigError, ConfigProblem
 from ..observe import metrics_for
 from ..project.api import FlowerPowerProject
 from ..project.models import RunRequest, RunResult
@@ -77,8 +77,12 @@ class Daemon:
         errors, unused = split_problems(project.problems, used_pipelines(settings))
         errors += redis_policy_problems(settings)  # policies the Redis queue cannot hold
         errors += http_problems(settings)  # http.listen without the metrics extra
-        if errors:
-            raise ConfigError(errors)
+        if errors:  # named by the config file, as `check` names them
+            shown = config_path or "config"
+            named = [
+                ConfigProblem(shown, p.key, p.message) if p.file == "config" else p for p in errors
+            ]
+            raise ConfigError(named)
         for problem in unused:
             log.warning("pipeline_not_loaded", problem=str(problem), reason="no trigger runs it")
         self.stats = Stats()

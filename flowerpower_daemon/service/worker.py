@@ -239,7 +239,12 @@ async def run_worker(settings: Settings, http: tuple[str, int] | None = None) ->
                         break
                     except Exception as exc:  # e.g. Redis went away: listen again
                         log.warning("worker_listen_failed", error=str(exc), retry_in_s=1.0)
+                        consumed.clear()  # /readyz: 503 until the stream is read again
+                        if isinstance(broker, Reclaiming):
+                            broker.on_listening = consuming
                         await anyio.sleep(1.0)
+                        if not isinstance(broker, Reclaiming):
+                            consuming()
             # Past shutdown_timeout: cancel what still runs while the ledger is open (its
             # start is withdrawn; unacked, the run is reclaimed by another worker).
             leftover = [t for t in executor.running if not t.done()]

@@ -12,8 +12,8 @@ __all__ = ["HttpSettings", "parse_listen"]
 def parse_listen(text: str) -> tuple[str, int]:
     """``host:port`` or ``[v6]:port`` as (host, port); ValueError says what is wrong.
 
-    A missing host (``:9464``) means every interface (``0.0.0.0``): say so explicitly,
-    the default is loopback only.
+    A missing host (``:9464``) means every IPv4 interface (``0.0.0.0``; ``[::]:9464`` for
+    IPv6): say so explicitly, the default is loopback only.
     """
     raw = text.strip()
     if raw.startswith("["):
@@ -38,6 +38,16 @@ class HttpSettings(_Frozen):
     """Off unless ``listen`` is set (needs the ``metrics`` extra: prometheus-client)."""
 
     listen: str | None = None
+
+    @field_validator("listen", mode="before")
+    @classmethod
+    def _not_a_string(cls, value: object) -> object:
+        """``listen: 9464`` in YAML is a number: say what to write, not "not a string"."""
+        if isinstance(value, int) and not isinstance(value, bool):
+            raise ValueError(f"{value}: a port alone; write host:port, e.g. 127.0.0.1:{value}")
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"{value!r}: write host:port as text, e.g. 127.0.0.1:9464")
+        return value
 
     @field_validator("listen")
     @classmethod

@@ -13,6 +13,7 @@ import os
 import socket
 import subprocess
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ import anyio
 import pytest
 
 from tests.daemon_harness import BIN, configure, mqtt_trigger, online_daemon, unique
-from tests.http_harness import aget, metric_value, prometheus, raw, wait_status
+from tests.http_harness import aget, metric_value, prometheus, raw, wait_metric, wait_status
 from tests.services import free_port
 
 pytestmark = pytest.mark.timeout(180)
@@ -192,7 +193,7 @@ def test_check_names_the_extra_when_prometheus_client_is_missing(
         assert proc.returncode == 2, proc.stderr
         lines = [line for line in proc.stderr.splitlines() if "metrics" in line]
         assert lines, proc.stderr
-        assert "http.listen" in lines[0]
+        assert f"{config.path}: http.listen" in lines[0], lines  # run names the file too
         assert "pip install 'flowerpower-daemon[metrics]'" in lines[0]
         assert "Traceback" not in proc.stderr
     # A bad address is a configuration error naming the key, no traceback.
@@ -233,3 +234,56 @@ def test_a_port_in_use_stops_the_start_with_one_line(tmp_path: Path, mosquitto: 
     assert errors == [
         f"error: http.listen: cannot listen on 127.0.0.1:{port}: Address already in use"
     ], proc.stderr[-2000:]
+
+
+async def test_error_results_count_the_reasons_the_readme_names(
+    tmp_path: Path, mosquitto: Any
+) -> None:
+    """A run over its ``timeout`` and a garbage payload: error results by the reasons
+    the README's metric table names (a timeout is ``RunTimeoutError``)."""
+    http = free_port()
+    prefix = unique("reason")
+    triggers = [
+        mqtt_trigger(
+            "late",
+            "slow",
+            f"{prefix}/late",
+            inputs={"seconds": 3.0},
+            run={"final_vars": ["waited"], "timeout": 0.5, "max_retries": 0},
+        ),
+        mqtt_trigger("temp", "temperature", f"{prefix}/t", payload="json"),
+    ]
+    config = configure(tmp_path, mosquitto.port, triggers, http={"listen": f"127.0.0.1:{http}"})
+    async with online_daemon(config, subscribe=[config.results]) as d:
+        await d.client.publish(f"{prefix}/late", b"{}", qos=1)
+        await d.client.publish(f"{prefix}/t", b"{not json", qos=1)
+        await d.collect(config.results, 2, timeout=30)
+        text = await wait_metric(
+            http, 'flowerpower_error_results_total{reason="RunTimeoutError"}', 1.0
+        )
+        assert metric_value(text, 'flowerpower_error_results_total{reason="PayloadError"}') == 1
+        runs = 'flowerpower_runs_total{pipeline="slow",status="timeout",trigger="late"}'
+        assert metric_value(text, runs) == 1.0, text
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    row = next(line for line in readme.splitlines() if "`flowerpower_error_results_total`" in line)
+    assert "`RunTimeoutError`" in row and "`PayloadError`" in row and "`Cancelled`" in row, row
+
+
+async def test_a_catch_up_fire_counts_as_a_fire_not_as_lateness(
+    tmp_path: Path, mosquitto: Any
+) -> None:
+    """A ``date`` trigger already past at start fires once (a catch-up): counted in
+    ``flowerpower_trigger_fires_total``, left out of the lateness histogram (README)."""
+    http = free_port()
+    at = (datetime.now(UTC) - timedelta(minutes=10)).isoformat()
+    trigger = {"name": "past", "type": "date", "at": at, "pipeline": "stats"}
+    config = configure(tmp_path, mosquitto.port, [trigger], http={"listen": f"127.0.0.1:{http}"})
+    async with online_daemon(config, subscribe=[config.results]) as d:
+        await d.collect(config.results, 1, timeout=30)
+        text = await wait_metric(http, 'flowerpower_trigger_fires_total{trigger="past"}', 1.0)
+        assert 'flowerpower_timer_lateness_seconds_count{trigger="past"}' not in text, text
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    row = next(
+        line for line in readme.splitlines() if "`flowerpower_timer_lateness_seconds`" in line
+    )
+    assert "on-time timer fires" in row and "already past at start" in row, row

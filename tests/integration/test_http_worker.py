@@ -74,3 +74,63 @@ async def test_worker_http_counts_its_runs_and_the_daemon_its_queue_and_workers(
             assert metric_value(text, "flowerpower_messages_in_total") == 3.0, text
         worker.terminate()
         assert worker.wait(30) == 0, log_path.read_text()[-3000:]
+
+
+async def test_worker_http_counts_the_duplicates_it_drops(
+    tmp_path: Path, mosquitto: Any, redis_server: Any
+) -> None:
+    """A duplicate (same ``dedup_key``) that reaches the worker while the first run is
+    under way is not run: the worker's ``flowerpower_dedup_hits_total`` counts it (the
+    daemon's stays 0: it never saw the key finished)."""
+    prefix = unique("wd")
+    daemon_http, worker_http = free_port(), free_port()
+    queue = {"broker": redis_server.url, "queue_name": unique("q")}
+    trigger = mqtt_trigger(
+        "once",
+        "slow",
+        f"{prefix}/{{device}}",
+        inputs={"seconds": 1.5},
+        run={"final_vars": ["waited"]},
+        dedup_key="{payload.msg_id}",
+    )
+    config = configure(
+        tmp_path,
+        mosquitto.port,
+        [trigger],
+        queue=queue,
+        http={"listen": f"127.0.0.1:{daemon_http}"},
+    )
+    with worker_with_http(config.path, worker_http, tmp_path / "worker.log"):
+        async with online_daemon(config, subscribe=[config.results]) as d:
+            await wait_status(worker_http, "/readyz", 200, timeout=90)
+            for _ in range(2):
+                await d.client.publish(f"{prefix}/dev1", b'{"msg_id": "m1"}', qos=1)
+            [result] = await d.collect(config.results, 1, timeout=60)
+            assert result.data["status"] == "success"
+            text = await wait_metric(worker_http, "flowerpower_dedup_hits_total", 1.0)
+            runs = 'flowerpower_runs_total{pipeline="slow",status="success",trigger="once"}'
+            assert metric_value(text, runs) == 1.0, text
+            text = await wait_metric(daemon_http, "flowerpower_messages_in_total", 2.0)
+            assert metric_value(text, "flowerpower_dedup_hits_total") == 0.0, text
+
+
+async def test_worker_readyz_follows_redis(
+    tmp_path: Path, mosquitto: Any, redis_server: Any
+) -> None:
+    """``/readyz`` means "consuming from the stream": 503 while Redis is down, 200 again
+    once the worker reads the stream after Redis returns."""
+    worker_http = free_port()
+    queue = {"broker": redis_server.url, "queue_name": unique("q")}
+    config = configure(
+        tmp_path,
+        mosquitto.port,
+        [mqtt_trigger("temp", "temperature", f"{unique('r')}/{{device}}")],
+        queue=queue,
+    )
+    with worker_with_http(config.path, worker_http, tmp_path / "worker.log"):
+        await wait_status(worker_http, "/readyz", 200, timeout=90)
+        await redis_server.astop()
+        body = await wait_status(worker_http, "/readyz", 503, timeout=30)
+        assert "not consuming" in body, body
+        await redis_server.astart()
+        await wait_status(worker_http, "/readyz", 200, timeout=60)

@@ -90,3 +90,21 @@ def test_a_pipe_json_or_no_progress_sees_none(project: Path) -> None:
         rc, screen = in_pty(*run_stats(project, *extra))
         assert rc == 0, screen
         assert "funcs" not in screen and BAR not in screen, (extra, screen)
+
+
+def test_a_failed_run_does_not_show_complete(project: Path) -> None:
+    """A node that raises: the bar stops where it failed ("failed in boom"), never at
+    "Execution Complete!" 100 % above the error line, attempt after attempt."""
+    (project / "pipelines" / "fails.py").write_text(
+        '"""Fails in its second node."""\n\n\n'
+        "def first() -> int:\n    return 1\n\n\n"
+        "def boom(first: int) -> int:\n    raise ValueError('no')\n"
+    )
+    (project / "conf" / "pipelines" / "fails.yml").write_text("run:\n  final_vars: [boom]\n")
+    args = [DAEMON, "pipeline", "run", "fails", "--base-dir", str(project)]
+    rc, screen = in_pty(*args, "--max-retries", "1", "--retry-delay", "0")
+    assert rc == 1, screen
+    assert "fails -> failed in boom" in screen, screen
+    assert "attempt_failed" in screen, screen  # the retry ran, with its own bar
+    assert "Execution Complete!" not in screen and "2/2" not in screen, screen
+    assert "1/2" in screen, screen

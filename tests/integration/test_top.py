@@ -65,12 +65,13 @@ def row(screen: str, pipeline: str) -> list[str] | None:
 class Tmux:
     """A private tmux server running one command in an 160x40 pane."""
 
-    def __init__(self, command: str, rc_file: Path) -> None:
+    def __init__(self, command: str, rc_file: Path, size: tuple[int, int] = (160, 40)) -> None:
         self.bin = require_binary("tmux")
         self.server = unique("fp-top")
         self.rc_file = rc_file
         wrapped = f"{command}; echo $? > {rc_file}"
-        self.tmux("new-session", "-d", "-x", "160", "-y", "40", "-s", "top", wrapped)
+        cols, lines = str(size[0]), str(size[1])
+        self.tmux("new-session", "-d", "-x", cols, "-y", lines, "-s", "top", wrapped)
 
     def tmux(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -122,6 +123,34 @@ def test_top_in_a_terminal_counts_runs_and_quits_cleanly(
         term.close()
 
 
+def test_top_in_a_small_terminal_fits_it(live: Live, tmp_path: Path) -> None:
+    """In a 44x9 terminal every line is cut to the width and the view to the height, so
+    nothing wraps or scrolls: the header stays on the first line, each row on its own."""
+    term = Tmux(f"{CTL} --socket {live.sock} top --interval 0.3", tmp_path / "rc", (44, 9))
+    try:
+        term.wait_for("(no runs seen yet)")
+        send(live, good=2, bad=1)
+        screen = term.wait_for(re.compile(r"^broken\s+0\s+\d+\s+0\s+\d+\s", re.M))
+        lines = screen.splitlines()
+        assert lines[0].startswith("flowerpower-daemon "), screen
+        firsts = {line.split()[0] for line in lines if line.strip()}
+        assert firsts <= {
+            "flowerpower-daemon",
+            str(live.sock)[:43],
+            "PIPELINE",
+            "broken",
+            "temperature",
+            "(all)",
+            "(q",
+            "last",
+        }, screen
+        assert all(len(line) < 44 for line in lines), screen
+        term.tmux("send-keys", "-t", "top", "q")
+        assert term.exit_code() == 0
+    finally:
+        term.close()
+
+
 def test_top_in_a_pipe_prints_plain_snapshots(live: Live) -> None:
     proc = subprocess.Popen(
         [str(CTL), "--socket", str(live.sock), "top", "--interval", "1", "--iterations", "4"],
@@ -152,3 +181,25 @@ def test_top_without_a_daemon_says_so(tmp_path: Path) -> None:
     )
     assert proc.returncode == 3
     assert len(proc.stderr.splitlines()) == 1 and "is the daemon running?" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        (["--interval", "0"], "error: flowerpowerctl top: --interval must be more than 0 s, not 0"),
+        (["-n", "0"], "error: flowerpowerctl top: --iterations must be 1 or more, not 0"),
+    ],
+)
+def test_top_bad_interval_or_iterations_is_one_error_line(
+    tmp_path: Path, args: list[str], line: str
+) -> None:
+    """Like every other bad argument: one ``error:`` line naming the option, exit 2."""
+    proc = subprocess.run(
+        [str(CTL), "--socket", str(tmp_path / "none.sock"), "top", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        stdin=subprocess.DEVNULL,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [line]

@@ -153,6 +153,26 @@ def test_unknown_pipeline_is_a_usage_error(project: Path) -> None:
     assert len(proc.stderr.strip().splitlines()) == 1 and "nope" in proc.stderr
 
 
+def test_an_output_suffix_that_is_no_format_is_an_error_not_an_svg(
+    project: Path, daemon_sock: Path, tmp_path: Path
+) -> None:
+    """``--output dag.pdf`` once wrote SVG into dag.pdf; now one ``error:`` line, no file."""
+    proc = viz(project, "stats", "--output", "dag.pdf")
+    assert proc.returncode == 2, proc
+    assert proc.stderr.splitlines() == [
+        "error: cannot draw dag.pdf: 'pdf' is not a picture format here (formats: svg, png, "
+        "dot); name the file .svg, .png or .dot, or give --format"
+    ]
+    assert not (project / "dag.pdf").exists()
+    assert viz(project, "stats", "--output", "dag", "--format", "dot").returncode == 0
+    assert (project / "dag").read_text().lstrip().startswith(("//", "digraph"))
+
+    run_id = ctl_run(daemon_sock, "stats")
+    proc = show(daemon_sock, run_id, "--dag", str(tmp_path / "run.pdf"))
+    assert proc.returncode == 2 and "'pdf' is not a picture format" in proc.stderr
+    assert not (tmp_path / "run.pdf").exists()
+
+
 def test_the_readme_picture_is_the_example_dag() -> None:
     """docs/example-dag.svg is what `pipeline visualize stats` draws for examples/sensors."""
     text = svg_text(REPO / "docs" / "example-dag.svg")
@@ -213,6 +233,23 @@ def test_runs_show_draws_the_path_a_run_computed(daemon_sock: Path, tmp_path: Pa
     proc = show(daemon_sock, run_id, "--dag", "-", "--format", "dot")
     assert proc.returncode == 0, proc.stderr
     assert "count -> mean" in proc.stdout and "alert" not in proc.stdout.split("digraph")[1]
+
+
+def test_runs_show_dag_to_stdout_is_only_the_picture(daemon_sock: Path) -> None:
+    """``--dag -`` writes the picture alone on stdout (the run goes to stderr), so it
+    pipes into ``dot`` or a file as is."""
+    require_binary("dot", "graphviz")
+    run_id = ctl_run(daemon_sock, "stats", "--outputs", "mean")
+    proc = show(daemon_sock, run_id, "--dag", "-", "--format", "dot")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.lstrip().startswith(("//", "digraph")), proc.stdout[:200]
+    assert f"run_id       {run_id}" in proc.stderr
+    drawn = subprocess.run(
+        ["dot", "-Tsvg"], input=proc.stdout, capture_output=True, text=True, timeout=60
+    )
+    assert drawn.returncode == 0, drawn.stderr
+    svg = show(daemon_sock, run_id, "--dag", "-")  # SVG by default
+    assert svg.returncode == 0 and svg.stdout.startswith("<?xml"), svg.stdout[:200]
 
 
 def test_runs_show_marks_the_node_a_failed_run_stopped_in(

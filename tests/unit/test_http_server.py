@@ -3,6 +3,7 @@ real loopback socket, the no-op instrumentation, the exposition."""
 
 from __future__ import annotations
 
+import re
 import socket
 
 import anyio
@@ -32,6 +33,21 @@ def test_listen_addresses(text: str, expected: tuple[str, int]) -> None:
 def test_bad_listen_addresses_say_what_is_wrong(text: str) -> None:
     with pytest.raises(ValueError, match=r"port|host:port"):
         parse_listen(text)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (9464, "9464: a port alone; write host:port, e.g. 127.0.0.1:9464"),
+        (["127.0.0.1", 9464], "write host:port as text, e.g. 127.0.0.1:9464"),
+        (True, "write host:port as text"),
+    ],
+)
+def test_a_listen_value_that_is_not_text_says_what_to_write(value: object, message: str) -> None:
+    """``listen: 9464`` (YAML makes it a number) once said only "Input should be a valid
+    string"; now the message shows the host:port to write."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        HttpSettings(listen=value)
 
 
 def test_http_settings_are_off_unless_listen_is_set() -> None:
@@ -103,3 +119,93 @@ def test_metrics_off_are_the_shared_no_op_and_on_render_the_exposition() -> None
     assert 'flowerpower_trigger_fires_total{trigger="temp"} 1.0' in text
     assert 'flowerpower_timer_lateness_seconds_count{trigger="tick"} 1.0' in text
     assert "_created" not in text
+
+
+async def test_idle_and_trickling_clients_cannot_lock_out_a_scrape() -> None:
+    """With every slot held by clients that never finish their head (slowloris), a new
+    request still gets its answer: the longest-waiting idle client is dropped for it."""
+
+    async def fine() -> Response:
+        return Response(200, b"fine\n")
+
+    server = HttpServer(("127.0.0.1", 0), {"/fine": fine}, max_clients=4)
+    idle: list[socket.socket] = []
+    try:
+        async with anyio.create_task_group() as tg:
+            await tg.start(server.serve)
+            for _ in range(6):  # more than the slots: each newer one evicts an older one
+                s = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+                s.sendall(b"GET /fine HTTP/1.1\r\nX-Slow: ")
+                idle.append(s)
+            await anyio.sleep(0.3)  # the server accepts them all and waits for their heads
+            assert server.clients == 4
+            with anyio.fail_after(5):
+                answer = await anyio.to_thread.run_sync(
+                    _ask, server.port, b"GET /fine HTTP/1.1\r\n\r\n"
+                )
+            assert answer.startswith(b"HTTP/1.1 200 OK\r\n"), answer
+            assert server.evicted >= 3
+            assert server.clients <= 4
+            tg.cancel_scope.cancel()
+    finally:
+        for s in idle:
+            s.close()
+
+
+async def test_bare_lf_heads_and_absolute_targets_are_understood() -> None:
+    """RFC 9112 lets a server take bare LF line ends (hand-written and busybox health
+    checks send them) and says it must take the absolute form ``http://host/path``."""
+
+    async def fine() -> Response:
+        return Response(200, b"fine\n")
+
+    server = HttpServer(("127.0.0.1", 0), {"/fine": fine, "/": fine})
+    async with anyio.create_task_group() as tg:
+        await tg.start(server.serve)
+
+        async def ask(data: bytes) -> bytes:
+            return await anyio.to_thread.run_sync(_ask, server.port, data)
+
+        for request in (
+            b"GET /fine HTTP/1.1\nHost: a\n\n",
+            b"GET /fine HTTP/1.0\n\n",
+            b"GET http://a:1/fine?x=1 HTTP/1.1\r\nHost: a:1\r\n\r\n",
+            b"GET https://a HTTP/1.1\r\n\r\n",
+        ):
+            answer = await ask(request)
+            assert answer.startswith(b"HTTP/1.1 200 OK\r\n"), (request, answer)
+        assert (await ask(b"GET http://a/nope HTTP/1.1\n\n")).startswith(b"HTTP/1.1 404 ")
+        assert (await ask(b"GET /fine HTTP/1.1\n")).startswith(b"HTTP/1.1 400 ")  # cut short
+        tg.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(
+    ("listen", "family", "loopback"),
+    [
+        (":0", socket.AF_INET, "127.0.0.1"),
+        ("[::]:0", socket.AF_INET6, "::1"),
+    ],
+)
+async def test_wildcard_listen_addresses_serve_their_family(
+    listen: str, family: socket.AddressFamily, loopback: str
+) -> None:
+    """As the README says: ``:PORT`` is every IPv4 interface, ``[::]:PORT`` every IPv6 one."""
+    if family == socket.AF_INET6 and not socket.has_ipv6:
+        pytest.skip("no IPv6 on this host")
+
+    async def fine() -> Response:
+        return Response(200, b"fine\n")
+
+    server = HttpServer(parse_listen(listen), {"/fine": fine})
+    async with anyio.create_task_group() as tg:
+        await tg.start(server.serve)
+
+        def ask() -> bytes:
+            with socket.socket(family) as s:
+                s.settimeout(10)
+                s.connect((loopback, server.port))
+                s.sendall(b"GET /fine HTTP/1.1\r\n\r\n")
+                return s.recv(100)
+
+        assert (await anyio.to_thread.run_sync(ask)).startswith(b"HTTP/1.1 200 ")
+        tg.cancel_scope.cancel()
