@@ -93,9 +93,20 @@ for _name in ("hamilton.driver", "hamilton.async_driver", "hamilton.execution.gr
 
 def _extra(name: str, extra: str, exc: ImportError) -> DependencyMissingError:
     return DependencyMissingError(
-        f"{name} needs an optional dependency that is not installed ({exc.name or exc}); "
+        f"{name} needs an optional dependency that is not installed ({_missing(exc)}); "
         f"install it with: pip install 'flowerpower-daemon[{extra}]'"
     )
+
+
+def _missing(exc: ImportError) -> str:
+    """The module that is missing: Hamilton's plugins re-raise the ImportError with their own
+    install hint (naming an old package), chained to the one that names the module."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ImportError) and seen.name:
+            return seen.name
+        seen = seen.__cause__ or seen.__context__
+    return str(exc)
 
 
 def is_async_modules(modules: Iterable[ModuleType]) -> bool:

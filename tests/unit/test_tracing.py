@@ -446,3 +446,32 @@ async def test_parallelizable_task_spans_stay_in_the_runs_trace(
     squares = [s for s in spans if s.name == "squared"]
     assert len(squares) == 3
     assert {s.context.trace_id for s in spans} == {run_trace}
+
+
+def test_with_adapter_opentelemetry_without_the_extra_names_only_ours(tmp_path: Path) -> None:
+    """``with_adapter.opentelemetry`` without OpenTelemetry: the one line names the missing
+    module and our extra, not the install hint inside Hamilton's plugin (an old package
+    name, ``sf-hamilton[opentelemetry]``)."""
+    example = Path(__file__).resolve().parents[2] / "examples" / "sensors"
+    code = (
+        "import sys\n"
+        "sys.modules['opentelemetry'] = None\n"
+        "from flowerpower_daemon.cli import main\n"
+        "sys.argv = ['flowerpower-daemon', 'pipeline', 'run', 'stats', '--base-dir', sys.argv[1],\n"
+        "            '--with-adapter', '{\"opentelemetry\": true}']\n"
+        "sys.exit(main())\n"
+    )
+    env = {**os.environ, "HAMILTON_TELEMETRY_ENABLED": "false"}
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(example)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert out.returncode != 0
+    [line] = out.stderr.strip().splitlines()
+    assert "with_adapter.opentelemetry" in line and "(opentelemetry)" in line, line
+    assert line.endswith("pip install 'flowerpower-daemon[otel]'"), line
+    assert "sf-hamilton" not in line
