@@ -19,6 +19,7 @@ between many runs are added here:
 
 from __future__ import annotations
 
+import os
 import threading
 import types
 from collections.abc import Awaitable
@@ -26,14 +27,22 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
+import requests
 from hamilton_sdk import adapters as sdk_adapters
+from hamilton_sdk.api import clients as sdk_clients
+from hamilton_sdk.api import constants as sdk_api_constants
 from hamilton_sdk.tracking import constants as sdk_constants
 
-from ..errors import InputError
+from ..errors import FlowerPowerError, InputError
 from .adapters import HamiltonTrackerConfig
 from .tracking import current, run_tags
 
-__all__ = ["CaptureLimits", "tracker"]
+__all__ = ["CaptureLimits", "HamiltonUIError", "tracker"]
+
+
+class HamiltonUIError(FlowerPowerError, ConnectionError):
+    """The Hamilton UI could not be reached, or refused the project or the user, when the
+    tracker checked them (as a pipeline's driver is built)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,6 +171,38 @@ def tracker(
             del kwargs["api_key"]  # the async tracker's default reads HAMILTON_API_KEY
         made = AsyncDaemonTracker(**kwargs)
     else:
-        made = DaemonTracker(**kwargs)
+        made = _checked(pipeline, settings, kwargs)
     made.capture = CaptureLimits.of(settings)
     return made
+
+
+def _checked(
+    pipeline: str, settings: HamiltonTrackerConfig, kwargs: dict[str, Any]
+) -> DaemonTracker:
+    """The sync tracker, which asks the UI for the user and the project as it is made.
+
+    Its failures become one line naming the UI's address and the key to look at;
+    otherwise they read as a Hamilton graph that does not build.
+    """
+    url = (
+        settings.api_url or os.environ.get("HAMILTON_API_URL") or sdk_api_constants.HAMILTON_API_URL
+    )
+    where = f"pipeline {pipeline!r}: with_adapter.hamilton_tracker"
+    try:
+        return DaemonTracker(**kwargs)
+    except requests.RequestException as exc:
+        raise HamiltonUIError(
+            f"{where}: the Hamilton UI at {url} cannot be reached ({type(exc).__name__}); "
+            "is it running? (adapter.hamilton_tracker.api_url)"
+        ) from exc
+    except sdk_clients.ResourceDoesNotExistException as exc:
+        raise HamiltonUIError(
+            f"{where}: the Hamilton UI at {url} has no project "
+            f"{settings.project_id} that {settings.username} may use "
+            "(adapter.hamilton_tracker.project_id, username; create it in the UI)"
+        ) from exc
+    except sdk_clients.UnauthorizedException as exc:
+        raise HamiltonUIError(
+            f"{where}: the Hamilton UI at {url} refused user {settings.username} "
+            "(adapter.hamilton_tracker.username, api_key)"
+        ) from exc
