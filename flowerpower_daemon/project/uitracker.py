@@ -15,10 +15,14 @@ between many runs are added here:
   become properties reading a context variable that each tracker sets
   around its own result summaries, falling back to the process's values
   (the SDK's defaults, ``HAMILTON_*`` environment, ``~/.hamilton.conf``).
+
+The SDK's per-run log lines (its clock at INFO, the run's URL twice at
+WARNING) become DEBUG records, so a daemon's log is not a warning per run.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import types
@@ -87,6 +91,31 @@ class _PerRunConstants(types.ModuleType):
 
 
 _patch_lock = threading.Lock()
+
+#: What the SDK logs for every run: its clock and status (INFO) and, twice, the run's URL
+#: (WARNING). Per-run chatter in a daemon's log; DEBUG, shown when the daemon logs DEBUG.
+_PER_RUN = ("Clocked ", "Updating run status", "Capturing execution run", "Captured execution run")
+
+
+class _PerRunToDebug(logging.Filter):
+    """Turns the SDK's per-run messages into DEBUG records (dropped unless DEBUG is on)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.msg
+        if isinstance(msg, str) and msg.lstrip().startswith(_PER_RUN):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger().isEnabledFor(logging.DEBUG)
+        return True
+
+
+def _quiet_per_run_logs() -> None:
+    for name in ("hamilton_sdk.adapters", "hamilton_sdk.tracking.runs"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _PerRunToDebug) for f in logger.filters):
+            logger.addFilter(_PerRunToDebug())
+
+
+_quiet_per_run_logs()
 
 
 def _patch_constants() -> None:

@@ -247,6 +247,11 @@ async def test_daemon_runs_show_up_in_the_ui_with_their_trigger(
         assert {r["status"] for r in results.values()} == {"success"}, results
         run = wait_for_run(hamilton_ui, ids["tracked"], {"window", "summary"})
         arun = wait_for_run(hamilton_ui, ids["tracked_async"], {"window"})
+        log = d.procs[0].log()
+    # The SDK's per-run chatter (two warnings with the run's URL, its clock at INFO)
+    # stays out of the daemon's log at its default level.
+    for chatter in ("execution run. Results can be found", "Clocked beginning of run"):
+        assert chatter not in log, log[-3000:]
     assert run["tags"] == {
         "site": "plant-1",
         "trigger": "line",
