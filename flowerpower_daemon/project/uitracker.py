@@ -41,7 +41,7 @@ from ..errors import FlowerPowerError, InputError
 from .adapters import HamiltonTrackerConfig
 from .tracking import current, run_tags
 
-__all__ = ["CaptureLimits", "HamiltonUIError", "tracker"]
+__all__ = ["HTTP_TIMEOUT", "CaptureLimits", "HamiltonUIError", "tracker"]
 
 
 class HamiltonUIError(FlowerPowerError, ConnectionError):
@@ -106,6 +106,41 @@ class _PerRunToDebug(logging.Filter):
             record.levelno, record.levelname = logging.DEBUG, "DEBUG"
             return logging.getLogger().isEnabledFor(logging.DEBUG)
         return True
+
+
+#: (connect, read) seconds for each call of the SDK's sync client to the UI. The SDK sets
+#: none, so a UI that accepts connections but does not answer held a run, and the
+#: daemon's start (drivers are built before it comes online), forever.
+HTTP_TIMEOUT: tuple[float, float] = (10.0, 30.0)
+
+
+class _TimedRequests:
+    """``requests`` as the SDK's client module sees it: each call has a timeout."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(requests, name)
+
+    def _call(self, method: str, url: str, **kwargs: Any) -> requests.Response:
+        kwargs.setdefault("timeout", HTTP_TIMEOUT)
+        return requests.request(method, url, **kwargs)
+
+    def get(self, url: str, **kwargs: Any) -> requests.Response:
+        return self._call("GET", url, **kwargs)
+
+    def post(self, url: str, **kwargs: Any) -> requests.Response:
+        return self._call("POST", url, **kwargs)
+
+    def put(self, url: str, **kwargs: Any) -> requests.Response:
+        return self._call("PUT", url, **kwargs)
+
+    def patch(self, url: str, **kwargs: Any) -> requests.Response:
+        return self._call("PATCH", url, **kwargs)
+
+    def delete(self, url: str, **kwargs: Any) -> requests.Response:
+        return self._call("DELETE", url, **kwargs)
+
+
+sdk_clients.requests = _TimedRequests()
 
 
 def _quiet_per_run_logs() -> None:

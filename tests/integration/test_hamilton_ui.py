@@ -20,6 +20,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -306,3 +307,22 @@ def test_a_project_the_ui_does_not_have_is_named(tmp_path: Path, hamilton_ui: Ha
     line = _error_line(_pipeline_run(project, "tracked"))
     assert f"the Hamilton UI at {hamilton_ui.url} has no project 987654" in line, line
     assert USER in line and "adapter.hamilton_tracker.project_id" in line, line
+
+
+def test_a_ui_that_does_not_answer_times_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A UI that accepts connections but never answers: the tracker gives up after
+    ``HTTP_TIMEOUT`` with the one-line error (the SDK sets no timeout: it waited forever,
+    and held the daemon's start, which builds the drivers, with it)."""
+    from flowerpower_daemon.project import uitracker
+    from flowerpower_daemon.project.adapters import HamiltonTrackerConfig
+
+    monkeypatch.setattr(uitracker, "HTTP_TIMEOUT", (1.0, 1.0))
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)  # the kernel completes connections; nobody reads or answers
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        settings = HamiltonTrackerConfig(project_id=1, username=USER, api_url=url)
+        started = time.monotonic()
+        with pytest.raises(uitracker.HamiltonUIError, match=r"cannot be reached \(ReadTimeout\)"):
+            uitracker.tracker(settings, "tracked", is_async=False)
+    assert time.monotonic() - started < 20
