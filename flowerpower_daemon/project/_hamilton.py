@@ -8,6 +8,7 @@ Hamilton's telemetry is switched off before the import.
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import importlib
 import inspect
@@ -15,6 +16,7 @@ import logging
 import os
 import typing
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from types import ModuleType, TracebackType
 from typing import Any, Protocol, TypedDict
@@ -95,9 +97,20 @@ for _name in ("hamilton.driver", "hamilton.async_driver", "hamilton.execution.gr
 
 def _extra(name: str, extra: str, exc: ImportError) -> DependencyMissingError:
     return DependencyMissingError(
-        f"{name} needs an optional dependency that is not installed ({exc.name or exc}); "
+        f"{name} needs an optional dependency that is not installed ({_missing(exc)}); "
         f"install it with: pip install 'flowerpower-daemon[{extra}]'"
     )
+
+
+def _missing(exc: ImportError) -> str:
+    """The module that is missing: Hamilton's plugins re-raise the ImportError with their own
+    install hint (naming an old package), chained to the one that names the module."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ImportError) and seen.name:
+            return seen.name
+        seen = seen.__cause__ or seen.__context__
+    return str(exc)
 
 
 def is_async_modules(modules: Iterable[ModuleType]) -> bool:
@@ -217,6 +230,30 @@ def _start_ray(kwargs: RayKwargs) -> None:
         ray.init(num_cpus=kwargs["num_cpus"], **kwargs["ray_init_config"])
 
 
+class _ContextThreadPool(ThreadPoolExecutor):
+    """A thread pool whose tasks run in a copy of the submitter's context.
+
+    Hamilton's ``threadpool`` executors run nodes (and their lifecycle hooks)
+    in pool threads, which start from an empty context: without the copy the
+    run's trace span (so Hamilton's node spans and pipeline code using the
+    OpenTelemetry API) and the run bound for the tracking adapters are lost
+    there, and each node span starts a trace of its own.
+    """
+
+    def submit(  # type: ignore[override]
+        self, fn: Callable[..., object], /, *args: object, **kwargs: object
+    ) -> Future[object]:
+        context = contextvars.copy_context()
+        return super().submit(lambda: context.run(fn, *args, **kwargs))
+
+
+class _ContextThreadingExecutor(executors.MultiThreadingExecutor):  # type: ignore[misc]
+    """Hamilton's task executor (``Parallelizable`` pipelines) on a :class:`_ContextThreadPool`."""
+
+    def create_pool(self) -> ThreadPoolExecutor:
+        return _ContextThreadPool(max_workers=self.max_tasks)
+
+
 def _apply_executor(
     builder: driver.Builder,
     executor: ExecutorConfig,
@@ -229,11 +266,13 @@ def _apply_executor(
     if kind == "threadpool" or (kind == "local" and future_flag):
         if _has_parallelizable(modules):
             builder.enable_dynamic_execution(allow_experimental_mode=True)
-            builder.with_remote_executor(executors.MultiThreadingExecutor(max_tasks=workers))
+            builder.with_remote_executor(_ContextThreadingExecutor(max_tasks=workers))
         else:
             from hamilton.plugins import h_threadpool
 
-            builder.with_adapters(h_threadpool.FutureAdapter(max_workers=workers))
+            adapter = h_threadpool.FutureAdapter(max_workers=workers)
+            adapter.executor = _ContextThreadPool(max_workers=workers)
+            builder.with_adapters(adapter)
     elif kind == "processpool":
         builder.enable_dynamic_execution(allow_experimental_mode=True)
         builder.with_remote_executor(executors.MultiProcessingExecutor(max_tasks=workers))

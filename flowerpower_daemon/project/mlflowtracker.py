@@ -73,8 +73,10 @@ class MlflowRuns(GraphConstructionHook, GraphExecutionHook, NodeExecutionHook): 
         self._lock = threading.Lock()
         if settings.autolog:
             _autolog()
-        # Reach the store now: a wrong tracking_uri fails the driver, not every run.
-        self._new_tracker(run_name=None, tags={})
+        # No call to the tracking server here: drivers are built while the daemon starts
+        # and reloads, and MLflow's client retries a server it cannot reach for about four
+        # minutes. Each run reaches the store in its before-graph hook instead (a wrong
+        # tracking_uri fails the runs of this pipeline, with MLflow's message).
 
     def _new_tracker(self, run_name: str | None, tags: Mapping[str, object]) -> Any:
         s = self._settings

@@ -15,10 +15,15 @@ between many runs are added here:
   become properties reading a context variable that each tracker sets
   around its own result summaries, falling back to the process's values
   (the SDK's defaults, ``HAMILTON_*`` environment, ``~/.hamilton.conf``).
+
+The SDK's per-run log lines (its clock at INFO, the run's URL twice at
+WARNING) become DEBUG records, so a daemon's log is not a warning per run.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import threading
 import types
 from collections.abc import Awaitable
@@ -26,14 +31,22 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
+import requests
 from hamilton_sdk import adapters as sdk_adapters
+from hamilton_sdk.api import clients as sdk_clients
+from hamilton_sdk.api import constants as sdk_api_constants
 from hamilton_sdk.tracking import constants as sdk_constants
 
-from ..errors import InputError
+from ..errors import FlowerPowerError, InputError
 from .adapters import HamiltonTrackerConfig
 from .tracking import current, run_tags
 
-__all__ = ["CaptureLimits", "tracker"]
+__all__ = ["HTTP_TIMEOUT", "CaptureLimits", "HamiltonUIError", "tracker"]
+
+
+class HamiltonUIError(FlowerPowerError, ConnectionError):
+    """The Hamilton UI could not be reached, or refused the project or the user, when the
+    tracker checked them (as a pipeline's driver is built)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +91,66 @@ class _PerRunConstants(types.ModuleType):
 
 
 _patch_lock = threading.Lock()
+
+#: What the SDK logs for every run: its clock and status (INFO) and, twice, the run's URL
+#: (WARNING). Per-run chatter in a daemon's log; DEBUG, shown when the daemon logs DEBUG.
+_PER_RUN = ("Clocked ", "Updating run status", "Capturing execution run", "Captured execution run")
+
+
+class _PerRunToDebug(logging.Filter):
+    """Turns the SDK's per-run messages into DEBUG records (dropped unless DEBUG is on)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.msg
+        if isinstance(msg, str) and msg.lstrip().startswith(_PER_RUN):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger().isEnabledFor(logging.DEBUG)
+        return True
+
+
+#: (connect, read) seconds for each call of the SDK's sync client to the UI. The SDK sets
+#: none, so a UI that accepts connections but does not answer held a run, and the
+#: daemon's start (drivers are built before it comes online), forever.
+HTTP_TIMEOUT: tuple[float, float] = (10.0, 30.0)
+
+
+class _TimedRequests:
+    """``requests`` as the SDK's client module sees it: each call has a timeout."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(requests, name)
+
+    def _call(self, method: str, url: str, **kwargs: Any) -> requests.Response:
+        kwargs.setdefault("timeout", HTTP_TIMEOUT)
+        return requests.request(method, url, **kwargs)
+
+    def get(self, url: str, **kwargs: Any) -> requests.Response:
+        return self._call("GET", url, **kwargs)
+
+    def post(self, url: str, **kwargs: Any) -> requests.Response:
+        return self._call("POST", url, **kwargs)
+
+    def put(self, url: str, **kwargs: Any) -> requests.Response:
+        return self._call("PUT", url, **kwargs)
+
+    def patch(self, url: str, **kwargs: Any) -> requests.Response:
+        return self._call("PATCH", url, **kwargs)
+
+    def delete(self, url: str, **kwargs: Any) -> requests.Response:
+        return self._call("DELETE", url, **kwargs)
+
+
+sdk_clients.requests = _TimedRequests()
+
+
+def _quiet_per_run_logs() -> None:
+    for name in ("hamilton_sdk.adapters", "hamilton_sdk.tracking.runs"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _PerRunToDebug) for f in logger.filters):
+            logger.addFilter(_PerRunToDebug())
+
+
+_quiet_per_run_logs()
 
 
 def _patch_constants() -> None:
@@ -162,6 +235,38 @@ def tracker(
             del kwargs["api_key"]  # the async tracker's default reads HAMILTON_API_KEY
         made = AsyncDaemonTracker(**kwargs)
     else:
-        made = DaemonTracker(**kwargs)
+        made = _checked(pipeline, settings, kwargs)
     made.capture = CaptureLimits.of(settings)
     return made
+
+
+def _checked(
+    pipeline: str, settings: HamiltonTrackerConfig, kwargs: dict[str, Any]
+) -> DaemonTracker:
+    """The sync tracker, which asks the UI for the user and the project as it is made.
+
+    Its failures become one line naming the UI's address and the key to look at;
+    otherwise they read as a Hamilton graph that does not build.
+    """
+    url = (
+        settings.api_url or os.environ.get("HAMILTON_API_URL") or sdk_api_constants.HAMILTON_API_URL
+    )
+    where = f"pipeline {pipeline!r}: with_adapter.hamilton_tracker"
+    try:
+        return DaemonTracker(**kwargs)
+    except requests.RequestException as exc:
+        raise HamiltonUIError(
+            f"{where}: the Hamilton UI at {url} cannot be reached ({type(exc).__name__}); "
+            "is it running? (adapter.hamilton_tracker.api_url)"
+        ) from exc
+    except sdk_clients.ResourceDoesNotExistException as exc:
+        raise HamiltonUIError(
+            f"{where}: the Hamilton UI at {url} has no project "
+            f"{settings.project_id} that {settings.username} may use "
+            "(adapter.hamilton_tracker.project_id, username; create it in the UI)"
+        ) from exc
+    except sdk_clients.UnauthorizedException as exc:
+        raise HamiltonUIError(
+            f"{where}: the Hamilton UI at {url} refused user {settings.username} "
+            "(adapter.hamilton_tracker.username, api_key)"
+        ) from exc

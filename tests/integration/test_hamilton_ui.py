@@ -20,6 +20,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -33,7 +34,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.daemon_harness import configure, make_project, mqtt_trigger, online_daemon, unique
+from tests.daemon_harness import BIN, configure, make_project, mqtt_trigger, online_daemon, unique
 from tests.services import free_port
 
 pytestmark = pytest.mark.timeout(300)
@@ -247,6 +248,11 @@ async def test_daemon_runs_show_up_in_the_ui_with_their_trigger(
         assert {r["status"] for r in results.values()} == {"success"}, results
         run = wait_for_run(hamilton_ui, ids["tracked"], {"window", "summary"})
         arun = wait_for_run(hamilton_ui, ids["tracked_async"], {"window"})
+        log = d.procs[0].log()
+    # The SDK's per-run chatter (two warnings with the run's URL, its clock at INFO)
+    # stays out of the daemon's log at its default level.
+    for chatter in ("execution run. Results can be found", "Clocked beginning of run"):
+        assert chatter not in log, log[-3000:]
     assert run["tags"] == {
         "site": "plant-1",
         "trigger": "line",
@@ -264,3 +270,59 @@ async def test_daemon_runs_show_up_in_the_ui_with_their_trigger(
     assert arun["tags"]["trigger"] == "line_async"
     assert arun["tags"]["flowerpower_run_id"] == results["tracked_async"]["run_id"]
     assert result_summary(hamilton_ui, arun["id"], "window") == [7, 8, "... truncated ..."]
+
+
+def _pipeline_run(project: Path, pipeline: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(BIN / "flowerpower-daemon"), "pipeline", "run", pipeline, "--base-dir", str(project)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "HAMILTON_TELEMETRY_ENABLED": "false"},
+    )
+
+
+def _error_line(proc: subprocess.CompletedProcess[str]) -> str:
+    assert proc.returncode != 0, proc.stdout
+    assert "Traceback" not in proc.stderr, proc.stderr
+    [line] = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    return line
+
+
+def test_an_unreachable_ui_is_named_not_a_graph_that_does_not_build(tmp_path: Path) -> None:
+    """No UI at ``api_url``: one line naming the address and the key, where the run used
+    to fail with "the Hamilton graph does not build: ConnectionError: ..."."""
+    down = HamiltonUI(f"http://127.0.0.1:{free_port()}", tmp_path / "none.log")
+    project = tracked_project(tmp_path, down, {"tracked": 1})
+    line = _error_line(_pipeline_run(project, "tracked"))
+    assert f"the Hamilton UI at {down.url} cannot be reached" in line, line
+    assert "adapter.hamilton_tracker.api_url" in line, line
+    assert "does not build" not in line, line
+
+
+def test_a_project_the_ui_does_not_have_is_named(tmp_path: Path, hamilton_ui: HamiltonUI) -> None:
+    """A ``project_id`` the UI has no project for (or the user may not use): one line
+    naming the key, the id, the user and the UI."""
+    project = tracked_project(tmp_path, hamilton_ui, {"tracked": 987654})
+    line = _error_line(_pipeline_run(project, "tracked"))
+    assert f"the Hamilton UI at {hamilton_ui.url} has no project 987654" in line, line
+    assert USER in line and "adapter.hamilton_tracker.project_id" in line, line
+
+
+def test_a_ui_that_does_not_answer_times_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A UI that accepts connections but never answers: the tracker gives up after
+    ``HTTP_TIMEOUT`` with the one-line error (the SDK sets no timeout: it waited forever,
+    and held the daemon's start, which builds the drivers, with it)."""
+    from flowerpower_daemon.project import uitracker
+    from flowerpower_daemon.project.adapters import HamiltonTrackerConfig
+
+    monkeypatch.setattr(uitracker, "HTTP_TIMEOUT", (1.0, 1.0))
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)  # the kernel completes connections; nobody reads or answers
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        settings = HamiltonTrackerConfig(project_id=1, username=USER, api_url=url)
+        started = time.monotonic()
+        with pytest.raises(uitracker.HamiltonUIError, match=r"cannot be reached \(ReadTimeout\)"):
+            uitracker.tracker(settings, "tracked", is_async=False)
+    assert time.monotonic() - started < 20

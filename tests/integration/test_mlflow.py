@@ -10,6 +10,7 @@ descriptions and the logged outputs. MLflow 3 keeps its file store behind
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -213,3 +214,39 @@ def test_bad_run_name_placeholder_is_a_config_error(tmp_path: Path) -> None:
     assert "adapter.mlflow.run_name" in proc.stderr
     assert "unknown placeholder {when}" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+async def test_a_tracking_server_that_is_down_does_not_hold_up_the_daemon(
+    tmp_path: Path, mosquitto: Any
+) -> None:
+    """Starting (building the drivers) does not call the tracking server: MLflow's client
+    retries one it cannot reach for about four minutes, which held every pipeline's
+    triggers back. Untracked pipelines run; the tracked pipeline's run fails with MLflow's
+    message (fast here: the test turns MLflow's HTTP retries off, as the README shows)."""
+    connections = 0
+
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        writer.close()
+
+    server = await asyncio.start_server(hang_up, "127.0.0.1", 0)
+    down = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    project = tracked_project(tmp_path, tmp_path / "mlruns", tracking_uri=down)
+    tracked_topic, plain_topic = f"{unique('tracked')}/a", f"{unique('plain')}/a"
+    triggers = [
+        mqtt_trigger("tracked", "tracked", tracked_topic),
+        mqtt_trigger("temperature", "temperature", plain_topic),
+    ]
+    config = configure(tmp_path, mosquitto.port, triggers, project=project)
+    env = {**ENV, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+    async with server, online_daemon(config, subscribe=[config.results], env=env) as d:
+        await d.client.publish(plain_topic, b'{"temperature": 20}', qos=1)
+        _, plain, _ = await d.next_message(config.results, timeout=30)
+        assert connections == 0, "the daemon called the tracking server before any tracked run"
+        await d.client.publish(tracked_topic, b'{"readings": [1, 2]}', qos=1)
+        _, tracked, _ = await d.next_message(config.results, timeout=30)
+    assert plain["status"] == "success", plain
+    assert tracked["status"] == "failed", tracked
+    assert down in tracked["error"]["message"], tracked
+    assert connections >= 1

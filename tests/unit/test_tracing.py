@@ -370,3 +370,108 @@ def test_without_the_extra_enabling_names_it() -> None:
     line = out.stdout.strip()
     assert line.startswith("DependencyMissingError OTEL_TRACES_EXPORTER=otlp needs OpenTelemetry")
     assert line.endswith("pip install 'flowerpower-daemon[otel]'") and "\n" not in line
+
+
+@pytest.mark.parametrize("executor", ["threadpool", "local-future"])
+async def test_threadpool_node_spans_stay_under_the_run(
+    projects: ProjectFactory, exporter: InMemorySpanExporter, executor: str
+) -> None:
+    """A pipeline on FlowerPower's ``threadpool`` executor (the default of projects that
+    ``flowerpower new`` makes) runs its nodes in pool threads: their spans, and pipeline
+    code using the OpenTelemetry API, still hang under the run's graph span."""
+    module = """
+        from opentelemetry import trace
+
+        def span_id(x: int) -> str:
+            return format(trace.get_current_span().get_span_context().span_id, "016x")
+
+        def doubled(x: int) -> int:
+            return 2 * x
+    """
+    run: dict[str, object] = {"final_vars": ["span_id", "doubled"]}
+    if executor == "threadpool":
+        run["executor"] = {"type": "threadpool", "max_workers": 2}
+    else:
+        run["with_adapter"] = {"future": True}
+    project = projects.load({"pooled": module}, {"pooled": {"run": run}})
+    sink = _Sink()
+    with anyio.fail_after(30):
+        await RunExecutor(project.runner, sink)(
+            InProcessRequest(RunRequest("pooled", inputs={"x": 1}))
+        )
+    [(result, _)] = sink.sent
+    assert result.status == "success", result.error
+    spans = exporter.get_finished_spans()
+    named = _by_name(spans)
+    run_span = named["run pooled"]
+    [graph] = [
+        s for s in spans if s.parent is not None and s.parent.span_id == run_span.context.span_id
+    ]
+    for node in ("span_id", "doubled"):
+        span = named[node]
+        assert span.context.trace_id == run_span.context.trace_id, node
+        assert span.parent is not None and span.parent.span_id == graph.context.span_id, node
+    assert result.outputs["span_id"] == _hex(named["span_id"].context.span_id, 16)
+
+
+async def test_parallelizable_task_spans_stay_in_the_runs_trace(
+    projects: ProjectFactory, exporter: InMemorySpanExporter
+) -> None:
+    """``Parallelizable`` on the ``threadpool`` executor (Hamilton's task executor): every
+    task and node span is in the run's trace."""
+    module = """
+        from hamilton.htypes import Collect, Parallelizable
+
+        def item(n: int) -> Parallelizable[int]:
+            yield from range(n)
+
+        def squared(item: int) -> int:
+            return item * item
+
+        def total(squared: Collect[int]) -> int:
+            return sum(squared)
+    """
+    run = {"final_vars": ["total"], "executor": {"type": "threadpool", "max_workers": 2}}
+    project = projects.load({"fanned": module}, {"fanned": {"run": run}})
+    sink = _Sink()
+    with anyio.fail_after(30):
+        await RunExecutor(project.runner, sink)(
+            InProcessRequest(RunRequest("fanned", inputs={"n": 3}))
+        )
+    [(result, _)] = sink.sent
+    assert result.status == "success", result.error
+    assert result.outputs["total"] == 5
+    spans = exporter.get_finished_spans()
+    run_trace = _by_name(spans)["run fanned"].context.trace_id
+    squares = [s for s in spans if s.name == "squared"]
+    assert len(squares) == 3
+    assert {s.context.trace_id for s in spans} == {run_trace}
+
+
+def test_with_adapter_opentelemetry_without_the_extra_names_only_ours(tmp_path: Path) -> None:
+    """``with_adapter.opentelemetry`` without OpenTelemetry: the one line names the missing
+    module and our extra, not the install hint inside Hamilton's plugin (an old package
+    name, ``sf-hamilton[opentelemetry]``)."""
+    example = Path(__file__).resolve().parents[2] / "examples" / "sensors"
+    code = (
+        "import sys\n"
+        "sys.modules['opentelemetry'] = None\n"
+        "from flowerpower_daemon.cli import main\n"
+        "sys.argv = ['flowerpower-daemon', 'pipeline', 'run', 'stats', '--base-dir', sys.argv[1],\n"
+        "            '--with-adapter', '{\"opentelemetry\": true}']\n"
+        "sys.exit(main())\n"
+    )
+    env = {**os.environ, "HAMILTON_TELEMETRY_ENABLED": "false"}
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(example)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert out.returncode != 0
+    [line] = out.stderr.strip().splitlines()
+    assert "with_adapter.opentelemetry" in line and "(opentelemetry)" in line, line
+    assert line.endswith("pip install 'flowerpower-daemon[otel]'"), line
+    assert "sf-hamilton" not in line
