@@ -236,7 +236,9 @@ class ControlClient:
 
 
 def _err(text: str) -> None:
-    sys.stderr.write(text + "\n")
+    from .render import printable
+
+    sys.stderr.write(printable(text) + "\n")
 
 
 def parse_duration(text: str) -> float:

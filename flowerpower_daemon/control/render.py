@@ -11,17 +11,32 @@ from collections.abc import Callable, Mapping, Sequence
 
 import orjson
 
-__all__ = ["dump", "event", "problem", "result", "text_table"]
+__all__ = ["dump", "event", "printable", "problem", "result", "text_table"]
 
 _RUN_OK, _RUN_FAILED = 0, 4
 
+#: C0 and C1 control characters but newline and tab, and DEL, as visible escapes.
+_CONTROLS = {
+    c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0)) if c not in (0x09, 0x0A)
+}
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters shown as ``\\xNN`` instead of sent to the terminal.
+
+    Topics, pipeline names, error messages and outputs come from devices and
+    pipeline code: an escape sequence among them would otherwise drive the
+    user's terminal (retitle it, move the cursor, hide lines).
+    """
+    return text.translate(_CONTROLS)
+
 
 def _out(text: str) -> None:
-    sys.stdout.write(text + "\n")
+    sys.stdout.write(printable(text) + "\n")
 
 
 def _err(text: str) -> None:
-    sys.stderr.write(text + "\n")
+    sys.stderr.write(printable(text) + "\n")
 
 
 def dump(value: object) -> None:
@@ -46,7 +61,8 @@ def event(item: Mapping[str, object], as_json: bool) -> None:
             for k, v in item.items()
             if k not in ("type", "time") and v is not None
         )
-        sys.stdout.write(f"{item.get('time', '')}  {item.get('type', '?'):<14} {fields}\n")
+        line = f"{item.get('time', '')}  {item.get('type', '?'):<14} {fields}"
+        sys.stdout.write(printable(line) + "\n")
     sys.stdout.flush()
 
 
@@ -93,7 +109,7 @@ def _table(rows: Sequence[Mapping[str, object]], columns: Sequence[tuple[str, st
         _out("(none)")
         return
     cells = [[_cell(row.get(key)) for key, _ in columns] for row in rows]
-    sys.stdout.write(text_table(cells, [header for _, header in columns]))
+    sys.stdout.write(printable(text_table(cells, [header for _, header in columns])))
 
 
 def _cell(value: object) -> str:

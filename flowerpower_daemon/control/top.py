@@ -24,7 +24,7 @@ from typing import Protocol, Self
 
 import anyio
 
-from .render import text_table
+from .render import printable, text_table
 
 __all__ = ["Connection", "TopView", "run_top"]
 
@@ -231,6 +231,7 @@ def _screen(tty: bool) -> Iterator[None]:
 
 
 def _draw(text: str, tty: bool) -> None:
+    text = printable(text)
     if tty:
         # Fit the terminal: a line that wrapped, or one more line than the screen has,
         # would scroll the header away and leave the redraw out of step.

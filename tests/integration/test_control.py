@@ -165,6 +165,16 @@ def test_run_wait_returns_the_pipeline_outputs(live: Live) -> None:
     assert "success" in human.out and "104.0" in human.out
 
 
+def test_control_characters_from_runs_are_shown_not_sent_to_the_terminal(live: Live) -> None:
+    """An escape sequence in an output (from a device, say) is printed as ``\\x1b``, not obeyed."""
+    evil = "\x1b]0;owned\x07\x1b[2J"
+    inputs = json.dumps({"temperature": 40, "device": evil})
+    human = ctl(live.sock, "run", "temperature", "--inputs", inputs, "--wait", as_json=False)
+    assert human.rc == 0, human.err
+    assert "\\x1b]0;owned\\x07\\x1b[2J" in human.out
+    assert "\x1b" not in human.out and "\x07" not in human.out
+
+
 async def test_manual_run_result_is_published_on_mqtt(live: Live) -> None:
     """A `run` from the control socket publishes its result like any other run."""
     topic = live.settings["mqtt"]["result_topic"].format(pipeline="stats")
@@ -273,7 +283,14 @@ def test_schedule_add_list_pause_resume_remove(live: Live) -> None:
     assert dup.rc == 1 and "conflict" in dup.err
     # FlowerPower's cron dict form.
     over = ok(
-        sock, "schedule", "add", "stats", "--cron", '{"hour": 3, "minute": 0}', "--id", "hourly",
+        sock,
+        "schedule",
+        "add",
+        "stats",
+        "--cron",
+        '{"hour": 3, "minute": 0}',
+        "--id",
+        "hourly",
         "--overwrite",
     )
     assert over["type"] == "cron"
