@@ -56,6 +56,7 @@ from ..project.encoding import encode_result
 from ..project.models import AttemptInfo, ErrorInfo, RunRequest, RunResult, utcnow
 from ..project.runner import PipelineRunner
 from ..settings import QueueSettings, RedisTarget
+from ..state.batch import WriteBatch, WritePipeline
 from ..state.dedup import DEFAULT_TTL, DedupStore
 from ..state.stores import RedisClient, RedisStore
 
@@ -212,13 +213,34 @@ class RunLedger(RedisStore):
 
     # Registered on each new client by _scripts.
     _started: AsyncScript
+    #: Set by a worker: notes and clean-ups go out with its other writes (one round trip).
+    batch: WriteBatch | None = None
 
     def _scripts(self, redis: RedisClient) -> None:
         self._started = redis.register_script(_STARTED)
 
-    async def started(self, run_id: str) -> tuple[list[Lost], str]:
-        """Note this start; the earlier starts (when, which worker) and this start's entry."""
+    async def started(self, run_id: str, *, first: bool = False) -> tuple[list[Lost], str]:
+        """Note this start; the earlier starts (when, which worker) and this start's entry.
+
+        ``first``: the message is a first delivery (not reclaimed), so there is no
+        earlier start to read: the note alone goes out, with the batch's other writes.
+        """
         entry = f"{time.time()!r} {self.who}"
+        if first and self.batch is not None:
+            key, ttl = f"{self.prefix}:{run_id}", max(1, int(self.ttl))
+
+            def note(pipe: WritePipeline) -> None:
+                pipe.rpush(key, entry)
+                pipe.expire(key, ttl)
+
+            try:
+                replies = await self.batch.submit(note)
+            except Exception as exc:  # redis.RedisError, OSError ...
+                replies = [exc]
+            failed = [r for r in replies if isinstance(r, Exception)]
+            if failed:
+                log.error("run_ledger_failed", error=str(failed[0]))
+            return [], entry
         try:
             raw = await self._started(
                 keys=[f"{self.prefix}:{run_id}"], args=[entry, max(1, int(self.ttl))]
@@ -233,6 +255,10 @@ class RunLedger(RedisStore):
         return earlier, entry
 
     async def finished(self, run_id: str) -> None:
+        if self.batch is not None:
+            key = f"{self.prefix}:{run_id}"
+            self.batch.send(lambda pipe: pipe.delete(key), "run_ledger_failed")
+            return
         try:
             await self._redis.delete(f"{self.prefix}:{run_id}")
         except Exception as exc:
@@ -272,8 +298,12 @@ class RunExecutor:
         max_deliveries: int = 3,
         track_running: bool = False,
         who: str | None = None,
+        first_delivery: Callable[[str], bool] | None = None,
     ) -> None:
         self.runner = runner
+        #: Whether a run id's message is a first delivery (no earlier start to look up in the
+        #: ledger); without it every start reads the ledger.
+        self.first_delivery = first_delivery
         self.who = who or worker_name()
         self.done = 0
         self.sink = sink
@@ -365,7 +395,8 @@ class RunExecutor:
                 return None
         if self.ledger is None:
             return await self.runner.run(request)
-        lost, entry = await self.ledger.started(request.run_id)
+        first = self.first_delivery is not None and self.first_delivery(request.run_id)
+        lost, entry = await self.ledger.started(request.run_id, first=first)
         reclaimed_at = utcnow()
         if lost:
             log.warning("run_reclaimed_runs_again", lost_attempts=len(lost))

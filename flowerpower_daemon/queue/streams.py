@@ -32,11 +32,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext, suppress
 from datetime import UTC, datetime
 from typing import Any, NoReturn, TypedDict
 
 import anyio
+import orjson
 import structlog
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -45,6 +46,7 @@ from taskiq import AckableMessage, AsyncBroker
 from taskiq_redis import RedisStreamBroker, RedisStreamClusterBroker, RedisStreamSentinelBroker
 
 from ..settings import RedisTarget
+from ..state.batch import WriteBatch
 from ..state.stores import RedisStore, cluster_for, sentinel_for
 
 __all__ = [
@@ -85,6 +87,22 @@ class Reclaiming(AsyncBroker):
     #: stream (a worker tells systemd READY=1 then).
     on_listening: Callable[[], object] | None = None
 
+    #: Set by a worker: acks go out with its other writes, several in one ``XACK``.
+    write_batch: WriteBatch | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: Task ids (run ids) of the messages reclaimed from another consumer, not yet run.
+        self.reclaimed: set[str] = set()
+
+    def first_delivery(self, task_id: str) -> bool:
+        """Whether ``task_id``'s message came fresh from the stream (not reclaimed); once."""
+        reclaimed = self.reclaimed
+        if task_id in reclaimed:
+            reclaimed.discard(task_id)
+            return False
+        return True
+
     def _ack_generator(self, id: str, queue_name: str) -> Callable[[], Awaitable[None]]:
         async def ack() -> None:
             async with self._connection() as conn:
@@ -93,6 +111,9 @@ class Reclaiming(AsyncBroker):
         async def guarded() -> None:
             if self.withhold_acks:
                 log.info("run_left_in_stream", message_id=_text(id))
+                return
+            if self.write_batch is not None:  # sent with the next writes, tried again there
+                self.write_batch.ack(queue_name, self.consumer_group_name, id)
                 return
             # XACK is idempotent: a connection lost to a Redis restart is tried again
             # (an ack that never lands leaves a finished run to be run again elsewhere).
@@ -160,6 +181,8 @@ class Reclaiming(AsyncBroker):
                         await conn.xack(self.queue_name, self.consumer_group_name, msg_id)
                         continue
                     log.warning("run_reclaimed", message_id=_text(msg_id))
+                    with suppress(ValueError, KeyError, TypeError):
+                        self.reclaimed.add(str(orjson.loads(msg[b"data"])["task_id"]))
                     yield AckableMessage(
                         data=msg[b"data"], ack=self._ack_generator(msg_id, self.queue_name)
                     )

@@ -75,7 +75,9 @@ async def run_worker(settings: Settings) -> None:
     )
     from ..queue.streams import Reclaiming, WorkerPresence
     from ..queue.threads import ElasticThreadPool
+    from ..state.batch import WriteBatch
     from ..state.dedup import RedisDedupStore, dedup_prefix
+    from ..state.history import RedisHistory
 
     if not settings.queue.is_redis:
         raise ConfigError(
@@ -115,6 +117,14 @@ async def run_worker(settings: Settings) -> None:
     dedup = RedisDedupStore(queue.redis, dedup_prefix(queue))
     ledger = RunLedger(queue.redis, f"{queue.queue_name}:started", who=who)
     presence = WorkerPresence(queue.redis, queue.queue_name, ttl=5 * BEAT_EVERY)
+    # One round trip carries the ledger notes, history entries and acks of every run that
+    # wrote meanwhile (group commit), instead of a round trip per write.
+    batch = WriteBatch(queue.redis)
+    ledger.batch = batch
+    if isinstance(history, RedisHistory):
+        history.batch = batch
+    if isinstance(broker, Reclaiming):
+        broker.write_batch = batch
     executor = RunExecutor(
         project.runner,
         sink,
@@ -125,6 +135,7 @@ async def run_worker(settings: Settings) -> None:
         max_deliveries=queue.max_deliveries,
         track_running=True,
         who=who,
+        first_delivery=broker.first_delivery if isinstance(broker, Reclaiming) else None,
     )
     register_run_task(broker, executor)
     # As in the daemon: sync pipelines in a pool that grows only while runs are stuck.
@@ -158,8 +169,9 @@ async def run_worker(settings: Settings) -> None:
         notifier.ready(status_line())
 
     try:
-        async with history, dedup, ledger, presence, anyio.create_task_group() as tg:
+        async with history, dedup, ledger, presence, batch, anyio.create_task_group() as tg:
             await tg.start(link.run, name="mqtt-link")
+            await tg.start(batch.run, name="redis-writes")
             if isinstance(broker, Reclaiming):
                 tg.start_soon(broker.keep_claimed, name="stream-heartbeat")
                 broker.on_listening = consuming
@@ -223,7 +235,12 @@ async def run_worker(settings: Settings) -> None:
                     t.cancel()
                 with anyio.move_on_after(10):
                     await asyncio.gather(*leftover, return_exceptions=True)
-            log.info("worker_runs_done")
+            log.info(
+                "worker_runs_done",
+                runs=executor.done,
+                redis_round_trips=batch.round_trips,
+                redis_writes=batch.writes,
+            )
             beating.cancel()
             with anyio.move_on_after(5):
                 await presence.leave(who)

@@ -39,6 +39,7 @@ from anyio.abc import TaskStatus
 from ..project.encoding import encode_result
 from ..project.models import RunResult
 from ..settings import QueueSettings, RedisTarget, Settings
+from .batch import Replies, WriteBatch, WritePipeline
 from .stores import RedisStore, open_sqlite, redis_target
 
 __all__ = [
@@ -368,6 +369,7 @@ class RedisHistory(RedisStore):
         self.max_age = max_age
         self.max_result_bytes = max_result_bytes
         self.recorded = 0
+        self._since_prune = self.prune_every - 1  # the first batched run checks
 
     @property
     def location(self) -> str:
@@ -377,13 +379,25 @@ class RedisHistory(RedisStore):
         """Nothing to write in the background (writes are direct); kept for symmetry."""
         task_status.started()
 
+    #: Set by a worker: records go out with its other writes (:class:`.batch.WriteBatch`),
+    #: the index checked against ``max_jobs`` and ``max_age`` every ``prune_every`` runs.
+    batch: WriteBatch | None = None
+
+    @property
+    def prune_every(self) -> int:
+        """Runs between two checks of the index when batched (as the trim slack, <= 100)."""
+        return max(1, min(_TRIM_BATCH, self.max_jobs // 100))
+
     async def record(self, result: RunResult) -> None:
         """Store one finished run; a Redis error is logged, never raised (the run is done)."""
         row = _summary(_fields(result))
         row["result"] = orjson.Fragment(encode_result(result, max_bytes=self.max_result_bytes))
         ttl = max(1, int(self.max_age.total_seconds()))
-        now = time.time()
         index = f"{self.prefix}:jobs"
+        if self.batch is not None:
+            self._send(result, orjson.dumps(row), ttl, index)
+            return
+        now = time.time()
         try:
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.set(f"{self.prefix}:job:{result.run_id}", orjson.dumps(row), ex=ttl)
@@ -397,6 +411,49 @@ class RedisHistory(RedisStore):
             log.error("history_write_failed", error=str(exc), run_id=result.run_id)
             return
         self.recorded += 1
+
+    def _send(self, result: RunResult, blob: bytes, ttl: int, index: str) -> None:
+        """Queue the run's key and index entry on the batch; every ``prune_every`` runs also
+        the age cut and the count, trimmed (:meth:`_trim`) once past ``max_jobs`` + slack."""
+        assert self.batch is not None
+        key, run_id = f"{self.prefix}:job:{result.run_id}", result.run_id
+        ts = result.finished_at.timestamp()
+        self._since_prune += 1
+        prune = self._since_prune >= self.prune_every
+        if prune:
+            self._since_prune = 0
+
+        def stage(pipe: WritePipeline) -> None:
+            pipe.set(key, blob, ex=ttl)
+            pipe.zadd(index, {run_id: ts})
+            if prune:
+                pipe.zremrangebyscore(index, "-inf", time.time() - ttl)
+                pipe.zcard(index)
+
+        self.batch.send(stage, "history_write_failed", self._recorded)
+
+    def _recorded(self, replies: Replies) -> None:
+        self.recorded += 1
+        if len(replies) == 4:
+            count = int(replies[-1])
+            if count > self.max_jobs + min(_TRIM_BATCH, self.max_jobs // 100):
+                self._trim(f"{self.prefix}:jobs", count - self.max_jobs)
+
+    def _trim(self, index: str, n: int) -> None:
+        """Batched :meth:`_drop_oldest`: pop the ``n`` oldest from the index, then their keys."""
+        assert self.batch is not None
+        batch, prefix = self.batch, self.prefix
+
+        def popped(replies: Replies) -> None:
+            # (member, score) pairs; RESP2 without a response callback: a flat list
+            pairs = replies[0]
+            flat = bool(pairs) and not isinstance(pairs[0], list | tuple)
+            ids = [_text(p) for p in pairs[::2]] if flat else [_text(p[0]) for p in pairs]
+            if ids:
+                keys = [f"{prefix}:job:{i}" for i in ids]
+                batch.send(lambda pipe: pipe.delete(*keys), "history_write_failed")
+
+        batch.send(lambda pipe: pipe.zpopmin(index, n), "history_write_failed", popped)
 
     async def _drop_oldest(self, index: str, n: int) -> None:
         """Drop the ``n`` oldest runs, their keys with them: a key left behind by the index
