@@ -32,14 +32,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any, ClassVar, Union
 
 import anyio
 import structlog
 from anyio.abc import TaskStatus
 
 from ..settings import RedisTarget
-from .stores import RedisStore
+from .stores import ClientOptions, RedisStore
 
 if TYPE_CHECKING:
     from redis.asyncio.client import Pipeline
@@ -61,6 +61,13 @@ MessageId = bytes | str
 
 #: At most this many stages go in one pipeline (the rest take the next round trip).
 MAX_BATCH = 500
+#: Turns of the event loop a woken batch waits before it is sent: the next run's start
+#: note, queued a few turns after the previous run's ack frees its slot, goes along.
+SETTLE_TURNS = 3
+#: Longest a batch's round trip may take. The client has no per-reply socket timeout
+#: (redis-py's default arms and cancels a timer per reply: about a third of the CPU
+#: of a small pipeline); this one bounds the whole batch instead.
+TIMEOUT = 10.0
 #: Sends of one ack before it is given up (0.2 s, 0.4 s ... apart: about 2 s in all).
 ACK_TRIES = 5
 
@@ -91,9 +98,14 @@ class WriteBatch(RedisStore):
     (``queue.broker``).
     """
 
-    def __init__(self, url: RedisTarget | str, *, max_batch: int = MAX_BATCH) -> None:
+    client_options: ClassVar[ClientOptions] = {"socket_timeout": None}
+
+    def __init__(
+        self, url: RedisTarget | str, *, max_batch: int = MAX_BATCH, timeout: float = TIMEOUT
+    ) -> None:
         self.url = url
         self.max_batch = max_batch
+        self.timeout = timeout
         self._items: list[_Item] = []
         self._acks: _Acks = {}  # (stream, group) -> (message id, sends so far)
         self._retry_in = 0.0  # a failed batch's acks wait this long before the next send
@@ -145,6 +157,8 @@ class WriteBatch(RedisStore):
             self._wake.clear()
             if self._retry_in:
                 await anyio.sleep(self._retry_in)
+            for _ in range(SETTLE_TURNS):
+                await asyncio.sleep(0)
             await self.flush()
 
     async def flush(self) -> None:
@@ -158,16 +172,8 @@ class WriteBatch(RedisStore):
             return
         spans: list[tuple[int, int]] = []
         try:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for item in items:
-                    start = len(pipe)
-                    item.stage(pipe)
-                    spans.append((start, len(pipe)))
-                for (stream, group), ids in acks.items():
-                    pipe.xack(stream, group, *(message_id for message_id, _ in ids))
-                self.round_trips += 1
-                self.writes += len(items) + sum(len(ids) for ids in acks.values())
-                replies = await pipe.execute(raise_on_error=False)
+            with anyio.fail_after(self.timeout):
+                replies = await self._execute(items, acks, spans)
         except Exception as exc:
             self._fail(items, exc)
             self._again(acks, exc)
@@ -186,6 +192,22 @@ class WriteBatch(RedisStore):
         for (key, ids), reply in zip(acks.items(), ack_replies, strict=True):
             if isinstance(reply, Exception):
                 self._again({key: ids}, reply)
+
+    async def _execute(
+        self, items: Sequence[_Item], acks: _Acks, spans: list[tuple[int, int]]
+    ) -> Replies:
+        """One pipeline: the stages in order, then one ``XACK`` per stream; every reply."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for item in items:
+                start = len(pipe)
+                item.stage(pipe)
+                spans.append((start, len(pipe)))
+            for (stream, group), ids in acks.items():
+                pipe.xack(stream, group, *(message_id for message_id, _ in ids))
+            self.round_trips += 1
+            self.writes += len(items) + sum(len(ids) for ids in acks.values())
+            replies: Replies = await pipe.execute(raise_on_error=False)
+            return replies
 
     def _settle(self, item: _Item, replies: Replies) -> None:
         future = item.future

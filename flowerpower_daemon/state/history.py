@@ -223,9 +223,7 @@ class SqliteHistory:
             self._list, pipeline, tuple(states), limit, limiter=self._lane
         )
 
-    def _list(
-        self, pipeline: str | None, states: tuple[str, ...], limit: int
-    ) -> list[JobRecord]:
+    def _list(self, pipeline: str | None, states: tuple[str, ...], limit: int) -> list[JobRecord]:
         self._write_pending()
         assert self._db is not None
         where, params = [], []
@@ -406,7 +404,7 @@ class RedisHistory(RedisStore):
                 pipe.zcard(index)
                 *_, count = await pipe.execute()
             if count > self.max_jobs + min(_TRIM_BATCH, self.max_jobs // 100):
-                await self._drop_oldest(index, count - self.max_jobs)
+                await self._drop_oldest(index)
         except Exception as exc:  # redis.RedisError, OSError ...
             log.error("history_write_failed", error=str(exc), run_id=result.run_id)
             return
@@ -437,28 +435,34 @@ class RedisHistory(RedisStore):
         if len(replies) == 4:
             count = int(replies[-1])
             if count > self.max_jobs + min(_TRIM_BATCH, self.max_jobs // 100):
-                self._trim(f"{self.prefix}:jobs", count - self.max_jobs)
+                self._trim(f"{self.prefix}:jobs")
 
-    def _trim(self, index: str, n: int) -> None:
-        """Batched :meth:`_drop_oldest`: pop the ``n`` oldest from the index, then their keys."""
+    def _trim(self, index: str) -> None:
+        """Batched :meth:`_drop_oldest`: read which runs are past ``max_jobs``, then drop them."""
         assert self.batch is not None
         batch, prefix = self.batch, self.prefix
 
-        def popped(replies: Replies) -> None:
-            # (member, score) pairs; RESP2 without a response callback: a flat list
-            pairs = replies[0]
-            flat = bool(pairs) and not isinstance(pairs[0], list | tuple)
-            ids = [_text(p) for p in pairs[::2]] if flat else [_text(p[0]) for p in pairs]
-            if ids:
-                keys = [f"{prefix}:job:{i}" for i in ids]
-                batch.send(lambda pipe: pipe.delete(*keys), "history_write_failed")
+        def drop(replies: Replies) -> None:
+            ids = [_text(i) for i in replies[0]]
+            if not ids:
+                return
+            keys = [f"{prefix}:job:{i}" for i in ids]
 
-        batch.send(lambda pipe: pipe.zpopmin(index, n), "history_write_failed", popped)
+            def stage(pipe: WritePipeline) -> None:
+                pipe.delete(*keys)
+                pipe.zrem(index, *ids)
 
-    async def _drop_oldest(self, index: str, n: int) -> None:
-        """Drop the ``n`` oldest runs, their keys with them: a key left behind by the index
-        would take its memory for ``max_age`` (a week) though no listing shows it."""
-        ids = [_text(i) for i in await self._redis.zrange(index, 0, n - 1)]
+            batch.send(stage, "history_write_failed")
+
+        stale = -(self.max_jobs + 1)
+        batch.send(lambda pipe: pipe.zrange(index, 0, stale), "history_write_failed", drop)
+
+    async def _drop_oldest(self, index: str) -> None:
+        """Drop the runs past the newest ``max_jobs``, their keys with them: a key left behind
+        by the index would take its memory for ``max_age`` (a week) though no listing shows
+        it. By rank from the newest, so that trims running at once (several workers, or
+        checks in one batch) never drop more than the excess."""
+        ids = [_text(i) for i in await self._redis.zrange(index, 0, -(self.max_jobs + 1))]
         if ids:
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.delete(*(f"{self.prefix}:job:{i}" for i in ids))
