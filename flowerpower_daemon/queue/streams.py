@@ -43,6 +43,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from taskiq import AckableMessage, AsyncBroker
+from taskiq.message import BrokerMessage
 from taskiq_redis import RedisStreamBroker, RedisStreamClusterBroker, RedisStreamSentinelBroker
 
 from ..settings import RedisTarget
@@ -236,10 +237,30 @@ class Reclaiming(AsyncBroker):
 
 
 class ReclaimingStreamBroker(Reclaiming, RedisStreamBroker):
-    """One stream on one Redis server, one consumer group; reclaims on every read round."""
+    """One stream on one Redis server, one consumer group; reclaims on every read round.
+
+    Its commands go through one client over the broker's pool: taskiq-redis makes
+    a client per command (``kick`` and ack), about 40 us of CPU each here.
+    """
+
+    _client: Redis | None = None
 
     def _connection(self) -> AbstractAsyncContextManager[Any]:
-        return Redis(connection_pool=self.connection_pool)
+        client = self._client
+        if client is None:
+            client = self._client = Redis(connection_pool=self.connection_pool)
+        return nullcontext(client)  # the pool is the broker's: shutdown closes it
+
+    async def kick(self, message: BrokerMessage) -> None:
+        """``XADD`` the message to the stream (as taskiq-redis does, through the shared client)."""
+        queue_name = message.labels.get("queue_name") or self.queue_name
+        async with self._connection() as conn:
+            await conn.xadd(
+                queue_name,
+                {b"data": message.message},
+                maxlen=self.maxlen,
+                approximate=self.approximate,
+            )
 
 
 class ReclaimingSentinelStreamBroker(Reclaiming, RedisStreamSentinelBroker):
