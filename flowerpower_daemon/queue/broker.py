@@ -56,7 +56,7 @@ from ..project.encoding import encode_result
 from ..project.models import AttemptInfo, ErrorInfo, RunRequest, RunResult, utcnow
 from ..project.runner import PipelineRunner
 from ..settings import QueueSettings, RedisTarget
-from ..state.batch import WriteBatch, WritePipeline
+from ..state.batch import WriteBatch
 from ..state.dedup import DEFAULT_TTL, DedupStore
 from ..state.stores import RedisClient, RedisStore
 
@@ -177,12 +177,28 @@ def create_broker(settings: QueueSettings, *, worker: bool = False) -> AsyncBrok
     return broker.with_result_backend(DummyResultBackend()).with_serializer(ORJSONSerializer())
 
 
-# The deliveries of one unfinished run: "<unix time> <worker>" per start, oldest first.
+# The starts of one unfinished run, a string of "<unix time> <worker>\n" entries, oldest
+# first (a first start is one SET ... EX; a list left by an earlier version is read too).
 _STARTED = """
-local earlier = redis.call('LRANGE', KEYS[1], 0, -1)
-redis.call('RPUSH', KEYS[1], ARGV[1])
-redis.call('EXPIRE', KEYS[1], ARGV[2])
+local earlier
+if redis.call('TYPE', KEYS[1]).ok == 'list' then
+  earlier = table.concat(redis.call('LRANGE', KEYS[1], 0, -1), '\\n') .. '\\n'
+else
+  earlier = redis.call('GET', KEYS[1]) or ''
+end
+redis.call('SET', KEYS[1], earlier .. ARGV[1] .. '\\n', 'EX', ARGV[2])
 return earlier
+"""
+
+# Take one entry back; the key goes with its last entry.
+_WITHDRAW = """
+local notes = redis.call('GET', KEYS[1])
+if not notes then return 0 end
+local from, to = string.find(notes, ARGV[1] .. '\\n', 1, true)
+if not from then return 0 end
+local rest = string.sub(notes, 1, from - 1) .. string.sub(notes, to + 1)
+if rest == '' then redis.call('DEL', KEYS[1]) else redis.call('SET', KEYS[1], rest, 'KEEPTTL') end
+return 1
 """
 
 Lost = tuple[datetime, str]
@@ -213,11 +229,13 @@ class RunLedger(RedisStore):
 
     # Registered on each new client by _scripts.
     _started: AsyncScript
+    _withdraw: AsyncScript
     #: Set by a worker: notes and clean-ups go out with its other writes (one round trip).
     batch: WriteBatch | None = None
 
     def _scripts(self, redis: RedisClient) -> None:
         self._started = redis.register_script(_STARTED)
+        self._withdraw = redis.register_script(_WITHDRAW)
 
     async def started(self, run_id: str, *, first: bool = False) -> tuple[list[Lost], str]:
         """Note this start; the earlier starts (when, which worker) and this start's entry.
@@ -227,14 +245,9 @@ class RunLedger(RedisStore):
         """
         entry = f"{time.time()!r} {self.who}"
         if first and self.batch is not None:
-            key, ttl = f"{self.prefix}:{run_id}", max(1, int(self.ttl))
-
-            def note(pipe: WritePipeline) -> None:
-                pipe.rpush(key, entry)
-                pipe.expire(key, ttl)
-
+            key, note, ttl = f"{self.prefix}:{run_id}", f"{entry}\n", max(1, int(self.ttl))
             try:
-                replies = await self.batch.submit(note)
+                replies = await self.batch.submit(lambda pipe: pipe.set(key, note, ex=ttl))
             except Exception as exc:  # redis.RedisError, OSError ...
                 replies = [exc]
             failed = [r for r in replies if isinstance(r, Exception)]
@@ -249,8 +262,8 @@ class RunLedger(RedisStore):
             log.error("run_ledger_failed", error=str(exc))
             return [], entry
         earlier: list[Lost] = []
-        for item in raw:
-            ts, _, who = (item.decode() if isinstance(item, bytes) else str(item)).partition(" ")
+        for item in (raw.decode() if isinstance(raw, bytes) else str(raw)).splitlines():
+            ts, _, who = item.partition(" ")
             earlier.append((datetime.fromtimestamp(float(ts), UTC), who))
         return earlier, entry
 
@@ -267,7 +280,7 @@ class RunLedger(RedisStore):
     async def withdraw(self, run_id: str, entry: str) -> None:
         """Take back this worker's start of ``run_id`` (the attempt was cancelled)."""
         try:
-            await self._redis.lrem(f"{self.prefix}:{run_id}", 1, entry)
+            await self._withdraw(keys=[f"{self.prefix}:{run_id}"], args=[entry])
         except Exception as exc:
             log.error("run_ledger_failed", error=str(exc))
 

@@ -172,7 +172,8 @@ class WriteBatch(RedisStore):
             return
         spans: list[tuple[int, int]] = []
         try:
-            with anyio.fail_after(self.timeout):
+            # asyncio's timeout: one timer; anyio's cancel scope costs several times more.
+            async with asyncio.timeout(self.timeout):
                 replies = await self._execute(items, acks, spans)
         except Exception as exc:
             self._fail(items, exc)

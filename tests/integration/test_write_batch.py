@@ -177,3 +177,27 @@ async def test_batched_first_start_is_seen_by_a_reclaiming_worker(
                 await batch.submit(lambda p: p.ping())  # after the finish, in order
                 tg.cancel_scope.cancel()
             assert (await second.started("r"))[0] == []
+
+
+async def test_ledger_reads_a_list_note_left_by_an_earlier_version(
+    redis_session: RedisService,
+) -> None:
+    """Starts noted as a list (before notes became one string) still count as lost; the
+    withdrawn entry goes and the last one takes the key with it."""
+    prefix = unique("started")
+    r = aioredis.Redis.from_url(redis_session.url)
+    try:
+        await r.rpush(f"{prefix}:r", b"1700000000.5 old:1")
+        async with RunLedger(redis_session.url, prefix, who="w2") as ledger:
+            with anyio.fail_after(30):
+                lost, entry = await ledger.started("r")
+                assert [(t.timestamp(), who) for t, who in lost] == [(1700000000.5, "old:1")]
+                await ledger.withdraw("r", entry)
+                lost, entry = await ledger.started("r")
+                assert [who for _, who in lost] == ["old:1"]
+                await ledger.withdraw("r", entry)
+                await ledger.withdraw("r", "1700000000.5 old:1")
+                assert not await r.exists(f"{prefix}:r")
+    finally:
+        await r.delete(f"{prefix}:r")
+        await r.aclose()
