@@ -5,8 +5,9 @@ consumer left unacknowledged (``XAUTOCLAIM`` after ``idle_timeout``) only
 after a read returned new messages: on an idle stream the run of a dead
 worker waited for the next message. And a live worker's own run that takes
 longer than ``idle_timeout`` was reclaimed by another worker and ran twice
-at once. Here every read round (at most ``xread_block`` apart) also
-reclaims, and :meth:`ReclaimingStreamBroker.keep_claimed` (run by
+at once. Here the read loop also reclaims, on an idle stream as on a busy
+one, at most every second (a quarter of ``idle_timeout`` when that is
+shorter: nothing becomes claimable sooner), and :meth:`ReclaimingStreamBroker.keep_claimed` (run by
 ``flowerpower-daemon worker``) resets the idle time of everything this
 consumer holds, every third of ``idle_timeout``: only a worker that stopped
 loses its runs.
@@ -154,6 +155,7 @@ class Reclaiming(AsyncBroker):
             if self.on_listening is not None:
                 listening, self.on_listening = self.on_listening, None
                 listening()
+            reclaim_at = 0.0
             while True:
                 fetched = await conn.xreadgroup(
                     self.consumer_group_name,
@@ -168,6 +170,12 @@ class Reclaiming(AsyncBroker):
                         yield AckableMessage(
                             data=msg[b"data"], ack=self._ack_generator(msg_id, stream)
                         )
+                # A run is claimable only after idle_timeout: looking after every read (a
+                # round trip per message when they come one by one) finds nothing sooner.
+                now = time.monotonic()
+                if now < reclaim_at:
+                    continue
+                reclaim_at = now + min(1.0, self.idle_timeout / 4000)
                 reply = await conn.xautoclaim(
                     self.queue_name,
                     self.consumer_group_name,
@@ -175,6 +183,8 @@ class Reclaiming(AsyncBroker):
                     min_idle_time=self.idle_timeout,
                     count=self.unacknowledged_batch_size,
                 )
+                if len(reply[1]) >= self.unacknowledged_batch_size:
+                    reclaim_at = 0.0  # more may be waiting
                 for msg_id, msg in reply[1]:
                     if not msg or b"data" not in msg:
                         # Deleted from the stream meanwhile: nothing left to run. Acked, so
