@@ -346,10 +346,12 @@ class JobHistory(Protocol):
 class RedisHistory(RedisStore):
     """The job history in Redis, shared by the daemon and every worker (``queue.broker`` Redis).
 
-    Each run is a JSON string at ``<prefix>:job:<run_id>`` that expires after
+    Each run is its result message (JSON, as published, capped at
+    ``max_result_bytes``) at ``<prefix>:job:<run_id>`` that expires after
     ``max_age``; the sorted set ``<prefix>:jobs`` (score: finish time) orders
     them. Past ``max_jobs`` (by a batch of a hundred) the oldest runs go, keys and
-    all. Writes go straight to Redis (one pipelined round trip per run, no thread).
+    all. Writes go straight to Redis (one pipelined round trip per run, no thread),
+    or, in a worker, with its other writes (:attr:`batch`).
     """
 
     def __init__(
@@ -388,17 +390,17 @@ class RedisHistory(RedisStore):
 
     async def record(self, result: RunResult) -> None:
         """Store one finished run; a Redis error is logged, never raised (the run is done)."""
-        row = _summary(_fields(result))
-        row["result"] = orjson.Fragment(encode_result(result, max_bytes=self.max_result_bytes))
+        # The result message as published (encoded once, for MQTT); reads make the summary.
+        blob = encode_result(result, max_bytes=self.max_result_bytes)
         ttl = max(1, int(self.max_age.total_seconds()))
         index = f"{self.prefix}:jobs"
         if self.batch is not None:
-            self._send(result, orjson.dumps(row), ttl, index)
+            self._send(result, blob, ttl, index)
             return
         now = time.time()
         try:
             async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.set(f"{self.prefix}:job:{result.run_id}", orjson.dumps(row), ex=ttl)
+                pipe.set(f"{self.prefix}:job:{result.run_id}", blob, ex=ttl)
                 pipe.zadd(index, {result.run_id: result.finished_at.timestamp()})
                 pipe.zremrangebyscore(index, "-inf", now - ttl)
                 pipe.zcard(index)
@@ -485,7 +487,7 @@ class RedisHistory(RedisStore):
             for blob in blobs:
                 if blob is None:
                     continue  # expired
-                row = orjson.loads(blob)
+                row = _job(blob)
                 row.pop("result", None)
                 if (pipeline is None or row["pipeline"] == pipeline) and (
                     not states or row["state"] in states
@@ -497,10 +499,33 @@ class RedisHistory(RedisStore):
 
     async def get(self, run_id: str) -> JobRecord | None:
         blob = await self._redis.get(f"{self.prefix}:job:{run_id}")
-        return None if blob is None else orjson.loads(blob)
+        return None if blob is None else _job(blob)
 
     async def count(self) -> int:
         return int(await self._redis.zcard(f"{self.prefix}:jobs"))
+
+
+def _job(blob: bytes | str) -> JobRecord:
+    """A run stored in Redis as ``job`` shows it: the summary ``jobs`` lists, and under
+    ``"result"`` the result message (what is stored; a row stored whole by an earlier
+    version is returned as it is)."""
+    message = orjson.loads(blob)
+    if "state" in message and "result" in message:
+        return dict(message)
+    trigger, error = message.get("trigger") or {}, message.get("error")
+    return {
+        "run_id": message["run_id"],
+        "pipeline": message["pipeline"],
+        "trigger": {"name": trigger.get("name"), "type": trigger.get("type")},
+        "state": message["status"],
+        "queued_at": message["queued_at"],
+        "started_at": message["started_at"],
+        "finished_at": message["finished_at"],
+        "duration_ms": message["duration_ms"],
+        "attempts": message["attempts"],
+        "error": {"type": error["type"], "message": error["message"]} if error else None,
+        "result": message,
+    }
 
 
 def history_prefix(queue: QueueSettings) -> str:

@@ -6,6 +6,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import anyio
+import orjson
 import pytest
 import redis.asyncio as aioredis
 
@@ -201,3 +202,28 @@ async def test_ledger_reads_a_list_note_left_by_an_earlier_version(
     finally:
         await r.delete(f"{prefix}:r")
         await r.aclose()
+
+
+async def test_history_keeps_the_result_message_and_reads_older_rows(
+    redis_session: RedisService,
+) -> None:
+    """A run is stored as its result message (the summary is made on reading); a row stored
+    whole (summary + result) by an earlier version reads the same."""
+    prefix = unique("hist")
+    async with RedisHistory(redis_session.url, prefix=prefix) as history:
+        with anyio.fail_after(30):
+            await history.record(_result("new", age=1))
+            stored = await history._redis.get(f"{prefix}:job:new")
+            assert stored is not None and b'"status":"success"' in stored
+            new = await history.get("new")
+            assert new is not None
+            old = orjson.loads(orjson.dumps(new))  # a copy, as an earlier version stored it
+            old["run_id"] = old["result"]["run_id"] = "old"
+            await history._redis.set(f"{prefix}:job:old", orjson.dumps(old))
+            await history._redis.zadd(f"{prefix}:jobs", {"old": 0.0})
+            assert await history.get("old") == old
+            listed = {j["run_id"]: j for j in await history.recent()}
+            assert listed["new"] == {k: v for k, v in new.items() if k != "result"}
+            assert listed["new"]["state"] == "success" and listed["new"]["attempts"] == 1
+            assert listed["new"]["trigger"] == {"name": "t", "type": "interval"}
+            assert listed["old"]["run_id"] == "old" and "result" not in listed["old"]
