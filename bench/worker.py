@@ -241,10 +241,10 @@ def main(argv: list[str] | None = None) -> int:
     daemon = str(e2e.VENV_BIN / "flowerpower-daemon")
     command = [daemon, "worker", "-c", str(cfg)]
     if args.profile:
-        (tmp / "profile.py").write_text(PROFILE_SCRIPT)
+        (tmp / "profile_worker.py").write_text(PROFILE_SCRIPT)
         command = [
             sys.executable,
-            str(tmp / "profile.py"),
+            str(tmp / "profile_worker.py"),
             str(Path(args.profile).resolve()),
             "worker",
             "-c",
