@@ -211,7 +211,11 @@ class RunLedger(RedisStore):
     is finished (or withdraws its own start when it is cancelled, e.g. by a
     shutdown: that attempt was interrupted, not lost). So the worker that
     reclaims a run from a dead one finds the lost starts. A Redis error is
-    logged and treated as "no earlier start": the run goes on.
+    logged and treated as "no earlier start": the run goes on. The note is a
+    string of ``"<unix time> <worker>\n"`` entries; with :attr:`batch` set (a
+    worker), a first delivery's note (one ``SET ... EX``) and the ``DEL`` go
+    out with the worker's other writes, and only a reclaimed run's start
+    reads the earlier entries (a script).
     """
 
     def __init__(

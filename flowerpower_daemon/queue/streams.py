@@ -10,7 +10,11 @@ one, at most every second (a quarter of ``idle_timeout`` when that is
 shorter: nothing becomes claimable sooner), and :meth:`ReclaimingStreamBroker.keep_claimed` (run by
 ``flowerpower-daemon worker``) resets the idle time of everything this
 consumer holds, every third of ``idle_timeout``: only a worker that stopped
-loses its runs.
+loses its runs. A worker's acks go out with its other Redis writes
+(:attr:`Reclaiming.write_batch`, :mod:`..state.batch`), several ids per
+``XACK``, and the messages this consumer reclaims are remembered
+(:meth:`Reclaiming.first_delivery`), so that only their starts read the run
+ledger.
 
 :class:`WorkerPresence` is the live workers' listing (``flowerpowerctl
 status``): each worker keeps a hash of its name, runs in flight, runs done
