@@ -57,6 +57,7 @@ from ..project.encoding import encode_result
 from ..project.models import AttemptInfo, ErrorInfo, RunRequest, RunResult, utcnow
 from ..project.runner import PipelineRunner
 from ..settings import QueueSettings, RedisTarget
+from ..state.batch import WriteBatch
 from ..state.dedup import DEFAULT_TTL, DedupStore
 from ..state.stores import RedisClient, RedisStore
 
@@ -177,12 +178,28 @@ def create_broker(settings: QueueSettings, *, worker: bool = False) -> AsyncBrok
     return broker.with_result_backend(DummyResultBackend()).with_serializer(ORJSONSerializer())
 
 
-# The deliveries of one unfinished run: "<unix time> <worker>" per start, oldest first.
+# The starts of one unfinished run, a string of "<unix time> <worker>\n" entries, oldest
+# first (a first start is one SET ... EX; a list left by an earlier version is read too).
 _STARTED = """
-local earlier = redis.call('LRANGE', KEYS[1], 0, -1)
-redis.call('RPUSH', KEYS[1], ARGV[1])
-redis.call('EXPIRE', KEYS[1], ARGV[2])
+local earlier
+if redis.call('TYPE', KEYS[1]).ok == 'list' then
+  earlier = table.concat(redis.call('LRANGE', KEYS[1], 0, -1), '\\n') .. '\\n'
+else
+  earlier = redis.call('GET', KEYS[1]) or ''
+end
+redis.call('SET', KEYS[1], earlier .. ARGV[1] .. '\\n', 'EX', ARGV[2])
 return earlier
+"""
+
+# Take one entry back; the key goes with its last entry.
+_WITHDRAW = """
+local notes = redis.call('GET', KEYS[1])
+if not notes then return 0 end
+local from, to = string.find(notes, ARGV[1] .. '\\n', 1, true)
+if not from then return 0 end
+local rest = string.sub(notes, 1, from - 1) .. string.sub(notes, to + 1)
+if rest == '' then redis.call('DEL', KEYS[1]) else redis.call('SET', KEYS[1], rest, 'KEEPTTL') end
+return 1
 """
 
 Lost = tuple[datetime, str]
@@ -195,7 +212,11 @@ class RunLedger(RedisStore):
     is finished (or withdraws its own start when it is cancelled, e.g. by a
     shutdown: that attempt was interrupted, not lost). So the worker that
     reclaims a run from a dead one finds the lost starts. A Redis error is
-    logged and treated as "no earlier start": the run goes on.
+    logged and treated as "no earlier start": the run goes on. The note is a
+    string of ``"<unix time> <worker>\n"`` entries; with :attr:`batch` set (a
+    worker), a first delivery's note (one ``SET ... EX``) and the ``DEL`` go
+    out with the worker's other writes, and only a reclaimed run's start
+    reads the earlier entries (a script).
     """
 
     def __init__(
@@ -213,13 +234,31 @@ class RunLedger(RedisStore):
 
     # Registered on each new client by _scripts.
     _started: AsyncScript
+    _withdraw: AsyncScript
+    #: Set by a worker: notes and clean-ups go out with its other writes (one round trip).
+    batch: WriteBatch | None = None
 
     def _scripts(self, redis: RedisClient) -> None:
         self._started = redis.register_script(_STARTED)
+        self._withdraw = redis.register_script(_WITHDRAW)
 
-    async def started(self, run_id: str) -> tuple[list[Lost], str]:
-        """Note this start; the earlier starts (when, which worker) and this start's entry."""
+    async def started(self, run_id: str, *, first: bool = False) -> tuple[list[Lost], str]:
+        """Note this start; the earlier starts (when, which worker) and this start's entry.
+
+        ``first``: the message is a first delivery (not reclaimed), so there is no
+        earlier start to read: the note alone goes out, with the batch's other writes.
+        """
         entry = f"{time.time()!r} {self.who}"
+        if first and self.batch is not None:
+            key, note, ttl = f"{self.prefix}:{run_id}", f"{entry}\n", max(1, int(self.ttl))
+            try:
+                replies = await self.batch.submit(lambda pipe: pipe.set(key, note, ex=ttl))
+            except Exception as exc:  # redis.RedisError, OSError ...
+                replies = [exc]
+            failed = [r for r in replies if isinstance(r, Exception)]
+            if failed:
+                log.error("run_ledger_failed", error=str(failed[0]))
+            return [], entry
         try:
             raw = await self._started(
                 keys=[f"{self.prefix}:{run_id}"], args=[entry, max(1, int(self.ttl))]
@@ -228,12 +267,16 @@ class RunLedger(RedisStore):
             log.error("run_ledger_failed", error=str(exc))
             return [], entry
         earlier: list[Lost] = []
-        for item in raw:
-            ts, _, who = (item.decode() if isinstance(item, bytes) else str(item)).partition(" ")
+        for item in (raw.decode() if isinstance(raw, bytes) else str(raw)).splitlines():
+            ts, _, who = item.partition(" ")
             earlier.append((datetime.fromtimestamp(float(ts), UTC), who))
         return earlier, entry
 
     async def finished(self, run_id: str) -> None:
+        if self.batch is not None:
+            key = f"{self.prefix}:{run_id}"
+            self.batch.send(lambda pipe: pipe.delete(key), "run_ledger_failed")
+            return
         try:
             await self._redis.delete(f"{self.prefix}:{run_id}")
         except Exception as exc:
@@ -242,7 +285,7 @@ class RunLedger(RedisStore):
     async def withdraw(self, run_id: str, entry: str) -> None:
         """Take back this worker's start of ``run_id`` (the attempt was cancelled)."""
         try:
-            await self._redis.lrem(f"{self.prefix}:{run_id}", 1, entry)
+            await self._withdraw(keys=[f"{self.prefix}:{run_id}"], args=[entry])
         except Exception as exc:
             log.error("run_ledger_failed", error=str(exc))
 
@@ -273,8 +316,12 @@ class RunExecutor:
         max_deliveries: int = 3,
         track_running: bool = False,
         who: str | None = None,
+        first_delivery: Callable[[str], bool] | None = None,
     ) -> None:
         self.runner = runner
+        #: Whether a run id's message is a first delivery (no earlier start to look up in the
+        #: ledger); without it every start reads the ledger.
+        self.first_delivery = first_delivery
         self.who = who or worker_name()
         self.done = 0
         #: Runs not run because their dedup key was claimed already (worker ``/metrics``).
@@ -374,7 +421,8 @@ class RunExecutor:
                 return None
         if self.ledger is None:
             return await self.runner.run(request)
-        lost, entry = await self.ledger.started(request.run_id)
+        first = self.first_delivery is not None and self.first_delivery(request.run_id)
+        lost, entry = await self.ledger.started(request.run_id, first=first)
         reclaimed_at = utcnow()
         if lost:
             log.warning("run_reclaimed_runs_again", lost_attempts=len(lost))

@@ -69,7 +69,9 @@ async def run_worker(settings: Settings, http: tuple[str, int] | None = None) ->
     )
     from ..queue.streams import Reclaiming, WorkerPresence
     from ..queue.threads import ElasticThreadPool
+    from ..state.batch import WriteBatch
     from ..state.dedup import RedisDedupStore, dedup_prefix
+    from ..state.history import RedisHistory
 
     if not settings.queue.is_redis:
         raise ConfigError(
@@ -118,6 +120,14 @@ async def run_worker(settings: Settings, http: tuple[str, int] | None = None) ->
     dedup = RedisDedupStore(queue.redis, dedup_prefix(queue))
     ledger = RunLedger(queue.redis, f"{queue.queue_name}:started", who=who)
     presence = WorkerPresence(queue.redis, queue.queue_name, ttl=5 * BEAT_EVERY)
+    # One round trip carries the ledger notes, history entries and acks of every run that
+    # wrote meanwhile (group commit), instead of a round trip per write.
+    batch = WriteBatch(queue.redis)
+    ledger.batch = batch
+    if isinstance(history, RedisHistory):
+        history.batch = batch
+    if isinstance(broker, Reclaiming):
+        broker.write_batch = batch
     executor = RunExecutor(
         project.runner,
         sink,
@@ -128,6 +138,7 @@ async def run_worker(settings: Settings, http: tuple[str, int] | None = None) ->
         max_deliveries=queue.max_deliveries,
         track_running=True,
         who=who,
+        first_delivery=broker.first_delivery if isinstance(broker, Reclaiming) else None,
     )
     register_run_task(broker, executor)
     # As in the daemon: sync pipelines in a pool that grows only while runs are stuck.
@@ -184,8 +195,9 @@ async def run_worker(settings: Settings, http: tuple[str, int] | None = None) ->
     try:
         if http is not None:
             await server.bind()  # a busy port: a one-line error, the broker shut down below
-        async with history, dedup, ledger, presence, anyio.create_task_group() as tg:
+        async with history, dedup, ledger, presence, batch, anyio.create_task_group() as tg:
             await tg.start(link.run, name="mqtt-link")
+            await tg.start(batch.run, name="redis-writes")
             if http is not None:
                 await tg.start(server.serve, name="http")
             if isinstance(broker, Reclaiming):
@@ -256,7 +268,12 @@ async def run_worker(settings: Settings, http: tuple[str, int] | None = None) ->
                     t.cancel()
                 with anyio.move_on_after(10):
                     await asyncio.gather(*leftover, return_exceptions=True)
-            log.info("worker_runs_done")
+            log.info(
+                "worker_runs_done",
+                runs=executor.done,
+                redis_round_trips=batch.round_trips,
+                redis_writes=batch.writes,
+            )
             beating.cancel()
             with anyio.move_on_after(5):
                 await presence.leave(who)

@@ -39,6 +39,7 @@ from anyio.abc import TaskStatus
 from ..project.encoding import encode_result
 from ..project.models import RunResult
 from ..settings import QueueSettings, RedisTarget, Settings
+from .batch import Replies, WriteBatch, WritePipeline
 from .stores import RedisStore, open_sqlite, redis_target
 
 __all__ = [
@@ -222,9 +223,7 @@ class SqliteHistory:
             self._list, pipeline, tuple(states), limit, limiter=self._lane
         )
 
-    def _list(
-        self, pipeline: str | None, states: tuple[str, ...], limit: int
-    ) -> list[JobRecord]:
+    def _list(self, pipeline: str | None, states: tuple[str, ...], limit: int) -> list[JobRecord]:
         self._write_pending()
         assert self._db is not None
         where, params = [], []
@@ -347,10 +346,12 @@ class JobHistory(Protocol):
 class RedisHistory(RedisStore):
     """The job history in Redis, shared by the daemon and every worker (``queue.broker`` Redis).
 
-    Each run is a JSON string at ``<prefix>:job:<run_id>`` that expires after
+    Each run is its result message (JSON, as published, capped at
+    ``max_result_bytes``) at ``<prefix>:job:<run_id>`` that expires after
     ``max_age``; the sorted set ``<prefix>:jobs`` (score: finish time) orders
     them. Past ``max_jobs`` (by a batch of a hundred) the oldest runs go, keys and
-    all. Writes go straight to Redis (one pipelined round trip per run, no thread).
+    all. Writes go straight to Redis (one pipelined round trip per run, no thread),
+    or, in a worker, with its other writes (:attr:`batch`).
     """
 
     def __init__(
@@ -368,6 +369,7 @@ class RedisHistory(RedisStore):
         self.max_age = max_age
         self.max_result_bytes = max_result_bytes
         self.recorded = 0
+        self._since_prune = self.prune_every - 1  # the first batched run checks
 
     @property
     def location(self) -> str:
@@ -377,31 +379,92 @@ class RedisHistory(RedisStore):
         """Nothing to write in the background (writes are direct); kept for symmetry."""
         task_status.started()
 
+    #: Set by a worker: records go out with its other writes (:class:`.batch.WriteBatch`),
+    #: the index checked against ``max_jobs`` and ``max_age`` every ``prune_every`` runs.
+    batch: WriteBatch | None = None
+
+    @property
+    def prune_every(self) -> int:
+        """Runs between two checks of the index when batched (as the trim slack, <= 100)."""
+        return max(1, min(_TRIM_BATCH, self.max_jobs // 100))
+
     async def record(self, result: RunResult) -> None:
         """Store one finished run; a Redis error is logged, never raised (the run is done)."""
-        row = _summary(_fields(result))
-        row["result"] = orjson.Fragment(encode_result(result, max_bytes=self.max_result_bytes))
+        # The result message as published (encoded once, for MQTT); reads make the summary.
+        blob = encode_result(result, max_bytes=self.max_result_bytes)
         ttl = max(1, int(self.max_age.total_seconds()))
-        now = time.time()
         index = f"{self.prefix}:jobs"
+        if self.batch is not None:
+            self._send(result, blob, ttl, index)
+            return
+        now = time.time()
         try:
             async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.set(f"{self.prefix}:job:{result.run_id}", orjson.dumps(row), ex=ttl)
+                pipe.set(f"{self.prefix}:job:{result.run_id}", blob, ex=ttl)
                 pipe.zadd(index, {result.run_id: result.finished_at.timestamp()})
                 pipe.zremrangebyscore(index, "-inf", now - ttl)
                 pipe.zcard(index)
                 *_, count = await pipe.execute()
             if count > self.max_jobs + min(_TRIM_BATCH, self.max_jobs // 100):
-                await self._drop_oldest(index, count - self.max_jobs)
+                await self._drop_oldest(index)
         except Exception as exc:  # redis.RedisError, OSError ...
             log.error("history_write_failed", error=str(exc), run_id=result.run_id)
             return
         self.recorded += 1
 
-    async def _drop_oldest(self, index: str, n: int) -> None:
-        """Drop the ``n`` oldest runs, their keys with them: a key left behind by the index
-        would take its memory for ``max_age`` (a week) though no listing shows it."""
-        ids = [_text(i) for i in await self._redis.zrange(index, 0, n - 1)]
+    def _send(self, result: RunResult, blob: bytes, ttl: int, index: str) -> None:
+        """Queue the run's key and index entry on the batch; every ``prune_every`` runs also
+        the age cut and the count, trimmed (:meth:`_trim`) once past ``max_jobs`` + slack."""
+        assert self.batch is not None
+        key, run_id = f"{self.prefix}:job:{result.run_id}", result.run_id
+        ts = result.finished_at.timestamp()
+        self._since_prune += 1
+        prune = self._since_prune >= self.prune_every
+        if prune:
+            self._since_prune = 0
+
+        def stage(pipe: WritePipeline) -> None:
+            pipe.set(key, blob, ex=ttl)
+            pipe.zadd(index, {run_id: ts})
+            if prune:
+                pipe.zremrangebyscore(index, "-inf", time.time() - ttl)
+                pipe.zcard(index)
+
+        self.batch.send(stage, "history_write_failed", self._recorded)
+
+    def _recorded(self, replies: Replies) -> None:
+        self.recorded += 1
+        if len(replies) == 4:
+            count = int(replies[-1])
+            if count > self.max_jobs + min(_TRIM_BATCH, self.max_jobs // 100):
+                self._trim(f"{self.prefix}:jobs")
+
+    def _trim(self, index: str) -> None:
+        """Batched :meth:`_drop_oldest`: read which runs are past ``max_jobs``, then drop them."""
+        assert self.batch is not None
+        batch, prefix = self.batch, self.prefix
+
+        def drop(replies: Replies) -> None:
+            ids = [_text(i) for i in replies[0]]
+            if not ids:
+                return
+            keys = [f"{prefix}:job:{i}" for i in ids]
+
+            def stage(pipe: WritePipeline) -> None:
+                pipe.delete(*keys)
+                pipe.zrem(index, *ids)
+
+            batch.send(stage, "history_write_failed")
+
+        stale = -(self.max_jobs + 1)
+        batch.send(lambda pipe: pipe.zrange(index, 0, stale), "history_write_failed", drop)
+
+    async def _drop_oldest(self, index: str) -> None:
+        """Drop the runs past the newest ``max_jobs``, their keys with them: a key left behind
+        by the index would take its memory for ``max_age`` (a week) though no listing shows
+        it. By rank from the newest, so that trims running at once (several workers, or
+        checks in one batch) never drop more than the excess."""
+        ids = [_text(i) for i in await self._redis.zrange(index, 0, -(self.max_jobs + 1))]
         if ids:
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.delete(*(f"{self.prefix}:job:{i}" for i in ids))
@@ -424,7 +487,7 @@ class RedisHistory(RedisStore):
             for blob in blobs:
                 if blob is None:
                     continue  # expired
-                row = orjson.loads(blob)
+                row = _job(blob)
                 row.pop("result", None)
                 if (pipeline is None or row["pipeline"] == pipeline) and (
                     not states or row["state"] in states
@@ -436,10 +499,33 @@ class RedisHistory(RedisStore):
 
     async def get(self, run_id: str) -> JobRecord | None:
         blob = await self._redis.get(f"{self.prefix}:job:{run_id}")
-        return None if blob is None else orjson.loads(blob)
+        return None if blob is None else _job(blob)
 
     async def count(self) -> int:
         return int(await self._redis.zcard(f"{self.prefix}:jobs"))
+
+
+def _job(blob: bytes | str) -> JobRecord:
+    """A run stored in Redis as ``job`` shows it: the summary ``jobs`` lists, and under
+    ``"result"`` the result message (what is stored; a row stored whole by an earlier
+    version is returned as it is)."""
+    message = orjson.loads(blob)
+    if "state" in message and "result" in message:
+        return dict(message)
+    trigger, error = message.get("trigger") or {}, message.get("error")
+    return {
+        "run_id": message["run_id"],
+        "pipeline": message["pipeline"],
+        "trigger": {"name": trigger.get("name"), "type": trigger.get("type")},
+        "state": message["status"],
+        "queued_at": message["queued_at"],
+        "started_at": message["started_at"],
+        "finished_at": message["finished_at"],
+        "duration_ms": message["duration_ms"],
+        "attempts": message["attempts"],
+        "error": {"type": error["type"], "message": error["message"]} if error else None,
+        "result": message,
+    }
 
 
 def history_prefix(queue: QueueSettings) -> str:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import sqlite3
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Self, Union
+from typing import TYPE_CHECKING, ClassVar, Literal, Self, TypedDict, Union, Unpack
 
 import anyio
 
@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 RedisClient = Union["Redis", "RedisCluster"]
 
 __all__ = [
+    "ClientOptions",
     "RedisClient",
     "RedisConnection",
     "RedisStore",
@@ -137,13 +138,13 @@ def sentinel_for(target: RedisTarget) -> Sentinel:
     )
 
 
-def cluster_for(target: RedisTarget) -> RedisCluster:
+def cluster_for(target: RedisTarget, **options: Unpack[ClientOptions]) -> RedisCluster:
     """A Redis Cluster client that starts from any of ``target.nodes``."""
     from redis.asyncio import RedisCluster
     from redis.asyncio.cluster import ClusterNode
 
     others = [ClusterNode(host, port) for host, port in target.nodes[1:]]
-    return RedisCluster.from_url(target.url, startup_nodes=others or None)
+    return RedisCluster.from_url(target.url, startup_nodes=others or None, **options)
 
 
 class RedisConnection:
@@ -160,22 +161,29 @@ class RedisConnection:
                 await node.aclose()
 
 
-def open_redis(where: RedisTarget | str) -> RedisConnection:
+class ClientOptions(TypedDict, total=False):
+    """Connection options over those of the URL."""
+
+    socket_timeout: float | None
+
+
+def open_redis(where: RedisTarget | str, **options: Unpack[ClientOptions]) -> RedisConnection:
     """The client for ``where``: one server, the Sentinel-managed master, or a Cluster.
 
     Nothing is connected yet (redis-py connects on the first command); a
     Sentinel client asks the sentinels for the master on every new connection,
-    so it follows a failover.
+    so it follows a failover. ``options`` override the URL's connection
+    options (e.g. ``socket_timeout``).
     """
     target = redis_target(where)
     if target.mode == "cluster":
-        return RedisConnection(cluster_for(target))
+        return RedisConnection(cluster_for(target, **options))
     if target.mode == "sentinel":
         sentinel = sentinel_for(target)
-        return RedisConnection(sentinel.master_for(target.master), sentinel)
+        return RedisConnection(sentinel.master_for(target.master, **options), sentinel)
     import redis.asyncio as aioredis
 
-    return RedisConnection(aioredis.Redis.from_url(target.url))
+    return RedisConnection(aioredis.Redis.from_url(target.url, **options))
 
 
 class RedisStore:
@@ -183,6 +191,8 @@ class RedisStore:
     ``async with``; :meth:`_scripts` registers a subclass's Lua scripts on it."""
 
     url: RedisTarget | str
+    #: Connection options over the URL's, for :func:`open_redis`.
+    client_options: ClassVar[ClientOptions] = {}
     _client: RedisClient | None = None
     _connection: RedisConnection | None = None
 
@@ -195,7 +205,7 @@ class RedisStore:
         return client
 
     async def __aenter__(self) -> Self:
-        self._connection = open_redis(self.url)
+        self._connection = open_redis(self.url, **self.client_options)
         self._client = self._connection.client
         self._scripts(self._client)
         return self
