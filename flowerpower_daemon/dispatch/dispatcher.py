@@ -83,6 +83,9 @@ class Dispatcher:
         self.sink = sink
         self.remote = remote
         self.stats = stats or Stats()
+        #: Enqueues retrying after a failure, and the last failure (``/readyz`` tells it).
+        self.enqueues_retrying = 0
+        self.enqueue_error: str | None = None
         self.triggers: dict[str, TriggerState] = {}
         for cfg in triggers:
             self.add_trigger(cfg)
@@ -331,21 +334,28 @@ class Dispatcher:
         retried here, with capped backoff, until it works or the daemon stops.
         """
         failures = 0
-        while True:
-            try:
-                await self.kiq(request)
-                return
-            except Exception as exc:
-                failures += 1
-                delay = _ENQUEUE_BACKOFF.delay(failures)
-                log.warning(
-                    "enqueue_failed",
-                    run_id=request.run_id,
-                    error=str(exc.__cause__ or exc),
-                    attempt=failures,
-                    retry_in_s=round(delay, 2),
-                )
-                await anyio.sleep(delay)
+        try:
+            while True:
+                try:
+                    await self.kiq(request)
+                    return
+                except Exception as exc:
+                    failures += 1
+                    if failures == 1:
+                        self.enqueues_retrying += 1
+                    self.enqueue_error = str(exc.__cause__ or exc)
+                    delay = _ENQUEUE_BACKOFF.delay(failures)
+                    log.warning(
+                        "enqueue_failed",
+                        run_id=request.run_id,
+                        error=self.enqueue_error,
+                        attempt=failures,
+                        retry_in_s=round(delay, 2),
+                    )
+                    await anyio.sleep(delay)
+        finally:
+            if failures:
+                self.enqueues_retrying -= 1
 
     async def _handle(self, admission: Admission, request: RunRequest) -> None:
         state, event, key = admission.state, admission.event, admission.key

@@ -270,8 +270,8 @@ class Controls:
 
     def not_ready(self) -> str | None:
         """Why the daemon cannot take triggers now (``/readyz``'s 503), or None when it can:
-        started, MQTT connected (subscribed: the link connects only once subscribed), every
-        timer and file trigger armed, not stopping."""
+        started, MQTT connected (subscribed: the link connects only once subscribed), the
+        Redis queue taking runs, every timer and file trigger armed, not stopping."""
         if self.stopping:
             return "stopping"
         if not self._ready:
@@ -280,6 +280,12 @@ class Controls:
         if link is None or not link.connected:
             mqtt = link.settings if link is not None else self._settings.mqtt
             return f"MQTT broker {mqtt.host}:{mqtt.port} not connected"
+        if self.dispatcher is not None and self.dispatcher.enqueues_retrying:
+            error = redact_url(self.dispatcher.enqueue_error or "")
+            return (
+                f"the Redis queue does not take runs ({self.dispatcher.enqueues_retrying} "
+                f"enqueue(s) retrying): {error}"
+            )
         if self.dispatcher is not None and self.sources is not None:
             unarmed = self.sources.unarmed(self.dispatcher.triggers)
             if unarmed:

@@ -134,3 +134,33 @@ async def test_worker_readyz_follows_redis(
         assert "not consuming" in body, body
         await redis_server.astart()
         await wait_status(worker_http, "/readyz", 200, timeout=60)
+
+
+async def test_daemon_readyz_says_when_the_redis_queue_takes_no_runs(
+    tmp_path: Path, mosquitto: Any, redis_server: Any
+) -> None:
+    """With Redis down, a message's enqueue is retried (its MQTT message stays unacked):
+    the daemon's ``/readyz`` answers 503 naming the Redis queue until the enqueue goes
+    through, and the run's result still arrives once a worker runs it."""
+    prefix = unique("q")
+    daemon_http = free_port()
+    queue = {"broker": redis_server.url, "queue_name": unique("q")}
+    config = configure(
+        tmp_path,
+        mosquitto.port,
+        [mqtt_trigger("temp", "temperature", f"{prefix}/{{device}}")],
+        queue=queue,
+        http={"listen": f"127.0.0.1:{daemon_http}"},
+    )
+    async with online_daemon(config, subscribe=[config.results]) as d:
+        await wait_status(daemon_http, "/readyz", 200, timeout=30)
+        await redis_server.astop()
+        await d.client.publish(f"{prefix}/dev1", b'{"temperature": 12}', qos=1)
+        body = await wait_status(daemon_http, "/readyz", 503, timeout=30)
+        assert "Redis queue" in body and "retrying" in body, body
+        await redis_server.astart()
+        await wait_status(daemon_http, "/readyz", 200, timeout=60)
+        with worker_with_http(config.path, free_port(), tmp_path / "worker.log"):
+            [result] = await d.collect(config.results, 1, timeout=60)
+    assert result.data["status"] == "success"
+    assert result.data["outputs"]["device_id"] == "dev1"
