@@ -617,6 +617,7 @@ def test_ctl_answers_fast(live: Live, capsys: pytest.CaptureFixture[str]) -> Non
         "flowerpower_daemon.control.client",
         "flowerpower_daemon.control.protocol",
         "flowerpower_daemon.control.render",
+        "flowerpower_daemon.control.completion",  # stdlib only: argcomplete loads on a TAB
         "flowerpower_daemon.argtypes",  # stdlib + orjson argparse helpers shared with the CLI
         "flowerpower_daemon.version",  # __version__ alone, readable from any layer
     }
