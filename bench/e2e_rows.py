@@ -44,7 +44,11 @@ from table import Row, ratio_row
 
 IMPORT_FLOOR_SCRIPT = textwrap.dedent(
     """\
-    import importlib, signal, sys
+    import importlib, os, signal, sys
+    # Exactly the daemon's modules: the census lists the Hamilton plugins it loaded, and
+    # Hamilton's autoload would add the others installed (mlflow's: ~970 modules) that it
+    # leaves out.
+    os.environ["HAMILTON_AUTOLOAD_EXTENSIONS"] = "0"
     names = open(sys.argv[1]).read().split()
     failed = []
     for name in names:
