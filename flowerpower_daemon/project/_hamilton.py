@@ -23,6 +23,18 @@ from typing import Any, Protocol, TypedDict
 
 os.environ.setdefault("HAMILTON_TELEMETRY_ENABLED", "false")
 
+from hamilton import registry as _registry
+
+# Hamilton loads a plugin for each library it finds installed, when its driver is first
+# imported. Its mlflow plugin imports mlflow: about 0.75 s and 970 modules at start-up (and
+# their memory), although only ``with_adapter.mlflow`` (mlflowtracker.py, which loads the
+# plugin itself) needs it. A pipeline module using ``to.mlflow`` without the tracker imports
+# ``hamilton.plugins.mlflow_extensions`` itself.
+LAZY_EXTENSIONS = ("mlflow",)
+_registry.HAMILTON_EXTENSIONS = tuple(
+    name for name in _registry.HAMILTON_EXTENSIONS if name not in LAZY_EXTENSIONS
+)
+
 from hamilton import async_driver, driver, htypes
 from hamilton import node as h_node
 from hamilton.execution import executors

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import mlflow
+from hamilton import registry
 from hamilton.lifecycle import GraphConstructionHook, GraphExecutionHook, NodeExecutionHook
 from hamilton.plugins import h_mlflow
 
@@ -36,6 +37,10 @@ from .adapters import MlflowConfig
 from .tracking import current, fill_run_name, run_tags
 
 __all__ = ["MlflowRuns"]
+
+# _hamilton.py leaves Hamilton's mlflow plugin (the ``to.mlflow`` / ``from_.mlflow``
+# materializers) out of its autoload; with the tracker on, mlflow is loaded anyway.
+registry.load_extension("mlflow")
 
 _autolog_lock = threading.Lock()
 _autolog_on = False

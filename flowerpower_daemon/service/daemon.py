@@ -252,9 +252,11 @@ class Daemon:
                         controls.attach(dispatcher=dispatcher, sources=src, runs=runs)
                         await src.run_all(sources, runs, link, triggers)
                         controls.manual.resume()
-                        freeze_heap()
                         if await _first(partial(_connected, link), controls.stopped):
                             await self._announce_ready(link, mqtt_settings, triggers, ready)
+                            # After READY, not before: a full collection of this heap takes
+                            # ~0.1 s, housekeeping that need not delay the start.
+                            freeze_heap()
                             pipelines = lambda: controls.project.pipelines  # noqa: E731
                             root.start_soon(homeassistant.start, pipelines, name="homeassistant")
                         await controls.stopped()

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import replace
 from datetime import UTC, datetime
+from functools import partial
 from typing import TYPE_CHECKING
 
 import anyio
@@ -212,10 +213,13 @@ class Sources:
             self.metrics.fired(trig.name)
             if not event.meta.get("catch_up"):  # a catch-up fire is late by design
                 self.metrics.timer_fired(trig.name, (event.at - scheduled).total_seconds())
-            await self.dispatcher.submit(event, runs)
             if state is not None:
-                with anyio.CancelScope(shield=True):  # a run that was submitted is recorded
-                    await state.record(trig.name, scheduled)
+                # Recorded when the dispatcher acks the event: once its run has ended (memory
+                # queue), is in the Redis stream, or was turned away. Not before (a fire lost in
+                # a crash is caught up at the restart: at least once), and not between the
+                # wake and the run's start, where the store's thread hop would compete with it.
+                event = replace(event, ack=partial(_record, state, trig.name, scheduled))
+            await self.dispatcher.submit(event, runs)
 
     async def _files(self, trig: FileTrigger, runs: TaskGroup, started: Callable[[], None]) -> None:
         from ..sources.files import file_events
@@ -234,6 +238,12 @@ class Sources:
         ):
             self.metrics.fired(trig.name)
             await self.dispatcher.submit(event, runs)
+
+
+async def _record(state: TimerState, name: str, scheduled: datetime) -> None:
+    """A timer event's ack: store its fire time (shielded: a run that ended is recorded)."""
+    with anyio.CancelScope(shield=True):
+        await state.record(name, scheduled)
 
 
 def subscription(trig: MqttTrigger) -> str:

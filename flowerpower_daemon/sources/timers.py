@@ -285,10 +285,20 @@ async def timer_events(
         deadline = scheduled + timedelta(seconds=rng.uniform(0.0, spec.jitter))
         await _sleep_until(deadline, now, sleep)
         current = now()
+        late = (current - deadline).total_seconds()
+        misfire = spec.misfire_grace is not None and late > spec.misfire_grace
+        if not misfire:
+            # Yielded before anything else is computed (the next fire time is a croniter
+            # call for a cron timer): the consumer starts the run as soon as it can.
+            yield TriggerEvent(
+                trigger=spec.name,
+                kind=spec.kind,
+                at=current,
+                meta={"scheduled": scheduled.isoformat(), "scheduled_ts": scheduled.timestamp()},
+            )
         following = next_fire(spec, scheduled)
         skipped = following is not None and following <= current
-        late = (current - deadline).total_seconds()
-        if spec.misfire_grace is not None and late > spec.misfire_grace:
+        if misfire:
             log.warning(
                 "timer_misfire",
                 trigger=spec.name,
@@ -296,19 +306,12 @@ async def timer_events(
                 late_s=round(late, 3),
                 misfire_grace=spec.misfire_grace,
             )
-        else:
-            if skipped:
-                log.warning(
-                    "timer_missed_fires",
-                    trigger=spec.name,
-                    scheduled=scheduled.isoformat(),
-                    woke=current.isoformat(),
-                )
-            yield TriggerEvent(
+        elif skipped:
+            log.warning(
+                "timer_missed_fires",
                 trigger=spec.name,
-                kind=spec.kind,
-                at=current,
-                meta={"scheduled": scheduled.isoformat(), "scheduled_ts": scheduled.timestamp()},
+                scheduled=scheduled.isoformat(),
+                woke=current.isoformat(),
             )
         scheduled = next_fire(spec, now()) if skipped else following
     log.info("timer_done", trigger=spec.name)
