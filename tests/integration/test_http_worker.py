@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.daemon_harness import BIN, configure, mqtt_trigger, online_daemon, unique
+from tests.daemon_harness import BIN, Config, configure, mqtt_trigger, online_daemon, unique
 from tests.http_harness import metric_value, wait_metric, wait_status
 from tests.services import free_port
 
@@ -36,6 +36,20 @@ def worker_with_http(config: Path, port: int, log_path: Path) -> Iterator[subpro
             proc.wait(10)
 
 
+def redis_config(
+    tmp_path: Path,
+    mosquitto: Any,
+    redis_server: Any,
+    trigger: dict[str, Any],
+    daemon_http: int | None = None,
+) -> Config:
+    """A daemon config with ``trigger``, its queue on the test's Redis (a queue of its own),
+    and the daemon's HTTP listener on ``daemon_http`` when given."""
+    http = {"http": {"listen": f"127.0.0.1:{daemon_http}"}} if daemon_http else {}
+    queue = {"broker": redis_server.url, "queue_name": unique("q")}
+    return configure(tmp_path, mosquitto.port, [trigger], queue=queue, **http)
+
+
 async def test_worker_http_counts_its_runs_and_the_daemon_its_queue_and_workers(
     tmp_path: Path, mosquitto: Any, redis_server: Any
 ) -> None:
@@ -44,14 +58,8 @@ async def test_worker_http_counts_its_runs_and_the_daemon_its_queue_and_workers(
     depth back at 0."""
     prefix = unique("w")
     daemon_http, worker_http = free_port(), free_port()
-    queue = {"broker": redis_server.url, "queue_name": unique("q")}
-    config = configure(
-        tmp_path,
-        mosquitto.port,
-        [mqtt_trigger("temp", "temperature", f"{prefix}/{{device}}")],
-        queue=queue,
-        http={"listen": f"127.0.0.1:{daemon_http}"},
-    )
+    trigger = mqtt_trigger("temp", "temperature", f"{prefix}/{{device}}")
+    config = redis_config(tmp_path, mosquitto, redis_server, trigger, daemon_http)
     log_path = tmp_path / "worker.log"
     with worker_with_http(config.path, worker_http, log_path) as worker:
         async with online_daemon(config, subscribe=[config.results]) as d:
@@ -84,7 +92,6 @@ async def test_worker_http_counts_the_duplicates_it_drops(
     daemon's stays 0: it never saw the key finished)."""
     prefix = unique("wd")
     daemon_http, worker_http = free_port(), free_port()
-    queue = {"broker": redis_server.url, "queue_name": unique("q")}
     trigger = mqtt_trigger(
         "once",
         "slow",
@@ -93,13 +100,7 @@ async def test_worker_http_counts_the_duplicates_it_drops(
         run={"final_vars": ["waited"]},
         dedup_key="{payload.msg_id}",
     )
-    config = configure(
-        tmp_path,
-        mosquitto.port,
-        [trigger],
-        queue=queue,
-        http={"listen": f"127.0.0.1:{daemon_http}"},
-    )
+    config = redis_config(tmp_path, mosquitto, redis_server, trigger, daemon_http)
     with worker_with_http(config.path, worker_http, tmp_path / "worker.log"):
         async with online_daemon(config, subscribe=[config.results]) as d:
             await wait_status(worker_http, "/readyz", 200, timeout=90)
@@ -120,13 +121,8 @@ async def test_worker_readyz_follows_redis(
     """``/readyz`` means "consuming from the stream": 503 while Redis is down, 200 again
     once the worker reads the stream after Redis returns."""
     worker_http = free_port()
-    queue = {"broker": redis_server.url, "queue_name": unique("q")}
-    config = configure(
-        tmp_path,
-        mosquitto.port,
-        [mqtt_trigger("temp", "temperature", f"{unique('r')}/{{device}}")],
-        queue=queue,
-    )
+    trigger = mqtt_trigger("temp", "temperature", f"{unique('r')}/{{device}}")
+    config = redis_config(tmp_path, mosquitto, redis_server, trigger)
     with worker_with_http(config.path, worker_http, tmp_path / "worker.log"):
         await wait_status(worker_http, "/readyz", 200, timeout=90)
         await redis_server.astop()
@@ -144,14 +140,8 @@ async def test_daemon_readyz_says_when_the_redis_queue_takes_no_runs(
     through, and the run's result still arrives once a worker runs it."""
     prefix = unique("q")
     daemon_http = free_port()
-    queue = {"broker": redis_server.url, "queue_name": unique("q")}
-    config = configure(
-        tmp_path,
-        mosquitto.port,
-        [mqtt_trigger("temp", "temperature", f"{prefix}/{{device}}")],
-        queue=queue,
-        http={"listen": f"127.0.0.1:{daemon_http}"},
-    )
+    trigger = mqtt_trigger("temp", "temperature", f"{prefix}/{{device}}")
+    config = redis_config(tmp_path, mosquitto, redis_server, trigger, daemon_http)
     async with online_daemon(config, subscribe=[config.results]) as d:
         await wait_status(daemon_http, "/readyz", 200, timeout=30)
         await redis_server.astop()
