@@ -273,8 +273,15 @@ class MqttLink:
                     retain=True,
                 )
 
+    @property
+    def online(self) -> bool:
+        """:meth:`announce_online` was called: the daemon says ``online`` at each connect."""
+        return self._online
+
     async def announce_online(self) -> None:
-        """Say ``online`` (retained) now and after every reconnect: the daemon is ready."""
+        """Say ``online`` (retained) now and after every reconnect: the daemon is ready.
+
+        Called again (after a reload), it says it again: the status names the pipelines."""
         self._online = True
         client = self._client
         if client is not None:
@@ -387,10 +394,13 @@ class MqttLink:
 
 
 def status_payload_factory(
-    version: str, pipelines: Sequence[str], client_id: str
+    version: str, pipelines: Sequence[str] | Callable[[], Sequence[str]], client_id: str
 ) -> Callable[[str], bytes]:
     """The retained status message: ``{"status": "online", "version": ..., "pipelines": [...],
-    "client_id": ..., "host": ..., "pid": ...}`` (host and pid tell a fleet's daemons apart)."""
+    "client_id": ..., "host": ..., "pid": ...}`` (host and pid tell a fleet's daemons apart).
+
+    ``pipelines`` may be a callable, asked at each message, so that a status said after a
+    reload (or the last will's ``offline``) names the pipelines the daemon has then."""
     host, pid = socket.gethostname(), os.getpid()
 
     def make(state: str) -> bytes:
@@ -398,7 +408,7 @@ def status_payload_factory(
             {
                 "status": state,
                 "version": version,
-                "pipelines": list(pipelines),
+                "pipelines": list(pipelines() if callable(pipelines) else pipelines),
                 "client_id": client_id,
                 "host": host,
                 "pid": pid,

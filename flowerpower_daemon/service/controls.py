@@ -477,6 +477,8 @@ class Controls:
             await self.add_trigger(by_name[name])
         if self.homeassistant is not None:  # buttons follow the triggers above
             await self.homeassistant.update(new.settings, new.project.pipelines)
+        if set(new.project.pipelines) != old_pipelines and self.link and self.link.online:
+            await self.link.announce_online()  # the retained status names the pipelines
         return {
             "added": delta.added,
             "removed": delta.removed,

@@ -156,7 +156,7 @@ class Daemon:
                 subscriptions=subscriptions(triggers),
                 receive_maximum=s.max_concurrent_runs,
                 status_payload=status_payload_factory(
-                    __version__, sorted(project.pipelines), mqtt_settings.client_id
+                    __version__, lambda: sorted(controls.project.pipelines), mqtt_settings.client_id
                 ),
                 # Past Receive Maximum (a broker may send more): every handler slot
                 # filled plus one round of runs waiting, then the socket is not read.

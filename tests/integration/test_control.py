@@ -31,6 +31,8 @@ from daemon_harness import (
     client,
     collect,
     configure,
+    mqtt_trigger,
+    online_daemon,
     started,
     unique,
 )
@@ -727,3 +729,25 @@ async def test_delayed_run_survives_a_restart(
             assert stored["delayed"] == []
             run.proc.signal(signal.SIGTERM)
             assert await anyio.to_thread.run_sync(run.proc.wait, 60) == 0
+
+
+async def test_status_names_the_pipelines_a_reload_leaves(tmp_path: Path, mosquitto: Any) -> None:
+    """The retained status lists the project's pipelines: after a reload that deleted one, it
+    is said again without it, and the ``offline`` said at the stop does not name it either."""
+    config = configure(tmp_path, mosquitto.port, [mqtt_trigger("t", "temperature", unique("s"))])
+    project = Path(config.settings["project"])
+    async with online_daemon(config) as d:
+        (project / "conf" / "pipelines" / "broken.yml").unlink(missing_ok=True)
+        (project / "pipelines" / "broken.py").unlink()
+        report = await anyio.to_thread.run_sync(lambda: request(config.sock, "reload"))
+        assert report["ok"] and report["result"]["pipelines_removed"] == ["broken"], report
+        again = await d.next_message(config.status_topic, timeout=30)
+        assert again.data["status"] == "online" and "broken" not in again.data["pipelines"]
+        assert "temperature" in again.data["pipelines"]
+    async with client(config.port) as c:
+        await c.subscribe(config.status_topic, qos=1)
+        with anyio.fail_after(30):
+            async for message in c.messages:
+                last = json.loads(bytes(message.payload))
+                break
+    assert last["status"] == "offline" and "broken" not in last["pipelines"], last
