@@ -175,7 +175,7 @@ def reference_message(result: RunResult, url: str, size: int, max_bytes: int) ->
     An error message that alone would break ``max_bytes`` is cut (the stored
     result has it whole) and the message says ``"truncated": true``.
     """
-    message = result.to_dict()
+    message = result.to_dict(raw_times=True)
     message["outputs"] = None
     message["stored"] = {"url": url, "bytes": size}
     data = dumps(message)

@@ -493,11 +493,11 @@ def encode_result(
     """
     full = result.encoded
     if full is None:
-        full = result.encoded = dumps(result.to_dict())
+        full = result.encoded = dumps(result.to_dict(raw_times=True))
     if max_bytes is None or len(full) <= max_bytes:
         return full
 
-    message = result.to_dict()
+    message = result.to_dict(raw_times=True)
     # outputs encoded once each, spliced in as fragments: sizes known, no re-encoding
     encoded = {name: dumps(value) for name, value in result.outputs.items()}
     fragments: dict[str, orjson.Fragment] = {

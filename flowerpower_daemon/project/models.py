@@ -322,8 +322,24 @@ class RunResult:
     def duration_ms(self) -> float:
         return (self.finished_at - self.started_at).total_seconds() * 1000.0
 
-    def to_dict(self, *, include_attempts: bool = False) -> dict[str, object]:
-        """The result message (README, "Results") (outputs still raw: encode with ``encoding``)."""
+    def to_dict(
+        self, *, include_attempts: bool = False, raw_times: bool = False
+    ) -> dict[str, object]:
+        """The result message (README, "Results") (outputs still raw: encode with ``encoding``).
+
+        ``raw_times`` leaves ``queued_at``, ``started_at`` and ``finished_at`` as
+        ``datetime`` objects for a caller that encodes with orjson: it writes the
+        same text as ``isoformat()`` (``+00:00``, microseconds unless zero) at a
+        fraction of the cost, three times on every run's hot path.
+        """
+        if raw_times:
+            queued: object = self.queued_at
+            started: object = self.started_at
+            finished: object = self.finished_at
+        else:
+            queued = self.queued_at.isoformat()
+            started = self.started_at.isoformat()
+            finished = self.finished_at.isoformat()
         out: dict[str, object] = {
             "run_id": self.run_id,
             "pipeline": self.pipeline,
@@ -332,9 +348,9 @@ class RunResult:
             "outputs": dict(self.outputs),
             "error": self.error.to_dict() if self.error else None,
             "attempts": len(self.attempts),
-            "queued_at": self.queued_at.isoformat(),
-            "started_at": self.started_at.isoformat(),
-            "finished_at": self.finished_at.isoformat(),
+            "queued_at": queued,
+            "started_at": started,
+            "finished_at": finished,
             "duration_ms": round(self.duration_ms, 3),
         }
         if self.worker is not None:

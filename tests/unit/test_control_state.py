@@ -61,6 +61,12 @@ async def test_history_records_lists_and_gets(tmp_path: Path) -> None:
         full = await history.get("a")
         assert full is not None and full["result"]["outputs"] == {"x": 1}
         assert await history.get("nope") is None
+        whole = _result("w")  # whole seconds: isoformat writes no fraction
+        whole.queued_at = whole.started_at = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+        await history.record(whole)
+        row = (await history.recent(limit=1))[0]
+        assert row["queued_at"] == row["started_at"] == "2026-01-02T03:04:05+00:00"
+        assert row["finished_at"] == whole.finished_at.isoformat()
         tg.cancel_scope.cancel()
     assert oct(os.stat(tmp_path / "h.sqlite3").st_mode & 0o777) == "0o600"
 

@@ -510,6 +510,27 @@ def test_result_round_trips_through_loads() -> None:
     assert "truncated" not in message
 
 
+@pytest.mark.parametrize(
+    "when",
+    [
+        T0,  # whole seconds: no fraction
+        T0 + timedelta(microseconds=5),
+        datetime(2024, 5, 1, 12, 0, 0, 123456, tzinfo=timezone(timedelta(hours=2))),
+        datetime(2024, 5, 1, 12, 0, 0, 123456),  # naive: no offset
+    ],
+)
+def test_result_times_are_written_as_isoformat(when: datetime) -> None:
+    """The result message's times (encoded by orjson from the datetimes) are the text of
+    ``isoformat()``: ``+00:00`` offsets, microseconds unless zero, byte for byte."""
+    result = make_result({"x": 1})
+    result.queued_at = result.started_at = when
+    result.finished_at = when + timedelta(seconds=1)
+    assert encode_result(result) == dumps(result.to_dict())
+    message = loads(encode_result(result))
+    assert message["queued_at"] == message["started_at"] == when.isoformat()
+    assert message["finished_at"] == result.finished_at.isoformat()
+
+
 def test_encode_result_converts_outputs() -> None:
     """Outputs in a result message use the documented forms."""
     result = make_result({"when": T0, "frame": pd.Series([1], name="s")})
