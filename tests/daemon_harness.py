@@ -19,6 +19,7 @@ import aiomqtt
 import anyio
 import orjson
 import yaml
+from services import stop_process
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "examples" / "sensors"
@@ -123,13 +124,7 @@ class DaemonProcess:
             ) from None
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc)
         self._log.close()
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import anyio
 import anyio.to_thread
 
-from tests.services import free_port, require_binary
+from tests.services import free_port, require_binary, stop_process
 
 
 def get(port: int, path: str, timeout: float = 10) -> tuple[int, str]:
@@ -155,12 +155,7 @@ def prometheus(tmp: Path, targets: dict[str, int]) -> Iterator[Prometheus]:
             raise AssertionError(f"prometheus not ready in 30 s: {server.log()[-2000:]}")
         yield server
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        stop_process(proc)
 
 
 async def wait_metric(port: int, sample: str, wanted: float, timeout: float = 30) -> str:

@@ -142,6 +142,17 @@ _ports_handed_out: set[int] = set()
 _ports_lock = threading.Lock()
 
 
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10) -> None:
+    """SIGTERM ``proc`` if it still runs, SIGKILL it after ``timeout`` s (bounded either way)."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
 def free_port(host: str = LOOPBACK) -> int:
     """A TCP port that is free on ``host`` now (never the same one twice per process)."""
     for _ in range(50):

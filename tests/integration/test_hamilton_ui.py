@@ -35,7 +35,7 @@ import pytest
 import yaml
 
 from tests.daemon_harness import BIN, configure, make_project, mqtt_trigger, online_daemon, unique
-from tests.services import free_port
+from tests.services import free_port, stop_process
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -153,12 +153,7 @@ def hamilton_ui(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HamiltonUI
             time.sleep(0.2)
         yield ui
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        stop_process(proc)
 
 
 ASYNC_TRACKED = '''\
