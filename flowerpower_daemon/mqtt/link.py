@@ -96,6 +96,7 @@ class MqttLink:
         self._owns_outbox = outbox is None
         self._drain_lock = anyio.Lock()
         self.connects = 0
+        self._next_connect = anyio.Event()  # set (and replaced) at every connect
         self.published = 0
         self._inflight: set[asyncio.Future[None]] = set()  # publishes awaiting their PUBACK
 
@@ -220,6 +221,10 @@ class MqttLink:
         """End :meth:`messages` once what is already received has been read."""
         self._intake.close()
 
+    async def next_connect(self) -> None:
+        """Wait for the link's next (re)connect, its subscriptions and status sent."""
+        await self._next_connect.wait()
+
     async def wait_closed(self) -> None:
         """Wait until :meth:`run` has said ``offline`` and disconnected (callers bound it)."""
         await self._closed.wait()
@@ -233,6 +238,8 @@ class MqttLink:
                 await self._publish_status(client)
             self._client = self._intake.client = client
         self._connected.set()
+        self._next_connect.set()
+        self._next_connect = anyio.Event()
         log.info(
             "mqtt_connected",
             broker=f"{self.settings.host}:{self.settings.port}",

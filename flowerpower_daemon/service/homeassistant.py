@@ -101,16 +101,10 @@ class HomeAssistant:
         """Publish every config again after the link reconnects (runs until cancelled).
 
         A broker restarted without persistence has lost the retained configs (the
-        link says ``online`` again on its own). Checked once a second: a reconnect
-        is rare, and the link has no per-connect callback to hang this on.
+        link says ``online`` again on its own).
         """
-        seen = self.link.connects
         while True:
-            await anyio.sleep(1.0)
-            connects = self.link.connects
-            if connects == seen or not self.link.connected:
-                continue
-            seen = connects
+            await self.link.next_connect()
             async with self._lock:
                 if self.discovery is not None and self._published:
                     for topic, payload in self._published.items():
