@@ -119,6 +119,7 @@ class Daemon:
         from ..mqtt.link import MqttLink, status_payload_factory
         from ..mqtt.outbox import Outbox
         from ..queue.broker import (
+            TASK_NAME,
             InProcessFormatter,
             InProcessRequest,
             RunExecutor,
@@ -203,8 +204,27 @@ class Daemon:
 
             formatter = broker.formatter
             in_process = formatter if isinstance(formatter, InProcessFormatter) else None
+            enqueuer = None
+            if s.queue.is_redis:
+                from ..queue.enqueue import StreamEnqueuer
+                from ..queue.streams import Reclaiming
+                from ..state.batch import WriteBatch
+
+                assert isinstance(broker, Reclaiming)
+                # taskiq's message, written without its kicker; the XADDs of the runs
+                # enqueued meanwhile share a round trip (see enqueue.py).
+                enqueue_batch = await stack.enter_async_context(WriteBatch(s.queue.redis))
+                enqueuer = StreamEnqueuer(
+                    enqueue_batch,
+                    broker.queue_name,
+                    TASK_NAME,
+                    maxlen=getattr(broker, "maxlen", None),
+                    approximate=getattr(broker, "approximate", True),
+                )
 
             async def kiq(request: RunRequest) -> object:
+                if enqueuer is not None:
+                    return await controls.jobs.run(request, partial(enqueuer.enqueue, request))
                 # taskiq's task id is the run id: one id in logs, history and Redis
                 # (and no uuid4, a getrandom system call, per run).
                 kicker = task.kicker().with_task_id(request.run_id)
@@ -246,6 +266,8 @@ class Daemon:
                 root.start_soon(self.notifier.watchdog, controls.status_line, name="watchdog")
                 await root.start(controls.watch_workers, name="workers")
                 await root.start(publisher.run, name="mqtt-results")
+                if enqueuer is not None:
+                    await root.start(enqueuer.batch.run, name="redis-enqueue")
                 await root.start(link.run, name="mqtt-link")
                 async with anyio.create_task_group() as runs:
                     async with anyio.create_task_group() as sources:
