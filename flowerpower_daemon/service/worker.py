@@ -29,7 +29,6 @@ import os
 import signal
 import socket
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 
 import anyio
@@ -55,18 +54,16 @@ log = structlog.get_logger("flowerpower_daemon.worker")
 async def run_worker(settings: Settings, http: tuple[str, int] | None = None) -> None:
     """``flowerpower-daemon worker``: execute runs from the Redis stream and publish results
     (``http``: serve /metrics, /healthz and /readyz there, ``--http``)."""
-    from taskiq.acks import AcknowledgeType
-    from taskiq.receiver import Receiver
-
     from ..mqtt.link import MqttLink
     from ..observe import metrics_for
     from ..queue.broker import (
+        TASK_NAME,
         RunExecutor,
         RunLedger,
         create_broker,
-        register_run_task,
         worker_name,
     )
+    from ..queue.consume import StreamConsumer
     from ..queue.streams import Reclaiming, WorkerPresence
     from ..queue.threads import ElasticThreadPool
     from ..state.batch import WriteBatch
@@ -140,7 +137,6 @@ async def run_worker(settings: Settings, http: tuple[str, int] | None = None) ->
         who=who,
         first_delivery=broker.first_delivery if isinstance(broker, Reclaiming) else None,
     )
-    register_run_task(broker, executor)
     # As in the daemon: sync pipelines in a pool that grows only while runs are stuck.
     pool = ElasticThreadPool(queue.worker_concurrency)
     project.runner.executor = pool
@@ -229,34 +225,25 @@ async def run_worker(settings: Settings, http: tuple[str, int] | None = None) ->
             )
             if not isinstance(broker, Reclaiming):
                 consuming()
-            # taskiq's receiver (the loop of ``taskiq worker``), with its own graceful stop;
-            # the pool is for sync tasks, which this worker has none of.
-            with ThreadPoolExecutor(max_workers=1) as sync_tasks:
-                while True:
-                    # validate_params=False: the task reads its argument itself
-                    # (RunRequest.from_dict); taskiq would try to make a pydantic model
-                    # of its annotation, InProcessRequest | Mapping, and log a warning
-                    # with a traceback for every run.
-                    receiver = Receiver(
-                        broker,
-                        executor=sync_tasks,
-                        validate_params=False,
-                        run_startup=False,
-                        max_async_tasks=settings.queue.worker_concurrency,
-                        ack_type=AcknowledgeType.WHEN_SAVED,
-                        wait_tasks_timeout=settings.shutdown_timeout,
-                    )
-                    try:
-                        await receiver.listen(finish)
-                        break
-                    except Exception as exc:  # e.g. Redis went away: listen again
-                        log.warning("worker_listen_failed", error=str(exc), retry_in_s=1.0)
-                        consumed.clear()  # /readyz: 503 until the stream is read again
-                        if isinstance(broker, Reclaiming):
-                            broker.on_listening = consuming
-                        await anyio.sleep(1.0)
-                        if not isinstance(broker, Reclaiming):
-                            consuming()
+            # Each stream entry one run, at most worker_concurrency at once (consume.py).
+            consumer = StreamConsumer(
+                broker.listen,
+                executor,
+                task_name=TASK_NAME,
+                concurrency=settings.queue.worker_concurrency,
+            )
+            while True:
+                try:
+                    await consumer.consume(finish, settings.shutdown_timeout)
+                    break
+                except Exception as exc:  # e.g. Redis went away: listen again
+                    log.warning("worker_listen_failed", error=str(exc), retry_in_s=1.0)
+                    consumed.clear()  # /readyz: 503 until the stream is read again
+                    if isinstance(broker, Reclaiming):
+                        broker.on_listening = consuming
+                    await anyio.sleep(1.0)
+                    if not isinstance(broker, Reclaiming):
+                        consuming()
             # Past shutdown_timeout: cancel what still runs while the ledger is open (its
             # start is withdrawn; unacked, the run is reclaimed by another worker).
             leftover = [t for t in executor.running if not t.done()]
