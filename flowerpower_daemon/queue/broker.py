@@ -245,8 +245,9 @@ class RunLedger(RedisStore):
     logged and treated as "no earlier start": the run goes on. The note is a
     string of ``"<unix time> <worker>\n"`` entries; with :attr:`batch` set (a
     worker), a first delivery's note (one ``SET ... EX``) and the ``DEL`` go
-    out with the worker's other writes, and only a reclaimed run's start
-    reads the earlier entries (a script).
+    out with the worker's other writes (the run starts once its note has
+    left the process: :meth:`.WriteBatch.sent`), and only a reclaimed run's
+    start reads the earlier entries (a script).
     """
 
     def __init__(
@@ -281,13 +282,9 @@ class RunLedger(RedisStore):
         entry = f"{time.time()!r} {self.who}"
         if first and self.batch is not None:
             key, note, ttl = f"{self.prefix}:{run_id}", f"{entry}\n", max(1, int(self.ttl))
-            try:
-                replies = await self.batch.submit(lambda pipe: pipe.set(key, note, ex=ttl))
-            except Exception as exc:  # redis.RedisError, OSError ...
-                replies = [exc]
-            failed = [r for r in replies if isinstance(r, Exception)]
-            if failed:
-                log.error("run_ledger_failed", error=str(failed[0]))
+            # Once the note has left the process: a worker killed from here on still gets it
+            # into Redis (the kernel sends a dead process's socket buffer); no reply awaited.
+            await self.batch.sent(lambda pipe: pipe.set(key, note, ex=ttl), "run_ledger_failed")
             return [], entry
         try:
             raw = await self._started(

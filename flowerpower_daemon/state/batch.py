@@ -18,6 +18,18 @@ not sent yet when the worker dies leaves the run in the stream, to run again
 elsewhere (at least once, as when the worker dies mid-run); a worker that
 stops sends what is queued before it closes its client.
 
+On one server (or a Sentinel master) the batch does not go through
+redis-py's ``Pipeline`` (its command stack, per-command reply callbacks,
+connection checkout and reset cost more CPU than the commands): the stages
+write into a collector of redis-py's own command builders, and the packed
+commands go out on one pooled connection, replies read back raw (redis-py's
+retry and reconnect kept). A write only needs to have *left* the process
+when it is a run's start note (:meth:`WriteBatch.sent`): a worker killed
+after that point still gets its note into Redis, since the kernel sends
+what is in a closed socket's buffer. So such a waiter is woken as soon as
+the batch is written and nothing of it is left in the process's own
+buffer, without waiting for the reply (on a Cluster, after the reply).
+
 Writes keep their order (a run's history entry and ledger clean-up go out
 before its ``XACK``, so an acknowledged run is recorded); acks of one stream
 queued together become one ``XACK`` with all their ids, after the other
@@ -32,7 +44,8 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar, Union
+from functools import partial
+from typing import TYPE_CHECKING, Any, ClassVar, Union, cast
 
 import anyio
 import structlog
@@ -75,7 +88,7 @@ _Acks = dict[tuple[str, str], list[tuple[MessageId, int]]]
 
 
 class _Item:
-    __slots__ = ("done", "event", "future", "stage")
+    __slots__ = ("done", "event", "future", "sent", "stage")
 
     def __init__(
         self,
@@ -83,11 +96,13 @@ class _Item:
         future: asyncio.Future[Replies] | None,
         event: str,
         done: Callable[[Replies], object] | None,
+        sent: asyncio.Future[None] | None = None,
     ) -> None:
         self.stage = stage
         self.future = future
         self.event = event
         self.done = done
+        self.sent = sent
 
 
 class WriteBatch(RedisStore):
@@ -127,6 +142,14 @@ class WriteBatch(RedisStore):
         """Queue ``stage`` unawaited; a failure is logged as ``event``, else ``done(replies)``."""
         self._items.append(_Item(stage, None, event, done))
         self._wake.set()
+
+    def sent(self, stage: Stage, event: str) -> asyncio.Future[None]:
+        """Queue ``stage``; the future is done once its commands have left the process (see
+        the module's docstring) or failed (logged as ``event``): it never raises."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._items.append(_Item(stage, None, event, None, future))
+        self._wake.set()
+        return future
 
     def ack(self, stream: str, group: str, message_id: MessageId) -> None:
         """Queue an ``XACK`` of ``message_id`` (unawaited; merged with the batch's other acks)."""
@@ -180,6 +203,7 @@ class WriteBatch(RedisStore):
             self._again(acks, exc)
             return
         except BaseException:  # cancelled (the worker stops): __aexit__ sends them again
+            _wake_sent(items)
             self._items[:0] = [item for item in items if item.future is None]
             for key, ids in acks.items():
                 self._acks.setdefault(key, [])[:0] = ids
@@ -198,19 +222,40 @@ class WriteBatch(RedisStore):
         self, items: Sequence[_Item], acks: _Acks, spans: list[tuple[int, int]]
     ) -> Replies:
         """One pipeline: the stages in order, then one ``XACK`` per stream; every reply."""
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for item in items:
-                start = len(pipe)
-                item.stage(pipe)
-                spans.append((start, len(pipe)))
-            for (stream, group), ids in acks.items():
-                pipe.xack(stream, group, *(message_id for message_id, _ in ids))
-            self.round_trips += 1
-            self.writes += len(items) + sum(len(ids) for ids in acks.values())
-            replies: Replies = await pipe.execute(raise_on_error=False)
-            return replies
+        self.round_trips += 1
+        self.writes += len(items) + sum(len(ids) for ids in acks.values())
+        from redis.asyncio.cluster import RedisCluster  # imported once the batch sends
+
+        from ._commands import Commands, send_and_read
+
+        redis = self._redis
+        if isinstance(redis, RedisCluster):
+            async with redis.pipeline(transaction=False) as pipe:
+                _stack(pipe, items, acks, spans)
+                replies: Replies = await pipe.execute(raise_on_error=False)
+                return replies
+        commands = Commands()
+        # Typed as a pipeline for the stages: they call only the builders the two share.
+        _stack(cast("Pipeline", commands), items, acks, spans)
+        pool = redis.connection_pool
+        conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+        try:
+            replies = await conn.retry.call_with_retry(
+                lambda: send_and_read(redis, conn, commands.stack, partial(_wake_sent, items)),
+                lambda _error: conn.disconnect(),
+            )
+        except BaseException:  # its replies are half read: the connection is of no more use
+            with anyio.CancelScope(shield=True):
+                await conn.disconnect(nowait=True)
+            raise
+        finally:
+            with anyio.CancelScope(shield=True):
+                await pool.release(conn)
+        return replies
 
     def _settle(self, item: _Item, replies: Replies) -> None:
+        if item.sent is not None and not item.sent.done():
+            item.sent.set_result(None)
         future = item.future
         if future is not None:
             if not future.done():
@@ -226,6 +271,7 @@ class WriteBatch(RedisStore):
                 log.error(item.event, error=repr(exc))
 
     def _fail(self, items: Sequence[_Item], exc: Exception) -> None:
+        _wake_sent(items)
         for item in items:
             if item.future is None:
                 log.error(item.event, error=str(exc))
@@ -246,6 +292,24 @@ class WriteBatch(RedisStore):
             log.warning("stream_ack_failed", error=str(exc), retry_in_s=0.2 * tries)
             self._retry_in = 0.2 * tries
             self._wake.set()
+
+
+def _stack(
+    pipe: WritePipeline, items: Sequence[_Item], acks: _Acks, spans: list[tuple[int, int]]
+) -> None:
+    """Queue the stages on ``pipe`` in order, then one ``XACK`` per stream."""
+    for item in items:
+        start = len(pipe)
+        item.stage(pipe)
+        spans.append((start, len(pipe)))
+    for (stream, group), ids in acks.items():
+        pipe.xack(stream, group, *(message_id for message_id, _ in ids))
+
+
+def _wake_sent(items: Sequence[_Item]) -> None:
+    for item in items:
+        if item.sent is not None and not item.sent.done():
+            item.sent.set_result(None)
 
 
 def _text(value: MessageId) -> str:

@@ -9,6 +9,7 @@ import anyio
 import orjson
 import pytest
 import redis.asyncio as aioredis
+from structlog.testing import capture_logs
 
 from flowerpower_daemon.project.models import AttemptInfo, RunResult, TriggerInfo
 from flowerpower_daemon.queue.broker import RunLedger
@@ -227,3 +228,38 @@ async def test_history_keeps_the_result_message_and_reads_older_rows(
             assert listed["new"]["state"] == "success" and listed["new"]["attempts"] == 1
             assert listed["new"]["trigger"] == {"name": "t", "type": "interval"}
             assert listed["old"]["run_id"] == "old" and "result" not in listed["old"]
+
+
+async def test_sent_wakes_once_the_write_left_and_never_raises(
+    redis_session: RedisService,
+) -> None:
+    """``sent`` (a run's start note): the future is done once the batch is written, the
+    write lands; a failing one is logged as its event and still wakes its waiter."""
+    key, bad_key = unique("wb"), unique("wb")
+    r = aioredis.Redis.from_url(redis_session.url)
+    try:
+        await r.rpush(bad_key, b"x")
+        with capture_logs() as logs:
+            async with WriteBatch(redis_session.url) as batch:
+                note = batch.sent(lambda p: p.set(key, b"noted", ex=60), "test_note_failed")
+                failing = batch.sent(lambda p: p.incr(bad_key), "test_note_failed")
+                with anyio.fail_after(10):
+                    await batch.flush()
+                    assert await note is None and await failing is None
+        assert await r.get(key) == b"noted"
+        assert [e["event"] for e in logs if e["log_level"] == "error"] == ["test_note_failed"]
+    finally:
+        await r.delete(key, bad_key)
+        await r.aclose()
+
+
+async def test_sent_without_redis_wakes_its_waiter_and_logs() -> None:
+    """No server: a ``sent`` waiter is woken (the run goes on without its note), logged."""
+    with capture_logs() as logs:
+        async with WriteBatch("redis://127.0.0.1:1/0") as batch:
+            with anyio.fail_after(30):
+                async with anyio.create_task_group() as tg:
+                    await tg.start(batch.run)
+                    assert await batch.sent(lambda p: p.set("k", b"v"), "test_note_failed") is None
+                    tg.cancel_scope.cancel()
+    assert "test_note_failed" in [e["event"] for e in logs]
