@@ -40,6 +40,7 @@ import os
 import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, cast
 
@@ -67,6 +68,7 @@ if TYPE_CHECKING:
     from redis.commands.core import AsyncScript
 
 __all__ = [
+    "RUN_COMPUTED",
     "TASK_NAME",
     "InProcessFormatter",
     "InProcessReceiver",
@@ -146,6 +148,11 @@ def worker_name() -> str:
     """This process as results, the run ledger and the workers listing name it."""
     return f"{socket.gethostname()}:{os.getpid()}"
 
+
+#: Set by a worker's stream loop (:mod:`.consume`) in each run's task: called once the
+#: run has its result, before the result is published and recorded, so that the run's
+#: slot takes the next run while the result waits for the broker's PUBACK.
+RUN_COMPUTED: ContextVar[Callable[[], None] | None] = ContextVar("run_computed", default=None)
 
 TaskArg = InProcessRequest | Mapping[str, object]
 """The run task's argument: the request itself in memory mode, its dict through Redis."""
@@ -394,6 +401,9 @@ class RunExecutor:
                 if shared is None:
                     return {"run_id": request.run_id, "status": "duplicate"}
                 result = shared
+            computed = RUN_COMPUTED.get()
+            if computed is not None:  # the run is over; its result's way out is not
+                computed()
             result.worker = self.who
             if traced is not None:
                 traced.finish(result)

@@ -20,7 +20,12 @@ What it keeps from taskiq's receiver, with ``ack_type`` ``when_saved``:
 - a cancelled run is not acknowledged: its entry stays in the stream and
   another worker reclaims it;
 - at most ``concurrency`` runs at once, and no entry is taken from the
-  stream reader before a slot is free;
+  stream reader before a slot is free. A run gives its slot back as soon as
+  it has its result (:data:`.broker.RUN_COMPUTED`): publishing the result
+  (waiting for the MQTT broker's PUBACK), recording it and acknowledging the
+  entry go on while the next run computes, for at most ``4 x concurrency``
+  runs at once (then no entry is taken until one is done: the PUBACKs pace
+  the worker). The entry is still acknowledged only after its result is out;
 - :meth:`StreamConsumer.consume` returns when ``finish`` is set (it reads
   nothing more) and the running runs have finished, or after ``wait``
   seconds; an error of the stream reader (Redis gone) ends it, running runs
@@ -37,7 +42,12 @@ import orjson
 import structlog
 from taskiq import AckableMessage
 
+from .broker import RUN_COMPUTED
+
 __all__ = ["StreamConsumer"]
+
+#: Runs taken per slot at most: one computing, the others' results on their way out.
+FINISHING = 4
 
 log = structlog.get_logger("flowerpower_daemon.consume")
 
@@ -62,6 +72,8 @@ class StreamConsumer:
         self.run = run
         self.task_name = task_name
         self.slots = asyncio.Semaphore(concurrency)
+        #: Runs taken and not yet done with (computing, or their result on its way out).
+        self.taken = asyncio.Semaphore(FINISHING * concurrency)
         #: The runs going on now.
         self.running: set[asyncio.Task[None]] = set()
 
@@ -82,20 +94,34 @@ class StreamConsumer:
             await asyncio.wait(set(self.running), timeout=wait)
 
     async def _read(self) -> None:
-        slots, running = self.slots, self.running
+        slots, taken, running = self.slots, self.taken, self.running
         async with contextlib.aclosing(self.messages()) as messages:
             while True:
-                await slots.acquire()
+                await taken.acquire()
+                try:
+                    await slots.acquire()
+                except BaseException:
+                    taken.release()
+                    raise
                 try:
                     message = await anext(messages)
                 except BaseException:
                     slots.release()
+                    taken.release()
                     raise
                 task = asyncio.ensure_future(self._one(message))
                 running.add(task)
                 task.add_done_callback(running.discard)
 
     async def _one(self, message: bytes | AckableMessage) -> None:
+        held = [True]  # the run's slot, given back once (by RUN_COMPUTED or at the end)
+
+        def computed() -> None:
+            if held:
+                held.clear()
+                self.slots.release()
+
+        RUN_COMPUTED.set(computed)  # this task's own context
         try:
             arg = self._argument(message.data if isinstance(message, AckableMessage) else message)
             if arg is not None:
@@ -106,7 +132,8 @@ class StreamConsumer:
             if isinstance(message, AckableMessage):
                 await _ack(message)
         finally:
-            self.slots.release()
+            computed()
+            self.taken.release()
 
     def _argument(self, data: bytes | str) -> Mapping[str, object] | None:
         """The run's argument from a stream entry; ``None`` (logged) for one not to run."""
