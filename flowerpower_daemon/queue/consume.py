@@ -26,10 +26,10 @@ What it keeps from taskiq's receiver, with ``ack_type`` ``when_saved``:
   entry go on while the next run computes, for at most ``4 x concurrency``
   runs at once (then no entry is taken until one is done: the PUBACKs pace
   the worker). The entry is still acknowledged only after its result is out;
-- :meth:`StreamConsumer.consume` returns when ``finish`` is set (it reads
-  nothing more) and the running runs have finished, or after ``wait``
-  seconds; an error of the stream reader (Redis gone) ends it, running runs
-  going on.
+- the runs are tasks of the caller's task group: :meth:`StreamConsumer.consume`
+  returns when ``finish`` is set (it reads nothing more), and an error of
+  the stream reader (Redis gone) ends it, the runs going on; the caller
+  waits for them (:meth:`StreamConsumer.drained`) or cancels them.
 """
 
 from __future__ import annotations
@@ -38,8 +38,10 @@ import asyncio
 import contextlib
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 
+import anyio
 import orjson
 import structlog
+from anyio.abc import TaskGroup
 from taskiq import AckableMessage
 
 from .broker import RUN_COMPUTED
@@ -74,27 +76,36 @@ class StreamConsumer:
         self.slots = asyncio.Semaphore(concurrency)
         #: Runs taken and not yet done with (computing, or their result on its way out).
         self.taken = asyncio.Semaphore(FINISHING * concurrency)
-        #: The runs going on now.
-        self.running: set[asyncio.Task[None]] = set()
+        #: Runs taken and not done with yet.
+        self.in_flight = 0
 
-    async def consume(self, finish: asyncio.Event, wait: float) -> None:
-        """Read and run until ``finish`` is set, then wait (at most ``wait`` s) for the runs."""
-        reader = asyncio.ensure_future(self._read())
-        stop = asyncio.ensure_future(finish.wait())
-        try:
-            await asyncio.wait({reader, stop}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in (reader, stop):
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-        if not finish.is_set():
-            reader.result()  # the stream reader's error (it never ends on its own)
-        if self.running:
-            await asyncio.wait(set(self.running), timeout=wait)
+    async def consume(self, finish: asyncio.Event, runs: TaskGroup) -> None:
+        """Read entries and start their runs in ``runs`` until ``finish`` is set; raise the
+        stream reader's error (Redis gone), the runs going on in ``runs``."""
+        failed: list[Exception] = []
+        async with anyio.create_task_group() as tg:
 
-    async def _read(self) -> None:
-        slots, taken, running = self.slots, self.taken, self.running
+            async def read() -> None:
+                try:
+                    await self._read(runs)
+                except Exception as exc:
+                    failed.append(exc)
+                finally:
+                    tg.cancel_scope.cancel()
+
+            tg.start_soon(read, name="stream-reader")
+            await finish.wait()
+            tg.cancel_scope.cancel()
+        if failed:
+            raise failed[0]
+
+    async def drained(self) -> None:
+        """Return once no run is in flight (polls: for a stopping worker only)."""
+        while self.in_flight:  # noqa: ASYNC110 - a stop, not a hot path
+            await anyio.sleep(0.05)
+
+    async def _read(self, runs: TaskGroup) -> None:
+        slots, taken = self.slots, self.taken
         async with contextlib.aclosing(self.messages()) as messages:
             while True:
                 await taken.acquire()
@@ -109,9 +120,8 @@ class StreamConsumer:
                     slots.release()
                     taken.release()
                     raise
-                task = asyncio.ensure_future(self._one(message))
-                running.add(task)
-                task.add_done_callback(running.discard)
+                self.in_flight += 1
+                runs.start_soon(self._one, message)
 
     async def _one(self, message: bytes | AckableMessage) -> None:
         held = [True]  # the run's slot, given back once (by RUN_COMPUTED or at the end)
@@ -134,6 +144,7 @@ class StreamConsumer:
         finally:
             computed()
             self.taken.release()
+            self.in_flight -= 1
 
     def _argument(self, data: bytes | str) -> Mapping[str, object] | None:
         """The run's argument from a stream entry; ``None`` (logged) for one not to run."""

@@ -232,29 +232,28 @@ async def run_worker(settings: Settings, http: tuple[str, int] | None = None) ->
                 task_name=TASK_NAME,
                 concurrency=settings.queue.worker_concurrency,
             )
-            while True:
-                try:
-                    await consumer.consume(finish, settings.shutdown_timeout)
-                    break
-                except Exception as exc:  # e.g. Redis went away: listen again
-                    log.warning("worker_listen_failed", error=str(exc), retry_in_s=1.0)
-                    consumed.clear()  # /readyz: 503 until the stream is read again
+            async with anyio.create_task_group() as runs:
+                while True:
+                    try:
+                        await consumer.consume(finish, runs)
+                        break
+                    except Exception as exc:  # e.g. Redis went away: listen again
+                        log.warning("worker_listen_failed", error=str(exc), retry_in_s=1.0)
+                        consumed.clear()  # /readyz: 503 until the stream is read again
+                        if isinstance(broker, Reclaiming):
+                            broker.on_listening = consuming
+                        await anyio.sleep(1.0)
+                        if not isinstance(broker, Reclaiming):
+                            consuming()
+                with anyio.move_on_after(settings.shutdown_timeout):
+                    await consumer.drained()
+                # Past shutdown_timeout: cancel what still runs while the ledger is open (its
+                # start is withdrawn; unacked, the run is reclaimed by another worker).
+                if consumer.in_flight:
+                    log.warning("worker_runs_cancelled_at_deadline", runs=consumer.in_flight)
                     if isinstance(broker, Reclaiming):
-                        broker.on_listening = consuming
-                    await anyio.sleep(1.0)
-                    if not isinstance(broker, Reclaiming):
-                        consuming()
-            # Past shutdown_timeout: cancel what still runs while the ledger is open (its
-            # start is withdrawn; unacked, the run is reclaimed by another worker).
-            leftover = [t for t in executor.running if not t.done()]
-            if leftover:
-                log.warning("worker_runs_cancelled_at_deadline", runs=len(leftover))
-                if isinstance(broker, Reclaiming):
-                    broker.withhold_acks = True
-                for t in leftover:
-                    t.cancel()
-                with anyio.move_on_after(10):
-                    await asyncio.gather(*leftover, return_exceptions=True)
+                        broker.withhold_acks = True
+                    runs.cancel_scope.cancel()
             log.info(
                 "worker_runs_done",
                 runs=executor.done,
