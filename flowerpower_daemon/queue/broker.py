@@ -291,7 +291,9 @@ class RunLedger(RedisStore):
             key, note, ttl = f"{self.prefix}:{run_id}", f"{entry}\n", max(1, int(self.ttl))
             # Once the note has left the process: a worker killed from here on still gets it
             # into Redis (the kernel sends a dead process's socket buffer); no reply awaited.
-            await self.batch.sent(lambda pipe: pipe.set(key, note, ex=ttl), "run_ledger_failed")
+            await self.batch.sent(
+                lambda pipe: pipe.execute_command("SET", key, note, "EX", ttl), "run_ledger_failed"
+            )
             return [], entry
         try:
             raw = await self._started(
@@ -309,7 +311,7 @@ class RunLedger(RedisStore):
     async def finished(self, run_id: str) -> None:
         if self.batch is not None:
             key = f"{self.prefix}:{run_id}"
-            self.batch.send(lambda pipe: pipe.delete(key), "run_ledger_failed")
+            self.batch.send(lambda pipe: pipe.execute_command("DEL", key), "run_ledger_failed")
             return
         try:
             await self._redis.delete(f"{self.prefix}:{run_id}")

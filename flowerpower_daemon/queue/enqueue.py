@@ -57,14 +57,19 @@ class StreamEnqueuer:
         self.task_name = task_name
         self.maxlen = maxlen
         self.approximate = approximate
+        # XADD's words before the entry's fields, as redis-py's xadd writes them.
+        trim: tuple[str | int, ...] = ()
+        if maxlen is not None:
+            trim = ("MAXLEN", "~", maxlen) if approximate else ("MAXLEN", maxlen)
+        self._head: tuple[str | int, ...] = ("XADD", stream, *trim, "*")
 
     async def enqueue(self, request: RunRequest) -> None:
         """Return once ``request`` is in the stream; raise the error that kept it out."""
-        fields = {b"data": task_message(self.task_name, request)}
-        stream, maxlen, approximate = self.stream, self.maxlen, self.approximate
+        data = task_message(self.task_name, request)
+        head = self._head
 
         def stage(pipe: WritePipeline) -> object:
-            return pipe.xadd(stream, fields, maxlen=maxlen, approximate=approximate)  # type: ignore[arg-type]
+            return pipe.execute_command(*head, b"data", data)
 
         (reply,) = await self.batch.submit(stage)
         if isinstance(reply, BaseException):

@@ -303,7 +303,7 @@ def _stack(
         item.stage(pipe)
         spans.append((start, len(pipe)))
     for (stream, group), ids in acks.items():
-        pipe.xack(stream, group, *(message_id for message_id, _ in ids))
+        pipe.execute_command("XACK", stream, group, *(message_id for message_id, _ in ids))
 
 
 def _wake_sent(items: Sequence[_Item]) -> None:

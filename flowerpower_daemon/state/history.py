@@ -430,8 +430,9 @@ class RedisHistory(RedisStore):
             self._since_prune = 0
 
         def stage(pipe: WritePipeline) -> None:
-            pipe.set(key, blob, ex=ttl)
-            pipe.zadd(index, {run_id: ts})
+            # Commands as such: redis-py's builders check their options at every call.
+            pipe.execute_command("SET", key, blob, "EX", ttl)
+            pipe.execute_command("ZADD", index, ts, run_id)
             if prune:
                 pipe.zremrangebyscore(index, "-inf", time.time() - ttl)
                 pipe.zcard(index)

@@ -35,3 +35,18 @@ def test_task_message_is_what_taskiqs_kicker_writes() -> None:
     message = broker.formatter.loads(ours)
     assert message.task_name == TASK_NAME and message.task_id == "r-123"
     assert RunRequest.from_dict(message.args[0]) == request
+
+
+def test_enqueue_writes_the_xadd_redis_pys_builder_would() -> None:
+    """The stage's command is redis-py's ``xadd`` with the broker's trim options, byte for byte."""
+    from flowerpower_daemon.queue.enqueue import StreamEnqueuer
+    from flowerpower_daemon.state._commands import Commands, pack
+
+    request = _request()
+    data = task_message(TASK_NAME, request)
+    for maxlen, approximate in ((None, True), (1000, True), (500, False)):
+        enqueuer = StreamEnqueuer(None, "q", TASK_NAME, maxlen=maxlen, approximate=approximate)  # type: ignore[arg-type]
+        ours, theirs = Commands(), Commands()
+        ours.execute_command(*enqueuer._head, b"data", data)
+        theirs.xadd("q", {b"data": data}, maxlen=maxlen, approximate=approximate)
+        assert pack(ours.stack) == pack(theirs.stack), (maxlen, approximate)
