@@ -26,7 +26,10 @@ with instrumentation off until the measured round starts (one round, keep
 ``--n`` small: ~30 runs/s) and dumps the counts when it ends:
 ``callgrind_annotate FILE.1 | grep TOTALS`` divided by ``--n`` is the
 instructions per run (idle work of the worker over the round included, a
-few per cent at most). ``--round-trips`` runs the worker at log level INFO
+few per cent at most). ``--rate R`` sends the measured runs at R per second instead of all at once:
+what a run costs a worker that waits between runs (each of three workers
+sharing a daemon's stream, say), with ``--callgrind`` too (R below ~30).
+``--round-trips`` runs the worker at log level INFO
 and prints its ``worker_runs_done`` line (its write batch's round trips and
 writes, warm-up included); INFO costs CPU per run, so not with the CPU
 figures. ``--profile FILE`` runs it under cProfile with a per-thread CPU
@@ -157,10 +160,16 @@ async def measure(
                     await asyncio.to_thread(callgrind_control, proc.pid, "-i", "on")
                 cpu0, t0 = e2e.cpu_seconds(worker), time.perf_counter()
                 want += n
-                async with redis.pipeline(transaction=False) as pipe:
-                    for body in bodies:
-                        pipe.xadd(QUEUE, {"data": body})
-                    await pipe.execute()
+                if args.rate is None or r == 0:  # all at once: the worker's capacity
+                    async with redis.pipeline(transaction=False) as pipe:
+                        for body in bodies:
+                            pipe.xadd(QUEUE, {"data": body})
+                        await pipe.execute()
+                else:  # a trickle: what a run costs a worker that is not kept busy
+                    start = time.monotonic()
+                    for i, body in enumerate(bodies):
+                        await asyncio.sleep(max(0.0, start + i / args.rate - time.monotonic()))
+                        await redis.xadd(QUEUE, {"data": body})
                 deadline = time.monotonic() + args.round_timeout
                 while got < want:
                     check(deadline, f"{got} of {want} results")
@@ -196,6 +205,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=2000, help="runs per round")
     parser.add_argument("--warm", type=int, default=300, help="runs of the warm-up round")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=None,
+        help="XADD the measured rounds' runs at this many per second instead of all at "
+        "once (a worker that is not kept busy, as each of several sharing a trickle)",
+    )
     parser.add_argument("--concurrency", type=int, default=4, help="queue.worker_concurrency")
     parser.add_argument("--start-timeout", type=float, default=e2e.START_TIMEOUT)
     parser.add_argument("--round-timeout", type=float, default=600.0)

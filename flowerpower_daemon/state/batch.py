@@ -7,13 +7,15 @@ far more CPU per command sent and parsed on its own (a pool checkout, a
 write, a read, a parse) than per command in a pipeline. :class:`WriteBatch`
 queues them and one task sends whatever is queued as one pipeline, then
 whatever came in while that was under way, and so on: under load several
-runs' writes share a round trip; alone, a write waits for no timer (the
-batch goes at the next turn of the event loop).
+runs' writes share a round trip. A write someone waits for (:meth:`WriteBatch.submit`,
+:meth:`WriteBatch.sent`) goes at the next turn of the event loop; the others
+wait up to ``linger`` (5 ms) for one to go with.
 
 Only a run's start note is waited for (the run must not start before it is
 noted). Its history entry, the end of its note and its ack are not: the
 slot the run held is free at once, so the next run's start note shares the
-round trip with them (one round trip per run under load). An ack that is
+round trip with them (one round trip per run, under load and with a trickle of
+runs alike). An ack that is
 not sent yet when the worker dies leaves the run in the stream, to run again
 elsewhere (at least once, as when the worker dies mid-run); a worker that
 stops sends what is queued before it closes its client.
@@ -21,9 +23,10 @@ stops sends what is queued before it closes its client.
 On one server (or a Sentinel master) the batch does not go through
 redis-py's ``Pipeline`` (its command stack, per-command reply callbacks,
 connection checkout and reset cost more CPU than the commands): the stages
-write into a collector of redis-py's own command builders, and the packed
-commands go out on one pooled connection, replies read back raw (redis-py's
-retry and reconnect kept). A write only needs to have *left* the process
+write into a collector of redis-py's commands, packed by a packer of
+ours (the same bytes, without redis-py's per-argument checks), and go out on
+one pooled connection, each reply parsed as redis-py's pipeline parses it
+(its retry and reconnect kept). A write only needs to have *left* the process
 when it is a run's start note (:meth:`WriteBatch.sent`): a worker killed
 after that point still gets its note into Redis, since the kernel sends
 what is in a closed socket's buffer. So such a waiter is woken as soon as
@@ -77,6 +80,10 @@ MAX_BATCH = 500
 #: Turns of the event loop a woken batch waits before it is sent: the next run's start
 #: note, queued a few turns after the previous run's ack frees its slot, goes along.
 SETTLE_TURNS = 3
+#: Longest writes nobody waits for stay queued for company (a next run's start note):
+#: a worker that runs a trickle would otherwise send each run's trailing writes (history,
+#: ledger clean-up, ack) in round trips of their own, two or three per run.
+LINGER = 0.005
 #: Longest a batch's round trip may take. The client has no per-reply socket timeout
 #: (redis-py's default arms and cancels a timer per reply: about a third of the CPU
 #: of a small pipeline); this one bounds the whole batch instead.
@@ -116,15 +123,22 @@ class WriteBatch(RedisStore):
     client_options: ClassVar[ClientOptions] = {"socket_timeout": None}
 
     def __init__(
-        self, url: RedisTarget | str, *, max_batch: int = MAX_BATCH, timeout: float = TIMEOUT
+        self,
+        url: RedisTarget | str,
+        *,
+        max_batch: int = MAX_BATCH,
+        timeout: float = TIMEOUT,
+        linger: float = LINGER,
     ) -> None:
         self.url = url
         self.max_batch = max_batch
         self.timeout = timeout
+        self.linger = linger
         self._items: list[_Item] = []
         self._acks: _Acks = {}  # (stream, group) -> (message id, sends so far)
         self._retry_in = 0.0  # a failed batch's acks wait this long before the next send
         self._wake = asyncio.Event()
+        self._urgent = asyncio.Event()  # a queued write is waited for (submit, sent)
         #: Round trips made and writes they carried (the worker logs them when it stops).
         self.round_trips = 0
         self.writes = 0
@@ -133,6 +147,7 @@ class WriteBatch(RedisStore):
         """Queue ``stage``; the future gets its replies (or the batch's error): await it."""
         future: asyncio.Future[Replies] = asyncio.get_running_loop().create_future()
         self._items.append(_Item(stage, future, "", None))
+        self._urgent.set()
         self._wake.set()
         return future
 
@@ -148,6 +163,7 @@ class WriteBatch(RedisStore):
         the module's docstring) or failed (logged as ``event``): it never raises."""
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._items.append(_Item(stage, None, event, None, future))
+        self._urgent.set()
         self._wake.set()
         return future
 
@@ -180,6 +196,14 @@ class WriteBatch(RedisStore):
             self._wake.clear()
             if self._retry_in:
                 await anyio.sleep(self._retry_in)
+            if not self._urgent.is_set() and self.linger > 0:
+                # Nobody waits for these writes (a finished run's history, ack, ledger
+                # clean-up): they go with the next run's start note, or after ``linger``.
+                try:
+                    async with asyncio.timeout(self.linger):
+                        await self._urgent.wait()
+                except TimeoutError:
+                    pass
             for _ in range(SETTLE_TURNS):
                 await asyncio.sleep(0)
             await self.flush()
@@ -188,6 +212,9 @@ class WriteBatch(RedisStore):
         """Send what is queued now (the rest of a long queue wakes :meth:`run` again)."""
         items, self._items = self._items[: self.max_batch], self._items[self.max_batch :]
         acks, self._acks = self._acks, {}
+        self._urgent.clear()
+        if any(item.future is not None or item.sent is not None for item in self._items):
+            self._urgent.set()  # past max_batch: still waited for
         self._retry_in = 0.0
         if self._items:
             self._wake.set()
