@@ -40,7 +40,7 @@ async def test_unreadable_and_foreign_entries_are_logged_and_acked(
             await d.client.publish(f"{prefix}/dev1", b'{"temperature": 12}', qos=1)
             _, result, _ = await d.next_message(f"{d.tag}/results/temperature", 60)
             with anyio.fail_after(15):  # every entry acked: none left pending for the group
-                while (await redis.xpending(queue_name, "flowerpower-workers"))["pending"]:
+                while (await redis.xpending(queue_name, "flowerpower-workers"))["pending"]:  # noqa: ASYNC110
                     await anyio.sleep(0.1)
             [worker] = d.workers
             log = worker.log()
