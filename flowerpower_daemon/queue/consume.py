@@ -7,7 +7,7 @@ result object, and passes messages from a prefetch task to a runner task
 through a queue. The worker runs one task, which takes one argument and
 saves its own result; :class:`StreamConsumer` reads the same stream entries
 (taskiq's message format, which :mod:`.enqueue` writes) with none of that:
-about a fifth of a worker's CPU per run.
+about a third of a worker's CPU per run here (0.53 -> 0.33 ms).
 
 What it keeps from taskiq's receiver, with ``ack_type`` ``when_saved``:
 
