@@ -141,7 +141,7 @@ async def run_worker(settings: Settings, http: tuple[str, int] | None = None) ->
     pool = ElasticThreadPool(queue.worker_concurrency)
     project.runner.executor = pool
     await broker.startup()
-    # Set at the first signal: the receiver takes no new run and waits for the running ones.
+    # Set at the first signal: the stream loop takes no new run; the running ones finish.
     finish = asyncio.Event()
     started_at = datetime.now(UTC).isoformat()
 
