@@ -10,7 +10,9 @@ SIGTERM/SIGINT stop it as they stop the daemon: it takes no new run from
 the stream, lets the running ones finish within ``shutdown_timeout`` and
 publish their results, flushes its outbox (bounded), and exits 0. A run
 still going at the deadline is cancelled: unacked, it stays in the stream
-and another worker reclaims it. A second signal cancels at once.
+and another worker reclaims it. A second signal, a second or more after
+the first, cancels at once (one sooner is the same stop delivered twice: a
+dying supervisor's parent-death signal can come once per thread it loses).
 
 Under systemd (``Type=notify``) it says ``READY=1`` once it consumes from the
 stream, pings ``WATCHDOG=1`` from its event loop and says ``STOPPING=1`` when
@@ -47,6 +49,9 @@ __all__ = ["run_worker"]
 
 #: Seconds between two records of a worker in the live workers' listing.
 BEAT_EVERY = 2.0
+#: A second stop signal cancels the runs only this long after the first (sooner, it is
+#: the same request delivered twice).
+REPEAT_AFTER = 1.0
 
 log = structlog.get_logger("flowerpower_daemon.worker")
 
@@ -203,9 +208,14 @@ async def run_worker(settings: Settings, http: tuple[str, int] | None = None) ->
             tg.start_soon(notifier.watchdog, status_line, name="watchdog")
 
             async def on_signals() -> None:
+                first_at = 0.0
                 with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                     async for _ in signals:
                         if finish.is_set():
+                            if anyio.current_time() - first_at < REPEAT_AFTER:
+                                # The same stop asked again: a supervisor's death can send its
+                                # parent-death SIGTERM once per thread it loses (prctl(2)).
+                                continue
                             log.warning("worker_cancelling_runs")
                             if isinstance(broker, Reclaiming):
                                 broker.withhold_acks = True  # the runs stay in the stream
@@ -213,6 +223,7 @@ async def run_worker(settings: Settings, http: tuple[str, int] | None = None) ->
                             return
                         log.info("worker_stopping", shutdown_timeout=settings.shutdown_timeout)
                         notifier.stopping(status_line())
+                        first_at = anyio.current_time()
                         finish.set()
 
             tg.start_soon(on_signals, name="signals")

@@ -9,6 +9,7 @@ kills its worker every time is given up after ``queue.max_deliveries``.
 from __future__ import annotations
 
 import signal
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -212,12 +213,20 @@ class _Stopped:
     unacked: int
     started: list[Any]
     log: str
+    elapsed: float  # from the first signal to the worker's exit
 
 
 async def _sigterm_worker_during(
-    tmp_path: Path, mosquitto: Any, redis_server: Any, seconds: list[float], *, timeout: float
+    tmp_path: Path,
+    mosquitto: Any,
+    redis_server: Any,
+    seconds: list[float],
+    *,
+    timeout: float,
+    again: float | None = None,
 ) -> _Stopped:
-    """One run per entry of ``seconds`` (as long); SIGTERM to the worker once all are under way."""
+    """One run per entry of ``seconds`` (as long); SIGTERM to the worker once all are under way
+    (and once more ``again`` s later)."""
     prefix = unique("stop")
     trigger = {"pipeline": "tagged", "topic": f"{prefix}/in"}
     config = _config(tmp_path, mosquitto.port, redis_server.url, trigger, shutdown_timeout=timeout)
@@ -232,13 +241,18 @@ async def _sigterm_worker_during(
                 f"{prefix}/in", orjson.dumps({"msg_id": i, "seconds": sec}), qos=1
             )
         await _wait_started(r, queue, len(seconds), worker)
+        first = time.monotonic()
         worker.signal(signal.SIGTERM)
+        if again is not None:
+            await anyio.sleep(again)
+            worker.signal(signal.SIGTERM)
         code = await anyio.to_thread.run_sync(worker.wait, timeout + 20)
+        elapsed = time.monotonic() - first
         # Published before the worker exited: waiting in the client's queue by now.
         results = await _results(d.client, config.results, len(seconds), settle=0.5, timeout=3)
         started = [k async for k in r.scan_iter(f"{queue}:started:*")]
         unacked = await _unacked(r, queue)
-    return _Stopped(results, code, unacked, started, worker.log())
+    return _Stopped(results, code, unacked, started, worker.log(), elapsed)
 
 
 async def test_sigterm_worker_finishes_its_runs_and_exits_0(
@@ -265,6 +279,33 @@ async def test_sigterm_worker_cancels_at_shutdown_timeout_and_leaves_the_run_to_
     assert out.results == []  # no result for a run that did not finish
     assert out.unacked == 1  # still in the stream for another worker
     assert out.started == []  # the interrupted attempt is not counted as a lost one
+
+
+async def test_a_second_sigterm_a_second_later_cancels_at_once(
+    tmp_path: Path, mosquitto: Any, redis_server: Any
+) -> None:
+    """SIGTERM, then SIGTERM again 1.5 s later: the 8 s run is cancelled then and there (not
+    at the 30 s shutdown_timeout), its message left unacked for another worker."""
+    out = await _sigterm_worker_during(
+        tmp_path, mosquitto, redis_server, [8], timeout=30, again=1.5
+    )
+    assert "worker_cancelling_runs" in out.log, out.log[-3000:]
+    assert out.elapsed < 7, out.elapsed  # before the run would have finished
+    assert out.results == []
+    assert out.unacked == 1 and out.started == []
+
+
+async def test_a_repeated_sigterm_within_a_second_is_the_same_stop(
+    tmp_path: Path, mosquitto: Any, redis_server: Any
+) -> None:
+    """Two SIGTERMs 50 ms apart (a dying supervisor's parent-death signal can come once per
+    thread it loses): one graceful stop, the 2 s run finishes and its result is published."""
+    out = await _sigterm_worker_during(
+        tmp_path, mosquitto, redis_server, [2], timeout=30, again=0.05
+    )
+    assert "worker_cancelling_runs" not in out.log, out.log[-3000:]
+    assert [x["status"] for x in out.results] == ["success"], out.log[-3000:]
+    assert out.code == 0 and out.unacked == 0
 
 
 async def test_daemon_and_worker_carry_on_after_redis_restarts(
