@@ -99,21 +99,27 @@ ECHO_SCRIPT = textwrap.dedent(
 
 
 # Run the daemon's CLI under cProfile, the event-loop thread and every worker
-# thread (pipelines run in anyio worker threads); stats are merged on exit.
+# thread (pipelines run in anyio worker threads); stats are merged on exit. Wall
+# clock by default; with BENCH_PROFILE_CLOCK=thread each thread's CPU time
+# (``time.thread_time``: a waiting thread costs nothing).
 PROFILE_SCRIPT = textwrap.dedent(
     """\
-    import cProfile, pstats, sys, threading
+    import cProfile, os, pstats, sys, threading, time
     out, argv = sys.argv[1], sys.argv[2:]
     from flowerpower_daemon.cli import main  # import time is not profiled
+    cpu = os.environ.get("BENCH_PROFILE_CLOCK") == "thread"
     profiles = []
 
+    def profile():
+        return cProfile.Profile(time.thread_time) if cpu else cProfile.Profile()
+
     def hook(frame, event, arg):
-        p = cProfile.Profile()
+        p = profile()
         profiles.append(p)
         p.enable()  # replaces this hook in this thread
 
     threading.setprofile(hook)
-    main_profile = cProfile.Profile()
+    main_profile = profile()
     main_profile.enable()
     try:
         rc = main(argv)

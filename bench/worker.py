@@ -34,7 +34,7 @@ and prints its ``worker_runs_done`` line (its write batch's round trips and
 writes, warm-up included); INFO costs CPU per run, so not with the CPU
 figures. ``--profile FILE`` runs it under cProfile with a per-thread CPU
 clock (``time.thread_time``: a waiting thread costs nothing), all threads
-merged, imports included.
+merged (``e2e.py``'s profile script).
 """
 
 from __future__ import annotations
@@ -63,33 +63,6 @@ import fleet
 
 HOST = e2e.HOST
 QUEUE = "fleet-w"  # fleet.daemon_config names the stream fleet-<name>
-
-PROFILE_SCRIPT = """\
-import cProfile, pstats, sys, threading, time
-out, argv = sys.argv[1], sys.argv[2:]
-from flowerpower_daemon.cli import main
-profiles = [cProfile.Profile(time.thread_time)]
-
-def hook(frame, event, arg):
-    p = cProfile.Profile(time.thread_time)
-    profiles.append(p)
-    p.enable()
-
-threading.setprofile(hook)
-profiles[0].enable()
-try:
-    rc = main(argv)
-finally:
-    profiles[0].disable()
-    stats = pstats.Stats(profiles[0])
-    for p in profiles[1:]:
-        try:
-            stats.add(p)
-        except Exception:
-            pass
-    stats.dump_stats(out)
-sys.exit(rc)
-"""
 
 
 def request(seq: int) -> bytes:
@@ -257,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     daemon = str(e2e.VENV_BIN / "flowerpower-daemon")
     command = [daemon, "worker", "-c", str(cfg)]
     if args.profile:
-        (tmp / "profile_worker.py").write_text(PROFILE_SCRIPT)
+        (tmp / "profile_worker.py").write_text(e2e.PROFILE_SCRIPT)
+        env["BENCH_PROFILE_CLOCK"] = "thread"
         command = [
             sys.executable,
             str(tmp / "profile_worker.py"),
