@@ -24,6 +24,21 @@ from services import stop_process
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "examples" / "sensors"
 BIN = Path(sys.executable).parent
+DAEMON = str(BIN / "flowerpower-daemon")
+
+
+def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """``flowerpower-daemon ARGS`` as a user runs it (no stdin, Hamilton telemetry off), its
+    exit code and output as text (bounded: 120 s)."""
+    return subprocess.run(
+        [DAEMON, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=cwd,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, "HAMILTON_TELEMETRY_ENABLED": "false"},
+    )
 NODELAY = ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),)
 
 EXTRA_PIPELINES = {

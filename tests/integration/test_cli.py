@@ -8,13 +8,11 @@ from pathlib import Path
 
 import orjson
 import pytest
-from daemon_harness import BIN
+from daemon_harness import BIN, DAEMON, cli
 
 from flowerpower_daemon.argtypes import parse_inputs
 from flowerpower_daemon.cli import _parser
 from flowerpower_daemon.control.client import default_socket, remember_socket
-
-DAEMON = str(BIN / "flowerpower-daemon")
 
 MODULE = '''
 def values(count: int = 5) -> list[float]:
@@ -31,17 +29,6 @@ def boom(total: float) -> float:
     """Fails on purpose."""
     raise ValueError(f"bad total {total}")
 '''
-
-
-def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [DAEMON, *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=cwd,
-        stdin=subprocess.DEVNULL,
-    )
 
 
 @pytest.fixture

@@ -4,28 +4,13 @@ problem of a config listed in one ``check`` run."""
 
 from __future__ import annotations
 
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
-from daemon_harness import BIN
+from daemon_harness import cli
 
-DAEMON = str(BIN / "flowerpower-daemon")
 REASON = "the driver is chosen from the module here (async when it has async def nodes)"
-
-
-def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [DAEMON, *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=cwd,
-        stdin=subprocess.DEVNULL,
-        env={**os.environ, "HAMILTON_TELEMETRY_ENABLED": "false"},
-    )
 
 
 def _ask_async_driver(root: Path, name: str) -> Path:

@@ -27,16 +27,21 @@ print(sorted(m for m in ("mlflow", "hamilton.plugins.mlflow_extensions",
 """
 
 
-def test_building_a_pipeline_imports_no_mlflow() -> None:
-    pytest.importorskip("mlflow", reason="mlflow not installed: nothing would load it anyway")
-    out = subprocess.run(
-        [sys.executable, "-c", PROBE, str(SENSORS)],
+def _fresh_python(code: str, *args: str) -> str:
+    """``code`` run by a new interpreter (nothing imported yet), its standard output."""
+    return subprocess.run(
+        [sys.executable, "-c", code, *args],
         capture_output=True,
         text=True,
         timeout=60,
         env={"HAMILTON_TELEMETRY_ENABLED": "false", "PATH": "/usr/bin:/bin"},
         check=True,
     ).stdout
+
+
+def test_building_a_pipeline_imports_no_mlflow() -> None:
+    pytest.importorskip("mlflow", reason="mlflow not installed: nothing would load it anyway")
+    out = _fresh_python(PROBE, str(SENSORS))
     # Hamilton's other plugins (pandas here) still load as before.
     assert out.strip().splitlines()[-1] == "['hamilton.plugins.pandas_extensions']"
 
@@ -47,12 +52,5 @@ def test_the_mlflow_tracker_loads_hamiltons_mlflow_plugin() -> None:
         "import sys; import flowerpower_daemon.project.mlflowtracker; "
         "print('hamilton.plugins.mlflow_extensions' in sys.modules)"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={"HAMILTON_TELEMETRY_ENABLED": "false", "PATH": "/usr/bin:/bin"},
-        check=True,
-    ).stdout
+    out = _fresh_python(code)
     assert out.strip().splitlines()[-1] == "True"
