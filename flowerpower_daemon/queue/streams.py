@@ -35,7 +35,6 @@ The stream is one key, so every stream command goes to one Cluster node.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext, suppress
@@ -46,11 +45,9 @@ import anyio
 import orjson
 import structlog
 from redis.asyncio import Redis
-from redis.asyncio.connection import parse_url
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from taskiq import AckableMessage, AsyncBroker
-from taskiq.message import BrokerMessage
 from taskiq_redis import RedisStreamBroker, RedisStreamClusterBroker, RedisStreamSentinelBroker
 
 from ..settings import RedisTarget
@@ -257,46 +254,17 @@ class ReclaimingStreamBroker(Reclaiming, RedisStreamBroker):
 
     Its commands go through one client over the broker's pool: taskiq-redis makes
     a client per command (``kick`` and ack), about 40 us of CPU each here. The
-    daemon's ``XADD`` (``kick``) has a client of its own without redis-py's
-    per-reply socket timeout (an asyncio timer armed and cancelled per reply:
-    ~30 us of CPU per enqueue here), bounded by one timeout per enqueue instead.
+    daemon does not ``kick``: it writes the stream itself (:mod:`.enqueue`);
+    taskiq-redis's own ``kick`` stays for any other kicker.
     """
 
     _client: Redis | None = None
-    _enqueue: Redis | None = None
-
-    def __init__(self, url: str, **kwargs: Any) -> None:
-        super().__init__(url, **kwargs)
-        self._url = url
-        # The URL's socket_timeout (redis-py's default: 5 s) bounds each enqueue.
-        timeout = parse_url(url).get("socket_timeout")
-        self._enqueue_timeout = float(timeout) if isinstance(timeout, int | float) else 5.0
 
     def _connection(self) -> AbstractAsyncContextManager[Any]:
         client = self._client
         if client is None:
             client = self._client = Redis(connection_pool=self.connection_pool)
         return nullcontext(client)  # the pool is the broker's: shutdown closes it
-
-    async def kick(self, message: BrokerMessage) -> None:
-        """``XADD`` the message to the stream (as taskiq-redis does, with its own client)."""
-        queue_name = message.labels.get("queue_name") or self.queue_name
-        client = self._enqueue
-        if client is None:
-            client = self._enqueue = Redis.from_url(self._url, socket_timeout=None)
-        async with asyncio.timeout(self._enqueue_timeout):  # redis-py drops a cut connection
-            await client.xadd(
-                queue_name,
-                {b"data": message.message},
-                maxlen=self.maxlen,
-                approximate=self.approximate,
-            )
-
-    async def shutdown(self) -> None:
-        await super().shutdown()
-        if self._enqueue is not None:
-            client, self._enqueue = self._enqueue, None
-            await client.aclose()
 
 
 class ReclaimingSentinelStreamBroker(Reclaiming, RedisStreamSentinelBroker):
