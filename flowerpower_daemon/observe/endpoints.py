@@ -124,15 +124,17 @@ def worker_endpoints(
     link: MqttLink,
     sink: MqttResultSink,
     executor: RunExecutor,
+    in_flight: Callable[[], int],
     not_ready: Callable[[], str | None],
 ) -> Endpoints:
-    """A worker's endpoints: its MQTT link's and executor's values, no status page."""
+    """A worker's endpoints: its MQTT link's and executor's values and the runs it has in
+    flight (``in_flight``), no status page."""
 
     def read() -> dict[str, float]:
         return {
             **link_values(link, sink.results_out),
             "flowerpower_ready": float(not_ready() is None),
-            "flowerpower_runs_in_flight": sum(1 for t in executor.running if not t.done()),
+            "flowerpower_runs_in_flight": float(in_flight()),
             "flowerpower_runs_done": executor.done,
             "flowerpower_dedup_hits": executor.duplicates,
         }

@@ -33,7 +33,6 @@ the sinks, so nobody waits for a result by polling.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
 import os
@@ -350,7 +349,6 @@ class RunExecutor:
         claim_ttls: Mapping[str, float] | None = None,
         ledger: RunLedger | None = None,
         max_deliveries: int = 3,
-        track_running: bool = False,
         who: str | None = None,
         first_delivery: Callable[[str], bool] | None = None,
     ) -> None:
@@ -368,22 +366,8 @@ class RunExecutor:
         self.claim_ttls = claim_ttls
         self.ledger = ledger
         self.max_deliveries = max_deliveries
-        #: With ``track_running``: the tasks running a request right now (a stopping worker
-        #: cancels what is left). The daemon does not ask: no bookkeeping on its hot path.
-        self.track_running = track_running
-        self.running: set[asyncio.Task[object]] = set()
 
     async def __call__(self, request_data: TaskArg) -> TaskResult:
-        task = asyncio.current_task() if self.track_running else None
-        if task is None:
-            return await self._call(request_data)
-        self.running.add(task)
-        try:
-            return await self._call(request_data)
-        finally:
-            self.running.discard(task)
-
-    async def _call(self, request_data: TaskArg) -> TaskResult:
         # The object itself in memory mode (InProcessFormatter), its dict from Redis.
         if isinstance(request_data, InProcessRequest):
             request = request_data.request

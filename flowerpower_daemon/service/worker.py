@@ -138,9 +138,15 @@ async def run_worker(settings: Settings, http: tuple[str, int] | None = None) ->
         claim_ttls={t.name: t.dedup_ttl for t in settings.triggers},
         ledger=ledger,
         max_deliveries=queue.max_deliveries,
-        track_running=True,
         who=who,
         first_delivery=broker.first_delivery if isinstance(broker, Reclaiming) else None,
+    )
+    # Each stream entry one run, at most worker_concurrency at once (consume.py).
+    consumer = StreamConsumer(
+        broker.listen,
+        executor,
+        task_name=TASK_NAME,
+        concurrency=settings.queue.worker_concurrency,
     )
     # As in the daemon: sync pipelines in a pool that grows only while runs are stuck.
     pool = ElasticThreadPool(queue.worker_concurrency)
@@ -151,8 +157,7 @@ async def run_worker(settings: Settings, http: tuple[str, int] | None = None) ->
     started_at = datetime.now(UTC).isoformat()
 
     def status_line() -> str:
-        running = sum(1 for t in executor.running if not t.done())
-        return f"{running} running, {executor.done} done"
+        return f"{consumer.in_flight} running, {executor.done} done"
 
     beating = anyio.CancelScope()  # cancelled before the worker leaves the listing
 
@@ -161,7 +166,7 @@ async def run_worker(settings: Settings, http: tuple[str, int] | None = None) ->
             while True:
                 await presence.beat(
                     who,
-                    in_flight=sum(1 for t in executor.running if not t.done()),
+                    in_flight=consumer.in_flight,
                     done=executor.done,
                     concurrency=queue.worker_concurrency,
                     started_at=started_at,
@@ -189,7 +194,12 @@ async def run_worker(settings: Settings, http: tuple[str, int] | None = None) ->
 
         assert isinstance(metrics, PromMetrics)
         endpoints = worker_endpoints(
-            metrics, link=link, sink=sink, executor=executor, not_ready=not_ready
+            metrics,
+            link=link,
+            sink=sink,
+            executor=executor,
+            in_flight=lambda: consumer.in_flight,
+            not_ready=not_ready,
         )
         server = HttpServer(http, endpoints.routes(), key="--http")
 
@@ -236,13 +246,6 @@ async def run_worker(settings: Settings, http: tuple[str, int] | None = None) ->
             )
             if not isinstance(broker, Reclaiming):
                 consuming()
-            # Each stream entry one run, at most worker_concurrency at once (consume.py).
-            consumer = StreamConsumer(
-                broker.listen,
-                executor,
-                task_name=TASK_NAME,
-                concurrency=settings.queue.worker_concurrency,
-            )
             async with anyio.create_task_group() as runs:
                 while True:
                     try:
