@@ -16,6 +16,8 @@ only.
   (:func:`_write_on_the_loop`), not after a wait for the socket to be writable.
 - paho's per-packet debug log calls end at once unless its logger takes DEBUG
   (:func:`_skip_debug_logs`).
+- paho reads a plain TCP socket 64 KiB at a time (:class:`_ReadAhead`), not
+  with three ``recv`` calls per packet.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ __all__ = [
     "MqttError",
     "Properties",
     "disconnected",
+    "hold_reading",
     "new_client",
     "on_messages",
     "paho_ack",
@@ -182,6 +185,7 @@ def new_client(
         timeout=10,
     )
     client._client.manual_ack_set(True)
+    _read_ahead(client)
     _write_on_the_loop(client)
     _skip_debug_logs(client)
     return client
@@ -204,6 +208,84 @@ def _skip_debug_logs(client: Client) -> None:
             easy_log(level, fmt, *args)  # type: ignore[arg-type]
 
     paho._easy_log = _easy_log  # type: ignore[method-assign]
+
+
+class _ReadAhead:
+    """A plain TCP socket as paho reads it, filled 64 KiB at a time.
+
+    paho reads each packet with three ``recv`` calls (its first byte, its
+    length, the rest) and then one more that fails with ``EAGAIN`` (an
+    exception raised and caught): four system calls for every PUBLISH or
+    PUBACK, most of a small message's read cost. This reads whatever the
+    kernel holds in one call and serves paho's small reads from it. Bytes
+    it holds are not the kernel's, so the event loop does not see them as
+    readable: :meth:`pending` tells aiomqtt's reader, which reads on while
+    it is above 0 (as for TLS sockets, whose buffer is OpenSSL's), and
+    :func:`hold_reading` makes it 0 while the intake bound pauses the socket.
+    """
+
+    SIZE = 65536
+
+    __slots__ = ("_buf", "_pos", "_sock", "close", "fileno", "held", "send")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._buf = b""
+        self._pos = 0
+        #: Set while the intake bound pauses reading: then nothing is pending.
+        self.held = False
+        self.send = sock.send
+        self.fileno = sock.fileno
+        self.close = sock.close
+
+    def recv(self, bufsize: int) -> bytes:
+        buf, pos = self._buf, self._pos
+        if not buf:
+            data = self._sock.recv(max(bufsize, self.SIZE))  # raises BlockingIOError if none
+            if len(data) <= bufsize:
+                return data
+            buf = self._buf = data
+        end = pos + bufsize
+        if end >= len(buf):
+            self._buf = b""
+            self._pos = 0
+            return buf[pos:] if pos else buf
+        self._pos = end
+        return buf[pos:end]
+
+    def pending(self) -> int:
+        """Bytes read from the kernel and not yet by paho (0 while held)."""
+        return 0 if self.held else len(self._buf) - self._pos
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._sock, name)
+
+
+def _read_ahead(client: Client) -> None:
+    """Give paho each new plain TCP socket as a :class:`_ReadAhead` (TLS and websocket
+    connections are left as they are: OpenSSL already reads ahead)."""
+    paho = client._client
+    aiomqtt_open = paho.on_socket_open
+
+    def socket_open(paho_client: paho_mqtt.Client, userdata: object, sock: object) -> None:
+        # paho has just set ``_sock`` to ``sock`` and reads it through that attribute only
+        if type(sock) is socket.socket and paho_client._sock is sock:
+            paho_client._sock = _ReadAhead(sock)  # type: ignore[assignment,arg-type]
+        if aiomqtt_open is not None:
+            aiomqtt_open(paho_client, userdata, sock)  # type: ignore[arg-type]
+
+    paho.on_socket_open = socket_open
+
+
+def hold_reading(client: Client, held: bool) -> int:
+    """Tell ``client``'s reader that reading is paused (``held``) or not; the bytes it
+    has read ahead of paho (a resumed reader must be called for them: the kernel has
+    them no more, so the event loop will not)."""
+    sock = client._client._sock
+    if not isinstance(sock, _ReadAhead):
+        return 0
+    sock.held = held
+    return len(sock._buf) - sock._pos
 
 
 def _write_on_the_loop(client: Client) -> None:
@@ -238,8 +320,8 @@ def _write_on_the_loop(client: Client) -> None:
                 client._disconnected.set_exception(exc)
             return
         if paho.want_write():  # the socket's buffer is full: send the rest when it drains
-            sock = paho.socket()
-            if isinstance(sock, socket.socket):
+            sock = socket_of(client)
+            if sock is not None:
                 loop.add_writer(sock.fileno(), flush)
 
     def register_write(paho_client: paho_mqtt.Client, userdata: object, sock: object) -> None:
@@ -307,6 +389,8 @@ def paho_ack(client: Client) -> Callable[[int, int], object]:
 def socket_of(client: Client) -> socket.socket | None:
     """``client``'s socket while it has one (the intake bound pauses reading it)."""
     sock = client._client.socket()
+    if isinstance(sock, _ReadAhead):
+        return sock._sock
     return sock if isinstance(sock, socket.socket) else None
 
 

@@ -27,7 +27,7 @@ from typing import NamedTuple
 import anyio
 import structlog
 
-from .client import Acker, Client, IncomingMessage, paho_ack, socket_of
+from .client import Acker, Client, IncomingMessage, hold_reading, paho_ack, socket_of
 
 __all__ = ["Intake"]
 
@@ -171,6 +171,7 @@ class Intake:
         # The loop's clock, as anyio.current_time() (which needs a task: see _inbox).
         self._paused = _Paused(fd, reader._callback, reader._args, loop.time())
         loop.remove_reader(fd)
+        hold_reading(client, True)
         self.pauses += 1
         log.info("mqtt_intake_paused", held=self.held, max_held=self.max_held)
 
@@ -182,10 +183,13 @@ class Intake:
         sock = socket_of(client)
         if sock is None or sock.fileno() != paused.fd:
             return  # the connection went away meanwhile; the next one reads afresh
+        loop = asyncio.get_running_loop()
         try:
-            asyncio.get_running_loop().add_reader(paused.fd, paused.callback, *paused.args)
+            loop.add_reader(paused.fd, paused.callback, *paused.args)
         except (OSError, ValueError):
             return
+        if hold_reading(client, False):  # read ahead already: the kernel will not say so
+            loop.call_soon(paused.callback, *paused.args)
 
     @contextlib.contextmanager
     def reading(self) -> Iterator[None]:
