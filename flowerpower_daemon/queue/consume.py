@@ -20,7 +20,13 @@ What it keeps from taskiq's receiver, with ``ack_type`` ``when_saved``:
 - a cancelled run is not acknowledged: its entry stays in the stream and
   another worker reclaims it;
 - at most ``concurrency`` runs at once, and no entry is taken from the
-  stream reader before a slot is free. A run gives its slot back as soon as
+  stream reader before a slot is free. A read of the stream takes the
+  entries of the runs it can start now and of those its recent runs say it
+  will start within ``READ_AHEAD`` (:meth:`StreamConsumer.room`): a read's
+  entries are this worker's until it acks them, so a worker that took more
+  would keep them waiting while another worker idles (runs that take a
+  second each: only as many as it has slots), and one that takes fewer
+  wakes up per run (quick runs: a batch per read). A run gives its slot back as soon as
   it has its result (:data:`.broker.RUN_COMPUTED`): publishing the result
   (waiting for the MQTT broker's PUBACK), recording it and acknowledging the
   entry go on while the next run computes, for at most ``4 x concurrency``
@@ -36,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 
 import anyio
@@ -50,6 +57,9 @@ __all__ = ["StreamConsumer"]
 
 #: Runs taken per slot at most: one computing, the others' results on their way out.
 FINISHING = 4
+#: A read of the stream takes the entries of the runs the worker expects to start within
+#: this long besides those it can start now (judged by how long its runs take).
+READ_AHEAD = 0.01
 
 log = structlog.get_logger("flowerpower_daemon.consume")
 
@@ -73,11 +83,14 @@ class StreamConsumer:
         self.messages = messages
         self.run = run
         self.task_name = task_name
+        self.concurrency = concurrency
         self.slots = asyncio.Semaphore(concurrency)
         #: Runs taken and not yet done with (computing, or their result on its way out).
         self.taken = asyncio.Semaphore(FINISHING * concurrency)
         #: Runs taken and not done with yet.
         self.in_flight = 0
+        #: How long a run holds its slot (from its entry to its result), averaged.
+        self.slot_time = float("inf")  # none yet: no read ahead
 
     async def consume(self, finish: asyncio.Event, runs: TaskGroup) -> None:
         """Read entries and start their runs in ``runs`` until ``finish`` is set; raise the
@@ -98,6 +111,13 @@ class StreamConsumer:
             tg.cancel_scope.cancel()
         if failed:
             raise failed[0]
+
+    def room(self) -> int:
+        """Entries a read of the stream may take now: the one the reader is waiting for (its
+        slot is held), one per slot free besides (within the ``taken`` bound), and as many
+        as its slots will take within ``READ_AHEAD`` at the pace of its recent runs."""
+        now = 1 + min(self.slots._value, self.taken._value)
+        return now + int(READ_AHEAD * self.concurrency / max(self.slot_time, 1e-6))
 
     async def drained(self) -> None:
         """Return once no run is in flight (polls: for a stopping worker only)."""
@@ -125,11 +145,15 @@ class StreamConsumer:
 
     async def _one(self, message: bytes | AckableMessage) -> None:
         held = [True]  # the run's slot, given back once (by RUN_COMPUTED or at the end)
+        began = time.monotonic()
 
         def computed() -> None:
             if held:
                 held.clear()
                 self.slots.release()
+                took = time.monotonic() - began
+                last = self.slot_time
+                self.slot_time = took if last == float("inf") else last + (took - last) / 16
 
         RUN_COMPUTED.set(computed)  # this task's own context
         try:

@@ -94,11 +94,22 @@ class Reclaiming(AsyncBroker):
 
     #: Set by a worker: acks go out with its other writes, several in one ``XACK``.
     write_batch: WriteBatch | None = None
+    #: Set by a worker: how many entries one read may take, the runs it has room to start
+    #: soon (at most ``count``). Entries read are this consumer's until it acks them:
+    #: read past its room, they would wait for its slots while another worker idles.
+    read_count: Callable[[], int] | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         #: Task ids (run ids) of the messages reclaimed from another consumer, not yet run.
         self.reclaimed: set[str] = set()
+
+    def _read_count(self) -> int | None:
+        """Entries one read may take: the worker's room, within ``count``."""
+        if self.read_count is None:
+            return self.count
+        room = self.read_count()
+        return room if self.count is None else min(room, self.count)
 
     def first_delivery(self, task_id: str) -> bool:
         """Whether ``task_id``'s message came fresh from the stream (not reclaimed); once."""
@@ -166,7 +177,7 @@ class Reclaiming(AsyncBroker):
                     {self.queue_name: ">"},
                     block=self.block,
                     noack=False,
-                    count=self.count,
+                    count=self._read_count(),
                 )
                 for stream, messages in fetched or ():
                     for msg_id, msg in messages:

@@ -148,6 +148,8 @@ async def run_worker(settings: Settings, http: tuple[str, int] | None = None) ->
         task_name=TASK_NAME,
         concurrency=settings.queue.worker_concurrency,
     )
+    if isinstance(broker, Reclaiming):
+        broker.read_count = consumer.room
     # As in the daemon: sync pipelines in a pool that grows only while runs are stuck.
     pool = ElasticThreadPool(queue.worker_concurrency)
     project.runner.executor = pool

@@ -93,3 +93,26 @@ async def test_one_daemon_three_workers_run_1000_messages_exactly_once(
     assert {w["name"] for w in workers} == names, workers
     assert sum(w["done"] for w in workers) == MESSAGES, workers
     assert all("Traceback" not in log for log in logs)
+
+
+async def test_slow_runs_are_spread_over_the_idle_workers(
+    tmp_path: Path, mosquitto: Any, redis_server: Any
+) -> None:
+    """A burst of runs that take 0.6 s each, two workers that run one at a time: a worker
+    reads no more entries than it can start soon, so both take a share (one that took the
+    whole burst would run it alone while the other idles)."""
+    prefix = unique("spread")
+    runs = 8
+    triggers = [
+        {"name": "slow", "type": "mqtt", "pipeline": "tagged", "topic": f"{prefix}/in", "qos": 1}
+    ]
+    queue = {"broker": redis_server.url, "queue_name": unique("q"), "worker_concurrency": 1}
+    config = configure(tmp_path, mosquitto.port, triggers, queue=queue)
+    async with online_daemon(config, subscribe=[config.results], workers=2, env=NO_SYSTEMD) as d:
+        await _consuming(d.workers, 120)
+        for i in range(runs):
+            await d.client.publish(f"{prefix}/in", b'{"msg_id": %d, "seconds": 0.6}' % i, qos=1)
+        results = [r for _, r, _ in await d.collect(f"{d.tag}/results/tagged", runs, 60)]
+    assert sorted(r["outputs"]["msg"] for r in results) == list(range(runs))
+    ran_by = Counter(r["worker"] for r in results)
+    assert len(ran_by) == 2 and min(ran_by.values()) >= 3, ran_by

@@ -177,9 +177,7 @@ async def test_messages_read_ahead_arrive_after_a_pause(mosquitto: Any) -> None:
     settings = _settings(mosquitto.url).model_copy(
         update={"client_id": "hooks-held", "keepalive": 60}
     )
-    link = MqttLink(
-        settings, subscriptions=[("hooks/held", 1)], receive_maximum=100, max_held=4
-    )
+    link = MqttLink(settings, subscriptions=[("hooks/held", 1)], receive_maximum=100, max_held=4)
     got: list[bytes] = []
     with anyio.fail_after(TIMEOUT):
         async with anyio.create_task_group() as tg:

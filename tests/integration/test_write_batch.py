@@ -96,6 +96,75 @@ async def test_a_failing_write_fails_alone(redis_session: RedisService) -> None:
         await r.aclose()
 
 
+async def test_several_xadds_reach_a_blocked_reader_in_one_read(
+    redis_session: RedisService,
+) -> None:
+    """A batch of XADDs goes in MULTI/EXEC: a reader blocked on the stream gets them in one
+    read (Redis hands entries to blocked readers after each command, after EXEC in a
+    transaction); the other writes of the batch get their replies as before."""
+    stream, key = unique("wbx"), unique("wb")
+    r = aioredis.Redis.from_url(redis_session.url)
+    reader = aioredis.Redis.from_url(redis_session.url)
+    try:
+        await r.xgroup_create(stream, "g", id="$", mkstream=True)
+        reads: list[int] = []
+
+        async def read() -> None:
+            [(_, entries)] = await reader.xreadgroup("g", "c", {stream: ">"}, block=10_000)
+            reads.append(len(entries))
+
+        async with WriteBatch(redis_session.url) as batch, anyio.create_task_group() as tg:
+            tg.start_soon(read)
+            with anyio.fail_after(10):
+                while not (await r.info("clients"))["blocked_clients"]:
+                    await anyio.sleep(0.01)  # until the reader waits in its XREADGROUP
+                added = [
+                    batch.submit(lambda p, i=i: p.xadd(stream, {"data": str(i)})) for i in range(5)
+                ]
+                counted = batch.submit(lambda p: p.incr(key))
+                await batch.flush()
+                ids = [(await a)[0] for a in added]
+                assert await counted == [1]
+        assert reads == [5]
+        assert [entry_id for entry_id, _ in await r.xrange(stream)] == ids
+        assert batch.round_trips == 1
+    finally:
+        await r.delete(stream, key)
+        await r.aclose()
+        await reader.aclose()
+
+
+async def test_a_failing_write_in_a_transaction_fails_alone(redis_session: RedisService) -> None:
+    """In a batch of XADDs (a transaction), an XADD that fails as it runs fails alone, and a
+    command Redis refuses to queue fails every write of the transaction (none was run)."""
+    stream, wrong = unique("wbx"), unique("wb")
+    r = aioredis.Redis.from_url(redis_session.url)
+    try:
+        await r.set(wrong, b"x")  # a string: XADD to it fails (WRONGTYPE)
+        async with WriteBatch(redis_session.url) as batch:
+            with anyio.fail_after(10):
+                good = batch.submit(lambda p: p.xadd(stream, {"data": "1"}))
+                bad = batch.submit(lambda p: p.xadd(wrong, {"data": "2"}))
+                await batch.flush()
+                [entry_id] = await good
+                [error] = await bad
+                assert isinstance(error, Exception) and "WRONGTYPE" in str(error)
+                assert [i for i, _ in await r.xrange(stream)] == [entry_id]
+
+                first = batch.submit(lambda p: p.xadd(stream, {"data": "3"}))
+                refused = batch.submit(lambda p: p.execute_command("XADD", stream))  # arity
+                await batch.flush()
+                [aborted] = await first
+                [wrong_arity] = await refused
+        assert "not run: its transaction was refused" in str(aborted), aborted
+        assert "wrong number of arguments" in str(aborted), aborted
+        assert "wrong number of arguments" in str(wrong_arity), wrong_arity
+        assert await r.xlen(stream) == 1  # the aborted transaction added nothing
+    finally:
+        await r.delete(stream, wrong)
+        await r.aclose()
+
+
 async def test_unreachable_redis_fails_waiters_and_gives_acks_up(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -79,3 +79,41 @@ async def test_a_run_that_raises_is_logged_and_acked() -> None:
             finish.set()
     assert acked == [1]
     assert [e["event"] for e in logs if e["log_level"] == "error"] == ["run_task_failed"]
+
+
+async def _room_after(seconds: float, runs: int) -> tuple[int, int]:
+    """``room()`` as the first read is made and as a read is made after ``runs`` runs of
+    ``seconds`` each are done (concurrency 2: the reader holds one slot, one is free)."""
+    acked: list[int] = []
+    rooms: list[int] = []
+
+    async def entries() -> AsyncGenerator[bytes | AckableMessage, None]:
+        rooms.append(consumer.room())
+        for i in range(runs):
+            yield _entry(i, acked)
+        while len(acked) < runs:  # noqa: ASYNC110
+            await anyio.sleep(0.01)
+        rooms.append(consumer.room())
+        await anyio.sleep_forever()
+
+    async def run(arg: Mapping[str, object]) -> None:
+        await anyio.sleep(seconds)
+
+    consumer = StreamConsumer(entries, run, task_name=TASK_NAME, concurrency=2)
+    finish = asyncio.Event()
+    with anyio.fail_after(20):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(consumer.consume, finish, tg)
+            while len(rooms) < 2:  # noqa: ASYNC110
+                await anyio.sleep(0.01)
+            finish.set()
+    return rooms[0], rooms[1]
+
+
+async def test_a_read_takes_what_the_worker_starts_soon() -> None:
+    """A read takes one entry per free slot (the reader's own and the other one) before any
+    run and after runs of 0.2 s (more would wait while another worker idles); after runs of
+    ~1 ms, also those its slots will start within 10 ms."""
+    assert await _room_after(0.2, 4) == (2, 2)
+    first, quick = await _room_after(0.001, 40)
+    assert first == 2 and quick >= 4, quick
