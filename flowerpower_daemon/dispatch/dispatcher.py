@@ -176,6 +176,11 @@ class Dispatcher:
             await self._debounce(cfg, admission, request, runs)
             return
         await take(self._pending)
+        if cfg.overlap == "skip":
+            # Under way from here on, not only once its task has started: the next event
+            # of a burst (messages read together are handed over in one loop turn) must be
+            # skipped, not admitted beside it. _handle takes it out when it is done.
+            state.running[request.run_id] = None
         if key is not None and isinstance(cfg, MqttTrigger):
             slot_for(state, cfg, key).users += 1
         elif state.limiter is None and cfg.overlap != "replace" and not self.remote:
@@ -407,6 +412,7 @@ class Dispatcher:
                         # Whatever broke, one message must not take the daemon down.
                         log.exception("ack_failed", trigger=state.cfg.name, run_id=request.run_id)
         finally:
+            state.running.pop(request.run_id, None)  # also one that never ran (see submit)
             self._pending.release()
             if slot is not None and key is not None:
                 if held:

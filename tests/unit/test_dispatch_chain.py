@@ -118,6 +118,28 @@ async def test_a_skipped_message_gives_its_dedup_key_back(tmp_path: Path) -> Non
     assert acks.count == 2
 
 
+async def test_skip_sees_a_run_whose_task_has_not_started_yet() -> None:
+    """overlap: skip with two events handed over in one loop turn (a burst read at once):
+    the second is skipped, though the first run's task has not started when it comes."""
+    ran: list[str] = []
+
+    async def kiq(request: RunRequest) -> None:
+        ran.append(request.run_id)
+
+    acks = _Acks()
+    d = Dispatcher(Settings(), [_mqtt(overlap="skip")], kiq=kiq, sink=_Sink(), remote=False)
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as runs:
+            await d.submit(_event(b"{}", acks), runs)
+            await d.submit(_event(b"{}", acks), runs)  # no checkpoint in between
+            assert d.stats.skipped == 1
+    assert len(ran) == 1 and acks.count == 2
+    assert d.triggers["t"].running == {}  # the run's mark is gone with it
+    async with anyio.create_task_group() as runs:  # and the next event runs
+        await d.submit(_event(b"{}", acks), runs)
+    assert len(ran) == 2
+
+
 @pytest.mark.parametrize(
     ("options", "payload", "message"),
     [
