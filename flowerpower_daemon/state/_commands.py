@@ -5,6 +5,7 @@ daemon never imports redis-py)."""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
@@ -133,5 +134,7 @@ async def _read_transaction(client: Redis, conn: Connection, stack: list[Command
         if callback is not None and not isinstance(reply, Exception):
             options = {k: v for k, v in options.items() if k not in _NOT_FOR_CALLBACKS}
             reply = callback(reply, **options)
+            if inspect.isawaitable(reply):
+                reply = await reply
         replies.append(reply)
     return replies

@@ -116,7 +116,7 @@ async def test_several_xadds_reach_a_blocked_reader_in_one_read(
         async with WriteBatch(redis_session.url) as batch, anyio.create_task_group() as tg:
             tg.start_soon(read)
             with anyio.fail_after(10):
-                while not (await r.info("clients"))["blocked_clients"]:
+                while not (await r.info("clients"))["blocked_clients"]:  # noqa: ASYNC110
                     await anyio.sleep(0.01)  # until the reader waits in its XREADGROUP
                 added = [
                     batch.submit(lambda p, i=i: p.xadd(stream, {"data": str(i)})) for i in range(5)
