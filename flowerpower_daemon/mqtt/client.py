@@ -16,7 +16,7 @@ only.
   (:func:`_write_on_the_loop`), not after a wait for the socket to be writable.
 - paho's per-packet debug log calls end at once unless its logger takes DEBUG
   (:func:`_skip_debug_logs`).
-- paho reads a plain TCP socket 64 KiB at a time (:class:`_ReadAhead`), not
+- paho reads a plain TCP socket 16 KiB at a time (:class:`_ReadAhead`), not
   with three ``recv`` calls per packet.
 """
 
@@ -211,7 +211,7 @@ def _skip_debug_logs(client: Client) -> None:
 
 
 class _ReadAhead:
-    """A plain TCP socket as paho reads it, filled 64 KiB at a time.
+    """A plain TCP socket as paho reads it, filled 16 KiB at a time.
 
     paho reads each packet with three ``recv`` calls (its first byte, its
     length, the rest) and then one more that fails with ``EAGAIN`` (an
@@ -222,9 +222,13 @@ class _ReadAhead:
     readable: :meth:`pending` tells aiomqtt's reader, which reads on while
     it is above 0 (as for TLS sockets, whose buffer is OpenSSL's), and
     :func:`hold_reading` makes it 0 while the intake bound pauses the socket.
+
+    aiomqtt's reader handles everything read ahead in one call, without
+    giving the event loop a turn, so the buffer is kept small: 16 KiB is
+    about 150 small messages (a few ms of handling), one ``recv`` for all.
     """
 
-    SIZE = 65536
+    SIZE = 16384
 
     __slots__ = ("_buf", "_pos", "_sock", "close", "fileno", "held", "send")
 
