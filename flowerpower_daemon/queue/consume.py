@@ -20,18 +20,20 @@ What it keeps from taskiq's receiver, with ``ack_type`` ``when_saved``:
 - a cancelled run is not acknowledged: its entry stays in the stream and
   another worker reclaims it;
 - at most ``concurrency`` runs at once, and no entry is taken from the
-  stream reader before a slot is free. A read of the stream takes the
-  entries of the runs it can start now and of those its recent runs say it
-  will start within ``READ_AHEAD`` (:meth:`StreamConsumer.room`): a read's
-  entries are this worker's until it acks them, so a worker that took more
-  would keep them waiting while another worker idles (runs that take a
-  second each: only as many as it has slots), and one that takes fewer
-  wakes up per run (quick runs: a batch per read). A run gives its slot back as soon as
-  it has its result (:data:`.broker.RUN_COMPUTED`): publishing the result
-  (waiting for the MQTT broker's PUBACK), recording it and acknowledging the
-  entry go on while the next run computes, for at most ``4 x concurrency``
-  runs at once (then no entry is taken until one is done: the PUBACKs pace
-  the worker). The entry is still acknowledged only after its result is out;
+  stream reader before a slot is free;
+- a read of the stream takes the entries of the runs it can start now and
+  of those its recent runs say it will start within ``READ_AHEAD``
+  (:meth:`StreamConsumer.room`): a read's entries are this worker's until
+  it acks them, so a worker that took more would keep them waiting while
+  another worker idles (runs that take a second each: only as many as it
+  has slots), and one that takes fewer wakes up per run (quick runs: a
+  batch per read);
+- a run gives its slot back as soon as it has its result
+  (:data:`.broker.RUN_COMPUTED`): publishing the result (waiting for the
+  MQTT broker's PUBACK), recording it and acknowledging the entry go on
+  while the next run computes, for at most ``4 x concurrency`` runs at once
+  (then no entry is taken until one is done: the PUBACKs pace the worker).
+  The entry is still acknowledged only after its result is out;
 - the runs are tasks of the caller's task group: :meth:`StreamConsumer.consume`
   returns when ``finish`` is set (it reads nothing more), and an error of
   the stream reader (Redis gone) ends it, the runs going on; the caller

@@ -44,7 +44,7 @@ each command, so a plain pipeline of ten of them wakes a worker per
 entry; in a transaction they are handed out after ``EXEC``, together, each
 worker taking as many as it has room for (:attr:`~..queue.streams.Reclaiming.read_count`).
 A worker woken for several runs pays its wake-up once: with three workers
-sharing two cores, 0.61 -> 0.44 ms of worker CPU per run (``bench/fleet.py``).
+sharing two cores, 0.61 -> 0.48-0.63 ms of worker CPU per run (``bench/fleet.py``).
 
 A batch that fails as a whole (the connection) fails each waiting write
 and logs each unawaited one; its acks are tried again (``XACK`` is
