@@ -282,14 +282,14 @@ def _read_ahead(client: Client) -> None:
 
 
 def hold_reading(client: Client, held: bool) -> int:
-    """Tell ``client``'s reader that reading is paused (``held``) or not; the bytes it
-    has read ahead of paho (a resumed reader must be called for them: the kernel has
-    them no more, so the event loop will not)."""
+    """Tell ``client``'s reader that reading is paused (``held``) or not; then its
+    :meth:`_ReadAhead.pending` bytes (a resumed reader must be called for them: the
+    kernel has them no more, so the event loop will not)."""
     sock = client._client._sock
     if not isinstance(sock, _ReadAhead):
         return 0
     sock.held = held
-    return len(sock._buf) - sock._pos
+    return sock.pending()
 
 
 def _write_on_the_loop(client: Client) -> None:

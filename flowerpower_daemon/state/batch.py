@@ -247,6 +247,7 @@ class WriteBatch(RedisStore):
                 if item.future is not None:
                     item.future.cancel()
             raise
+        _wake_sent(items)  # on a Cluster only now (one server: once the bytes were out)
         for item, (start, end) in zip(items, spans, strict=True):
             self._settle(item, replies[start:end])
         ack_replies = replies[len(replies) - len(acks) :]
@@ -294,8 +295,6 @@ class WriteBatch(RedisStore):
         return replies
 
     def _settle(self, item: _Item, replies: Replies) -> None:
-        if item.sent is not None and not item.sent.done():
-            item.sent.set_result(None)
         future = item.future
         if future is not None:
             if not future.done():
