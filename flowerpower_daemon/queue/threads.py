@@ -17,10 +17,13 @@ GIL, short next to a run that blocks). Threads are kept once started, as
 ``ThreadPoolExecutor`` keeps them.
 
 An event loop hands a run over with :meth:`ElasticThreadPool.run_soon`: its
-result comes back as an asyncio future set by one ``call_soon_threadsafe``,
-without the ``concurrent.futures.Future`` (a condition variable, its lock,
-a ``notify_all``) and the chained asyncio future that ``run_in_executor``
-makes per run.
+result comes back as an asyncio future, without the ``concurrent.futures.Future``
+(a condition variable, its lock, a ``notify_all``) and the chained asyncio
+future that ``run_in_executor`` makes per run. Results go back in batches
+(:class:`_Returns`): the first result wakes the loop at once with one
+``call_soon_threadsafe`` (a byte through its self-pipe), and those finished
+before the loop gets to it ride along, so a busy loop is woken once per batch
+rather than once per run, and no result waits for another.
 """
 
 from __future__ import annotations
@@ -42,9 +45,15 @@ T = TypeVar("T")
 
 # A run of any result type: the future's type parameter is the function's return type.
 # A ``concurrent.futures.Future`` from ``submit``, an asyncio one from ``run_soon``.
+# ``_Returns`` is where a ``run_soon`` run's outcome goes (``None`` for ``submit``).
 _Item = tuple[
-    Future[Any] | asyncio.Future[Any], Callable[..., object], tuple[object, ...], dict[str, object]
+    Future[Any] | asyncio.Future[Any],
+    Callable[..., object],
+    tuple[object, ...],
+    dict[str, object],
+    "_Returns | None",
 ]
+_Outcome = tuple["asyncio.Future[Any]", object, BaseException | None]
 
 _ids = itertools.count(1)
 
@@ -72,6 +81,9 @@ class ElasticThreadPool(Executor):
         self._wake = threading.Event()
         self._parked = False  # the supervisor sleeps until a submit wakes it
         self._supervisor: threading.Thread | None = None
+        #: Where ``run_soon`` outcomes go back to the loop that handed the last run over
+        #: (a daemon has one loop; another loop gets its own).
+        self._returns: _Returns | None = None
 
     @property
     def threads(self) -> int:
@@ -80,7 +92,7 @@ class ElasticThreadPool(Executor):
 
     def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
         future: Future[T] = Future()
-        self._put((future, fn, args, kwargs))
+        self._put((future, fn, args, kwargs, None))
         return future
 
     def run_soon(self, fn: Callable[..., T], /, *args: object) -> asyncio.Future[T]:
@@ -89,8 +101,12 @@ class ElasticThreadPool(Executor):
         Call it from the loop's thread. Cancelling the future before a thread
         takes the run skips it; after, the run goes on and its outcome is dropped.
         """
-        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._put((future, fn, args, {}))
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        returns = self._returns
+        if returns is None or returns.loop is not loop:
+            returns = self._returns = _Returns(loop)
+        self._put((future, fn, args, {}, returns))
         return future
 
     def _put(self, item: _Item) -> None:
@@ -127,7 +143,7 @@ class ElasticThreadPool(Executor):
                 taken()
             except IndexError:
                 pass
-            future, fn, args, kwargs = item
+            future, fn, args, kwargs, returns = item
             if isinstance(future, Future):
                 if not future.set_running_or_notify_cancel():
                     continue
@@ -137,17 +153,12 @@ class ElasticThreadPool(Executor):
                     future.set_exception(exc)
                 else:
                     future.set_result(result)
-            elif not future.cancelled():
+            elif returns is not None and not future.cancelled():
                 try:
-                    outcome: tuple[object, BaseException | None] = (fn(*args, **kwargs), None)
+                    returns.add((future, fn(*args), None))
                 except BaseException as exc:
-                    outcome = (None, exc)
-                try:
-                    future.get_loop().call_soon_threadsafe(_settle, future, *outcome)
-                except RuntimeError:  # the loop is closed: nobody waits for it
-                    pass
-                del outcome
-            del item, future, fn, args, kwargs  # no reference kept while waiting
+                    returns.add((future, None, exc))
+            del item, future, fn, args, kwargs, returns  # no reference kept while waiting
 
     def _supervise(self) -> None:
         """Add a thread while the oldest waiting run has waited ``grow_after``.
@@ -202,11 +213,42 @@ class ElasticThreadPool(Executor):
                 self._supervisor.join()
 
 
-def _settle(future: asyncio.Future[Any], result: object, exc: BaseException | None) -> None:
-    """Set a :meth:`ElasticThreadPool.run_soon` future, in its loop (unless cancelled)."""
-    if future.cancelled():
-        return
-    if exc is None:
-        future.set_result(result)
-    else:
-        future.set_exception(exc)
+class _Returns:
+    """The outcomes of one event loop's runs, on their way back to it in batches.
+
+    A pool thread adds an outcome and wakes the loop only if no wake-up is pending;
+    the loop clears that mark before it takes the outcomes, so an outcome added
+    after it took them has woken it again. Both ends touch only a ``deque``
+    (whose ``append`` and ``popleft`` are atomic) and a flag whose worst race is one
+    wake-up too many.
+    """
+
+    __slots__ = ("_done", "_waking", "loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._done: deque[_Outcome] = deque()
+        self._waking = False
+
+    def add(self, outcome: _Outcome) -> None:
+        """From a pool thread: hand ``(future, result, exception)`` back to the loop."""
+        self._done.append(outcome)
+        if not self._waking:
+            self._waking = True
+            try:
+                self.loop.call_soon_threadsafe(self._settle)
+            except RuntimeError:  # the loop is closed: nobody waits for it
+                pass
+
+    def _settle(self) -> None:
+        """In the loop: set the futures of every outcome handed back (unless cancelled)."""
+        self._waking = False
+        done = self._done
+        while done:
+            future, result, exc = done.popleft()
+            if future.cancelled():
+                continue
+            if exc is None:
+                future.set_result(result)
+            else:
+                future.set_exception(exc)

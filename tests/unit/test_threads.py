@@ -141,3 +141,36 @@ async def test_run_soon_results_errors_context_and_cancellation() -> None:
         assert running.cancelled() and ran == ["after", "last"]
     finally:
         pool.shutdown()
+
+
+async def test_run_soon_results_finished_together_wake_the_loop_once() -> None:
+    """Runs that finish while the loop is busy come back in one wake-up, every one of
+    them, results and errors alike; a run finished after that wakes it again."""
+    loop = asyncio.get_running_loop()
+    wakeups: list[object] = []
+    real = loop.call_soon_threadsafe
+
+    def counting(callback: object, *args: object, **kwargs: object) -> asyncio.Handle:
+        wakeups.append(callback)
+        return real(callback, *args, **kwargs)  # type: ignore[arg-type]
+
+    pool = ElasticThreadPool(1)
+    loop.call_soon_threadsafe = counting  # type: ignore[method-assign]
+    try:
+        futures = [pool.run_soon(divmod, n, n % 5) for n in range(100)]
+        deadline = time.monotonic() + TIMEOUT
+        while not pool._work.empty() and time.monotonic() < deadline:  # the loop is busy
+            time.sleep(0.01)  # noqa: ASYNC251 - the loop is to be busy meanwhile
+        time.sleep(0.05)  # noqa: ASYNC251 - the last run finishes meanwhile
+        outcomes = await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), TIMEOUT)
+        for n, outcome in enumerate(outcomes):
+            if n % 5:
+                assert outcome == divmod(n, n % 5)
+            else:
+                assert isinstance(outcome, ZeroDivisionError)
+        assert len(wakeups) == 1, f"{len(wakeups)} wake-ups for 100 runs finished together"
+        assert await asyncio.wait_for(pool.run_soon(divmod, 7, 2), TIMEOUT) == (3, 1)
+        assert len(wakeups) == 2
+    finally:
+        loop.call_soon_threadsafe = real  # type: ignore[method-assign]
+        pool.shutdown()
