@@ -513,6 +513,9 @@ def _check(config: str | None, log_level: str | None) -> int:
     shown = config or "<environment>"
     for p in report.warnings:
         print(f"warning: {redact_url(str(p))} (no trigger runs this pipeline)", file=sys.stderr)
+    for p in report.config_warnings:
+        shown_problem = ConfigProblem(shown, p.key, p.message)
+        print(f"warning: {redact_url(str(shown_problem))}", file=sys.stderr)
     problems += [
         ConfigProblem(shown, p.key, p.message) if p.file == "config" else p for p in report.errors
     ]

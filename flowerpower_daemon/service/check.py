@@ -43,6 +43,7 @@ __all__ = [
     "http_problems",
     "redis_policy_problems",
     "schedule_triggers",
+    "shared_timer_warnings",
     "split_problems",
     "used_pipelines",
 ]
@@ -55,10 +56,13 @@ _PIPELINE_FILE = re.compile(
 
 @dataclass(frozen=True, slots=True)
 class CheckReport:
-    """``errors`` stop the daemon; ``warnings`` concern pipelines no trigger uses."""
+    """``errors`` stop the daemon; ``warnings`` concern pipelines no trigger uses;
+    ``config_warnings`` are settings that work but likely not as meant (timers that
+    every daemon on a shared subscription would fire)."""
 
     errors: list[ConfigProblem] = field(default_factory=list)
     warnings: list[ConfigProblem] = field(default_factory=list)
+    config_warnings: list[ConfigProblem] = field(default_factory=list)
 
 
 def split_problems(
@@ -132,7 +136,7 @@ def check_report(settings: Settings) -> CheckReport:
     problems.extend(redis_policy_problems(settings))
     problems.extend(http_problems(settings))
     problems.extend(_trigger_problems(project, enumerate(settings.triggers)))
-    return CheckReport(problems, warnings)
+    return CheckReport(problems, warnings, shared_timer_warnings(settings, project))
 
 
 def check_without_settings(path: str | None) -> CheckReport:
@@ -275,6 +279,41 @@ def redis_policy_problems(settings: Settings) -> list[ConfigProblem]:
                 )
             )
     return problems
+
+
+def shared_timer_warnings(settings: Settings, project: FlowerPowerProject) -> list[ConfigProblem]:
+    """A warning when this daemon shares its MQTT messages with others (``shared_group``)
+    but keeps its timers to itself: every daemon of the group would fire every tick.
+
+    On the memory queue, timer state and locks are in the state dir unless
+    ``shared_state`` names a Redis; with the queue on Redis they are there.
+    """
+    if settings.shared_redis is not None:
+        return []
+    shared = [
+        i
+        for i, t in enumerate(settings.triggers)
+        if t.enabled and isinstance(t, MqttTrigger) and t.shared_group
+    ]
+    timers = [
+        t.name
+        for t in settings.triggers
+        if t.enabled and isinstance(t, CronTrigger | IntervalTrigger | DateTrigger)
+    ] + [t.name for t in schedule_triggers(settings, project)]
+    if not shared or not timers:
+        return []
+    listed = ", ".join(timers[:5]) + (f" and {len(timers) - 5} more" if len(timers) > 5 else "")
+    trig = settings.triggers[shared[0]]
+    assert isinstance(trig, MqttTrigger)
+    return [
+        ConfigProblem(
+            "config",
+            f"triggers[{shared[0]}].shared_group",
+            f"the daemons of shared group {trig.shared_group!r} would each fire every tick of"
+            f" the timers ({listed}); set shared_state: redis://host:6379/0 (or put"
+            " queue.broker on Redis) so that each tick fires once across them",
+        )
+    ]
 
 
 def configured_triggers(settings: Settings, project: FlowerPowerProject) -> list[Trigger]:

@@ -34,7 +34,15 @@ __all__ = [
 log = structlog.get_logger("flowerpower_daemon.daemon")
 
 #: Settings a running daemon cannot change; a reload reports them, a restart applies them.
-RESTART_KEYS = ("mqtt", "queue", "control", "http", "state_dir", "max_concurrent_runs")
+RESTART_KEYS = (
+    "mqtt",
+    "queue",
+    "shared_state",
+    "control",
+    "http",
+    "state_dir",
+    "max_concurrent_runs",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +74,8 @@ def prepare(config_path: str | None, dynamic: Iterable[Schedule]) -> Prepared:
     problems: list[ConfigProblem] = []
     for problem in report.warnings:
         log.warning("pipeline_not_loaded", problem=str(problem), reason="no trigger runs it")
+    for problem in report.config_warnings:
+        log.warning("config_warning", key=problem.key, problem=problem.message)
     try:
         project = FlowerPowerProject.load(
             settings.project, storage_options=settings.storage_options

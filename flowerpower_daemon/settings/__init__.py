@@ -120,6 +120,10 @@ class Settings(BaseSettings):
     history: HistorySettings = Field(default_factory=HistorySettings)
     homeassistant: HomeAssistantSettings = Field(default_factory=HomeAssistantSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
+    shared_state: str | None = Field(
+        default=None,
+        description="a Redis URL where daemons on the memory queue share timer state and locks",
+    )
     max_concurrent_runs: int = Field(default=8, ge=1)
     shutdown_timeout: float = Field(default=30.0, ge=0)
     schedule_all: bool = True
@@ -154,9 +158,39 @@ class Settings(BaseSettings):
             triggers.append(trig)
         return {**value, "triggers": triggers}
 
+    @field_validator("shared_state")
+    @classmethod
+    def _shared_state(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                parse_broker(value)  # the forms of queue.broker, bar memory
+            except ValueError as exc:  # worded for queue.broker
+                message = str(exc).replace("invalid queue.broker", "not a Redis URL")
+                raise ValueError(message.replace("use 'memory', ", "use ")) from None
+        return value
+
+    @model_validator(mode="after")
+    def _one_shared_redis(self) -> Settings:
+        if self.shared_state is not None and self.queue.is_redis:
+            raise ValueError(
+                "shared_state: the queue is on Redis (queue.broker), and daemons share their"
+                " timer state there already; leave shared_state out"
+            )
+        return self
+
     @property
     def state_path(self) -> Path:
         return Path(os.environ.get("STATE_DIRECTORY") or self.state_dir)
+
+    @property
+    def shared_redis(self) -> RedisTarget | None:
+        """Where daemons share timer state and locks: the queue's Redis, else
+        ``shared_state``; ``None``: this daemon keeps them in its state dir."""
+        if self.queue.is_redis:
+            return self.queue.redis
+        if self.shared_state is not None:
+            return parse_broker(self.shared_state)
+        return None
 
 
 def load_settings(path: str | None) -> Settings:

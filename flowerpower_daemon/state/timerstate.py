@@ -9,7 +9,8 @@ survives a restart and every daemon sharing the store ticks on the same
 grid. Locally the times live in SQLite in the state
 directory (stdlib ``sqlite3``, used from a worker thread, as
 :mod:`.dedup`); with ``queue.broker`` on Redis they live in a Redis hash
-next to the queue, so several daemons share them, and :meth:`claim` takes a
+next to the queue (on the memory queue, in the Redis ``shared_state`` names),
+so several daemons share them, and :meth:`claim` takes a
 Redis lock per trigger and fire time (``SET NX`` with an expiry), so only
 one of those daemons fires each tick.
 
@@ -188,7 +189,9 @@ class RedisTimerState(RedisStore):
 
 
 def timer_state_for(settings: Settings) -> AbstractAsyncContextManager[TimerState]:
-    """SQLite in the state dir, or Redis next to the queue when ``queue.broker`` is Redis."""
-    if settings.queue.is_redis:
-        return RedisTimerState(settings.queue.redis, prefix=f"{settings.queue.queue_name}:timers")
+    """SQLite in the state dir, or Redis (:attr:`Settings.shared_redis`: the queue's, or
+    ``shared_state``) for daemons that share their timers."""
+    redis = settings.shared_redis
+    if redis is not None:
+        return RedisTimerState(redis, prefix=f"{settings.queue.queue_name}:timers")
     return SqliteTimerState(settings.state_path / "timers.sqlite3")

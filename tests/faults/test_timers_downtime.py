@@ -7,7 +7,8 @@
    restart blurs it; caught-up results say ``trigger.catch_up: true`` and
    ``trigger.scheduled`` names the fire time they are for.
 2. Two daemons on one Redis with the same every-second cron and interval
-   triggers: each tick runs once (a Redis lock per trigger and fire time).
+   triggers: each tick runs once (a Redis lock per trigger and fire time), with
+   the queue on Redis and with the memory queue and ``shared_state``.
 """
 
 from __future__ import annotations
@@ -133,16 +134,30 @@ async def test_restart_across_two_cron_fires_catches_up_per_policy(
     assert all(_scheduled(r) >= next_regular for r in regular), regular
 
 
+@pytest.mark.parametrize("shared", ["redis-queue", "shared-state"])
 async def test_two_daemons_on_one_redis_fire_each_tick_once(
-    tmp_path: Path, mosquitto: Any, redis_server: Any
+    tmp_path: Path, mosquitto: Any, redis_server: Any, shared: str
 ) -> None:
-    """The same every-second cron and 1 s interval on two daemons: one run per tick."""
+    """The same every-second cron and 1 s interval on two daemons: one run per tick, with
+    the queue on Redis (a worker runs them) and with the memory queue and ``shared_state``
+    (each daemon runs the ticks it took), the daemons also sharing an MQTT trigger."""
     project = make_project(tmp_path)
-    queue = {"broker": redis_server.url, "queue_name": unique("q")}
+    queue_name = unique("q")
+    if shared == "redis-queue":
+        extra: dict[str, Any] = {"queue": {"broker": redis_server.url, "queue_name": queue_name}}
+    else:
+        extra = {"queue": {"queue_name": queue_name}, "shared_state": redis_server.url}
     result_topic = f"{unique('ticks')}/{{pipeline}}"
     triggers = [
         {"name": "cron-tick", "type": "cron", "pipeline": "stats", "cron": "* * * * * *"},
         {"name": "interval-tick", "type": "interval", "pipeline": "stats", "every": "1s"},
+        {
+            "name": "readings",
+            "type": "mqtt",
+            "pipeline": "stats",
+            "topic": f"{unique('in')}/+",
+            "shared_group": "ticks",
+        },
     ]
     one, two = (
         configure(
@@ -150,16 +165,17 @@ async def test_two_daemons_on_one_redis_fire_each_tick_once(
             mosquitto.port,
             triggers,
             project=project,
-            queue=queue,
             log_level="DEBUG",
             mqtt={"result_topic": result_topic},
+            **extra,
         )
         for i in range(2)
     )
     results = result_topic.format(pipeline="stats")
+    workers = 1 if shared == "redis-queue" else 0
     async with client(mosquitto.port) as c:
         await c.subscribe(results, qos=1)
-        async with online_daemon(one, two, workers=1, timeout=60) as d:
+        async with online_daemon(one, two, workers=workers, timeout=60) as d:
             got = await collect_for_results(c, results, 8.0)
             for proc in (*d.workers, *d.procs):
                 assert proc.proc.poll() is None, proc.log()[-3000:]

@@ -1,4 +1,5 @@
-"""With the queue on Redis, trigger policies Redis does not enforce are refused, not ignored."""
+"""With the queue on Redis, trigger policies Redis does not enforce are refused, not ignored;
+on the memory queue, timers that every daemon of a shared subscription would fire are a warning."""
 
 from __future__ import annotations
 
@@ -126,3 +127,41 @@ async def test_reload_refuses_the_same_and_keeps_running(
         assert problem["message"].startswith(f"'skip' {WHY}"), problem
         assert request(sock, "status")["result"]["state"] == "running"
         assert proc.proc.poll() is None
+
+
+def _shared(tmp: Path, **extra: Any) -> Path:
+    """An MQTT trigger on a shared subscription beside an interval timer, memory queue."""
+    settings = base_settings(make_project(tmp), tmp, 1)
+    settings.update(extra)
+    settings["triggers"] = [
+        {"name": "temp", "type": "mqtt", "pipeline": "temperature", "topic": "x/{device}"},
+        {"name": "tick", "type": "interval", "pipeline": "stats", "every": "10s"},
+    ]
+    settings["triggers"][0]["shared_group"] = "fleet"
+    return write_config(tmp, settings)
+
+
+def test_check_warns_of_timers_every_shared_daemon_would_fire(tmp_path: Path) -> None:
+    """A shared subscription with timers on the memory queue passes `check` with a warning
+    naming the group, the timers and the way out; ``shared_state`` or a Redis queue end it."""
+    config = _shared(tmp_path / "alone")
+    proc = _cli("check", "-c", str(config))
+    assert proc.returncode == 0, proc.stderr
+    assert (
+        f"warning: {config}: triggers[0].shared_group: the daemons of shared group 'fleet'"
+        " would each fire every tick of the timers (tick); set shared_state:" in proc.stderr
+    ), proc.stderr
+    for i, extra in enumerate(({"shared_state": REDIS}, {"queue": {"broker": REDIS}})):
+        proc = _cli("check", "-c", str(_shared(tmp_path / str(i), **extra)))
+        assert proc.returncode == 0 and "warning" not in proc.stderr, proc.stderr
+
+
+def test_shared_state_is_a_redis_url_beside_the_memory_queue_only(tmp_path: Path) -> None:
+    """A bad URL, or ``shared_state`` beside a Redis queue, is an error naming the key."""
+    bad = _cli("check", "-c", str(_shared(tmp_path / "bad", shared_state="memory")))
+    assert bad.returncode == 2
+    assert "shared_state: not a Redis URL 'memory': use redis://" in bad.stderr, bad.stderr
+    both = _shared(tmp_path / "both", shared_state=REDIS, queue={"broker": REDIS})
+    proc = _cli("check", "-c", str(both))
+    assert proc.returncode == 2
+    assert "shared_state: the queue is on Redis (queue.broker)" in proc.stderr, proc.stderr

@@ -5,11 +5,14 @@ and a worker, with dedup keys (a duplicate is answered from the stored result,
 not run again), timer tick locks (two daemons with the same 1 s interval
 trigger: one run per tick), the run ledger and the shared job history on
 that Redis; a store or lock that broke on the topology (a CROSSSLOT error on
-the Cluster, say) would log its ``*_failed`` event.
+the Cluster, say) would log its ``*_failed`` event. The worker's presence (a
+``MULTI`` of its hash and the index) must list it as live in each daemon's
+``status``.
 """
 
 from __future__ import annotations
 
+import socket
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -17,6 +20,7 @@ from typing import Any
 import anyio
 import orjson
 import pytest
+from control_harness import request
 from services import (
     RedisClusterNodes,
     RedisSentinelService,
@@ -49,6 +53,8 @@ FAILURES = (
     "timer_state_read_failed",
     "stream_heartbeat_failed",
     "enqueue_failed",
+    "worker_beat_failed",
+    "workers_listing_failed",
 )
 
 
@@ -67,7 +73,7 @@ async def _carry(tmp_path: Path, mqtt_port: int, queue: dict[str, Any]) -> None:
         },
         {"name": "tick", "type": "interval", "pipeline": "stats", "every": "1s"},
     ]
-    configs, tags = [], []
+    configs, tags, socks = [], [], []
     for i in range(2):
         home = tmp_path / f"daemon{i}"
         home.mkdir()
@@ -76,6 +82,7 @@ async def _carry(tmp_path: Path, mqtt_port: int, queue: dict[str, Any]) -> None:
         s["triggers"] = triggers
         s["mqtt"]["result_topic"] = result_topic
         configs.append(write_config(home, s))
+        socks.append(Path(s["state_dir"]) / "control.sock")
         tags.append(s["mqtt"]["client_id"])
     tagged, ticks = result_topic.format(pipeline="tagged"), result_topic.format(pipeline="stats")
     got: list[dict[str, Any]] = []
@@ -122,6 +129,13 @@ async def _carry(tmp_path: Path, mqtt_port: int, queue: dict[str, Any]) -> None:
                         await anyio.sleep(0.2)
             finally:
                 await redis.aclose()
+            # The worker's heartbeat hash and index (one MULTI) list it as live in both
+            # daemons' status, with the runs it did.
+            name = f"{socket.gethostname()}:{worker.proc.pid}"
+            for sock in socks:
+                live = await _live_workers(sock, name, MESSAGES, 30)
+                seen = [(w["name"], w["done"] >= MESSAGES) for w in live]
+                assert seen == [(name, True)], (live, worker.log()[-3000:])
             for proc in (worker, one, two):
                 assert proc.proc.poll() is None, proc.log()[-3000:]
             logs = [p.log() for p in (worker, one, two)]
@@ -143,6 +157,20 @@ async def _carry(tmp_path: Path, mqtt_port: int, queue: dict[str, Any]) -> None:
     settings = Settings(queue=QueueSettings(**queue), triggers=[])
     async with history_for(settings) as history:
         assert await history.count() >= MESSAGES
+
+
+async def _live_workers(sock: Path, name: str, done: int, timeout: float) -> list[Any]:
+    """The daemon's ``status`` workers once ``name`` is live there with ``done`` runs done."""
+    workers: list[Any] = []
+    with anyio.move_on_after(timeout):
+        while True:
+            answer = request(sock, "status")
+            assert answer["ok"], answer
+            workers = answer["result"]["workers"]
+            if any(w["name"] == name and w["done"] >= done for w in workers):
+                break
+            await anyio.sleep(0.5)
+    return workers
 
 
 def _runs(log: str, pipeline: str) -> int:
