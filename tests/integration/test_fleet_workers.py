@@ -11,6 +11,7 @@ runs there were, so a message run twice or never shows.
 from __future__ import annotations
 
 import socket
+import subprocess
 import time
 from collections import Counter
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any
 
 import anyio
 import pytest
-from control_harness import NO_SYSTEMD, request
+from control_harness import CTL, NO_SYSTEMD, request
 from daemon_harness import DaemonProcess, configure, online_daemon, unique
 
 # Start-up of four processes on a loaded machine dominates; the run itself takes seconds.
@@ -77,6 +78,12 @@ async def test_one_daemon_three_workers_run_1000_messages_exactly_once(
         history = request(config.sock, "jobs", {"limit": 1000, "pipeline": "temperature"})
         names = {f"{HOST}:{w.proc.pid}" for w in d.workers}
         logs = [w.log() for w in d.workers]
+        fleet = subprocess.run(
+            [str(CTL), "--socket", str(config.sock), "status", "--fleet"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
     ids = Counter(r["outputs"]["device_id"] for r in results)
     assert late == [], f"{len(late)} results after the 1,000th, e.g. {late[:2]}"
     assert [i for i, n in ids.items() if n > 1] == []
@@ -93,6 +100,11 @@ async def test_one_daemon_three_workers_run_1000_messages_exactly_once(
     assert {w["name"] for w in workers} == names, workers
     assert sum(w["done"] for w in workers) == MESSAGES, workers
     assert all("Traceback" not in log for log in logs)
+    # The fleet view: this daemon's retained status and the three live workers.
+    assert fleet.returncode == 0, fleet.stderr
+    lines = fleet.stdout.splitlines()
+    assert any(f"{d.tag} (this)" in line and "online" in line for line in lines), lines
+    assert all(any(name in line for line in lines) for name in names), lines
 
 
 async def test_slow_runs_are_spread_over_the_idle_workers(
