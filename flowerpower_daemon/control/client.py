@@ -366,7 +366,13 @@ def _parser() -> argparse.ArgumentParser:
     top.add_argument(
         "--iterations", "-n", type=int, default=None, metavar="N", help="stop after N refreshes"
     )
-    sub.add_parser("stop", help="graceful shutdown (as SIGTERM)")
+    stop = sub.add_parser("stop", help="graceful shutdown (as SIGTERM)")
+    stop.add_argument(
+        "--leave",
+        action="store_true",
+        help="for good: unsubscribe first (a shared subscription's other daemons get every"
+        " new message), answer what the broker still sends, then end the MQTT session",
+    )
     add_completion_command(sub)
     return p
 
@@ -409,6 +415,8 @@ def _request(args: argparse.Namespace) -> tuple[str, dict[str, object]]:
         return "status", {"fleet": True} if args.fleet else {}
     if cmd in ("pause", "resume"):
         return cmd, {"all": True} if args.all else {"id": args.id}
+    if cmd == "stop":
+        return "stop", {"leave": True} if args.leave else {}
     return cmd, {}
 
 

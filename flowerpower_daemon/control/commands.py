@@ -393,8 +393,11 @@ class Commands:
             ) from None
 
     async def stop(self, args: Args, conn: Connection, rid: RequestId) -> object:
-        self.daemon.request_stop()
-        return {"stopping": True, "pid": os.getpid()}
+        leave = bool(args.get("leave", False))
+        already = self.daemon.stopping
+        self.daemon.request_stop(leave=leave)
+        # A stop already under way keeps its kind: it may be past unsubscribing.
+        return {"stopping": True, "pid": os.getpid(), "leave": leave and not already}
 
     async def events(self, args: Args, conn: Connection, rid: RequestId) -> object:
         with self.daemon.events.subscribe() as events:

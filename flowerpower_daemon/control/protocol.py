@@ -154,7 +154,7 @@ COMMANDS: Final[Mapping[str, Mapping[str, ArgSpec]]] = {
     "resume": {"id": _a("str", "null"), "all": _a("bool")},
     "reload": {},
     "events": {},
-    "stop": {},
+    "stop": {"leave": _a("bool")},
 }
 
 # The arguments of each command as its handler sees them once :func:`validate_args` has

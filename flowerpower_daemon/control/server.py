@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import grp
 import os
 import socket
@@ -51,6 +50,7 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 
 from ..errors import FlowerPowerError
 from ..settings import ControlSettings
+from ..state import pidlock
 from .protocol import ProtocolError, Request, error_message, parse_request
 
 __all__ = ["Connection", "ControlServer", "ControlSocketError", "PeerCredentials", "socket_path"]
@@ -226,27 +226,19 @@ class ControlServer:
     def _lock(self) -> None:
         lock_path = self.path.with_name(self.path.name + ".lock")
         try:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        except OSError as exc:
-            raise ControlSocketError(f"cannot open lock file {str(lock_path)!r}: {exc}") from exc
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            os.close(fd)
+            self._lock_fd = pidlock.hold(lock_path)
+        except pidlock.LockHeld as exc:
             raise ControlSocketError(
                 f"control socket {str(self.path)!r} is in use by another running daemon "
-                f"(pid {owner}); stop it first, or give this one another control.socket"
+                f"(pid {exc.owner}); stop it first (each daemon needs its own state_dir and"
+                " control socket)"
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._lock_fd = fd
+        except OSError as exc:
+            raise ControlSocketError(f"cannot open lock file {str(lock_path)!r}: {exc}") from exc
 
     def _unlock(self) -> None:
         if self._lock_fd is not None:
-            with contextlib.suppress(OSError):
-                os.ftruncate(self._lock_fd, 0)
-            os.close(self._lock_fd)
+            pidlock.release(self._lock_fd)
             self._lock_fd = None
 
     def _remove_stale(self) -> None:

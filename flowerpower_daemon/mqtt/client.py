@@ -52,6 +52,7 @@ __all__ = [
     "MqttError",
     "Properties",
     "disconnected",
+    "end_session",
     "hold_reading",
     "new_client",
     "on_messages",
@@ -401,6 +402,17 @@ def socket_of(client: Client) -> socket.socket | None:
 def disconnected(client: Client) -> asyncio.Future[None]:
     """Done when ``client``'s connection ends (never cancel it: aiomqtt owns it)."""
     return client._disconnected
+
+
+async def end_session(client: Client) -> None:
+    """Disconnect ``client`` telling the broker to drop its session now (MQTT v5: DISCONNECT
+    with a Session Expiry Interval of 0), not keep it for ``mqtt.session_expiry``; waits for
+    the connection to end (aiomqtt's exit then has nothing left to do). Callers bound it."""
+    props = Properties(PacketTypes.DISCONNECT)  # type: ignore[no-untyped-call]
+    props.SessionExpiryInterval = 0
+    client._client.disconnect(properties=props)
+    gone = disconnected(client)
+    await asyncio.wait((gone,))  # not ``await gone``: cancelling that would cancel it
 
 
 def publish_properties(

@@ -65,6 +65,8 @@ class Intake:
         self.client: Client | None = None
         #: QoS 1/2 messages received on this connection and not acked yet.
         self.held = 0
+        #: QoS 1/2 messages received since the start, on any connection.
+        self.received = 0
         self.max_held = max_held
         # Paused at max_held, reading again at this many (see the module doc).
         self.resume_at = max_held // 2 if max_held is not None else 0
@@ -105,6 +107,7 @@ class Intake:
             send((incoming, generation))
             if incoming.qos > 0:
                 self.held += 1
+                self.received += 1
                 if (
                     max_held is not None
                     and self.held >= max_held

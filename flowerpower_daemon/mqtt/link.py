@@ -9,6 +9,10 @@
   connect, oldest first. A connected publish never touches the disk.
 - A retained status topic says ``online``; the last will says ``offline``. The topic
   is the daemon's own (``mqtt.status_topic`` with its ``{client_id}``).
+- Leaving for good (:meth:`leave`, then :meth:`stop` with ``end_session``):
+  unsubscribe, take what the broker still sends, then end the session, so
+  the broker keeps no share of a shared subscription for a daemon that is
+  not coming back.
 - Each disconnect or failed connect is logged once (``mqtt_disconnected``):
   a link that has a *companion* (the daemon's results link beside its
   receiving one, both on the same broker) leaves reporting a broker-wide
@@ -38,6 +42,7 @@ from .client import (
     IncomingMessage,
     MqttError,
     disconnected,
+    end_session,
     new_client,
     on_messages,
     publish_properties,
@@ -87,6 +92,7 @@ class MqttLink:
         self._v5 = settings.protocol == "5"
         self._connected = anyio.Event()
         self._stopping = anyio.Event()
+        self._end_session = False
         self._stop_scope: anyio.CancelScope | None = None
         self._closed = anyio.Event()
         self._online = False
@@ -183,6 +189,8 @@ class MqttLink:
                             scope.cancel()
                         await self._wait_disconnected(client)
                     await self._say_offline(client)
+                    if self._end_session and self._stopping.is_set():
+                        await self._end(client)
             except MqttError as exc:
                 failures += 1
                 delay = backoff.delay(failures)
@@ -381,6 +389,45 @@ class MqttLink:
                     retain=True,
                 )
 
+    async def _end(self, client: Client) -> None:
+        """Disconnect dropping the broker's session (MQTT v5; a 3.1.1 session stays, with
+        no subscriptions after :meth:`leave`, so nothing is queued for it)."""
+        if not self._v5:
+            return
+        with anyio.move_on_after(5, shield=True), self._reading():
+            await end_session(client)
+        log.info("mqtt_session_ended", client_id=self._client_id)
+
+    async def leave(self, quiet: float = 1.0) -> bool:
+        """Unsubscribe from every topic, then go on taking what the broker still sends
+        (messages it had queued for this session) until none has come for ``quiet`` s and
+        every received one is acked. True once done; False when not connected (the
+        broker keeps the subscriptions until the session expires). Callers bound it.
+
+        For a daemon leaving a shared subscription for good: its share of new messages
+        goes to the other members from the UNSUBACK on, instead of waiting in its
+        session for a return that will not come."""
+        topics = [topic for topic, _ in self.subscriptions]
+        self.subscriptions = []  # a reconnect meanwhile subscribes to nothing
+        client = self._client
+        if client is None:
+            return False
+        if topics:
+            try:
+                with self._reading():
+                    await client.unsubscribe(topics)
+            except MqttError as exc:
+                log.warning("mqtt_unsubscribe_failed", topics=topics, error=str(exc))
+                return False
+        log.info("mqtt_unsubscribed", topics=topics, held=self._intake.held)
+        intake = self._intake
+        mark = intake.received
+        while True:
+            await anyio.sleep(quiet)
+            if intake.held == 0 and intake.received == mark:
+                return True
+            mark = intake.received
+
     async def flush(self) -> None:
         """Wait until the outbox is empty, e.g. before shutting down (callers bound it).
 
@@ -393,8 +440,10 @@ class MqttLink:
             self._drained = anyio.Event()
             await self._drained.wait()
 
-    def stop(self) -> None:
-        """Publish ``offline``, disconnect and make :meth:`run` return."""
+    def stop(self, *, end_session: bool = False) -> None:
+        """Publish ``offline``, disconnect and make :meth:`run` return; with
+        ``end_session``, the broker drops this client's session (see :meth:`leave`)."""
+        self._end_session = end_session
         self._stopping.set()
         if self._stop_scope is not None:
             self._stop_scope.cancel()

@@ -95,6 +95,7 @@ class Controls:
         self.started_at = utcnow()
         self._started = time.monotonic()
         self._stop = anyio.Event()
+        self.leaving = False  # the stop asked is for good (see request_stop)
         self._ready = False
         self._reload_lock = anyio.Lock()
         # The running parts, wired in by the daemon (attach) once they exist.
@@ -161,8 +162,11 @@ class Controls:
     def schedules(self) -> ScheduleStore:
         return self._schedules
 
-    def request_stop(self) -> None:
-        """Begin a graceful shutdown (as SIGTERM)."""
+    def request_stop(self, *, leave: bool = False) -> None:
+        """Begin a graceful shutdown (as SIGTERM). ``leave``: for good, not to come back
+        (``flowerpowerctl stop --leave``): the MQTT subscriptions and session go first."""
+        if leave and not self._stop.is_set():
+            self.leaving = True
         self._stop.set()
 
     def status(self) -> StatusInfo:

@@ -41,9 +41,17 @@ from ..redact import redact_url
 from ..settings import MqttSettings, Settings, Trigger
 from ..state.dedup import dedup_store_for
 from ..state.history import history_for
+from ..state.pidlock import hold_state_dir
 from ..version import __version__
 from . import reload as reloading
-from .check import check, http_problems, redis_policy_problems, split_problems, used_pipelines
+from .check import (
+    check,
+    http_problems,
+    redis_policy_problems,
+    shared_timer_warnings,
+    split_problems,
+    used_pipelines,
+)
 from .controls import Controls
 from .lifecycle import freeze_heap, shielded
 from .sources import Sources, subscriptions
@@ -85,6 +93,8 @@ class Daemon:
             raise ConfigError(named)
         for problem in unused:
             log.warning("pipeline_not_loaded", problem=str(problem), reason="no trigger runs it")
+        for problem in shared_timer_warnings(settings, project):
+            log.warning("config_warning", key=problem.key, problem=problem.message)
         self.stats = Stats()
         self.notifier = Notifier()
         self.history = history_for(settings)
@@ -135,7 +145,9 @@ class Daemon:
         project = controls.project
         triggers = controls.triggers_at_start
         async with AsyncExitStack() as stack:
-            # First: a second daemon on the same socket refuses before it touches MQTT.
+            # First: a second daemon on the same state dir or socket refuses before it
+            # touches MQTT or a state file.
+            stack.enter_context(hold_state_dir(s.state_path))
             server = ControlServer(
                 s.control, socket_path(s.control, s.state_path), Commands(controls).handle
             )
@@ -282,21 +294,64 @@ class Daemon:
                             pipelines = lambda: controls.project.pipelines  # noqa: E731
                             root.start_soon(homeassistant.start, pipelines, name="homeassistant")
                         await controls.stopped()
-                        log.info("daemon_stopping", in_flight=self.stats.in_flight)
+                        leaving = controls.leaving
+                        log.info(
+                            "daemon_stopping", in_flight=self.stats.in_flight, leave=leaving
+                        )
                         self.notifier.stopping(controls.status_line())
                         controls.events.publish("stopping", in_flight=self.stats.in_flight)
+                        if leaving:
+                            leaving = await self._leave(link)
                         sources.cancel_scope.cancel()
                         controls.jobs.suspend_scheduled()
                     runs.cancel_scope.deadline = anyio.current_time() + s.shutdown_timeout
                 with anyio.move_on_after(min(5.0, s.shutdown_timeout)):
                     await publisher.flush()
-                link.stop()
-                publisher.stop()
+                # Unacked messages would go with the session: it stays for them instead.
+                end = leaving and self._may_end_session(link)
+                link.stop(end_session=end)
+                publisher.stop(end_session=end)
                 with anyio.move_on_after(10):
                     await link.wait_closed()
                     await publisher.wait_closed()
                 root.cancel_scope.cancel()
         log.info("daemon_stopped", runs_ok=self.stats.runs_ok, runs_failed=self.stats.runs_failed)
+
+    async def _leave(self, link: MqttLink) -> bool:
+        """``flowerpowerctl stop --leave``: unsubscribe while the sources still run, so what
+        the broker still sends this daemon is answered (within ``shutdown_timeout``), then
+        the session may end at the disconnect (:meth:`_may_end_session`). A shared
+        subscription's other members then get every new message, where a plain stop leaves
+        the broker queueing this daemon's share in its session until it returns or the
+        session expires. False when the subscriptions could not be ended."""
+        with anyio.move_on_after(self.settings.shutdown_timeout) as scope:
+            left = await link.leave()
+        if not left:
+            log.warning(
+                "leave_failed",
+                reason="not connected to the broker",
+                hint="the broker keeps this daemon's subscriptions and session until"
+                " mqtt.session_expiry: start it again to answer what waits there",
+            )
+            return False
+        if scope.cancelled_caught:
+            log.warning("leave_slow", unacked=link.held, waited_s=self.settings.shutdown_timeout)
+        return True
+
+    def _may_end_session(self, link: MqttLink) -> bool:
+        """End the broker's session at the disconnect only when no message is unacked:
+        the broker would drop those with it. Else keep it, and say so."""
+        if link.held:
+            log.warning(
+                "leave_incomplete",
+                unacked=link.held,
+                hint="the broker keeps this daemon's session with its unacked messages"
+                " (redelivered to it, not to the others): start it again with the same"
+                " mqtt.client_id and state_dir to answer them",
+            )
+            return False
+        log.info("daemon_left")
+        return True
 
     async def _http(self, stack: AsyncExitStack, outbox: Outbox) -> HttpServer | None:
         """``http.listen``: the listener, bound now (a busy port stops the start-up with an

@@ -186,6 +186,27 @@ def test_a_second_daemon_on_the_same_socket_refuses(
     assert stat.S_ISSOCK(os.stat(sock).st_mode)
 
 
+def test_a_second_daemon_on_the_same_state_dir_refuses_whatever_its_socket(
+    served: tuple[Path, DaemonProcess, Path],
+) -> None:
+    """Its own control socket does not let a second daemon share the first's state dir
+    (outbox, dedup keys, timer state, schedules): exit 2 naming the dir and the way out."""
+    sock, first, config = served
+    short = Path(tempfile.mkdtemp(prefix="fp-"))  # a socket path has at most 107 bytes
+    try:
+        env = {**NO_SYSTEMD, "FLOWERPOWER_CONTROL__SOCKET": str(short / "other.sock")}
+        with daemon(config, env=env) as second:
+            rc = second.wait(120)
+            log = second.log()
+    finally:
+        shutil.rmtree(short, ignore_errors=True)
+    assert rc == 2, log
+    assert "is in use by another running daemon (pid" in log, log
+    assert f"pid {first.proc.pid}); stop it first, or give this one its own state_dir" in log
+    assert "state dir" in log and "mqtt_connected" not in log
+    assert request(sock, "ping")["ok"]
+
+
 def test_stale_socket_is_replaced_but_a_plain_file_is_not(
     mosquitto_session: MosquittoService, tmp_path: Path
 ) -> None:

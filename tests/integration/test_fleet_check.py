@@ -3,7 +3,9 @@ on the memory queue, timers that every daemon of a shared subscription would fir
 
 from __future__ import annotations
 
+import json
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -154,6 +156,20 @@ def test_check_warns_of_timers_every_shared_daemon_would_fire(tmp_path: Path) ->
     for i, extra in enumerate(({"shared_state": REDIS}, {"queue": {"broker": REDIS}})):
         proc = _cli("check", "-c", str(_shared(tmp_path / str(i), **extra)))
         assert proc.returncode == 0 and "warning" not in proc.stderr, proc.stderr
+
+
+def test_the_daemon_logs_the_same_warning_at_start(tmp_path: Path) -> None:
+    """A daemon started with that config runs, and its log says why every tick would come
+    from each daemon (no broker needed: the warning precedes the connect)."""
+    with daemon(_shared(tmp_path), env=NO_SYSTEMD) as proc:
+        deadline = time.monotonic() + 60
+        while '"config_warning"' not in proc.log():
+            assert proc.proc.poll() is None, proc.log()[-3000:]
+            assert time.monotonic() < deadline, proc.log()[-3000:]
+            time.sleep(0.1)
+    [line] = [json.loads(x) for x in proc.log().splitlines() if '"config_warning"' in x]
+    assert line["level"] == "warning" and line["key"] == "triggers[0].shared_group", line
+    assert "would each fire every tick of the timers (tick)" in line["problem"], line
 
 
 def test_shared_state_is_a_redis_url_beside_the_memory_queue_only(tmp_path: Path) -> None:

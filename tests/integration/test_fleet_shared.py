@@ -17,6 +17,7 @@ import anyio.abc
 import orjson
 import pytest
 from daemon_harness import (
+    BIN,
     DaemonProcess,
     base_settings,
     client,
@@ -181,3 +182,74 @@ async def test_sigkill_of_one_member_loses_nothing(
         # A redelivered message that had run is not run again (its result is re-sent).
         again = {i: r for i, r in runs.items() if len(r) != 1}
         assert not again, again
+
+
+def _session_present(port: int, client_id: str) -> bool:
+    """Whether the broker still has a session for ``client_id`` (connects with clean start
+    off and a session expiry of 0, so that this look leaves none behind)."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    flags: list[bool] = []
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+    c.on_connect = lambda c, u, f, rc, p: flags.append(bool(f.session_present))
+    props = Properties(PacketTypes.CONNECT)
+    props.SessionExpiryInterval = 0
+    c.connect("127.0.0.1", port, clean_start=False, properties=props)
+    for _ in range(50):
+        c.loop(0.1)
+        if flags:
+            break
+    c.disconnect()
+    assert flags, f"no CONNACK for {client_id}"
+    return flags[0]
+
+
+async def test_stop_leave_hands_the_share_to_the_other_daemon(
+    tmp_path: Path, mosquitto: Any
+) -> None:
+    """``flowerpowerctl stop --leave`` on one of two daemons, mid-stream: every message
+    published before is answered once, every one published after is answered by the other
+    daemon without the one that left coming back (a plain stop leaves its share queued in
+    its session: test_shared_inflight.py), and the broker holds no session for it."""
+    prefix = unique("shared")
+    (config_a, tag_a), (config_b, tag_b) = _configs(tmp_path, mosquitto.port, prefix)
+    results = Results([tag_a, tag_b])
+    half = COUNT // 2
+    with daemon(config_a) as a, daemon(config_b) as b:
+        async with client(mosquitto.port) as c:
+            await wait_online(c, f"{tag_a}/status", a)
+            await wait_online(c, f"{tag_b}/status", b)
+            await c.subscribe(f"{tag_a}/results/#", qos=1)
+            await c.subscribe(f"{tag_b}/results/#", qos=1)
+            async with anyio.create_task_group() as tg:
+                await tg.start(results.read, c)
+                # Runs of 0.1 s: b holds messages unacked and queued when told to leave.
+                await _publish(mosquitto.port, prefix, range(half), 0.1)
+                ctl = await anyio.run_process(
+                    [
+                        str(BIN / "flowerpowerctl"),
+                        "--socket",
+                        str(tmp_path / "b" / "state" / "control.sock"),
+                        "stop",
+                        "--leave",
+                    ],
+                    check=False,
+                )
+                assert ctl.returncode == 0, ctl.stderr.decode()
+                assert "leave: yes" in ctl.stdout.decode(), ctl.stdout.decode()
+                code = await anyio.to_thread.run_sync(b.wait, 40)
+                assert code == 0, b.log()[-3000:]
+                answered_by_b = results.per_daemon()[tag_b]
+                await _publish(mosquitto.port, prefix, range(half, COUNT), 0.01)
+                await results.wait_all(COUNT, 60, a)
+                tg.cancel_scope.cancel()
+    assert set(results.by_msg) == set(range(COUNT))
+    twice = {i: r for i, r in results.by_msg.items() if len(r) != 1}
+    assert not twice, twice
+    assert answered_by_b > 0
+    assert all(results.answered_by(i, tag_a) for i in range(half, COUNT))
+    log_b = b.log()
+    assert '"daemon_left"' in log_b and '"mqtt_session_ended"' in log_b, log_b[-3000:]
+    assert not _session_present(mosquitto.port, tag_b)
