@@ -496,7 +496,7 @@ def _check(config: str | None, log_level: str | None) -> int:
     Settings that do not validate are listed together with the project's problems
     (see :func:`~.service.check.check_without_settings`), so one run shows all."""
     from .logs import configure_logging
-    from .service.check import check_report, check_without_settings
+    from .service.check import check_report, check_without_settings, shown_as
     from .settings import Settings, load_settings
 
     settings: Settings | None = None
@@ -510,15 +510,11 @@ def _check(config: str | None, log_level: str | None) -> int:
     else:
         configure_logging(log_level or settings.log_level, settings.log_format, cli=True)
         report = check_report(settings)
-    shown = config or "<environment>"
     for p in report.warnings:
         print(f"warning: {redact_url(str(p))} (no trigger runs this pipeline)", file=sys.stderr)
-    for p in report.config_warnings:
-        shown_problem = ConfigProblem(shown, p.key, p.message)
-        print(f"warning: {redact_url(str(shown_problem))}", file=sys.stderr)
-    problems += [
-        ConfigProblem(shown, p.key, p.message) if p.file == "config" else p for p in report.errors
-    ]
+    for p in shown_as(report.config_warnings, config):
+        print(f"warning: {redact_url(str(p))}", file=sys.stderr)
+    problems += shown_as(report.errors, config)
     if problems:
         print(f"error: {redact_url(str(ConfigError(problems)))}", file=sys.stderr)
         return EXIT_USAGE

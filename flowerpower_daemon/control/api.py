@@ -143,6 +143,7 @@ class MqttInfo(TypedDict):
 class QueueInfo(TypedDict):
     backend: Literal["redis", "memory"]
     broker: str  # credentials redacted
+    shared_state: str | None  # ``shared_state`` (credentials redacted), None when unset
 
 
 class CountersInfo(TypedDict):

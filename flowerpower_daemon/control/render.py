@@ -151,7 +151,8 @@ def _status(v: Mapping[str, object]) -> None:
         f"mqtt       {mqtt['broker']}  {'connected' if mqtt['connected'] else 'DISCONNECTED'}"
         f"  (connects {mqtt['connects']}, outbox {mqtt['outbox']}, published {mqtt['published']})",
         f"queue      {queue['backend']}"
-        + (f"  {queue['broker']}" if queue["broker"] != queue["backend"] else ""),
+        + (f"  {queue['broker']}" if queue["broker"] != queue["backend"] else "")
+        + (f"  (timers shared in {queue['shared_state']})" if queue.get("shared_state") else ""),
         f"pipelines  {v['pipelines']}   triggers {v['triggers']}   paused "
         f"{_names(v['paused']) or '-'}",
         "counters   " + "  ".join(f"{k} {n}" for k, n in counters.items()),

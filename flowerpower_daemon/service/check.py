@@ -122,6 +122,13 @@ def http_problems(settings: Settings) -> list[ConfigProblem]:
     return [problem] if problem is not None else []
 
 
+def shown_as(problems: Iterable[ConfigProblem], path: str | None) -> list[ConfigProblem]:
+    """``problems`` with the config file's own (labelled ``config`` by the checks, which see
+    only the settings) named by ``path``, as a user calls the file."""
+    shown = path or "<environment>"
+    return [ConfigProblem(shown, p.key, p.message) if p.file == "config" else p for p in problems]
+
+
 def check(settings: Settings) -> list[ConfigProblem]:
     """Validate the project and every trigger against its pipeline; return the errors."""
     return check_report(settings).errors

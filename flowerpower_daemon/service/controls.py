@@ -197,6 +197,7 @@ class Controls:
             "queue": {
                 "backend": "redis" if s.queue.is_redis else "memory",
                 "broker": redact_url(s.queue.broker),
+                "shared_state": redact_url(s.shared_state) if s.shared_state else None,
             },
             "counters": {
                 "messages_in": st.messages_in,

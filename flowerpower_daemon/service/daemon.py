@@ -33,7 +33,7 @@ from anyio.abc import TaskGroup
 
 from ..control.client import remember_socket
 from ..dispatch.dispatcher import Dispatcher, Stats
-from ..errors import ConfigError, ConfigProblem
+from ..errors import ConfigError
 from ..observe import metrics_for
 from ..project.api import FlowerPowerProject
 from ..project.models import RunRequest, RunResult
@@ -49,6 +49,7 @@ from .check import (
     http_problems,
     redis_policy_problems,
     shared_timer_warnings,
+    shown_as,
     split_problems,
     used_pipelines,
 )
@@ -86,11 +87,7 @@ class Daemon:
         errors += redis_policy_problems(settings)  # policies the Redis queue cannot hold
         errors += http_problems(settings)  # http.listen without the metrics extra
         if errors:  # named by the config file, as `check` names them
-            shown = config_path or "config"
-            named = [
-                ConfigProblem(shown, p.key, p.message) if p.file == "config" else p for p in errors
-            ]
-            raise ConfigError(named)
+            raise ConfigError(shown_as(errors, config_path))
         for problem in unused:
             log.warning("pipeline_not_loaded", problem=str(problem), reason="no trigger runs it")
         for problem in shared_timer_warnings(settings, project):

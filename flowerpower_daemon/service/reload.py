@@ -19,7 +19,7 @@ from ..project.api import FlowerPowerProject
 from ..project.hooks import ConfigHook
 from ..settings import MqttTrigger, Settings, Trigger, load_settings
 from ..state.schedules import Schedule
-from .check import check_report, configured_triggers
+from .check import check_report, configured_triggers, shown_as
 
 __all__ = [
     "RESTART_KEYS",
@@ -69,8 +69,8 @@ def prepare(config_path: str | None, dynamic: Iterable[Schedule]) -> Prepared:
     """
     settings = load_settings(config_path)  # ConfigError on a bad file
     report = check_report(settings)
-    if report.errors:
-        raise ConfigError(report.errors)
+    if report.errors:  # named by the config file, as `check` names them
+        raise ConfigError(shown_as(report.errors, config_path))
     problems: list[ConfigProblem] = []
     for problem in report.warnings:
         log.warning("pipeline_not_loaded", problem=str(problem), reason="no trigger runs it")

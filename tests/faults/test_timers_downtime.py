@@ -25,7 +25,15 @@ import anyio.to_thread
 import orjson
 import pytest
 
-from tests.daemon_harness import client, collect_for, configure, make_project, online_daemon, unique
+from tests.daemon_harness import (
+    BIN,
+    client,
+    collect_for,
+    configure,
+    make_project,
+    online_daemon,
+    unique,
+)
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -180,6 +188,14 @@ async def test_two_daemons_on_one_redis_fire_each_tick_once(
             for proc in (*d.workers, *d.procs):
                 assert proc.proc.poll() is None, proc.log()[-3000:]
             taken = sum(p.log().count("timer_tick_taken") for p in d.procs)
+            status = await anyio.run_process(
+                [str(BIN / "flowerpowerctl"), "--socket", str(one.sock), "status"]
+            )
+    shown = status.stdout.decode()
+    if shared == "shared-state":  # status names where the timer state is shared
+        assert f"queue      memory  (timers shared in {redis_server.url})" in shown, shown
+    else:
+        assert "timers shared" not in shown, shown
     runs = Counter((r["trigger"]["name"], r["trigger"]["scheduled"]) for r in got)
     twice = {tick: n for tick, n in runs.items() if n > 1}
     assert not twice, f"ticks run more than once: {twice}"

@@ -126,6 +126,7 @@ async def test_reload_refuses_the_same_and_keeps_running(
         assert error["code"] == "reload_failed", error
         [problem] = error["details"]
         assert problem["key"] == "triggers[0].overlap", problem
+        assert problem["file"] == str(config), problem  # the file, as `check` names it
         assert problem["message"].startswith(f"'skip' {WHY}"), problem
         assert request(sock, "status")["result"]["state"] == "running"
         assert proc.proc.poll() is None
