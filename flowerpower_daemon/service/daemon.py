@@ -384,6 +384,9 @@ class Daemon:
     ) -> None:
         """Connected, subscribed, sources armed: say so (status topic, log, systemd)."""
         s = self.settings
+        # Ready for control commands before anyone can see `online`: a client that acts
+        # on the retained status must not get "still starting".
+        self.controls.set_ready(True)
         # The retained status says `online` only now: subscribed, timers armed.
         await link.announce_online()
         log.info(
@@ -394,7 +397,6 @@ class Daemon:
             queue=redact_url(s.queue.broker),
             mqtt=f"{mqtt.host}:{mqtt.port}",
         )
-        self.controls.set_ready(True)
         if self.controls.server is not None:  # flowerpowerctl finds it from any directory
             remember_socket(str(self.controls.server.path))
         self.notifier.ready(self.controls.status_line())
@@ -409,16 +411,25 @@ class Daemon:
             await self.controls.homeassistant.publish_state(result)
 
     async def _signals(self, root: TaskGroup) -> None:
+        """SIGHUP reloads; the first SIGTERM/SIGINT stops gracefully, the second cancels.
+        A stop asked over the socket is not a first signal: ``systemctl stop`` during a
+        ``flowerpowerctl stop --leave`` joins that stop instead of cutting it short."""
+        signalled = False
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for signum in signals:
                 if signum == signal.SIGHUP:
                     root.start_soon(self._reload_logged, name="reload")
                     continue
-                if self.controls.stopping:
+                if signalled:
                     log.warning("second_signal_cancelling_now")
                     root.cancel_scope.cancel()
                     return
-                log.info("signal_received", signal=signal.Signals(signum).name)
+                signalled = True
+                log.info(
+                    "signal_received",
+                    signal=signal.Signals(signum).name,
+                    already_stopping=self.controls.stopping,
+                )
                 self.controls.request_stop()
 
     async def _reload_logged(self) -> None:

@@ -239,6 +239,7 @@ async def test_stop_leave_hands_the_share_to_the_other_daemon(
                 )
                 assert ctl.returncode == 0, ctl.stderr.decode()
                 assert "leave: yes" in ctl.stdout.decode(), ctl.stdout.decode()
+                b.signal(signal.SIGTERM)  # `systemctl stop` meanwhile: joins the leave
                 code = await anyio.to_thread.run_sync(b.wait, 40)
                 assert code == 0, b.log()[-3000:]
                 answered_by_b = results.per_daemon()[tag_b]

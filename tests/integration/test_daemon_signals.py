@@ -1,0 +1,75 @@
+"""Stopping the daemon: the first SIGTERM lets runs finish, a second cuts them short, and a
+stop asked over the control socket is not a first signal. Real daemon, real Mosquitto."""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import orjson
+import pytest
+from control_harness import NO_SYSTEMD, ok, request
+from daemon_harness import Config, configure, mqtt_trigger, online_daemon, unique
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _slow(tmp: Path, port: int) -> tuple[Config, str]:
+    topic = unique("slow")
+    trigger = mqtt_trigger("slow", "slow", f"{topic}/+")
+    return configure(tmp, port, [trigger], shutdown_timeout=60), topic
+
+
+async def _in_flight(config: Config, count: int) -> None:
+    """Until the daemon has ``count`` runs in flight (callers bound it)."""
+    while True:
+        if request(config.sock, "status")["result"]["in_flight"] >= count:
+            return
+        await anyio.sleep(0.05)
+
+
+async def _exit_code(proc: Any, within: float) -> int:
+    return int(await anyio.to_thread.run_sync(proc.wait, within))
+
+
+async def test_a_second_signal_cancels_the_runs_at_once(tmp_path: Path, mosquitto: Any) -> None:
+    """A 20 s run, shutdown_timeout 60: SIGTERM waits for it, a second SIGTERM ends the
+    daemon within seconds, the run's result saying ``cancelled``."""
+    config, topic = _slow(tmp_path, mosquitto.port)
+    async with online_daemon(config, subscribe=[config.results], env=NO_SYSTEMD) as d:
+        await d.client.publish(f"{topic}/x", orjson.dumps({"seconds": 20}), qos=1)
+        with anyio.fail_after(30):
+            await _in_flight(config, 1)
+        d.proc.signal(signal.SIGTERM)
+        await anyio.sleep(1.0)
+        assert d.proc.proc.poll() is None, d.proc.log()[-3000:]  # waiting for the run
+        d.proc.signal(signal.SIGTERM)
+        began = time.monotonic()
+        await _exit_code(d.proc, 15)
+        assert time.monotonic() - began < 10, d.proc.log()[-3000:]
+        assert "second_signal_cancelling_now" in d.proc.log()
+        results = [data["status"] for _, data in await d.collect_for(config.results, 1.0)]
+        assert results == ["cancelled"], results  # said, not left unanswered
+
+
+async def test_a_signal_after_flowerpowerctl_stop_joins_that_stop(
+    tmp_path: Path, mosquitto: Any
+) -> None:
+    """``flowerpowerctl stop`` then SIGTERM (``systemctl stop`` after it): the run in flight
+    still finishes and its result goes out; the daemon exits 0."""
+    config, topic = _slow(tmp_path, mosquitto.port)
+    async with online_daemon(config, subscribe=[config.results], env=NO_SYSTEMD) as d:
+        await d.client.publish(f"{topic}/x", orjson.dumps({"seconds": 3}), qos=1)
+        with anyio.fail_after(30):
+            await _in_flight(config, 1)
+        assert ok(config.sock, "stop")["stopping"] is True
+        d.proc.signal(signal.SIGTERM)
+        message = await d.next_message(config.results, timeout=30)
+        assert message.data["status"] == "success" and message.data["outputs"]["waited"] == 3
+        assert await _exit_code(d.proc, 30) == 0
+        log = d.proc.log()
+        assert "second_signal_cancelling_now" not in log and '"already_stopping":true' in log
