@@ -100,6 +100,14 @@ class Results:
         return Counter(tag for answers in self.by_msg.values() for tag, _ in answers)
 
 
+async def _watch(c: Any, *daemons: tuple[str, DaemonProcess]) -> None:
+    """Until each daemon says ``online``; then subscribed to its results."""
+    for tag, proc in daemons:
+        await wait_online(c, f"{tag}/status", proc)
+    for tag, _ in daemons:
+        await c.subscribe(f"{tag}/results/#", qos=1)
+
+
 async def _publish(port: int, prefix: str, ids: range, seconds: float = 0.02) -> None:
     async with client(port) as pub:
         for i in ids:
@@ -114,10 +122,7 @@ async def test_two_daemons_split_a_shared_topic(tmp_path: Path, mosquitto: Any) 
     results = Results([tag_a, tag_b])
     with daemon(config_a) as a, daemon(config_b) as b:
         async with client(mosquitto.port) as c:
-            await wait_online(c, f"{tag_a}/status", a)
-            await wait_online(c, f"{tag_b}/status", b)
-            await c.subscribe(f"{tag_a}/results/#", qos=1)
-            await c.subscribe(f"{tag_b}/results/#", qos=1)
+            await _watch(c, (tag_a, a), (tag_b, b))
             async with anyio.create_task_group() as tg:
                 await tg.start(results.read, c)
                 await _publish(mosquitto.port, prefix, range(COUNT))
@@ -145,10 +150,7 @@ async def test_sigkill_of_one_member_loses_nothing(
         b = DaemonProcess(config_b)
         try:
             async with client(mosquitto.port) as c:
-                await wait_online(c, f"{tag_a}/status", a)
-                await wait_online(c, f"{tag_b}/status", b)
-                await c.subscribe(f"{tag_a}/results/#", qos=1)
-                await c.subscribe(f"{tag_b}/results/#", qos=1)
+                await _watch(c, (tag_a, a), (tag_b, b))
                 async with anyio.create_task_group() as tg:
                     await tg.start(results.read, c)
                     # Runs of 0.2 s: b holds runs in flight and messages unacked when killed.
@@ -219,10 +221,7 @@ async def test_stop_leave_hands_the_share_to_the_other_daemon(
     half = COUNT // 2
     with daemon(config_a) as a, daemon(config_b) as b:
         async with client(mosquitto.port) as c:
-            await wait_online(c, f"{tag_a}/status", a)
-            await wait_online(c, f"{tag_b}/status", b)
-            await c.subscribe(f"{tag_a}/results/#", qos=1)
-            await c.subscribe(f"{tag_b}/results/#", qos=1)
+            await _watch(c, (tag_a, a), (tag_b, b))
             async with anyio.create_task_group() as tg:
                 await tg.start(results.read, c)
                 # Runs of 0.1 s: b holds messages unacked and queued when told to leave.
