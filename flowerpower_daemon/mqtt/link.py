@@ -380,13 +380,13 @@ class MqttLink:
         self.published += 1
 
     async def _say_offline(self, client: Client) -> None:
+        """The retained ``offline``; cleared instead when leaving for good (a fleet's view
+        then lists no member that is not coming back)."""
         if self._stopping.is_set() and self.settings.status_topic and self._status_payload:
+            payload = b"" if self._end_session else self._status_payload("offline")
             with anyio.move_on_after(5, shield=True), self._reading():
                 await client.publish(
-                    self.settings.own_status_topic,
-                    self._status_payload("offline"),
-                    qos=1,
-                    retain=True,
+                    self.settings.own_status_topic, payload, qos=1, retain=True
                 )
 
     async def _end(self, client: Client) -> None:

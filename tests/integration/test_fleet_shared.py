@@ -21,6 +21,7 @@ from daemon_harness import (
     DaemonProcess,
     base_settings,
     client,
+    collect_for,
     daemon,
     make_project,
     unique,
@@ -253,3 +254,7 @@ async def test_stop_leave_hands_the_share_to_the_other_daemon(
     log_b = b.log()
     assert '"daemon_left"' in log_b and '"mqtt_session_ended"' in log_b, log_b[-3000:]
     assert not _session_present(mosquitto.port, tag_b)
+    async with client(mosquitto.port) as c:  # b's retained status is cleared, a's kept
+        await c.subscribe("+/status", qos=1)
+        retained = dict(await collect_for(c, "+/status", 1.0))
+    assert f"{tag_b}/status" not in retained and f"{tag_a}/status" in retained, retained
