@@ -18,6 +18,7 @@ the daemon and workers keep the structured line.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -165,3 +166,16 @@ def configure_logging(level: str = "INFO", fmt: LogFormat = "auto", *, cli: bool
     # Third-party chatter that is noise at INFO.
     for name in ("hamilton", "taskiq", "aiomqtt", "amqtt", "watchfiles", "transitions"):
         logging.getLogger(name).setLevel(max(numeric, logging.WARNING))
+    receiver = logging.getLogger("taskiq.receiver.receiver")
+    if not any(isinstance(f, _NotCancellations) for f in receiver.filters):
+        receiver.addFilter(_NotCancellations())
+
+
+class _NotCancellations(logging.Filter):
+    """Drops taskiq's error (with a traceback) for a run cancelled on purpose: a second
+    stop signal, ``flowerpowerctl cancel``. The daemon reports those itself, as a
+    ``cancelled`` result; a pipeline's own errors still pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, asyncio.CancelledError)

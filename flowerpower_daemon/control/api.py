@@ -132,6 +132,7 @@ class ReloadReport(TypedDict):
 
 class MqttInfo(TypedDict):
     broker: str
+    client_id: str  # this daemon's (a fleet's daemons each have their own)
     connected: bool
     connects: int
     outbox: int
@@ -307,6 +308,11 @@ class DaemonControl(Protocol):
 
     async def reload(self) -> ReloadReport:
         """Validate the config file and project again and apply the difference (ConfigError)."""
+        ...
+
+    @property
+    def leaving(self) -> bool:
+        """The stop under way is ``stop --leave``'s."""
         ...
 
     def request_stop(self, *, leave: bool = False) -> None:

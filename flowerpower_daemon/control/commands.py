@@ -394,10 +394,21 @@ class Commands:
 
     async def stop(self, args: Args, conn: Connection, rid: RequestId) -> object:
         leave = bool(args.get("leave", False))
-        already = self.daemon.stopping
-        self.daemon.request_stop(leave=leave)
-        # A stop already under way keeps its kind: it may be past unsubscribing.
-        return {"stopping": True, "pid": os.getpid(), "leave": leave and not already}
+        daemon = self.daemon
+        if leave and daemon.stopping and not daemon.leaving:
+            # It may be past unsubscribing; a leave now could not keep its promise.
+            raise ProtocolError(
+                "conflict",
+                "already stopping without --leave: its broker session is kept for its"
+                " return; to leave, start it again and run stop --leave",
+            )
+        daemon.request_stop(leave=leave)
+        return {
+            "stopping": True,
+            "pid": os.getpid(),
+            "client_id": daemon.settings.mqtt.client_id,
+            "leave": daemon.leaving,
+        }
 
     async def events(self, args: Args, conn: Connection, rid: RequestId) -> object:
         with self.daemon.events.subscribe() as events:

@@ -148,7 +148,8 @@ def _status(v: Mapping[str, object]) -> None:
         f"up {_duration(v['uptime_s'])}",
         f"config     {v.get('config') or '-'}",
         f"project    {v['project']}",
-        f"mqtt       {mqtt['broker']}  {'connected' if mqtt['connected'] else 'DISCONNECTED'}"
+        f"mqtt       {mqtt['broker']} as {mqtt.get('client_id', '?')}"
+        f"  {'connected' if mqtt['connected'] else 'DISCONNECTED'}"
         f"  (connects {mqtt['connects']}, outbox {mqtt['outbox']}, published {mqtt['published']})",
         f"queue      {queue['backend']}"
         + (f"  {queue['broker']}" if queue["broker"] != queue["backend"] else "")

@@ -183,11 +183,18 @@ class MqttLink:
                     if not started:
                         started = True
                         task_status.started()
-                    with anyio.CancelScope() as scope:
-                        self._stop_scope = scope
-                        if self._stopping.is_set():  # stop() came during the connect
-                            scope.cancel()
-                        await self._wait_disconnected(client)
+                    try:
+                        with anyio.CancelScope() as scope:
+                            self._stop_scope = scope
+                            if self._stopping.is_set():  # stop() came during the connect
+                                scope.cancel()
+                            await self._wait_disconnected(client)
+                    except anyio.get_cancelled_exc_class():
+                        # Torn down without stop() (a second signal): aiomqtt's exit
+                        # disconnects cleanly, so no will; say `offline` ourselves.
+                        self._stopping.set()
+                        await self._say_offline(client, wait=2)
+                        raise
                     await self._say_offline(client)
                     if self._end_session and self._stopping.is_set():
                         await self._end(client)
@@ -379,12 +386,12 @@ class MqttLink:
             )
         self.published += 1
 
-    async def _say_offline(self, client: Client) -> None:
+    async def _say_offline(self, client: Client, wait: float = 5) -> None:
         """The retained ``offline``; cleared instead when leaving for good (a fleet's view
         then lists no member that is not coming back)."""
         if self._stopping.is_set() and self.settings.status_topic and self._status_payload:
             payload = b"" if self._end_session else self._status_payload("offline")
-            with anyio.move_on_after(5, shield=True), self._reading():
+            with anyio.move_on_after(wait, shield=True), self._reading():
                 await client.publish(
                     self.settings.own_status_topic, payload, qos=1, retain=True
                 )

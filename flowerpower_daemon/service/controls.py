@@ -187,6 +187,7 @@ class Controls:
                 "broker": "embedded"
                 if s.mqtt.url == "embedded"
                 else f"{s.mqtt.host}:{s.mqtt.port}",
+                "client_id": s.mqtt.client_id,
                 "connected": bool(link and link.connected),
                 "connects": link.connects if link else 0,
                 "outbox": publisher.outbox_size if publisher else 0,

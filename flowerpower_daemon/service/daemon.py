@@ -421,7 +421,12 @@ class Daemon:
                     root.start_soon(self._reload_logged, name="reload")
                     continue
                 if signalled:
-                    log.warning("second_signal_cancelling_now")
+                    log.warning(
+                        "second_signal_cancelling_now",
+                        in_flight=self.stats.in_flight,
+                        hint="the cancelled runs' messages stay unacked in the broker session:"
+                        " they come again when this daemon (same client_id) starts",
+                    )
                     root.cancel_scope.cancel()
                     return
                 signalled = True

@@ -204,3 +204,27 @@ async def test_two_daemons_on_one_redis_fire_each_tick_once(
     assert all(r["status"] == "success" for r in got)
     # Both daemons were firing: the one that lost a tick's lock skipped it.
     assert taken >= 3, taken
+
+
+async def test_ticks_still_fire_when_the_shared_state_redis_is_down(
+    tmp_path: Path, mosquitto: Any
+) -> None:
+    """``shared_state`` pointing at a Redis that does not answer: the daemon starts, fires
+    each tick itself and logs ``timer_lock_failed`` (a tick may run on every daemon then,
+    rather than on none: README)."""
+    result_topic = f"{unique('ticks')}/{{pipeline}}"
+    config = configure(
+        tmp_path,
+        mosquitto.port,
+        [{"name": "interval-tick", "type": "interval", "pipeline": "stats", "every": "1s"}],
+        shared_state="redis://127.0.0.1:1/0",  # nothing listens there
+        mqtt={"result_topic": result_topic},
+    )
+    results = result_topic.format(pipeline="stats")
+    async with client(mosquitto.port) as c:
+        await c.subscribe(results, qos=1)
+        async with online_daemon(config, timeout=60) as d:
+            got = await _results_until(c, results, lambda r: len(r) >= 3, 30)
+            log = d.proc.log()
+    assert len(got) >= 3 and all(r["status"] == "success" for r in got), got
+    assert '"timer_lock_failed"' in log, log[-3000:]

@@ -660,7 +660,13 @@ def test_schedule_and_pause_survive_a_restart(
         ok(sock, "pause", "keep")
         ok(sock, "pause", "tick")
         job = ok(sock, "run", "stats", "--wait")
-        assert ok(sock, "stop") == {"stopping": True, "pid": run.proc.proc.pid, "leave": False}
+        stopped = ok(sock, "stop")
+        assert stopped == {
+            "stopping": True,
+            "pid": run.proc.proc.pid,
+            "client_id": config.settings["mqtt"]["client_id"],
+            "leave": False,
+        }
         assert run.proc.wait(60) == 0
     assert not sock.exists()
     with ready_daemon(config) as run:

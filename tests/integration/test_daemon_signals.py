@@ -12,8 +12,16 @@ import anyio
 import anyio.to_thread
 import orjson
 import pytest
-from control_harness import NO_SYSTEMD, ok, request
-from daemon_harness import Config, configure, mqtt_trigger, online_daemon, unique
+from control_harness import NO_SYSTEMD, ctl, ok, request
+from daemon_harness import (
+    Config,
+    client,
+    collect_for,
+    configure,
+    mqtt_trigger,
+    online_daemon,
+    unique,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -54,19 +62,32 @@ async def test_a_second_signal_cancels_the_runs_at_once(tmp_path: Path, mosquitt
         assert "second_signal_cancelling_now" in d.proc.log()
         results = [data["status"] for _, data in await d.collect_for(config.results, 1.0)]
         assert results == ["cancelled"], results  # said, not left unanswered
+    log = d.proc.log()
+    assert "Exception found while executing" not in log, log[-3000:]  # taskiq's traceback
+    async with client(config.port) as c:  # not left `online` for a daemon that is gone
+        await c.subscribe(config.status_topic, qos=1)
+        [(_, status)] = await collect_for(c, config.status_topic, 1.0)
+    assert status["status"] == "offline", status
 
 
 async def test_a_signal_after_flowerpowerctl_stop_joins_that_stop(
     tmp_path: Path, mosquitto: Any
 ) -> None:
     """``flowerpowerctl stop`` then SIGTERM (``systemctl stop`` after it): the run in flight
-    still finishes and its result goes out; the daemon exits 0."""
+    still finishes and its result goes out; the daemon exits 0. A ``stop --leave`` after the
+    plain stop is refused with the reason (the session is kept by then)."""
     config, topic = _slow(tmp_path, mosquitto.port)
     async with online_daemon(config, subscribe=[config.results], env=NO_SYSTEMD) as d:
         await d.client.publish(f"{topic}/x", orjson.dumps({"seconds": 3}), qos=1)
         with anyio.fail_after(30):
             await _in_flight(config, 1)
+        shown = ctl(config.sock, "status", as_json=False)
+        assert f"as {config.tag}  connected" in shown.out, shown.out  # which daemon this is
         assert ok(config.sock, "stop")["stopping"] is True
+        # Too late to leave: a plain stop keeps the session; said, not ignored.
+        late = ctl(config.sock, "stop", "--leave", as_json=False)
+        assert late.rc == 1, late
+        assert "already stopping without --leave" in late.err, late
         d.proc.signal(signal.SIGTERM)
         message = await d.next_message(config.results, timeout=30)
         assert message.data["status"] == "success" and message.data["outputs"]["waited"] == 3
