@@ -15,6 +15,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 DAEMON_UNIT = REPO / "systemd" / "flowerpower-daemon.service"
 WORKER_UNIT = REPO / "systemd" / "flowerpower-worker@.service"
+DAEMON_TEMPLATE = REPO / "systemd" / "flowerpower-daemon@.service"
 
 
 class NotifyListener:

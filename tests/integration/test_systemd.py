@@ -3,15 +3,31 @@
 from __future__ import annotations
 
 import signal
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from control_harness import NO_SYSTEMD, request, wait_ready
-from daemon_harness import configure, started
+from control_harness import NO_SYSTEMD, ok, request, wait_ready
+from daemon_harness import (
+    client,
+    configure,
+    daemon,
+    mqtt_trigger,
+    started,
+    unique,
+    wait_online,
+)
 from services import MosquittoService, free_port
-from systemd_harness import DAEMON_UNIT, WORKER_UNIT, NotifyListener, exposure, verify
+from systemd_harness import (
+    DAEMON_TEMPLATE,
+    DAEMON_UNIT,
+    WORKER_UNIT,
+    NotifyListener,
+    exposure,
+    verify,
+)
 
 
 def test_notify_ready_watchdog_reloading_stopping_in_order(
@@ -49,7 +65,9 @@ def test_notify_ready_watchdog_reloading_stopping_in_order(
     assert any("STATUS" in m and "ok" in m["STATUS"] for m in listener.messages)
 
 
-@pytest.mark.parametrize("unit", [DAEMON_UNIT, WORKER_UNIT], ids=["daemon", "worker"])
+@pytest.mark.parametrize(
+    "unit", [DAEMON_UNIT, DAEMON_TEMPLATE, WORKER_UNIT], ids=["daemon", "daemon@", "worker"]
+)
 def test_unit_passes_systemd_analyze_verify(unit: Path, tmp_path: Path) -> None:
     """`systemd-analyze verify` accepts the daemon's unit and an instance of the worker's."""
     out = verify(unit, tmp_path)
@@ -57,7 +75,9 @@ def test_unit_passes_systemd_analyze_verify(unit: Path, tmp_path: Path) -> None:
     assert "flowerpower-" not in out.stderr, out.stderr
 
 
-@pytest.mark.parametrize("unit", [DAEMON_UNIT, WORKER_UNIT], ids=["daemon", "worker"])
+@pytest.mark.parametrize(
+    "unit", [DAEMON_UNIT, DAEMON_TEMPLATE, WORKER_UNIT], ids=["daemon", "daemon@", "worker"]
+)
 def test_unit_exposure_is_at_most_2_5(
     unit: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -130,3 +150,47 @@ def test_not_ready_until_mqtt_is_connected_and_subscribed(
             assert proc.wait(60) == 0
     finally:
         listener.close()
+
+
+def _instance_env(instance: str, tmp: Path) -> dict[str, str]:
+    """What systemd gives instance ``instance`` of the daemon template: its ``Environment=``
+    lines with ``%i`` and ``%H`` filled in, and ``$STATE_DIRECTORY`` / ``$RUNTIME_DIRECTORY``
+    (created, as systemd does). ``control.group`` is left out: no such group here."""
+    host = socket.gethostname()
+    env = dict(NO_SYSTEMD)
+    for line in DAEMON_TEMPLATE.read_text().splitlines():
+        if line.startswith("Environment="):
+            key, _, value = line.removeprefix("Environment=").partition("=")
+            env[key] = value.replace("%i", instance).replace("%H", host)
+    del env["FLOWERPOWER_CONTROL__GROUP"]
+    for name, sub in (("STATE_DIRECTORY", "state"), ("RUNTIME_DIRECTORY", "run")):
+        path = tmp / sub / instance
+        path.mkdir(parents=True, mode=0o700)
+        env[name] = str(path)
+    return env
+
+
+async def test_template_instances_are_daemons_of_their_own(
+    mosquitto_session: MosquittoService, tmp_path: Path
+) -> None:
+    """Two instances of ``flowerpower-daemon@.service`` on one config: each its own client
+    id (``flowerpower-<host>-<instance>``, over the config's), status topic, state dir and
+    control socket, as the template's environment sets them."""
+    host = socket.gethostname()
+    status = unique("st")
+    trigger = mqtt_trigger("t", "temperature", f"{unique('in')}/+", shared_group=unique("g"))
+    config = configure(
+        tmp_path, mosquitto_session.port, [trigger], mqtt={"status_topic": f"{status}/{{client_id}}"}
+    )
+    envs = {i: _instance_env(i, tmp_path) for i in ("a", "b")}
+    with daemon(config.path, env=envs["a"]) as a, daemon(config.path, env=envs["b"]) as b:
+        async with client(mosquitto_session.port) as c:
+            for instance, proc in (("a", a), ("b", b)):
+                online = await wait_online(c, f"{status}/flowerpower-{host}-{instance}", proc)
+                assert online["pid"] == proc.proc.pid, online
+        for instance in ("a", "b"):
+            sock = tmp_path / "run" / instance / "control.sock"
+            info = ok(sock, "status")
+            assert info["mqtt"]["client_id"] == f"flowerpower-{host}-{instance}", info
+            assert info["state_dir"] == str(tmp_path / "state" / instance), info
+            assert (tmp_path / "state" / instance / "daemon.lock").exists()
