@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import NamedTuple
 
@@ -32,6 +33,8 @@ from .client import Acker, Client, IncomingMessage, hold_reading, paho_ack, sock
 __all__ = ["Intake"]
 
 log = structlog.get_logger("flowerpower_daemon.mqtt")
+
+_LOG_EVERY = 60.0  # s between pauses logged at INFO (the others at DEBUG; all counted)
 
 
 class _Paused(NamedTuple):
@@ -71,6 +74,8 @@ class Intake:
         # Paused at max_held, reading again at this many (see the module doc).
         self.resume_at = max_held // 2 if max_held is not None else 0
         self.pauses = 0
+        self._logged_at = -math.inf  # loop time of the last pause logged at INFO
+        self._logged_pauses = 0
         #: QoS 1/2 messages dropped unhandled because their connection ended first.
         self.stale = 0
         self._keepalive = keepalive
@@ -176,7 +181,19 @@ class Intake:
         loop.remove_reader(fd)
         hold_reading(client, True)
         self.pauses += 1
-        log.info("mqtt_intake_paused", held=self.held, max_held=self.max_held)
+        # A burst pauses many times a second: at INFO once a minute at most, with the count.
+        now = self._paused.since
+        if now - self._logged_at >= _LOG_EVERY:
+            log.info(
+                "mqtt_intake_paused",
+                held=self.held,
+                max_held=self.max_held,
+                pauses_since_last_logged=self.pauses - self._logged_pauses,
+                pauses=self.pauses,
+            )
+            self._logged_at, self._logged_pauses = now, self.pauses
+        else:
+            log.debug("mqtt_intake_paused", held=self.held, max_held=self.max_held)
 
     def _resume(self) -> None:
         paused, self._paused = self._paused, None

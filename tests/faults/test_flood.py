@@ -36,7 +36,7 @@ async def test_flood_is_held_to_a_bound_and_every_message_answered(
         mosquitto.port,
         [_tagged("flood", prefix)],
         max_concurrent_runs=RUNS,
-        log_level="WARNING",
+        log_level="INFO",
     )
     sock = config.sock
     async with online_daemon(config, subscribe=[f"{prefix}/out"]) as d:
@@ -65,6 +65,7 @@ async def test_flood_is_held_to_a_bound_and_every_message_answered(
             tg.cancel_scope.cancel()
         status = request(sock, "status")["result"]
         assert d.proc.proc.poll() is None, d.proc.log()[-3000:]
+        logged = d.proc.log().count('"mqtt_intake_paused"')
     assert sorted(seen) == list(range(MESSAGES))
     assert set(seen.values()) == {1}, [k for k, n in seen.items() if n > 1]
     assert status["mqtt"]["connects"] == 1, status["mqtt"]  # no reconnect was needed
@@ -72,6 +73,8 @@ async def test_flood_is_held_to_a_bound_and_every_message_answered(
     # Receive Maximum, so here the socket was paused); one read may overshoot it a little.
     assert held and max(held) <= 5 * RUNS + 8, (max(held), status["mqtt"])
     print(f"[flood] max held {max(held)}, intake pauses {status['mqtt']['intake_pauses']}")
+    # Many pauses in one burst, one INFO line (with the count): the others are at DEBUG.
+    assert status["mqtt"]["intake_pauses"] > 1 and logged == 1, (status["mqtt"], logged)
 
 
 async def test_paused_intake_keeps_the_connection_alive_through_slow_runs(
