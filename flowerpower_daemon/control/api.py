@@ -127,6 +127,7 @@ class ReloadReport(TypedDict):
     changed: list[str]
     pipelines_added: list[str]
     pipelines_removed: list[str]
+    pipelines: list[str]  # every pipeline now loaded: all re-read, edited code included
     restart_required: list[str]
 
 

@@ -329,8 +329,14 @@ def _generic(v: object) -> None:
 
 def _reload(v: Mapping[str, object]) -> None:
     _out(
-        "reloaded: "
+        "reloaded: triggers "
         + "  ".join(f"{k} {_names(v.get(k)) or '-'}" for k in ("added", "removed", "changed"))
+    )
+    # Every pipeline is read again, so an edited module runs from now on, listed or not.
+    _out(
+        f"pipelines: {_names(v.get('pipelines')) or '-'} (re-read;"
+        f" added {_names(v.get('pipelines_added')) or '-'},"
+        f" removed {_names(v.get('pipelines_removed')) or '-'})"
     )
     if v.get("restart_required"):
         _out(f"restart needed for: {_names(v['restart_required'])}")

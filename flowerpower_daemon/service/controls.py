@@ -491,6 +491,7 @@ class Controls:
             "changed": delta.changed,
             "pipelines_added": sorted(set(new.project.pipelines) - old_pipelines),
             "pipelines_removed": sorted(old_pipelines - set(new.project.pipelines)),
+            "pipelines": sorted(new.project.pipelines),
             "restart_required": restart,
         }
 

@@ -463,7 +463,10 @@ def test_reload_picks_up_new_and_changed_pipeline_code(live: Live) -> None:
         first = ok(live.sock, "run", "ver", "--wait")
         assert first["result"]["outputs"] == {"version": 1}
         module.write_text('def version() -> int:\n    """v2"""\n    return 2\n')
-        ok(live.sock, "reload")
+        shown = ctl(live.sock, "reload", as_json=False)
+        # No trigger changed, yet the user is told the edited pipeline was read again.
+        assert shown.rc == 0 and "reloaded: triggers added -  removed -  changed -" in shown.out
+        assert "ver" in shown.out.split("pipelines: ")[1].split(" (re-read;")[0], shown.out
         second = ok(live.sock, "run", "ver", "--wait")
         assert second["result"]["outputs"] == {"version": 2}
     finally:
