@@ -266,7 +266,7 @@ def _parser() -> argparse.ArgumentParser:
         dest="answer_timeout",
         type=parse_duration,
         default=None,
-        help="give up after this long (default 30s; none for run --wait and events)",
+        help="give up after this long (default 30s; none for run --wait, stop --wait and events)",
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     status = sub.add_parser(
@@ -373,6 +373,11 @@ def _parser() -> argparse.ArgumentParser:
         help="for good: unsubscribe first (a shared subscription's other daemons get every"
         " new message), answer what the broker still sends, then end the MQTT session",
     )
+    stop.add_argument(
+        "--wait",
+        action="store_true",
+        help="return once the daemon has exited (bounded by --timeout when given)",
+    )
     add_completion_command(sub)
     return p
 
@@ -437,13 +442,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK
     cmd, cmd_args = _request(args)
     path = args.socket or default_socket()
-    long = cmd in ("events", "top") or (cmd == "run" and args.wait)
+    until_gone = cmd == "stop" and args.wait
+    long = cmd in ("events", "top") or (cmd == "run" and args.wait) or until_gone
     timeout = args.answer_timeout if args.answer_timeout is not None else (None if long else 30.0)
     dag = (args.dag, args.format) if cmd == "runs_show" and args.dag is not None else None
     try:
         if cmd == "top":
             return _top(path, args.interval, args.iterations)
-        return anyio.run(_main, path, cmd, cmd_args, args.json, timeout, dag)
+        return anyio.run(_main, path, cmd, cmd_args, args.json, timeout, dag, until_gone)
     except KeyboardInterrupt:
         return EXIT_OK if cmd in ("events", "top") else 130
     except BrokenPipeError:
@@ -479,6 +485,7 @@ async def _main(
     as_json: bool,
     limit_s: float | None,
     dag: tuple[str, str | None] | None = None,
+    until_gone: bool = False,
 ) -> int:
     from . import render
 
@@ -524,7 +531,27 @@ async def _main(
         code = render.result(cmd, args, result, as_json)
     if dag is not None and picture is not None:
         return await _draw(picture, *dag, quiet=as_json)
+    if until_gone and code == EXIT_OK:
+        try:
+            with anyio.fail_after(limit_s):
+                await _until_gone(path)
+        except TimeoutError:
+            _err(f"flowerpowerctl: the daemon is still running after {limit_s:g} s")
+            return EXIT_ERROR
+        if not as_json:
+            sys.stdout.write("stopped\n")
     return code
+
+
+async def _until_gone(path: str) -> None:
+    """Until no daemon answers on ``path``: it has exited (and removed its socket)."""
+    while True:
+        try:
+            async with ControlClient(path) as client:
+                await client.call("ping", {})
+        except UnreachableError:
+            return
+        await anyio.sleep(0.1)
 
 
 async def _draw(picture: Mapping[str, object], output: str, fmt: str | None, quiet: bool) -> int:

@@ -678,8 +678,9 @@ def test_schedule_and_pause_survive_a_restart(
         assert rows["keep"]["paused"] is True and rows["tick"]["paused"] is True
         assert rows["keep"]["inputs"] == {"readings": [1]}
         assert ok(sock, "job", job["run_id"])["state"] == "success"  # history survived too
-        run.proc.signal(signal.SIGTERM)
-        assert run.proc.wait(60) == 0
+        gone = ctl(sock, "--timeout", "60", "stop", "--wait", as_json=False)
+        assert gone.rc == 0 and gone.out.splitlines()[-1] == "stopped", gone
+        assert run.proc.proc.poll() == 0  # exited by the time `stop --wait` returned
 
 
 def test_request_without_a_matching_trigger_says_so(live: Live) -> None:
