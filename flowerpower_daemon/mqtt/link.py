@@ -196,7 +196,7 @@ class MqttLink:
                         await self._say_offline(client, wait=2)
                         raise
                     await self._say_offline(client)
-                    if self._end_session and self._stopping.is_set():
+                    if self._end_session:  # set by stop() only
                         await self._end(client)
             except MqttError as exc:
                 failures += 1

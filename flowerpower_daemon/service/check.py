@@ -17,6 +17,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import structlog
 from pydantic import TypeAdapter, ValidationError
 
 from ..errors import ConfigError, ConfigProblem, FlowerPowerError
@@ -48,6 +49,8 @@ __all__ = [
     "used_pipelines",
 ]
 
+log = structlog.get_logger("flowerpower_daemon.daemon")  # what start and reload log
+
 # A pipeline's own files: its YAML under conf/pipelines/ or its module under pipelines/.
 _PIPELINE_FILE = re.compile(
     r"(?:^|/)(?:conf/pipelines/(?P<conf>\w+)\.ya?ml|pipelines/(?P<mod>\w+)\.py)$"
@@ -63,6 +66,13 @@ class CheckReport:
     errors: list[ConfigProblem] = field(default_factory=list)
     warnings: list[ConfigProblem] = field(default_factory=list)
     config_warnings: list[ConfigProblem] = field(default_factory=list)
+
+    def log_warnings(self) -> None:
+        """The warnings in the daemon's log, as its start and a reload say them."""
+        for problem in self.warnings:
+            log.warning("pipeline_not_loaded", problem=str(problem), reason="no trigger runs it")
+        for problem in self.config_warnings:
+            log.warning("config_warning", key=problem.key, problem=problem.message)
 
 
 def split_problems(

@@ -45,6 +45,7 @@ from ..state.pidlock import hold_state_dir
 from ..version import __version__
 from . import reload as reloading
 from .check import (
+    CheckReport,
     check,
     http_problems,
     redis_policy_problems,
@@ -88,10 +89,7 @@ class Daemon:
         errors += http_problems(settings)  # http.listen without the metrics extra
         if errors:  # named by the config file, as `check` names them
             raise ConfigError(shown_as(errors, config_path))
-        for problem in unused:
-            log.warning("pipeline_not_loaded", problem=str(problem), reason="no trigger runs it")
-        for problem in shared_timer_warnings(settings, project):
-            log.warning("config_warning", key=problem.key, problem=problem.message)
+        CheckReport([], unused, shared_timer_warnings(settings, project)).log_warnings()
         self.stats = Stats()
         self.notifier = Notifier()
         self.history = history_for(settings)

@@ -72,10 +72,7 @@ def prepare(config_path: str | None, dynamic: Iterable[Schedule]) -> Prepared:
     if report.errors:  # named by the config file, as `check` names them
         raise ConfigError(shown_as(report.errors, config_path))
     problems: list[ConfigProblem] = []
-    for problem in report.warnings:
-        log.warning("pipeline_not_loaded", problem=str(problem), reason="no trigger runs it")
-    for problem in report.config_warnings:
-        log.warning("config_warning", key=problem.key, problem=problem.message)
+    report.log_warnings()
     try:
         project = FlowerPowerProject.load(
             settings.project, storage_options=settings.storage_options
