@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 
 import anyio
+import anyio.lowlevel
 import structlog
 from anyio.abc import TaskGroup
 
@@ -397,7 +398,15 @@ class Dispatcher:
                 finally:
                     state.running.pop(request.run_id, None)
                     self.stats.in_flight -= 1
+            # taskiq's receiver swallows the cancellation of a run cut short by a shutdown
+            # (a second signal): raised here, so that its message stays unacked.
+            await anyio.lowlevel.checkpoint_if_cancelled()
             await _ack(event)
+        except anyio.get_cancelled_exc_class():
+            if not self.remote:  # cut short: its redelivery must run, not be a duplicate
+                with anyio.CancelScope(shield=True):
+                    await self._forget_key(request)
+            raise
         except Exception:
             log.exception("dispatch_failed", trigger=state.cfg.name, run_id=request.run_id)
             if not self.remote:

@@ -68,6 +68,10 @@ __all__ = ["Daemon", "check"]
 
 log = structlog.get_logger("flowerpower_daemon.daemon")
 
+#: After a second signal, the seconds the cancelled runs' results and the ``offline``
+#: status have to go out before everything is cancelled.
+_CUT_SHORT_GRACE = 5.0
+
 
 class Daemon:
     """Wires sources, dispatch, queue and sinks inside one task group."""
@@ -105,6 +109,10 @@ class Daemon:
         #: Instrumentation: counts only with ``http.listen`` (else its calls do nothing).
         self.metrics = metrics_for(settings.http.listen is not None)
         self.controls.jobs.metrics = self.metrics
+        #: The run task group, while it exists (a second signal cancels it).
+        self._runs: TaskGroup | None = None
+        #: A second signal came: the runs were cancelled, the session is kept for them.
+        self._cut_short = False
 
     @property
     def ready(self) -> bool:
@@ -277,6 +285,7 @@ class Daemon:
                     await root.start(enqueuer.batch.run, name="redis-enqueue")
                 await root.start(link.run, name="mqtt-link")
                 async with anyio.create_task_group() as runs:
+                    self._runs = runs
                     async with anyio.create_task_group() as sources:
                         controls.attach(dispatcher=dispatcher, sources=src, runs=runs)
                         await src.run_all(sources, runs, link, triggers)
@@ -300,10 +309,11 @@ class Daemon:
                         sources.cancel_scope.cancel()
                         controls.jobs.suspend_scheduled()
                     runs.cancel_scope.deadline = anyio.current_time() + s.shutdown_timeout
+                self._runs = None
                 with anyio.move_on_after(min(5.0, s.shutdown_timeout)):
                     await publisher.flush()
                 # Unacked messages would go with the session: it stays for them instead.
-                end = leaving and self._may_end_session(link)
+                end = leaving and not self._cut_short and self._may_end_session(link)
                 link.stop(end_session=end)
                 publisher.stop(end_session=end)
                 with anyio.move_on_after(10):
@@ -425,7 +435,7 @@ class Daemon:
                         hint="the cancelled runs' messages stay unacked in the broker session:"
                         " they come again when this daemon (same client_id) starts",
                     )
-                    root.cancel_scope.cancel()
+                    self._cancel_now(root)
                     return
                 signalled = True
                 log.info(
@@ -434,6 +444,20 @@ class Daemon:
                     already_stopping=self.controls.stopping,
                 )
                 self.controls.request_stop()
+
+    def _cancel_now(self, root: TaskGroup) -> None:
+        """The second signal: cancel the runs now, not the daemon. Their ``cancelled``
+        results still go out (the results link is running) and the links still say
+        ``offline``, through the usual shutdown path, which ``root``'s deadline bounds
+        should the broker not answer. Delayed manual runs are kept for the next start,
+        and a ``--leave`` in progress keeps the session (the cancelled runs' messages
+        come again)."""
+        self._cut_short = True
+        self.controls.jobs.suspend_scheduled()
+        if self._runs is not None:
+            self._runs.cancel_scope.cancel()
+        deadline = anyio.current_time() + _CUT_SHORT_GRACE
+        root.cancel_scope.deadline = min(root.cancel_scope.deadline, deadline)
 
     async def _reload_logged(self) -> None:
         """SIGHUP: reload, logging the outcome (the ctl command gets it as its answer)."""

@@ -45,13 +45,15 @@ async def _exit_code(proc: Any, within: float) -> int:
 
 
 async def test_a_second_signal_cancels_the_runs_at_once(tmp_path: Path, mosquitto: Any) -> None:
-    """A 20 s run, shutdown_timeout 60: SIGTERM waits for it, a second SIGTERM ends the
-    daemon within seconds, the run's result saying ``cancelled``."""
+    """Three 20 s runs, shutdown_timeout 60: SIGTERM waits for them, a second SIGTERM ends
+    the daemon within seconds, each run's result saying ``cancelled`` (published before the
+    links close: the runs are cancelled first, not together with the results' link)."""
     config, topic = _slow(tmp_path, mosquitto.port)
     async with online_daemon(config, subscribe=[config.results], env=NO_SYSTEMD) as d:
-        await d.client.publish(f"{topic}/x", orjson.dumps({"seconds": 20}), qos=1)
+        for device in ("a", "b", "c"):
+            await d.client.publish(f"{topic}/{device}", orjson.dumps({"seconds": 20}), qos=1)
         with anyio.fail_after(30):
-            await _in_flight(config, 1)
+            await _in_flight(config, 3)
         d.proc.signal(signal.SIGTERM)
         await anyio.sleep(1.0)
         assert d.proc.proc.poll() is None, d.proc.log()[-3000:]  # waiting for the run
@@ -61,7 +63,7 @@ async def test_a_second_signal_cancels_the_runs_at_once(tmp_path: Path, mosquitt
         assert time.monotonic() - began < 10, d.proc.log()[-3000:]
         assert "second_signal_cancelling_now" in d.proc.log()
         results = [data["status"] for _, data in await d.collect_for(config.results, 1.0)]
-        assert results == ["cancelled"], results  # said, not left unanswered
+        assert results == ["cancelled"] * 3, results  # said, not left unanswered
     log = d.proc.log()
     assert "Exception found while executing" not in log, log[-3000:]  # taskiq's traceback
     async with client(config.port) as c:  # not left `online` for a daemon that is gone
@@ -94,3 +96,30 @@ async def test_a_signal_after_flowerpowerctl_stop_joins_that_stop(
         assert await _exit_code(d.proc, 30) == 0
         log = d.proc.log()
         assert "second_signal_cancelling_now" not in log and '"already_stopping":true' in log
+
+
+async def test_a_second_signal_during_a_leave_keeps_the_message_for_the_next_start(
+    tmp_path: Path, mosquitto: Any
+) -> None:
+    """``stop --leave`` with a run in flight, then ``systemctl stop`` twice: the run is cut
+    short (``cancelled``), but its message is not acked and the session is not ended, so
+    the daemon started again with the same client id runs it (what the warning promises)."""
+    config, topic = _slow(tmp_path, mosquitto.port)
+    async with online_daemon(config, subscribe=[config.results], env=NO_SYSTEMD) as d:
+        await d.client.publish(f"{topic}/x", orjson.dumps({"seconds": 3}), qos=1)
+        with anyio.fail_after(30):
+            await _in_flight(config, 1)
+        assert ok(config.sock, "stop", "--leave")["leave"] is True
+        d.proc.signal(signal.SIGTERM)  # joins the leave
+        await anyio.sleep(0.5)
+        d.proc.signal(signal.SIGTERM)  # cuts it short
+        await _exit_code(d.proc, 15)
+        message = await d.next_message(config.results, timeout=10)
+        assert message.data["status"] == "cancelled", message.data
+        log = d.proc.log()
+        assert "second_signal_cancelling_now" in log
+        assert "mqtt_session_ended" not in log and "daemon_left" not in log, log[-3000:]
+    async with online_daemon(config, subscribe=[config.results], env=NO_SYSTEMD) as again:
+        message = await again.next_message(config.results, timeout=30)
+        assert message.data["status"] == "success", message.data
+        assert message.data["outputs"]["waited"] == 3
