@@ -402,11 +402,6 @@ class Dispatcher:
             # (a second signal): raised here, so that its message stays unacked.
             await anyio.lowlevel.checkpoint_if_cancelled()
             await _ack(event)
-        except anyio.get_cancelled_exc_class():
-            if not self.remote:  # cut short: its redelivery must run, not be a duplicate
-                with anyio.CancelScope(shield=True):
-                    await self._forget_key(request)
-            raise
         except Exception:
             log.exception("dispatch_failed", trigger=state.cfg.name, run_id=request.run_id)
             if not self.remote:

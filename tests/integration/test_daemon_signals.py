@@ -26,9 +26,9 @@ from daemon_harness import (
 pytestmark = pytest.mark.timeout(120)
 
 
-def _slow(tmp: Path, port: int) -> tuple[Config, str]:
+def _slow(tmp: Path, port: int, **options: Any) -> tuple[Config, str]:
     topic = unique("slow")
-    trigger = mqtt_trigger("slow", "slow", f"{topic}/+")
+    trigger = mqtt_trigger("slow", "slow", f"{topic}/+", **options)
     return configure(tmp, port, [trigger], shutdown_timeout=60), topic
 
 
@@ -103,10 +103,11 @@ async def test_a_second_signal_during_a_leave_keeps_the_message_for_the_next_sta
 ) -> None:
     """``stop --leave`` with a run in flight, then ``systemctl stop`` twice: the run is cut
     short (``cancelled``), but its message is not acked and the session is not ended, so
-    the daemon started again with the same client id runs it (what the warning promises)."""
-    config, topic = _slow(tmp_path, mosquitto.port)
+    the daemon started again with the same client id runs it (what the warning promises),
+    its ``dedup_key`` not taken for a duplicate."""
+    config, topic = _slow(tmp_path, mosquitto.port, dedup_key="{payload.id}")
     async with online_daemon(config, subscribe=[config.results], env=NO_SYSTEMD) as d:
-        await d.client.publish(f"{topic}/x", orjson.dumps({"seconds": 3}), qos=1)
+        await d.client.publish(f"{topic}/x", orjson.dumps({"seconds": 3, "id": "m1"}), qos=1)
         with anyio.fail_after(30):
             await _in_flight(config, 1)
         assert ok(config.sock, "stop", "--leave")["leave"] is True
