@@ -26,10 +26,12 @@ from daemon_harness import (
 pytestmark = pytest.mark.timeout(120)
 
 
-def _slow(tmp: Path, port: int, **options: Any) -> tuple[Config, str]:
+def _slow(
+    tmp: Path, port: int, shutdown_timeout: float = 60, **options: Any
+) -> tuple[Config, str]:
     topic = unique("slow")
     trigger = mqtt_trigger("slow", "slow", f"{topic}/+", **options)
-    return configure(tmp, port, [trigger], shutdown_timeout=60), topic
+    return configure(tmp, port, [trigger], shutdown_timeout=shutdown_timeout), topic
 
 
 async def _in_flight(config: Config, count: int) -> None:
@@ -124,3 +126,23 @@ async def test_a_second_signal_during_a_leave_keeps_the_message_for_the_next_sta
         message = await again.next_message(config.results, timeout=30)
         assert message.data["status"] == "success", message.data
         assert message.data["outputs"]["waited"] == 3
+
+
+async def test_a_run_past_shutdown_timeout_runs_again_at_the_next_start(
+    tmp_path: Path, mosquitto: Any
+) -> None:
+    """shutdown_timeout 1 and a 4 s run: one SIGTERM ends the daemon after about a second,
+    the run's result says ``cancelled``, and its message (unacked) runs at the next start."""
+    config, topic = _slow(tmp_path, mosquitto.port, shutdown_timeout=1)
+    async with online_daemon(config, subscribe=[config.results], env=NO_SYSTEMD) as d:
+        await d.client.publish(f"{topic}/x", orjson.dumps({"seconds": 4}), qos=1)
+        with anyio.fail_after(30):
+            await _in_flight(config, 1)
+        d.proc.signal(signal.SIGTERM)
+        assert await _exit_code(d.proc, 15) == 0, d.proc.log()[-3000:]
+        message = await d.next_message(config.results, timeout=10)
+        assert message.data["status"] == "cancelled", message.data
+    async with online_daemon(config, subscribe=[config.results], env=NO_SYSTEMD) as again:
+        message = await again.next_message(config.results, timeout=30)
+        assert message.data["status"] == "success", message.data
+        assert message.data["outputs"]["waited"] == 4
