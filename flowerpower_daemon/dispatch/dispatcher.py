@@ -18,7 +18,6 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 
 import anyio
-import anyio.lowlevel
 import structlog
 from anyio.abc import TaskGroup
 
@@ -57,7 +56,6 @@ log = structlog.get_logger("flowerpower_daemon.dispatch")
 # Enqueue retries (queue on Redis): 0.2 s doubling to at most 10 s, +-50 %.
 _ENQUEUE_BACKOFF = Backoff(0.2, 2.0, 0.5, 10.0)
 _COALESCED = "run_coalesced"
-_REPLACED = ErrorInfo("Cancelled", "replaced by a newer run (overlap: replace)", None, False)
 
 Kiq = Callable[[RunRequest], Awaitable[object]]
 
@@ -390,17 +388,11 @@ class Dispatcher:
                         state.running[request.run_id] = None
                         await self.kiq(request)
                         replaced = False
-                    if replaced:
+                    if replaced:  # its `cancelled` result is the job tracker's (jobs.py)
                         await self._forget_key(request)
-                        await self.sink.emit(
-                            request, RunResult.not_run(request, "cancelled", _REPLACED)
-                        )
                 finally:
                     state.running.pop(request.run_id, None)
                     self.stats.in_flight -= 1
-            # taskiq's receiver swallows the cancellation of a run cut short by a shutdown
-            # (a second signal): raised here, so that its message stays unacked.
-            await anyio.lowlevel.checkpoint_if_cancelled()
             await _ack(event)
         except Exception:
             log.exception("dispatch_failed", trigger=state.cfg.name, run_id=request.run_id)

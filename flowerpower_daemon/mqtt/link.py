@@ -190,8 +190,8 @@ class MqttLink:
                                 scope.cancel()
                             await self._wait_disconnected(client)
                     except anyio.get_cancelled_exc_class():
-                        # Torn down without stop() (a second signal): aiomqtt's exit
-                        # disconnects cleanly, so no will; say `offline` ourselves.
+                        # Torn down without stop() (a second signal's grace ran out):
+                        # aiomqtt's exit disconnects cleanly, so no will; say `offline`.
                         self._stopping.set()
                         await self._say_offline(client, wait=2)
                         raise

@@ -33,6 +33,7 @@ the sinks, so nobody waits for a result by polling.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import os
@@ -41,15 +42,17 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from contextvars import ContextVar
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import anyio
 import orjson
 import structlog
 from taskiq import AsyncBroker, AsyncTaskiqDecoratedTask, InMemoryBroker
 from taskiq.abc.formatter import TaskiqFormatter
+from taskiq.acks import AckController
 from taskiq.message import BrokerMessage, TaskiqMessage
 from taskiq.receiver import Receiver
+from taskiq.result import TaskiqResult
 from taskiq.result_backends.dummy import DummyResultBackend
 from taskiq.serializers import ORJSONSerializer
 
@@ -131,6 +134,24 @@ class InProcessReceiver(Receiver):
         graph = self.dependency_graphs.get(name)
         if graph is not None and graph.is_empty():
             del self.dependency_graphs[name]
+
+    async def run_task(
+        self,
+        target: Callable[..., Any],
+        message: TaskiqMessage,
+        ack_controller: AckController | None = None,
+    ) -> TaskiqResult[Any]:
+        """taskiq's, but a run's cancellation goes on to ``kiq``'s caller.
+
+        taskiq catches every BaseException of a task as its error, so a run cancelled
+        by its caller (a shutdown's deadline or second signal, ``flowerpowerctl
+        cancel``, overlap ``replace``) came back from ``kiq`` as if it had ended, and
+        the dispatcher acked its MQTT message: lost, where a run cut short by a
+        shutdown must come again at the next start."""
+        result = await super().run_task(target, message, ack_controller)
+        if isinstance(result.error, asyncio.CancelledError):
+            raise result.error
+        return result
 
 
 class InProcessRequest:
